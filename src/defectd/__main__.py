@@ -1,0 +1,5 @@
+import sys
+
+from defectd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,36 @@
+"""Entry point of the ``defectd`` command: errors become one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import sys
+
+from defectd.cli.app import app
+from defectd.errors import DefectdError
+
+# Subcommands register themselves on ``app`` when imported.
+# (none yet)
+
+EXIT_ERROR = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; a ``DefectdError`` prints ``error: <message>`` and exits 2.
+
+    Usage errors are reported by the CLI library itself (also exit 2).
+    """
+    try:
+        app(args=argv, prog_name="defectd")
+    except SystemExit as exc:
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    except DefectdError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The service: builds the pipeline from config and runs it under systemd."""

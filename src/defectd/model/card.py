@@ -1,0 +1,126 @@
+"""The model card: the JSON file beside every exported model that makes verdicts traceable.
+
+``models/NAME/model.onnx`` has its card at ``models/NAME/model.card.json``. The card says how
+to feed the model (size, channels, normalisation, resize policy), what it was trained on
+(data hash, split, command) and how well it did (metrics).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from numpy.typing import NDArray
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from defectd.errors import ModelError
+
+CARD_SCHEMA_VERSION = 1
+
+ResizePolicy = Literal["resize", "pad", "tile"]
+Precision = Literal["fp32", "fp16", "bf16", "int8"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class InputSpec(_Frozen):
+    """What the model takes: ``(N, channels, height, width)`` float32, NCHW."""
+
+    channels: Literal[1, 3] = 1
+    height: Annotated[int, Field(gt=0)] = 256
+    width: Annotated[int, Field(gt=0)] = 256
+    # How images of another size reach (height, width): "resize" scales the whole image,
+    # "pad" pads (or centre-crops) to size, "tile" cuts overlapping tiles at full resolution.
+    resize: ResizePolicy = "resize"
+
+
+class Normalisation(_Frozen):
+    """``x = (pixel / scale - mean) / std`` per channel, pixels as read (uint8 -> scale 255)."""
+
+    scale: float = 255.0
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.25,)
+
+    def apply(
+        self, image: NDArray[Any], out: NDArray[np.float32] | None = None
+    ) -> NDArray[np.float32]:
+        """Normalise an ``(C, H, W)`` or ``(N, C, H, W)`` array into float32 (``out`` if given)."""
+        shape = (-1, 1, 1)
+        mean = np.asarray(self.mean, np.float32).reshape(shape)
+        inv_std = (1.0 / np.asarray(self.std, np.float32)).reshape(shape)
+        res: NDArray[np.float32] = np.multiply(
+            image, np.float32(1.0 / self.scale), out=out, dtype=np.float32
+        )
+        res -= mean
+        res *= inv_std
+        return res
+
+
+class TrainingInfo(_Frozen):
+    data: str = ""
+    data_hash: str = ""
+    split: str = "train"
+    images: int = 0
+    epochs: int = 0
+    seed: int = 0
+    duration_s: float = 0.0
+    command: str = ""
+
+
+class ModelCard(_Frozen):
+    schema_version: int = CARD_SCHEMA_VERSION
+    name: str
+    architecture: dict[str, Any] = Field(default_factory=dict)
+    input: InputSpec = InputSpec()
+    normalisation: Normalisation = Normalisation()
+    classes: tuple[str, ...] = ("defect",)
+    threshold: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
+    min_area_px: Annotated[int, Field(ge=0)] = 0
+    precision: Precision = "fp32"
+    opset: int | None = None
+    sha256: str = ""  # of the model file this card describes
+    training: TrainingInfo = TrainingInfo()
+    metrics: dict[str, float] = Field(default_factory=dict)
+    created: str = ""
+    notes: str = ""
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.model_dump(mode="json"), indent=2) + "\n")
+
+
+def card_path(model_path: Path) -> Path:
+    """``dir/model.onnx`` -> ``dir/model.card.json`` (also for ``.pt`` checkpoints)."""
+    return model_path.with_name(model_path.stem + ".card.json")
+
+
+def load_card(model_path: Path) -> ModelCard:
+    """Read the card beside ``model_path``; a missing or invalid card is a ``ModelError``."""
+    path = card_path(model_path)
+    if not path.is_file():
+        raise ModelError(f"{path}: model card not found (every model needs one beside it)")
+    try:
+        return ModelCard.model_validate(json.loads(path.read_text()))
+    except (json.JSONDecodeError, ValidationError) as exc:
+        detail = (
+            str(exc).splitlines()[0]
+            if isinstance(exc, json.JSONDecodeError)
+            else (
+                "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+            )
+        )
+        raise ModelError(f"{path}: invalid model card: {detail}") from exc
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,1 @@
+"""Sources, preprocessing, batching, inference, post-processing, decisions."""

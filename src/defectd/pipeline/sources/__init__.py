@@ -1,0 +1,1 @@
+"""Camera sources: GenICam (harvesters), synthetic line, replay."""

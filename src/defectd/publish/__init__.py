@@ -1,0 +1,1 @@
+"""Results to the PLCs: durable outbox and MQTT publisher."""

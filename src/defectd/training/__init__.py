@@ -1,0 +1,1 @@
+"""Datasets, synthetic defects, augmentation, training, evaluation and export."""
