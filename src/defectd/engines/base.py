@@ -1,0 +1,69 @@
+"""The engine contract every inference backend implements.
+
+An engine takes a normalised batch ``(N, C, H, W) float32`` (see ``Normalisation.apply``)
+and returns defect probabilities ``(N, 1, H, W) float32`` in [0, 1], as a new array the
+caller owns. ``N`` must lie in ``spec.min_batch .. spec.max_batch``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+from numpy.typing import NDArray
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSpec:
+    """Input shape an engine accepts; height and width are fixed, batch is a range."""
+
+    channels: int
+    height: int
+    width: int
+    min_batch: int = 1
+    max_batch: int = 16
+    dtype: str = "float32"
+
+    def check(self, batch: NDArray[np.float32]) -> None:
+        """Raise ``ValueError`` naming the mismatch when ``batch`` does not fit this spec."""
+        if batch.dtype != np.float32:
+            raise ValueError(f"batch dtype {batch.dtype}, engine expects float32")
+        if batch.ndim != 4 or batch.shape[1:] != (self.channels, self.height, self.width):
+            raise ValueError(
+                f"batch shape {tuple(batch.shape)}, engine expects "
+                f"(N, {self.channels}, {self.height}, {self.width})"
+            )
+        if not self.min_batch <= batch.shape[0] <= self.max_batch:
+            raise ValueError(
+                f"batch of {batch.shape[0]}, engine accepts {self.min_batch}..{self.max_batch}"
+            )
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """One loaded model on one runtime, ready to infer."""
+
+    @property
+    def name(self) -> str:
+        """Backend and precision, e.g. ``openvino-int8``, ``ort-fp32``, ``tensorrt-fp16``."""
+        ...
+
+    @property
+    def version(self) -> str:
+        """Version of the runtime library, e.g. ``2026.4.1``."""
+        ...
+
+    @property
+    def spec(self) -> EngineSpec: ...
+
+    def infer(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
+        """``(N, C, H, W)`` normalised float32 -> ``(N, 1, H, W)`` probabilities, a new array.
+
+        Raises ``EngineError`` when the runtime fails.
+        """
+        ...
+
+    def close(self) -> None:
+        """Release the runtime's resources; the engine cannot be used afterwards."""
+        ...
