@@ -51,3 +51,44 @@ def test_normalisation_matches_formula() -> None:
     expected = (img / 255.0 - 0.5) / 0.25
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, expected, atol=1e-6)
+
+
+def test_export_writes_onnx_with_dynamic_batch_and_card(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    from defectd.model.export import WithSigmoid, export_onnx
+
+    net = UNet(UNetConfig(base=4, depth=2)).eval()
+    card = ModelCard(name="tiny", input={"channels": 1, "height": 32, "width": 32})
+    out = tmp_path / "model.onnx"
+    final = export_onnx(net, card, out)
+    assert final.sha256 and final.opset == 18
+    assert load_card(out) == final
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).normal(size=(3, 1, 32, 32)).astype(np.float32)
+    (prob,) = sess.run(["prob"], {"image": x})
+    with torch.no_grad():
+        ref = WithSigmoid(net)(torch.from_numpy(x)).numpy()
+    assert prob.shape == (3, 1, 32, 32)
+    assert float(np.abs(prob - ref).max()) <= 1e-4
+
+
+def test_checkpoint_round_trip(tmp_path: Path) -> None:
+    from defectd.model.checkpoint import load_checkpoint, save_checkpoint
+
+    net = UNet(UNetConfig(base=4, depth=2))
+    card = ModelCard(name="ck")
+    save_checkpoint(tmp_path / "best.pt", net, card, epoch=3)
+    net2, card2 = load_checkpoint(tmp_path / "best.pt")
+    assert card2 == card
+    for a, b in zip(net.state_dict().values(), net2.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_garbage_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    from defectd.model.checkpoint import load_checkpoint
+
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelError, match=r"bad\.pt: not a defectd checkpoint"):
+        load_checkpoint(bad)

@@ -1,0 +1,71 @@
+"""Export a trained U-Net to ONNX with the sigmoid in the graph, its card beside it."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from defectd.errors import ModelError
+from defectd.model.card import ModelCard, card_path, file_sha256
+from defectd.model.unet import UNet
+
+INPUT_NAME = "image"
+OUTPUT_NAME = "prob"
+DEFAULT_OPSET = 18
+MAX_EXPORT_BATCH = 256
+
+
+class WithSigmoid(nn.Module):
+    """Logits -> probabilities, so every engine returns probabilities."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.net(x))
+
+
+def export_onnx(net: UNet, card: ModelCard, out: Path, *, opset: int = DEFAULT_OPSET) -> ModelCard:
+    """Write ``out`` (ONNX, input ``image`` (N,C,H,W) float32 with dynamic N, output ``prob``
+    (N,1,H,W)) and its card; returns the card with ``sha256`` and ``opset`` filled in.
+
+    Height and width are fixed to ``card.input``. Raises ``ModelError`` when the export fails.
+    """
+    if opset < 17:
+        raise ModelError(f"opset {opset} is too old; defectd exports with opset >= 17")
+    spec = card.input
+    stride = net.config.stride
+    if spec.height % stride or spec.width % stride:
+        raise ModelError(
+            f"input {spec.height}x{spec.width} is not a multiple of the U-Net stride {stride}"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    module = WithSigmoid(net).eval()
+    example = torch.zeros(2, spec.channels, spec.height, spec.width)
+    batch = torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module,
+                (example,),
+                str(out),
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                opset_version=opset,
+                dynamo=True,
+                external_data=False,
+                dynamic_shapes=({0: batch},),
+                verbose=False,
+            )
+    except Exception as exc:  # the exporter raises many unrelated types
+        raise ModelError(f"{out}: ONNX export failed: {exc}") from exc
+    final = card.model_copy(update={"sha256": file_sha256(out), "opset": opset})
+    final.save(card_path(out))
+    return final
