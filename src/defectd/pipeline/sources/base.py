@@ -1,0 +1,213 @@
+"""The source contract: what every camera source (GenICam, synthetic line, replay) offers.
+
+A source owns one named thread. ``start(on_frame, on_event)`` opens the device (configuration
+errors raise ``CameraError`` here, before acquisition) and starts that thread, which calls
+``on_frame`` for every grabbed frame, in order. ``stop()`` stops the thread and releases the
+device; it is idempotent. ``health()`` is cheap and may be called from any thread.
+
+Frames a source could not grab are never handed on: a lost frame is counted (``lost``) and
+reported as an event, never invented.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from defectd.pipeline.frame import Frame
+
+
+class SourceState(StrEnum):
+    STARTING = "starting"
+    STREAMING = "streaming"
+    RECONNECTING = "reconnecting"
+    STOPPED = "stopped"  # stopped on request, or a finite source reached its end
+    FAILED = "failed"  # gave up; ``SourceHealth.detail`` says why
+
+
+class EventKind(StrEnum):
+    """The ``kind`` of a ``SourceEvent`` (plain strings on the wire, e.g. MQTT events)."""
+
+    CAMERA_LOST = "camera_lost"  # the device went away or stopped delivering
+    RECONNECTING = "reconnecting"  # one reconnect attempt is about to start
+    CAMERA_BACK = "camera_back"  # streaming again after a loss
+    FRAMES_LOST = "frames_lost"  # a gap in the device's frame ids
+    END_OF_STREAM = "end_of_stream"  # a finite source (replay, counted synthetic) is done
+    FAILED = "failed"  # the source gave up
+
+
+@dataclass(frozen=True, slots=True)
+class SourceHealth:
+    """A snapshot of one source's counters.
+
+    ``frames`` counts frames handed to ``on_frame``; ``lost`` counts frames the device produced
+    but we never received (gaps in frame ids); ``timeouts`` counts fetch deadlines that passed
+    without a frame; ``fps`` is the rate over the last few seconds; ``last_frame_age_s`` is
+    ``None`` before the first frame.
+    """
+
+    camera: str
+    state: SourceState
+    frames: int
+    lost: int
+    timeouts: int
+    reconnects: int
+    errors: int
+    fps: float
+    last_frame_age_s: float | None
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SourceEvent:
+    """Something an operator should know about a source; ``t_wall`` is ``time.time()``."""
+
+    camera: str
+    kind: str  # one of EventKind
+    detail: str
+    t_wall: float
+
+    @classmethod
+    def now(cls, camera: str, kind: EventKind, detail: str = "") -> SourceEvent:
+        return cls(camera=camera, kind=str(kind), detail=detail, t_wall=time.time())
+
+
+OnFrame = Callable[[Frame], None]
+OnEvent = Callable[[SourceEvent], None]
+
+
+@runtime_checkable
+class Source(Protocol):
+    """One camera (real or simulated) delivering ``Frame``s on its own thread."""
+
+    camera: str
+
+    def start(self, on_frame: OnFrame, on_event: OnEvent | None = None) -> None:
+        """Open the device, apply its configuration and start the source thread.
+
+        ``on_frame`` is called from the source thread for every frame, in order. Synthetic and
+        replay sources without a rate let it block (back-pressure); a camera source expects it
+        to return quickly. Raises ``CameraError`` for a device that cannot be found or
+        configured; calling ``start`` twice raises ``CameraError`` too.
+        """
+        ...
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the thread (waiting up to ``timeout`` s) and release the device; idempotent."""
+        ...
+
+    def health(self) -> SourceHealth: ...
+
+
+# --- configuration ----------------------------------------------------------------------------
+
+NodeValue = bool | int | float | str
+Channels = Literal[1, 3]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DeviceSelector(_Frozen):
+    """Which device a GenICam source opens: exactly one of serial, user-defined name or index.
+
+    In TOML: ``device = { serial = "22051234" }``, ``device = { user_defined_name = "top" }``
+    or ``device = { index = 0 }``.
+    """
+
+    serial: str | None = None
+    user_defined_name: str | None = None
+    index: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> DeviceSelector:
+        given = [v for v in (self.serial, self.user_defined_name, self.index) if v is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of serial, user_defined_name, index")
+        return self
+
+    def describe(self) -> str:
+        if self.serial is not None:
+            return f"serial {self.serial!r}"
+        if self.user_defined_name is not None:
+            return f"user-defined name {self.user_defined_name!r}"
+        return f"index {self.index}"
+
+
+class GenICamSourceConfig(_Frozen):
+    """A GenICam camera through a GenTL producer (``.cti``) and harvesters."""
+
+    type: Literal["genicam"] = "genicam"
+    camera: str = Field(min_length=1, description="camera id used in topics and logs")
+    producers: tuple[Path, ...] = Field(
+        default=(), description="GenTL producer files; empty = GENICAM_GENTL64_PATH"
+    )
+    device: DeviceSelector
+    nodes: dict[str, NodeValue] = Field(
+        default_factory=dict,
+        description="node settings applied in order, e.g. PixelFormat, Width, ExposureTime",
+    )
+    num_buffers: int = Field(default=8, ge=1, le=256)
+    fetch_timeout_s: float = Field(
+        default=1.0, gt=0, description="a fetch with no frame for this long counts a timeout"
+    )
+    max_consecutive_timeouts: int = Field(
+        default=5, ge=1, description="consecutive timeouts after which the source reconnects"
+    )
+    stall_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="a grab loop silent this long (a fetch that never returns) is torn down",
+    )
+    reconnect_backoff_min_s: float = Field(default=0.5, gt=0)
+    reconnect_backoff_max_s: float = Field(default=30.0, gt=0)
+    trigger: Literal["free-run", "software"] = "free-run"
+    trigger_rate_hz: float | None = Field(
+        default=None, gt=0, description="software trigger rate; None = next trigger on arrival"
+    )
+    channels: Channels = Field(default=1, description="output channels: 1 gray, 3 RGB")
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> GenICamSourceConfig:
+        if self.reconnect_backoff_max_s < self.reconnect_backoff_min_s:
+            raise ValueError("reconnect_backoff_max_s must be >= reconnect_backoff_min_s")
+        return self
+
+
+class SyntheticSourceConfig(_Frozen):
+    """A simulated line of rendered parts, some defective, with ground truth in ``frame.meta``."""
+
+    type: Literal["synthetic"] = "synthetic"
+    camera: str = Field(min_length=1)
+    rate_hz: float | None = Field(default=10.0, gt=0, description="None = as fast as possible")
+    height: int = Field(default=512, ge=16, le=8192)
+    width: int = Field(default=512, ge=16, le=8192)
+    channels: Channels = 1
+    defect_rate: float = Field(default=0.3, ge=0, le=1)
+    surfaces: tuple[str, ...] = Field(default=(), description="empty = every surface")
+    seed: int = 0
+    count: int | None = Field(default=None, ge=1, description="stop after this many parts")
+
+
+class ReplaySourceConfig(_Frozen):
+    """Archived images played back: a folder of images, a manifest dataset or a video file."""
+
+    type: Literal["replay"] = "replay"
+    camera: str = Field(min_length=1)
+    path: Path
+    rate_hz: float | None = Field(default=None, gt=0, description="None = as fast as possible")
+    loop: bool = False
+    channels: Channels = 1
+
+
+SourceConfig = Annotated[
+    GenICamSourceConfig | SyntheticSourceConfig | ReplaySourceConfig,
+    Field(discriminator="type"),
+]
