@@ -1,0 +1,465 @@
+"""The image archive: fail and error parts, plus a sample of passes, kept for review and retraining.
+
+Written by one named thread off the hot path (a bounded queue; when it is full the part is
+skipped and counted, never waited for). The archive is a dataset in the manifest layout that
+``defectd.training.data.open_dataset`` reads, so ``defectd train`` and ``defectd eval`` take
+it as is::
+
+    ARCHIVE/images/<stem>.png      the frame as grabbed (gray, or RGB stored as PNG)
+    ARCHIVE/masks/<stem>.png       0 = good, 255 = defect
+    ARCHIVE/overlays/<stem>.png    the frame with defects outlined, for a human
+    ARCHIVE/results/<stem>.json    the inspection result (as published) + where the mask came from
+    ARCHIVE/manifest.csv           stem,cls,image,mask,split,width,height,has_defect,...
+
+Masks are ground truth when the source carries it (synthetic line, replay of a labelled set),
+otherwise the model's own prediction (``label_source`` in the result JSON): review them before
+retraining on them. Parts whose verdict is ``error`` were not inspected; they get an empty
+mask column and ``cls = "error"``. Stems start with the grab time (UTC), so they sort by age;
+when the files exceed the disk quota the oldest parts are removed first.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import queue
+import re
+import threading
+import time
+import zlib
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import cv2
+import numpy as np
+from numpy.typing import NDArray
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from defectd.errors import ConfigError
+from defectd.log import get_logger
+from defectd.pipeline.inspection import Inspection, Verdict
+
+log = get_logger(__name__)
+
+MANIFEST_COLUMNS = (
+    "stem",
+    "cls",
+    "image",
+    "mask",
+    "split",
+    "width",
+    "height",
+    "has_defect",
+    "defect_fraction",
+    "group",
+)
+_SUBDIRS = ("images", "masks", "overlays", "results")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+# After pruning, the archive holds at most this fraction of its quota, so that pruning (which
+# rewrites the manifest) happens once per few hundred parts rather than on every part.
+_PRUNE_TO = 0.9
+
+
+class ArchiveConfig(BaseModel):
+    """``[archive]``: which parts to keep, where, and how much disk they may take."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = True
+    dir: Path = Field(
+        default=Path("archive"), description="relative paths are under the state directory"
+    )
+    fails: bool = Field(default=True, description="keep every fail part")
+    errors: bool = Field(default=True, description="keep every part that got an error verdict")
+    pass_sample: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
+        default=0.01, description="fraction of passes kept (chosen by result id, reproducible)"
+    )
+    quota_mb: Annotated[float, Field(gt=0)] = Field(
+        default=2048.0, description="disk quota for all archive files; oldest parts go first"
+    )
+    queue_size: Annotated[int, Field(ge=1, le=10_000)] = 64
+    overlays: bool = True
+    splits: tuple[float, float, float] = Field(
+        default=(0.7, 0.15, 0.15), description="train/val/test fractions for the manifest"
+    )
+
+    @model_validator(mode="after")
+    def _splits_sum_to_one(self) -> ArchiveConfig:
+        if any(s < 0 for s in self.splits) or abs(sum(self.splits) - 1.0) > 1e-6:
+            raise ValueError("splits must be three non-negative fractions that sum to 1")
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveStats:
+    queued: int
+    written: int
+    skipped_queue_full: int
+    pruned: int
+    failed: int
+    parts: int
+    bytes: int
+    quota_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    inspection: Inspection
+    image: NDArray[Any]
+    mask: NDArray[np.uint8] | None
+    label_source: str
+    kinds: tuple[str, ...]
+
+
+@dataclass(slots=True)
+class _Entry:
+    stem: str
+    size: int
+
+
+def part_stem(inspection: Inspection) -> str:
+    """``20250101T120000.123Z-cam0-00000042-ab12cd34``: sorts by grab time, unique per result."""
+    when = datetime.fromtimestamp(inspection.t_grab_wall or time.time(), UTC)
+    stamp = when.strftime("%Y%m%dT%H%M%S") + f".{when.microsecond // 1000:03d}Z"
+    camera = _UNSAFE.sub("_", inspection.camera) or "camera"
+    return f"{stamp}-{camera}-{inspection.seq:08d}-{inspection.result_id[:8]}"
+
+
+def split_for(stem: str, splits: tuple[float, float, float]) -> str:
+    """Deterministic split from crc32 of the stem, so a part never moves between splits."""
+    u = (zlib.crc32(stem.encode()) & 0xFFFFFFFF) / 2**32
+    if u < splits[0]:
+        return "train"
+    if u < splits[0] + splits[1]:
+        return "val"
+    return "test"
+
+
+def sampled(result_id: str, fraction: float) -> bool:
+    """Whether a pass is kept: a pure function of its result id (uuid hex)."""
+    if fraction <= 0.0:
+        return False
+    if fraction >= 1.0:
+        return True
+    try:
+        u = int(result_id[:8], 16) / 2**32
+    except ValueError:
+        u = (zlib.crc32(result_id.encode()) & 0xFFFFFFFF) / 2**32
+    return u < fraction
+
+
+def bbox_mask(inspection: Inspection, shape: tuple[int, int]) -> NDArray[np.uint8]:
+    """A coarse ``(H, W)`` uint8 {0,1} mask from the defects' boxes (when no pixel mask came)."""
+    mask = np.zeros(shape, np.uint8)
+    for d in inspection.defects:
+        x, y, w, h = d.bbox
+        mask[max(y, 0) : y + h, max(x, 0) : x + w] = 1
+    return mask
+
+
+def render_overlay(
+    image: NDArray[Any], mask: NDArray[np.uint8] | None, inspection: Inspection
+) -> NDArray[np.uint8]:
+    """The frame as ``(H, W, 3)`` uint8 BGR with defect pixels tinted red and boxes drawn."""
+    img = image
+    if img.dtype != np.uint8:  # Mono10/12/16: show the top 8 bits of the used range
+        peak = max(int(img.max()), 1)
+        img = (img.astype(np.float32) * (255.0 / peak)).astype(np.uint8)
+    code = cv2.COLOR_GRAY2BGR if img.ndim == 2 else cv2.COLOR_RGB2BGR
+    bgr = np.ascontiguousarray(cv2.cvtColor(img, code), dtype=np.uint8)
+    if mask is not None and mask.any():
+        red = np.zeros_like(bgr)
+        red[..., 2] = 255
+        sel = mask.astype(bool)
+        bgr[sel] = cv2.addWeighted(bgr, 0.5, red, 0.5, 0.0)[sel]
+    for d in inspection.defects:
+        x, y, w, h = d.bbox
+        cv2.rectangle(bgr, (x, y), (x + w - 1, y + h - 1), (0, 0, 255), 1)
+    colour = {Verdict.PASS: (0, 200, 0), Verdict.FAIL: (0, 0, 255)}.get(
+        inspection.verdict, (0, 165, 255)
+    )
+    label = f"{inspection.verdict.value} {inspection.camera}#{inspection.seq}"
+    cv2.putText(bgr, label, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, colour, 1, cv2.LINE_AA)
+    return bgr
+
+
+class Archive:
+    """Keeps fail/error parts and sampled passes under ``config.dir`` within ``quota_mb``.
+
+    ``submit`` is cheap and never blocks; ``start``/``stop`` own the writer thread
+    (``archive-writer``). Raises ``ConfigError`` naming the folder when it cannot be created.
+    """
+
+    def __init__(self, config: ArchiveConfig, root: Path | None = None) -> None:
+        self.config = config
+        self.root = root if root is not None else config.dir
+        self.quota_bytes = int(config.quota_mb * 1024 * 1024)
+        self._queue: queue.Queue[_Item | None] = queue.Queue(maxsize=config.queue_size)
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._entries: deque[_Entry] = deque()
+        self._rows: dict[str, dict[str, str]] = {}
+        self._bytes = 0
+        self._queued = self._written = self._skipped = self._pruned = self._failed = 0
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        try:
+            for sub in _SUBDIRS:
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"archive.dir: cannot create {self.root}: {exc}") from exc
+        self._load_existing()
+        self._thread = threading.Thread(target=self._run, name="archive-writer", daemon=True)
+        self._thread.start()
+        log.info(
+            "archive_started",
+            dir=str(self.root),
+            parts=len(self._entries),
+            used_mb=round(self._bytes / 2**20, 1),
+            quota_mb=self.config.quota_mb,
+        )
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Write what is queued (within ``timeout`` s), then stop the writer thread."""
+        if self._thread is None:
+            return
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._queue.put(None, timeout=max(0.01, deadline - time.monotonic()))
+                break
+            except queue.Full:
+                if time.monotonic() >= deadline:
+                    break
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        if self._thread.is_alive():
+            log.warning("archive_stop_timeout", queued=self._queue.qsize())
+        self._thread = None
+
+    # -- intake (any thread) ---------------------------------------------------------------
+
+    def wants(self, inspection: Inspection) -> bool:
+        """Whether this verdict is kept under the configured policy."""
+        if not self.config.enabled:
+            return False
+        if inspection.verdict is Verdict.FAIL:
+            return self.config.fails
+        if inspection.verdict is Verdict.ERROR:
+            return self.config.errors
+        return sampled(inspection.result_id, self.config.pass_sample)
+
+    def submit(
+        self,
+        inspection: Inspection,
+        image: NDArray[Any],
+        mask: NDArray[np.uint8] | None = None,
+        *,
+        truth: NDArray[np.uint8] | None = None,
+        truth_kinds: Sequence[str] = (),
+    ) -> bool:
+        """Queue a part for writing if the policy keeps it; returns whether it was queued.
+
+        ``image`` is the frame as grabbed (``(H, W)`` or ``(H, W, 3)`` RGB, not modified
+        afterwards by the caller); ``mask`` the predicted ``(H, W)`` uint8 {0,1} mask;
+        ``truth`` the true mask when the source knows it (preferred as the label) and
+        ``truth_kinds`` the defect kinds it holds (the manifest's ``cls``).
+        """
+        if not self.wants(inspection):
+            return False
+        if truth is not None:
+            label, source = truth, "truth"
+        elif inspection.verdict is Verdict.ERROR:
+            label, source = None, "none"
+        elif mask is not None:
+            label, source = mask, "prediction"
+        elif inspection.verdict is Verdict.PASS:
+            label, source = None, "prediction"
+        else:
+            label, source = bbox_mask(inspection, image.shape[:2]), "prediction-bbox"
+        try:
+            self._queue.put_nowait(_Item(inspection, image, label, source, tuple(truth_kinds)))
+        except queue.Full:
+            with self._lock:
+                self._skipped += 1
+            return False
+        with self._lock:
+            self._queued += 1
+        return True
+
+    def stats(self) -> ArchiveStats:
+        with self._lock:
+            return ArchiveStats(
+                queued=self._queue.qsize(),
+                written=self._written,
+                skipped_queue_full=self._skipped,
+                pruned=self._pruned,
+                failed=self._failed,
+                parts=len(self._entries),
+                bytes=self._bytes,
+                quota_bytes=self.quota_bytes,
+            )
+
+    # -- writer thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            try:
+                self._write(item)
+            except Exception as exc:  # a full disk or a bad frame must not end the thread
+                with self._lock:
+                    self._failed += 1
+                log.warning(
+                    "archive_write_failed",
+                    camera=item.inspection.camera,
+                    seq=item.inspection.seq,
+                    error=repr(exc),
+                )
+
+    def _write(self, item: _Item) -> None:
+        ins = item.inspection
+        stem = part_stem(ins)
+        height, width = item.image.shape[:2]
+        image = item.image
+        if image.ndim == 3:
+            image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+        files: dict[str, bytes] = {"images": _png(image)}
+        has_defect = item.mask is not None and bool(item.mask.any())
+        fraction = float(item.mask.mean()) if item.mask is not None and has_defect else 0.0
+        mask_rel = ""
+        if item.mask is not None:
+            files["masks"] = _png((item.mask > 0).astype(np.uint8) * 255)
+            mask_rel = f"masks/{stem}.png"
+        if self.config.overlays:
+            files["overlays"] = _png(render_overlay(item.image, item.mask, ins))
+        result = ins.to_dict() | {"label_source": item.label_source, "stem": stem}
+        files["results"] = json.dumps(result, default=_json_default).encode()
+        size = sum(len(b) for b in files.values())
+        if size > self.quota_bytes:
+            raise ValueError(f"one part ({size} bytes) exceeds the archive quota")
+        for sub, data in files.items():
+            ext = "json" if sub == "results" else "png"
+            (self.root / sub / f"{stem}.{ext}").write_bytes(data)
+        kinds = item.kinds
+        if ins.verdict is Verdict.ERROR and item.mask is None:
+            cls = "error"
+        elif not has_defect:
+            cls = "free"
+        else:
+            cls = kinds[0] if kinds else "defect"
+        row = {
+            "stem": stem,
+            "cls": cls,
+            "image": f"images/{stem}.png",
+            "mask": mask_rel,
+            "split": split_for(stem, self.config.splits),
+            "width": str(width),
+            "height": str(height),
+            "has_defect": "1" if has_defect else "0",
+            "defect_fraction": f"{fraction:.6f}",
+            "group": stem,
+        }
+        self._append_row(row)
+        with self._lock:
+            self._entries.append(_Entry(stem, size))
+            self._rows[stem] = row
+            self._bytes += size
+            self._written += 1
+        if self._bytes > self.quota_bytes:
+            self._prune()
+
+    def _append_row(self, row: dict[str, str]) -> None:
+        path = self.root / "manifest.csv"
+        new = not path.exists()
+        with path.open("a", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS)
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def _prune(self) -> None:
+        removed = 0
+        with self._lock:
+            target = int(self.quota_bytes * _PRUNE_TO)
+            victims: list[str] = []
+            while self._entries and self._bytes > target:
+                entry = self._entries.popleft()
+                self._bytes -= entry.size
+                self._rows.pop(entry.stem, None)
+                victims.append(entry.stem)
+            rows = list(self._rows.values())
+            self._pruned += len(victims)
+        self._rewrite_manifest(rows)
+        for stem in victims:
+            removed += self._remove_files(stem)
+        log.info("archive_pruned", parts=len(victims), files=removed, used_bytes=self._bytes)
+
+    def _rewrite_manifest(self, rows: list[dict[str, str]]) -> None:
+        path = self.root / "manifest.csv"
+        tmp = path.with_suffix(".csv.tmp")
+        with tmp.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+
+    def _remove_files(self, stem: str) -> int:
+        removed = 0
+        for sub in _SUBDIRS:
+            for path in (self.root / sub).glob(f"{stem}.*"):
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    def _load_existing(self) -> None:
+        """Rebuild the age order and sizes from the manifest; remove files it does not list
+        (a part whose manifest row was never written, e.g. after a power cut)."""
+        path = self.root / "manifest.csv"
+        rows: list[dict[str, str]] = []
+        if path.exists():
+            with path.open(newline="") as fh:
+                rows = [dict(r) for r in csv.DictReader(fh)]
+        known = {r["stem"] for r in rows}
+        orphans = 0
+        for sub in _SUBDIRS:
+            for file in (self.root / sub).iterdir():
+                if file.stem not in known:
+                    file.unlink(missing_ok=True)
+                    orphans += 1
+        for row in sorted(rows, key=lambda r: r["stem"]):
+            size = sum(
+                p.stat().st_size
+                for sub in _SUBDIRS
+                for p in (self.root / sub).glob(f"{row['stem']}.*")
+            )
+            self._entries.append(_Entry(row["stem"], size))
+            self._rows[row["stem"]] = row
+            self._bytes += size
+        if orphans:
+            log.info("archive_orphans_removed", files=orphans)
+        if self._bytes > self.quota_bytes:
+            self._prune()
+
+
+def _png(image: NDArray[Any]) -> bytes:
+    ok, buf = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    if not ok:
+        raise ValueError(f"PNG encoding failed for an image of shape {image.shape}")
+    return bytes(buf)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)

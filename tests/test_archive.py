@@ -1,0 +1,160 @@
+"""The image archive: what it keeps, its dataset layout, the disk quota and back-pressure."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from defectd.daemon.archive import Archive, ArchiveConfig, sampled, split_for
+from defectd.pipeline.inspection import Defect, Inspection, Verdict
+
+SHAPE = (64, 80)
+
+
+def _inspection(seq: int, verdict: Verdict, t: float = 1_700_000_000.0) -> Inspection:
+    defects = (
+        (
+            Defect(
+                area_px=36,
+                bbox=(10, 12, 6, 6),
+                centroid=(13.0, 15.0),
+                score_max=0.9,
+                score_mean=0.7,
+            ),
+        )
+        if verdict is Verdict.FAIL
+        else ()
+    )
+    return Inspection(
+        station="s1", camera="cam0", seq=seq, verdict=verdict, defects=defects,
+        model_name="tiny", t_grab_wall=t + seq * 0.01,
+    )  # fmt: skip
+
+
+def _image(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, SHAPE, dtype=np.uint8)
+
+
+def _mask() -> np.ndarray:
+    mask = np.zeros(SHAPE, np.uint8)
+    mask[12:18, 10:16] = 1
+    return mask
+
+
+def _manifest(root: Path) -> list[dict[str, str]]:
+    with (root / "manifest.csv").open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _wait_written(archive: Archive, n: int) -> None:
+    deadline = time.monotonic() + 10
+    while archive.stats().written + archive.stats().failed < n:
+        assert time.monotonic() < deadline, archive.stats()
+        time.sleep(0.01)
+
+
+def test_fail_part_is_written_as_a_manifest_dataset_row(tmp_path: Path) -> None:
+    archive = Archive(ArchiveConfig(dir=tmp_path, pass_sample=0.0))
+    archive.start()
+    ins = _inspection(1, Verdict.FAIL)
+    assert archive.submit(ins, _image(1), _mask())
+    archive.stop()
+    (row,) = _manifest(tmp_path)
+    stem = row["stem"]
+    assert row["has_defect"] == "1" and row["split"] in ("train", "val", "test")
+    assert (row["width"], row["height"]) == ("80", "64")
+    image = cv2.imread(str(tmp_path / row["image"]), cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(image, _image(1))
+    mask = cv2.imread(str(tmp_path / row["mask"]), cv2.IMREAD_UNCHANGED)
+    assert set(np.unique(mask)) == {0, 255} and int((mask > 0).sum()) == 36
+    assert (tmp_path / "overlays" / f"{stem}.png").is_file()
+    result = json.loads((tmp_path / "results" / f"{stem}.json").read_text())
+    assert result["result_id"] == ins.result_id
+    assert result["label_source"] == "prediction"
+
+
+def test_truth_mask_is_preferred_as_label(tmp_path: Path) -> None:
+    archive = Archive(ArchiveConfig(dir=tmp_path))
+    archive.start()
+    truth = np.zeros(SHAPE, np.uint8)
+    truth[0:2, 0:2] = 1
+    archive.submit(
+        _inspection(1, Verdict.FAIL), _image(1), _mask(), truth=truth, truth_kinds=["pit"]
+    )
+    archive.stop()
+    (row,) = _manifest(tmp_path)
+    assert row["cls"] == "pit"
+    assert int((cv2.imread(str(tmp_path / row["mask"]), 0) > 0).sum()) == 4
+
+
+def test_error_part_has_no_mask_and_class_error(tmp_path: Path) -> None:
+    archive = Archive(ArchiveConfig(dir=tmp_path))
+    archive.start()
+    archive.submit(_inspection(1, Verdict.ERROR), _image(1))
+    archive.stop()
+    (row,) = _manifest(tmp_path)
+    assert (row["cls"], row["mask"], row["has_defect"]) == ("error", "", "0")
+
+
+def test_passes_are_sampled_by_result_id(tmp_path: Path) -> None:
+    ids = [f"{i:08x}" + "0" * 24 for i in range(0, 2**32, 2**22)]  # evenly spread ids
+    kept = sum(sampled(i, 0.25) for i in ids)
+    assert kept == len(ids) // 4
+    assert not Archive(ArchiveConfig(dir=tmp_path, pass_sample=0.0)).wants(
+        _inspection(1, Verdict.PASS)
+    )
+
+
+def test_full_queue_skips_and_counts_instead_of_blocking(tmp_path: Path) -> None:
+    archive = Archive(ArchiveConfig(dir=tmp_path, queue_size=2))  # writer not started
+    results = [archive.submit(_inspection(i, Verdict.FAIL), _image(i), _mask()) for i in range(3)]
+    assert results == [True, True, False]
+    assert archive.stats().skipped_queue_full == 1
+
+
+def test_quota_prunes_oldest_parts_first(tmp_path: Path) -> None:
+    # each part is ~15 KB of noise PNGs; a 0.1 MB quota holds about six of them
+    archive = Archive(ArchiveConfig(dir=tmp_path, quota_mb=0.1, overlays=False))
+    archive.start()
+    for seq in range(20):
+        archive.submit(_inspection(seq, Verdict.FAIL), _image(seq), _mask())
+        _wait_written(archive, seq + 1)
+    archive.stop()
+    stats = archive.stats()
+    assert stats.bytes <= stats.quota_bytes
+    assert stats.pruned > 0
+    rows = _manifest(tmp_path)
+    seqs = [int(r["stem"].split("-")[2]) for r in rows]
+    assert seqs == list(range(20 - len(rows), 20))  # the newest survive, in order
+    on_disk = sorted(p.stem for p in (tmp_path / "images").iterdir())
+    assert on_disk == sorted(r["stem"] for r in rows)
+
+
+def test_restart_keeps_parts_and_removes_files_without_manifest_row(tmp_path: Path) -> None:
+    archive = Archive(ArchiveConfig(dir=tmp_path))
+    archive.start()
+    archive.submit(_inspection(1, Verdict.FAIL), _image(1), _mask())
+    archive.stop()
+    (tmp_path / "images" / "stray.png").write_bytes(b"half written")
+    again = Archive(ArchiveConfig(dir=tmp_path))
+    again.start()
+    again.stop()
+    assert again.stats().parts == 1
+    assert not (tmp_path / "images" / "stray.png").exists()
+
+
+def test_split_is_deterministic_and_roughly_proportional() -> None:
+    splits = [split_for(f"part-{i}", (0.7, 0.15, 0.15)) for i in range(2000)]
+    assert splits == [split_for(f"part-{i}", (0.7, 0.15, 0.15)) for i in range(2000)]
+    assert 0.65 < splits.count("train") / 2000 < 0.75
+
+
+def test_splits_must_sum_to_one() -> None:
+    with pytest.raises(ValueError, match="sum to 1"):
+        ArchiveConfig(splits=(0.5, 0.2, 0.2))
