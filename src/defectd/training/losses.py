@@ -1,0 +1,84 @@
+"""Losses for defect segmentation: a per-pixel term plus an overlap term.
+
+Defects cover a fraction of a percent of most images, so plain BCE is content predicting
+"good" everywhere. The overlap term (soft Dice, or Tversky that weighs misses more than false
+alarms) is computed over the whole batch at once, which matches how the split's Dice is measured
+(pixels summed over images) and stays defined on batches of good images only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+LossKind = Literal["bce_dice", "focal_dice", "bce_tversky", "bce"]
+LOSS_KINDS: tuple[LossKind, ...] = ("bce_dice", "focal_dice", "bce_tversky", "bce")
+
+
+def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """``1 - (2 sum(p t) + s) / (sum p + sum t + s)`` over every pixel of the batch."""
+    inter = (prob * target).sum()
+    return 1.0 - (2.0 * inter + smooth) / (prob.sum() + target.sum() + smooth)
+
+
+def tversky_loss(
+    prob: torch.Tensor,
+    target: torch.Tensor,
+    alpha: float = 0.3,
+    beta: float = 0.7,
+    smooth: float = 1.0,
+) -> torch.Tensor:
+    """Tversky loss: ``alpha`` weighs false positives, ``beta`` misses (Dice at 0.5/0.5)."""
+    tp = (prob * target).sum()
+    fp = (prob * (1.0 - target)).sum()
+    fn = ((1.0 - prob) * target).sum()
+    return 1.0 - (tp + smooth) / (tp + alpha * fp + beta * fn + smooth)
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Binary focal loss (mean over pixels): BCE scaled by ``(1 - p_t) ** gamma``."""
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_t = torch.exp(-bce)
+    return ((1.0 - p_t) ** gamma * bce).mean()
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    kind: LossKind = "bce_dice"
+    pos_weight: float = 1.0  # BCE weight of defect pixels
+    focal_gamma: float = 2.0
+    focal_scale: float = 10.0  # focal terms are small; scaled to weigh like BCE
+    overlap_weight: float = 1.0  # weight of the Dice / Tversky term
+
+
+class SegLoss(nn.Module):
+    """``(N, 1, H, W)`` logits and ``(N, 1, H, W)`` float {0, 1} targets -> scalar loss.
+
+    Computed in float32 whatever the autocast dtype of the logits.
+    """
+
+    def __init__(self, config: LossConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or LossConfig()
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        logits = logits.float()
+        target = target.float()
+        if cfg.kind == "focal_dice":
+            pixel = cfg.focal_scale * focal_loss(logits, target, cfg.focal_gamma)
+        else:
+            weight = torch.tensor(cfg.pos_weight) if cfg.pos_weight != 1.0 else None
+            pixel = F.binary_cross_entropy_with_logits(logits, target, pos_weight=weight)
+        if cfg.kind == "bce":
+            return pixel
+        prob = torch.sigmoid(logits)
+        if cfg.kind == "bce_tversky":
+            overlap = tversky_loss(prob, target)
+        else:
+            overlap = soft_dice_loss(prob, target)
+        return pixel + cfg.overlap_weight * overlap

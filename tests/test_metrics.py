@@ -1,0 +1,123 @@
+"""Metrics checked against counts worked out by hand on small masks."""
+
+import math
+
+import numpy as np
+import pytest
+
+from defectd.training.metrics import (
+    MetricsAccumulator,
+    auroc,
+    dice_score,
+    image_stats,
+    iou_score,
+    remove_small,
+)
+
+
+def _mask(shape: tuple[int, int], *boxes: tuple[int, int, int, int]) -> np.ndarray:
+    m = np.zeros(shape, np.uint8)
+    for y0, y1, x0, x1 in boxes:
+        m[y0:y1, x0:x1] = 1
+    return m
+
+
+def test_pixel_counts_of_overlapping_squares() -> None:
+    truth = _mask((10, 10), (0, 4, 0, 4))  # 16 px
+    prob = _mask((10, 10), (2, 6, 2, 6)).astype(np.float32)  # 16 px, 4 shared
+    st = image_stats(prob, truth, threshold=0.5)
+    assert (st.tp, st.fp, st.fn) == (4, 12, 12)
+    assert st.iou == pytest.approx(4 / 28)
+    assert dice_score(st.tp, st.fp, st.fn) == pytest.approx(8 / 32)
+
+
+def test_split_dice_sums_pixels_over_images_not_means() -> None:
+    acc = MetricsAccumulator(threshold=0.5)
+    # image 1: 2 px truth, both found; image 2: 8 px truth, none found, 2 false px.
+    acc.add(_mask((4, 4), (0, 1, 0, 2)).astype(np.float32), _mask((4, 4), (0, 1, 0, 2)))
+    acc.add(_mask((4, 4), (3, 4, 0, 2)).astype(np.float32), _mask((4, 4), (0, 2, 0, 4)))
+    rep = acc.report().overall
+    tp, fp, fn = 2, 2, 8
+    assert rep.dice == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    assert rep.iou == pytest.approx(tp / (tp + fp + fn))
+    assert rep.precision == pytest.approx(tp / (tp + fp))
+    assert rep.recall == pytest.approx(tp / (tp + fn))
+    assert rep.mean_image_iou == pytest.approx((1.0 + 0.0) / 2)
+
+
+def test_perfect_prediction_of_good_image_scores_one() -> None:
+    zeros = np.zeros((5, 5), np.uint8)
+    acc = MetricsAccumulator()
+    acc.add(zeros.astype(np.float32), zeros)
+    out = acc.report().overall
+    assert (out.dice, out.iou, out.precision, out.recall, out.accuracy) == (1, 1, 1, 1, 1)
+    assert math.isnan(out.mean_image_iou)
+
+
+def test_auroc_counts_ties_as_half() -> None:
+    assert auroc([True, False], [0.7, 0.7]) == pytest.approx(0.5)
+    assert auroc([True, True, False, False], [0.9, 0.4, 0.4, 0.1]) == pytest.approx(3.5 / 4)
+
+
+def test_auroc_of_perfect_and_reversed_ranking() -> None:
+    labels = [False, False, True, True, True]
+    assert auroc(labels, [0.1, 0.2, 0.3, 0.4, 0.5]) == 1.0
+    assert auroc(labels, [0.9, 0.8, 0.3, 0.2, 0.1]) == 0.0
+
+
+def test_auroc_is_nan_without_both_classes() -> None:
+    assert math.isnan(auroc([True, True], [0.1, 0.2]))
+
+
+def test_min_area_removes_small_components_before_image_decision() -> None:
+    prob = _mask((12, 12), (0, 1, 0, 1), (5, 9, 5, 9)).astype(np.float32)  # 1 px + 16 px
+    assert remove_small(prob > 0.5, 2).sum() == 16
+    truth = np.zeros((12, 12), np.uint8)
+    acc = MetricsAccumulator(min_area_px=20)
+    acc.add(prob, truth)
+    assert acc.report().overall.accuracy == 1.0  # both blobs below 20 px: called good
+    acc0 = MetricsAccumulator(min_area_px=0)
+    acc0.add(prob, truth)
+    assert acc0.report().overall.accuracy == 0.0
+
+
+def test_image_accuracy_and_auroc_from_max_probability() -> None:
+    acc = MetricsAccumulator(threshold=0.5)
+    good = np.zeros((4, 4), np.uint8)
+    bad = _mask((4, 4), (1, 2, 1, 2))
+    acc.add(np.full((4, 4), 0.2, np.float32), good)  # correct: good
+    acc.add(np.full((4, 4), 0.6, np.float32), good)  # wrong: false alarm
+    acc.add(bad.astype(np.float32) * 0.9, bad)  # correct: defect found
+    rep = acc.report()
+    assert rep.overall.accuracy == pytest.approx(2 / 3)
+    assert rep.auroc == 1.0  # 0.9 beats 0.2 and 0.6
+
+
+def test_per_class_table_splits_images_by_class() -> None:
+    acc = MetricsAccumulator()
+    bad = _mask((4, 4), (0, 2, 0, 2))
+    acc.add(bad.astype(np.float32), bad, cls="crack")
+    acc.add(np.zeros((4, 4), np.float32), bad, cls="pit")
+    acc.add(np.zeros((4, 4), np.float32), np.zeros((4, 4), np.uint8), cls="free")
+    table = acc.report().per_class
+    assert set(table) == {"crack", "free", "pit"}
+    assert table["crack"].dice == 1.0
+    assert table["pit"].recall == 0.0
+    assert table["free"].accuracy == 1.0
+
+
+def test_best_threshold_maximises_split_dice_on_the_grid() -> None:
+    truth = _mask((1, 10), (0, 1, 0, 5))
+    prob = np.array([[0.9, 0.8, 0.7, 0.6, 0.55, 0.3, 0.2, 0.1, 0.1, 0.1]], np.float32)
+    acc = MetricsAccumulator()
+    acc.add(prob, truth)
+    thr, dice = acc.best_threshold()
+    assert dice == 1.0
+    assert 0.3 <= thr < 0.55
+    for t, d in acc.sweep():
+        st = image_stats(prob, truth, threshold=t)
+        assert d == pytest.approx(dice_score(st.tp, st.fp, st.fn))
+
+
+def test_iou_of_empty_sets_is_one() -> None:
+    assert iou_score(0, 0, 0) == 1.0
