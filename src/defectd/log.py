@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Literal, TextIO
+from typing import Any, Literal, TextIO, cast
 
 import structlog
 
@@ -47,6 +47,21 @@ def configure_logging(
 
 
 def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
-    """A logger bound with the module ``name`` as ``logger``."""
-    logger: structlog.typing.FilteringBoundLogger = structlog.get_logger(name).bind(logger=name)
-    return logger
+    """A logger bound with the module ``name`` as ``logger``.
+
+    The logger stays lazy: modules create theirs at import, before the CLI configures logging,
+    and every call must still use the configuration in force (stream, format, level).
+    """
+    return cast("structlog.typing.FilteringBoundLogger", _LazyLogger(name))
+
+
+class _LazyLogger:
+    """Builds the bound logger on each call, from the configuration in force at that call."""
+
+    __slots__ = ("_name",)
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(structlog.get_logger(self._name).bind(logger=self._name), attr)
