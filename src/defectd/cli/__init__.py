@@ -8,7 +8,7 @@ from defectd.cli.app import app
 from defectd.errors import DefectdError
 
 # Subcommands register themselves on ``app`` when imported.
-# (none yet)
+from defectd.cli import synth_cmd  # noqa: F401  # isort: skip
 
 EXIT_ERROR = 2
 

@@ -1,0 +1,439 @@
+"""Datasets on disk: the manifest layout and the MVTec AD layout, read the same way.
+
+Layouts (detected by :func:`open_dataset`):
+
+* **manifest** — ``manifest.csv`` beside ``images/`` and ``masks/``, as written by
+  ``defectd synth``, the daemon's image archive and the shipped sets (magnetic tile, NEU-Seg).
+  Columns: ``stem`` and ``image`` are required; ``cls`` (default ``defect`` / ``free``),
+  ``mask`` (empty for no mask file), ``split`` (default ``train``), ``has_defect`` (default: a
+  mask file is named), ``group`` (default the stem) are optional; other columns are ignored.
+  Paths are relative to the dataset folder. A good sample may have a mask of zeros or none.
+* **mvtec** — one MVTec AD category folder: ``train/good/*.png``,
+  ``test/<kind or good>/*.png``, ``ground_truth/<kind>/<name>_mask.png``. ``train/good`` is
+  split ``train``. Of ``test``, a deterministic ~20% becomes ``val``: the samples whose
+  ``zlib.crc32(stem) % 100 < 20`` with ``stem = "<kind>_<name>"`` (e.g. ``crack_003``); the
+  rest stays ``test``. Good samples have ``cls = "good"`` as in MVTec.
+
+Images are read as ``(H, W)`` uint8 grey or ``(H, W, 3)`` uint8 RGB; masks as ``(H, W)``
+uint8 {0, 1}. :func:`fit_to_input` and :func:`restore_size` define the card's resize policy
+("resize" or "pad") once for training, evaluation and the pipeline.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import zlib
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+from numpy.typing import NDArray
+
+from defectd.errors import DataError
+from defectd.log import get_logger
+
+log = get_logger(__name__)
+
+Layout = Literal["manifest", "mvtec"]
+FitPolicy = Literal["resize", "pad"]
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+MVTEC_VAL_PERCENT = 20
+_TRUE = {"1", "true", "yes", "y", "t"}
+_FALSE = {"0", "false", "no", "n", "f", ""}
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image of a dataset; ``mask`` is ``None`` when no mask file is named."""
+
+    stem: str
+    cls: str
+    image: Path
+    mask: Path | None
+    split: str
+    has_defect: bool
+    group: str
+
+
+class Dataset:
+    """Samples of one dataset folder, with image/mask loading and a content fingerprint."""
+
+    def __init__(self, root: Path, layout: Layout, samples: Sequence[Sample]) -> None:
+        self.root = root
+        self.layout: Layout = layout
+        self._samples = tuple(samples)
+        self.classes: tuple[str, ...] = tuple(
+            sorted({s.cls for s in self._samples if s.has_defect})
+        )
+        self.splits: tuple[str, ...] = tuple(sorted({s.split for s in self._samples}))
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def __repr__(self) -> str:
+        return f"Dataset({str(self.root)!r}, layout={self.layout!r}, samples={len(self)})"
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """``{split: {"images": n, "defective": n}}`` for summaries and model cards."""
+        out: dict[str, dict[str, int]] = {}
+        for s in self._samples:
+            c = out.setdefault(s.split, {"images": 0, "defective": 0})
+            c["images"] += 1
+            c["defective"] += int(s.has_defect)
+        return out
+
+    def samples(self, split: str | None = None) -> list[Sample]:
+        """All samples (``split=None``) or those of one split, in a stable order.
+
+        An unknown split, or one without samples, is a ``DataError`` listing the splits there are.
+        """
+        if split is None:
+            return list(self._samples)
+        found = [s for s in self._samples if s.split == split]
+        if not found:
+            raise DataError(
+                f"{self.root}: split {split!r} has no samples; "
+                f"splits here: {', '.join(self.splits) or 'none'}"
+            )
+        return found
+
+    def load_image(self, sample: Sample, channels: int) -> NDArray[np.uint8]:
+        """``(H, W)`` uint8 for ``channels=1``, ``(H, W, 3)`` uint8 RGB for ``channels=3``.
+
+        Colour files are converted to grey and grey files to RGB as needed; 16-bit files are
+        scaled to 8 bits. A missing, unreadable or corrupt file is a ``DataError`` naming it.
+        """
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        return read_image(sample.image, channels)
+
+    def load_mask(self, sample: Sample, shape: tuple[int, int]) -> NDArray[np.uint8]:
+        """``(H, W)`` uint8 {0, 1} for an image of ``shape`` ``(H, W)``.
+
+        Mask pixels above half the file's range count as defect (0/255 and 0/1 files both work).
+        A good sample without a mask file gives zeros. ``DataError`` naming the file for a
+        defective sample without a mask, an unreadable mask, or a mask of another size.
+        """
+        if sample.mask is None or not sample.mask.is_file():
+            if not sample.has_defect:
+                return np.zeros(shape, np.uint8)
+            if sample.mask is None:
+                raise DataError(
+                    f"{sample.image}: defective sample without a mask file in {self.root}"
+                )
+            raise DataError(f"{sample.mask}: mask file not found (defective sample {sample.stem})")
+        raw = _decode(sample.mask, cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH)
+        if raw.shape[:2] != tuple(shape):
+            raise DataError(
+                f"{sample.mask}: mask is {raw.shape[1]}x{raw.shape[0]} (WxH) but its image is "
+                f"{shape[1]}x{shape[0]}"
+            )
+        top = int(raw.max())
+        cut = 0 if top <= 1 else top // 2
+        return (raw > cut).astype(np.uint8)
+
+    def fingerprint(self, split: str | None = None) -> str:
+        """Hex sha256 over the split's samples: stem, class, flag, relative paths and file bytes.
+
+        Stable across machines and folder locations; any changed image, mask or label changes
+        it. Reads every file once (about 1 s per GB).
+        """
+        digest = hashlib.sha256()
+        for s in sorted(self.samples(split), key=lambda s: (s.split, s.stem)):
+            digest.update(f"{s.stem}\0{s.cls}\0{int(s.has_defect)}\0{s.split}\0".encode())
+            for path in (s.image, s.mask):
+                if path is None or not path.is_file():
+                    digest.update(b"-\0")
+                    continue
+                digest.update(_relative(path, self.root).encode() + b"\0")
+                digest.update(path.read_bytes())
+        return digest.hexdigest()
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def _decode(path: Path, flags: int) -> NDArray[Any]:
+    """Decode an image file with OpenCV; ``DataError`` naming the file when it cannot be."""
+    try:
+        data = np.fromfile(path, np.uint8)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read image file ({exc.strerror or exc})") from exc
+    img = cv2.imdecode(data, flags) if data.size else None
+    if img is None:
+        raise DataError(f"{path}: not a readable image (empty, corrupt or unknown format)")
+    return np.asarray(img)
+
+
+def _to_uint8(img: NDArray[Any]) -> NDArray[np.uint8]:
+    if img.dtype == np.uint8:
+        return np.asarray(img, np.uint8)
+    if img.dtype == np.uint16:
+        return np.asarray(img >> 8, np.uint8)
+    return np.asarray(np.clip(img, 0, 255), np.uint8)
+
+
+def read_image(path: Path, channels: int) -> NDArray[np.uint8]:
+    """Read one image file as ``(H, W)`` grey (``channels=1``) or ``(H, W, 3)`` RGB uint8.
+
+    ``DataError`` naming the file when it is missing, unreadable or corrupt.
+    """
+    if not path.is_file():
+        raise DataError(f"{path}: image file not found")
+    img = _to_uint8(_decode(path, cv2.IMREAD_UNCHANGED))
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    if channels == 1:
+        if img.ndim == 2:
+            return img
+        code = cv2.COLOR_BGRA2GRAY if img.shape[2] == 4 else cv2.COLOR_BGR2GRAY
+        return np.asarray(cv2.cvtColor(img, code), np.uint8)
+    if img.ndim == 2:
+        return np.asarray(cv2.cvtColor(img, cv2.COLOR_GRAY2RGB), np.uint8)
+    code = cv2.COLOR_BGRA2RGB if img.shape[2] == 4 else cv2.COLOR_BGR2RGB
+    return np.asarray(cv2.cvtColor(img, code), np.uint8)
+
+
+# --------------------------------------------------------------------------------- layouts
+
+
+def _flag(value: str, path: Path, line: int) -> bool:
+    v = value.strip().lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise DataError(f"{path}:{line}: has_defect must be 0 or 1, got {value!r}")
+
+
+def _read_manifest(root: Path) -> list[Sample]:
+    path = root / "manifest.csv"
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            columns = set(reader.fieldnames or ())
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{path}: cannot read manifest ({exc})") from exc
+    missing = {"stem", "image"} - columns
+    if missing:
+        raise DataError(
+            f"{path}: manifest lacks column(s) {', '.join(sorted(missing))} "
+            "(expected stem,cls,image,mask,split,...,has_defect,...)"
+        )
+    samples: list[Sample] = []
+    seen: set[str] = set()
+    for line, row in enumerate(rows, start=2):
+        stem = (row.get("stem") or "").strip()
+        image = (row.get("image") or "").strip()
+        if not stem or not image:
+            raise DataError(f"{path}:{line}: empty stem or image")
+        if stem in seen:
+            raise DataError(f"{path}:{line}: stem {stem!r} appears twice")
+        seen.add(stem)
+        mask_txt = (row.get("mask") or "").strip()
+        mask = root / mask_txt if mask_txt else None
+        if "has_defect" in columns:
+            has_defect = _flag(row.get("has_defect") or "", path, line)
+        else:
+            has_defect = mask is not None
+        cls = (row.get("cls") or "").strip() or ("defect" if has_defect else "free")
+        samples.append(
+            Sample(
+                stem=stem,
+                cls=cls,
+                image=root / image,
+                mask=mask,
+                split=(row.get("split") or "").strip() or "train",
+                has_defect=has_defect,
+                group=(row.get("group") or "").strip() or stem,
+            )
+        )
+    if not samples:
+        raise DataError(f"{path}: manifest lists no samples")
+    return samples
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _read_mvtec(root: Path) -> list[Sample]:
+    samples = [
+        Sample(f"good_{p.stem}", "good", p, None, "train", False, f"train_good_{p.stem}")
+        for p in _images_in(root / "train" / "good")
+    ]
+    for kind_dir in sorted(p for p in (root / "test").iterdir() if p.is_dir()):
+        kind = kind_dir.name
+        for p in _images_in(kind_dir):
+            stem = f"{kind}_{p.stem}"
+            bad = kind != "good"
+            mask = root / "ground_truth" / kind / f"{p.stem}_mask.png" if bad else None
+            in_val = zlib.crc32(stem.encode()) % 100 < MVTEC_VAL_PERCENT
+            split = "val" if in_val else "test"
+            samples.append(Sample(stem, kind, p, mask, split, bad, f"test_{stem}"))
+    return samples
+
+
+def open_dataset(root: Path) -> Dataset:
+    """Open a dataset folder in the manifest or MVTec AD layout (see the module docstring).
+
+    Checks that every image exists and that a folder of defective samples has masks: when no
+    defective sample has its mask file the error names the first missing one. Anything else
+    is a ``DataError`` naming the folder and what was expected.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset folder not found")
+    layout: Layout
+    if (root / "manifest.csv").is_file():
+        layout, samples = "manifest", _read_manifest(root)
+    elif (root / "train" / "good").is_dir() and (root / "test").is_dir():
+        layout, samples = "mvtec", _read_mvtec(root)
+    else:
+        hint = ""
+        nested = [p.name for p in sorted(root.iterdir()) if (p / "train" / "good").is_dir()]
+        if nested:
+            hint = f"; this looks like MVTec AD: open one category, e.g. {root / nested[0]}"
+        raise DataError(
+            f"{root}: not a dataset folder: expected manifest.csv with images/ and masks/, "
+            f"or MVTec AD train/good/, test/<kind>/, ground_truth/<kind>/{hint}"
+        )
+    if not samples:
+        raise DataError(f"{root}: dataset holds no images")
+    missing_images = [s.image for s in samples if not s.image.is_file()]
+    if missing_images:
+        raise DataError(
+            f"{missing_images[0]}: image file not found "
+            f"({len(missing_images)} of {len(samples)} images of {root} missing)"
+        )
+    defective = [s for s in samples if s.has_defect]
+    lacking = [s for s in defective if s.mask is None or not s.mask.is_file()]
+    if defective and len(lacking) == len(defective):
+        first = lacking[0]
+        named = first.mask if first.mask is not None else f"{first.image} (mask column empty)"
+        raise DataError(
+            f"{named}: mask not found; {root} is a data folder without masks "
+            f"(none of its {len(defective)} defective samples has one)"
+        )
+    if lacking:
+        log.warning(
+            "dataset_masks_missing",
+            root=str(root),
+            missing=len(lacking),
+            defective=len(defective),
+            first=str(lacking[0].mask or lacking[0].image),
+        )
+    ds = Dataset(root, layout, samples)
+    log.debug("dataset_opened", root=str(root), layout=layout, samples=len(ds), splits=ds.splits)
+    return ds
+
+
+# ------------------------------------------------------------------------------ resize policy
+
+
+def _pad_or_crop(a: NDArray[Any], height: int, width: int, border: int) -> NDArray[Any]:
+    """Centre ``a`` in ``(height, width)``: reflect-pad where smaller, centre-crop where larger."""
+    h, w = a.shape[:2]
+    if h > height:
+        top = (h - height) // 2
+        a = a[top : top + height]
+    if w > width:
+        left = (w - width) // 2
+        a = a[:, left : left + width]
+    h, w = a.shape[:2]
+    if h < height or w < width:
+        top, left = (height - h) // 2, (width - w) // 2
+        a = cv2.copyMakeBorder(
+            np.ascontiguousarray(a), top, height - h - top, left, width - w - left, border
+        )
+    return np.ascontiguousarray(a)
+
+
+def fit_to_input(
+    image: NDArray[np.uint8],
+    mask: NDArray[np.uint8] | None,
+    height: int,
+    width: int,
+    policy: FitPolicy,
+) -> tuple[NDArray[np.uint8], NDArray[np.uint8] | None]:
+    """Bring an ``(H, W)`` / ``(H, W, 3)`` image and its ``(H, W)`` mask to ``(height, width)``.
+
+    ``resize`` scales the whole image (``INTER_AREA`` when shrinking both ways, bilinear
+    otherwise; masks nearest-neighbour). ``pad`` keeps the pixel scale: reflect-pads each
+    direction that is too small (image and mask alike, so padded content keeps its labels)
+    and centre-crops each that is too large. Returns new arrays of the input dtypes.
+    """
+    h, w = image.shape[:2]
+    if mask is not None and mask.shape[:2] != (h, w):
+        raise ValueError(f"mask shape {mask.shape} does not match image shape {image.shape}")
+    if policy == "resize":
+        if (h, w) == (height, width):
+            return image.copy(), None if mask is None else mask.copy()
+        interp = cv2.INTER_AREA if height <= h and width <= w else cv2.INTER_LINEAR
+        img = np.asarray(cv2.resize(image, (width, height), interpolation=interp), np.uint8)
+        msk = (
+            None
+            if mask is None
+            else np.asarray(
+                cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST), np.uint8
+            )
+        )
+        return img, msk
+    if policy == "pad":
+        img = np.asarray(_pad_or_crop(image, height, width, cv2.BORDER_REFLECT_101), np.uint8)
+        msk = (
+            None
+            if mask is None
+            else np.asarray(_pad_or_crop(mask, height, width, cv2.BORDER_REFLECT_101), np.uint8)
+        )
+        return img, msk
+    raise ValueError(f"unknown resize policy {policy!r}; expected 'resize' or 'pad'")
+
+
+def restore_size(
+    prob: NDArray[np.float32], original_shape: tuple[int, int], policy: FitPolicy
+) -> NDArray[np.float32]:
+    """Map a ``(h, w)`` float32 probability map back onto the original ``(H, W)`` image.
+
+    Inverse of :func:`fit_to_input`: ``resize`` scales bilinearly; ``pad`` crops the padding
+    away and, where the input had been centre-cropped, fills the uninspected border with 0.
+    """
+    height, width = int(original_shape[0]), int(original_shape[1])
+    h, w = prob.shape[:2]
+    if policy == "resize":
+        if (h, w) == (height, width):
+            return np.array(prob, np.float32)
+        return np.asarray(
+            cv2.resize(prob.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR),
+            np.float32,
+        )
+    if policy == "pad":
+        out = np.zeros((height, width), np.float32)
+        # Rows: the fitted map covers original rows [oy, oy + ch) from its rows [py, py + ch).
+        py, oy, ch = _overlap(height, h)
+        px, ox, cw = _overlap(width, w)
+        out[oy : oy + ch, ox : ox + cw] = prob[py : py + ch, px : px + cw]
+        return out
+    raise ValueError(f"unknown resize policy {policy!r}; expected 'resize' or 'pad'")
+
+
+def _overlap(original: int, fitted: int) -> tuple[int, int, int]:
+    """``(start in fitted, start in original, length)`` of the shared centre of one axis."""
+    if fitted >= original:  # the original was padded: take the centre of the fitted map
+        return (fitted - original) // 2, 0, original
+    return 0, (original - fitted) // 2, fitted  # the original was centre-cropped
+
+
+def class_counts(samples: Sequence[Sample]) -> dict[str, int]:
+    """Samples per ``cls`` (for summaries)."""
+    return dict(Counter(s.cls for s in samples))
