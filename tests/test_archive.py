@@ -100,6 +100,7 @@ def test_error_part_has_no_mask_and_class_error(tmp_path: Path) -> None:
     archive.stop()
     (row,) = _manifest(tmp_path)
     assert (row["cls"], row["mask"], row["has_defect"]) == ("error", "", "0")
+    assert row["split"] == "review"  # unlabelled: kept out of train/val/test
 
 
 def test_passes_are_sampled_by_result_id(tmp_path: Path) -> None:
@@ -158,3 +159,21 @@ def test_split_is_deterministic_and_roughly_proportional() -> None:
 def test_splits_must_sum_to_one() -> None:
     with pytest.raises(ValueError, match="sum to 1"):
         ArchiveConfig(splits=(0.5, 0.2, 0.2))
+
+
+def test_archive_opens_as_a_training_dataset(tmp_path: Path) -> None:
+    from defectd.training.data import open_dataset
+
+    archive = Archive(ArchiveConfig(dir=tmp_path, pass_sample=1.0))
+    archive.start()
+    for seq, verdict in enumerate([Verdict.FAIL, Verdict.PASS, Verdict.ERROR] * 4):
+        mask = _mask() if verdict is Verdict.FAIL else None
+        archive.submit(_inspection(seq, verdict), _image(seq), mask)
+    archive.stop()
+    dataset = open_dataset(tmp_path)
+    samples = dataset.samples()
+    assert len(samples) == 12
+    fail = next(s for s in samples if s.has_defect)
+    assert int(dataset.load_mask(fail, SHAPE).sum()) == 36
+    assert np.array_equal(dataset.load_image(fail, channels=1).shape, SHAPE)
+    assert {s.split for s in samples if s.cls == "error"} == {"review"}

@@ -13,9 +13,10 @@ it as is::
 
 Masks are ground truth when the source carries it (synthetic line, replay of a labelled set),
 otherwise the model's own prediction (``label_source`` in the result JSON): review them before
-retraining on them. Parts whose verdict is ``error`` were not inspected; they get an empty
-mask column and ``cls = "error"``. Stems start with the grab time (UTC), so they sort by age;
-when the files exceed the disk quota the oldest parts are removed first.
+retraining on them. Parts whose verdict is ``error`` were not inspected: they have no label, so
+they get an empty mask column, ``cls = "error"`` and the split ``review`` (never ``train``,
+``val`` or ``test``) until someone labels them. Stems start with the grab time (UTC), so they
+sort by age; when the files exceed the disk quota the oldest parts are removed first.
 """
 
 from __future__ import annotations
@@ -361,7 +362,7 @@ class Archive:
             "cls": cls,
             "image": f"images/{stem}.png",
             "mask": mask_rel,
-            "split": split_for(stem, self.config.splits),
+            "split": "review" if cls == "error" else split_for(stem, self.config.splits),
             "width": str(width),
             "height": str(height),
             "has_defect": "1" if has_defect else "0",
