@@ -1,0 +1,822 @@
+"""The MQTT publisher: results from the outbox to the broker, at least once, in order.
+
+One named thread (``mqtt-publisher-<station>``) owns the paho client and the outbox's reading
+side. ``submit`` only encodes the messages and commits them to the outbox (tens of µs), then
+wakes that thread; it never waits for the network. The thread:
+
+- connects with clean start off and a session expiry (MQTT 5) or clean session off (3.1.1),
+  a retained ``offline`` last will, and publishes a retained ``online`` status on every connect;
+- reconnects with exponential backoff and jitter; a broker that is down at start is not an
+  error (results wait in the outbox);
+- publishes pending rows in id order with at most ``max_inflight`` unacknowledged, maps each
+  PUBACK back to its row and removes the row; after a reconnect paho re-sends the messages
+  that were in flight (DUP set) and publishing resumes where it stopped; after a restart every
+  row of the outbox is published again from the oldest;
+- reports a refused connection (CONNACK reason code) or a refused publish (MQTT 5 PUBACK reason
+  code, e.g. an ACL denial) as an error log and an event naming the reason code; a refused row
+  stays in the outbox and is tried again later.
+
+The broker password lives only in a ``SecretStr`` and is handed to paho at connect: it is
+never a log field, never in ``stats()`` and never in a repr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import select
+import socket
+import ssl
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from pydantic import SecretStr
+
+from defectd import __version__
+from defectd.errors import ConfigError, PublishError
+from defectd.log import get_logger
+from defectd.pipeline.inspection import Inspection
+from defectd.publish import messages as m
+from defectd.publish.config import MqttConfig, OutboxConfig, check_topic_level
+from defectd.publish.outbox import (
+    PRIORITY_DROP_FIRST,
+    PRIORITY_KEEP,
+    Outbox,
+    OutboxMessage,
+    OutboxRow,
+)
+
+log = get_logger(__name__)
+
+_HOUSEKEEPING_S = 1.0
+_REFUSED_RETRY_S = 30.0
+_EVENT_MIN_INTERVAL_S = 10.0
+_LATENCY_WINDOW = 10_000
+
+
+def _properties(packet_type: int) -> Properties:
+    return Properties(packet_type)  # type: ignore[no-untyped-call]
+
+
+def backoff_delay(attempt: int, min_s: float, max_s: float, rng: random.Random) -> float:
+    """Seconds to wait before reconnect attempt ``attempt + 1`` (``attempt`` counts failures).
+
+    Exponential: the cap doubles from ``min_s`` up to ``max_s``; the delay is drawn from
+    ``[cap/2, cap]`` (never below ``min_s``) so that stations that lost the same broker do not
+    reconnect in lockstep.
+    """
+    cap = min(max_s, min_s * 2.0 ** min(attempt, 32))
+    return max(min_s, rng.uniform(cap / 2.0, cap))
+
+
+def make_client(
+    config: MqttConfig,
+    client_id: str,
+    *,
+    password: SecretStr | None,
+    persistent: bool = True,
+) -> mqtt.Client:
+    """A paho client set up from ``config``: protocol, TLS, credentials, session, timeouts.
+
+    ``persistent`` asks the broker to keep the session (clean start/session off). Call
+    ``connect_options`` for the matching ``connect_async`` arguments.
+    """
+    v5 = config.protocol == "5"
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+        clean_session=None if v5 else not persistent,
+        reconnect_on_failure=False,
+    )
+    client.connect_timeout = config.connect_timeout_s
+    if config.tls is not None:
+        tls = config.tls
+        client.tls_set(
+            ca_certs=str(tls.ca_file),
+            certfile=None if tls.cert_file is None else str(tls.cert_file),
+            keyfile=None if tls.key_file is None else str(tls.key_file),
+            cert_reqs=ssl.CERT_REQUIRED,
+            tls_version=ssl.PROTOCOL_TLS_CLIENT,
+        )
+        client.tls_insecure_set(not tls.check_hostname)
+    if config.username is not None:
+        client.username_pw_set(
+            config.username, None if password is None else password.get_secret_value()
+        )
+    return client
+
+
+def connect_options(config: MqttConfig, *, persistent: bool = True) -> dict[str, Any]:
+    """Keyword arguments for ``Client.connect_async``/``connect`` matching ``make_client``."""
+    opts: dict[str, Any] = {
+        "host": config.host,
+        "port": config.port,
+        "keepalive": config.keepalive_s,
+    }
+    if config.protocol == "5":
+        opts["clean_start"] = not persistent
+        if persistent:
+            props = _properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = config.session_expiry_s
+            opts["properties"] = props
+    return opts
+
+
+def describe_reason(rc: ReasonCode | MQTTErrorCode | int) -> str:
+    """``"Not authorized (135)"``: the name and number of an MQTT reason or paho error code."""
+    if isinstance(rc, ReasonCode):
+        return f"{rc.getName()} ({rc.value})"
+    if isinstance(rc, MQTTErrorCode):
+        return f"{mqtt.error_string(rc)} ({rc.value})"
+    return str(rc)
+
+
+@dataclass(frozen=True, slots=True)
+class PublisherStats:
+    """Counters of one publisher since ``start`` (depth and age are of the outbox file)."""
+
+    connected: bool
+    outbox_depth: int
+    oldest_age_s: float | None
+    submitted: int  # inspections handed to submit()
+    published: int  # PUBLISH calls, re-sends after a restart included
+    acked: int  # rows acknowledged by the broker and removed from the outbox
+    dropped: int  # rows dropped at the outbox bound or by age
+    dropped_rejects: int  # of which fail/error results and rejects
+    refused: int  # PUBACKs with a failure reason code (e.g. ACL denial)
+    inflight: int
+    connects: int
+    connect_failures: int
+    near_bound: bool
+    near_bound_warnings: int
+    last_error: str | None
+    ack_latency_ms_p50: float | None  # submit -> PUBACK, last 10,000 messages
+    ack_latency_ms_p99: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(slots=True)
+class _Inflight:
+    row_id: int
+    kind: str
+    topic: str
+    message_id: str | None
+    created: float
+
+
+class Publisher:
+    """Publishes inspections, events and the station status to MQTT through a durable outbox.
+
+    Life cycle: ``start()`` -> ``submit()``/``publish_event()`` from any thread -> ``stop()``.
+    Raises ``ConfigError`` at construction when the station id cannot be a topic level or the
+    password file/variable is missing, ``PublishError`` from ``start`` when the outbox cannot be
+    opened (e.g. another process holds it).
+    """
+
+    def __init__(
+        self,
+        config: MqttConfig,
+        outbox_config: OutboxConfig,
+        station: str,
+        *,
+        status: m.StatusInfo | None = None,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        try:
+            check_topic_level(station, "station")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        self._config = config
+        self._outbox_config = outbox_config
+        self._station = station
+        self._topics = m.Topics(config.topic_prefix, station)
+        self._client_id = config.client_id_for(station)
+        self._password = config.read_password()
+        self._rng = rng if rng is not None else random.Random()
+        self._clock = clock
+        self._status_info = status or m.StatusInfo(version=__version__)
+        self._v5 = config.protocol == "5"
+
+        self._outbox: Outbox | None = None
+        self._client: mqtt.Client | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._drain_deadline = 0.0
+        self._lock = threading.Lock()  # submit counters and status info
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._checked_cameras: set[str] = set()
+
+        # Publisher-thread state.
+        self._state = "down"  # down | connecting | up
+        self._attempt = 0
+        self._next_attempt = 0.0
+        self._connecting_since = 0.0
+        self._down_since: float | None = None
+        self._cursor = 0
+        self._inflight: dict[int, _Inflight] = {}
+        self._acks: list[int] = []
+        self._refusals: list[tuple[_Inflight, ReasonCode]] = []
+        self._parked: dict[int, float] = {}
+        self._connack: tuple[bool, ReasonCode, bool] | None = None
+        self._disconnect_reason: ReasonCode | None = None
+        self._status_dirty = False
+        self._refused_streak: str | None = None
+        self._last_refusal_event = 0.0
+        self._last_housekeeping = 0.0
+        self._latencies: deque[float] = deque(maxlen=_LATENCY_WINDOW)
+        self._lat_lock = threading.Lock()
+        self._offline_mid: int | None = None
+        self._offline_acked = False
+
+        self._submitted = 0
+        self._published = 0
+        self._acked = 0
+        self._refused = 0
+        self._connects = 0
+        self._connect_failures = 0
+        self._last_error: str | None = None
+
+    # -- public API ------------------------------------------------------------------------
+    @property
+    def topics(self) -> m.Topics:
+        return self._topics
+
+    @property
+    def client_id(self) -> str:
+        return self._client_id
+
+    def start(self) -> None:
+        """Open the outbox and start the publisher thread; connecting happens in that thread."""
+        if self._thread is not None:
+            raise PublishError("publisher already started")
+        self._outbox = Outbox(self._outbox_config, clock=self._clock)
+        self._client = self._make_client()
+        self._thread = threading.Thread(
+            target=self._run, name=f"mqtt-publisher-{self._station}", daemon=True
+        )
+        self._thread.start()
+        log.info(
+            "publisher_started",
+            station=self._station,
+            host=self._config.host,
+            port=self._config.port,
+            protocol=self._config.protocol,
+            tls=self._config.tls is not None,
+            client_id=self._client_id,
+            outbox=str(self._outbox.path),
+            pending=self._outbox.depth,
+        )
+
+    def submit(self, inspection: Inspection) -> None:
+        """Commit the ``result`` (and for fail/error the ``reject``) to the outbox; returns once
+        they are durable. Never waits for the network.
+
+        Raises ``PublishError`` when the publisher is not started or the outbox cannot store
+        the messages, ``ConfigError`` when the camera id cannot be a topic level.
+        """
+        outbox = self._require_outbox()
+        camera = inspection.camera
+        if camera not in self._checked_cameras:
+            try:
+                check_topic_level(camera, "camera")
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+            self._checked_cameras.add(camera)
+        now = self._clock()
+        reject = m.is_reject(inspection)
+        priority = PRIORITY_KEEP if reject else PRIORITY_DROP_FIRST
+        qos = self._config.result_qos
+        rows = [
+            OutboxMessage(
+                self._topics.result(camera),
+                m.encode(m.result_message(inspection, now)),
+                qos,
+                False,
+                priority,
+                m.Kind.RESULT.value,
+                inspection.result_id,
+            )
+        ]
+        if reject:
+            rows.append(
+                OutboxMessage(
+                    self._topics.reject,
+                    m.encode(m.reject_message(inspection, now)),
+                    max(qos, 1),
+                    False,
+                    PRIORITY_KEEP,
+                    m.Kind.REJECT.value,
+                    inspection.result_id,
+                )
+            )
+        outbox.put_many(rows)
+        with self._lock:
+            self._submitted += 1
+        self._wake()
+
+    def publish_event(self, kind: str, *, severity: str | None = None, **fields: Any) -> None:
+        """Queue an ``event`` (e.g. ``camera_lost``, camera="cam0") through the outbox.
+
+        ``fields`` must be JSON values. ``severity`` defaults from ``messages.EVENT_SEVERITY``
+        (``info`` for other kinds). Raises ``PublishError`` when not started.
+        """
+        outbox = self._require_outbox()
+        sev = severity or m.EVENT_SEVERITY.get(kind, "info")
+        msg = m.event_message(self._station, kind, sev, dict(fields), self._clock())
+        outbox.put(
+            self._topics.events,
+            m.encode(msg),
+            1,
+            False,
+            priority=PRIORITY_DROP_FIRST,
+            kind=m.Kind.EVENT.value,
+            message_id=msg["event_id"],
+        )
+        self._wake()
+
+    def set_status(self, info: m.StatusInfo) -> None:
+        """What the retained ``online`` status says; published now when connected, else at
+        the next connect."""
+        with self._lock:
+            self._status_info = info
+            self._status_dirty = True
+        self._wake()
+
+    def stop(self, drain_timeout_s: float = 5.0) -> None:
+        """Publish what can be published within ``drain_timeout_s``, publish the retained
+        ``offline`` status, disconnect cleanly and close the outbox. What is left stays in the
+        outbox for the next start. Idempotent."""
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            self._drain_deadline = time.monotonic() + max(0.0, drain_timeout_s)
+            self._stopping.set()
+            self._wake()
+            thread.join(drain_timeout_s + self._config.connect_timeout_s + 5.0)
+            if thread.is_alive():
+                log.error("publisher_thread_stuck", thread=thread.name)
+        if self._outbox is not None:
+            self._outbox.close()
+        for s in (self._wake_r, self._wake_w):
+            s.close()
+
+    def stats(self) -> PublisherStats:
+        """A snapshot of counters (cheap; safe from any thread, e.g. a metrics endpoint)."""
+        ob = self._outbox.stats() if self._outbox is not None else None
+        with self._lat_lock:
+            lat = sorted(self._latencies)
+        p50 = lat[len(lat) // 2] if lat else None
+        p99 = lat[min(len(lat) - 1, math.ceil(len(lat) * 0.99) - 1)] if lat else None
+        return PublisherStats(
+            connected=self._state == "up",
+            outbox_depth=ob.depth if ob else 0,
+            oldest_age_s=ob.oldest_age_s if ob else None,
+            submitted=self._submitted,
+            published=self._published,
+            acked=self._acked,
+            dropped=ob.dropped if ob else 0,
+            dropped_rejects=ob.dropped_keep if ob else 0,
+            refused=self._refused,
+            inflight=len(self._inflight),
+            connects=self._connects,
+            connect_failures=self._connect_failures,
+            near_bound=ob.near_bound if ob else False,
+            near_bound_warnings=ob.near_bound_warnings if ob else 0,
+            last_error=self._last_error,
+            ack_latency_ms_p50=p50,
+            ack_latency_ms_p99=p99,
+        )
+
+    # -- helpers for callers' threads --------------------------------------------------------
+    def _require_outbox(self) -> Outbox:
+        if self._outbox is None:
+            raise PublishError("publisher not started: call start() before submit()")
+        return self._outbox
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            self._wake_w.send(b"\0")
+
+    # -- the publisher thread ----------------------------------------------------------------
+    def _make_client(self) -> mqtt.Client:
+        client = make_client(self._config, self._client_id, password=self._password)
+        client.max_inflight_messages_set(self._config.max_inflight + 16)
+        client.max_queued_messages_set(0)
+        will = m.status_message(
+            self._station, "offline", self._status_info, self._clock(), "connection_lost"
+        )
+        client.will_set(
+            self._topics.status,
+            m.encode(will),
+            qos=1,
+            retain=True,
+            properties=self._props(m.Kind.STATUS.value, None, will_message=True),
+        )
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.connect_async(**connect_options(self._config))
+        return client
+
+    def _props(
+        self, kind: str, message_id: str | None, *, will_message: bool = False
+    ) -> Properties | None:
+        if not self._v5:
+            return None
+        props = _properties(PacketTypes.WILLMESSAGE if will_message else PacketTypes.PUBLISH)
+        props.ContentType = m.CONTENT_TYPE
+        props.PayloadFormatIndicator = 1
+        user = [("schema_version", str(m.SCHEMA_VERSION)), ("kind", kind)]
+        if message_id is not None:
+            user.append(("event_id" if kind == m.Kind.EVENT.value else "result_id", message_id))
+        props.UserProperty = user
+        return props
+
+    # paho callbacks run inside loop_read/loop_write on the publisher thread: record only.
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        self._connack = (not reason_code.is_failure, reason_code, flags.session_present)
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.DisconnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        self._disconnect_reason = reason_code
+
+    def _on_publish(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if mid == self._offline_mid:
+            self._offline_acked = True
+            return
+        entry = self._inflight.pop(mid, None)
+        if entry is None:  # the online status
+            return
+        if reason_code.is_failure:
+            self._refusals.append((entry, reason_code))
+        else:
+            self._acks.append(entry.row_id)
+            with self._lat_lock:
+                self._latencies.append((self._clock() - entry.created) * 1000.0)
+
+    def _run(self) -> None:
+        assert self._client is not None and self._outbox is not None
+        while True:
+            try:
+                if self._stopping.is_set() and (
+                    time.monotonic() >= self._drain_deadline
+                    or (self._outbox.depth == 0 and not self._inflight)
+                ):
+                    break
+                self._step(self._client, self._outbox)
+            except Exception:
+                log.exception("publisher_loop_error")
+                self._stopping.wait(0.5)
+        self._shutdown(self._client, self._outbox)
+
+    def _step(self, client: mqtt.Client, outbox: Outbox) -> None:
+        now = time.monotonic()
+        if self._state == "down" and now >= self._next_attempt:
+            self._try_connect(client, now)
+        elif self._state == "connecting" and now - self._connecting_since > (
+            self._config.connect_timeout_s + 1.0
+        ):
+            self._connection_failed("no CONNACK from the broker in time", now)
+        if self._state == "up":
+            with self._lock:
+                dirty, self._status_dirty = self._status_dirty, False
+            if dirty:
+                self._publish_online(client)
+            self._pump(client, outbox)
+
+        sock = client.socket() if self._state != "down" else None
+        rlist: list[Any] = [self._wake_r]
+        wlist: list[Any] = []
+        timeout = _HOUSEKEEPING_S
+        if self._state == "down":
+            timeout = min(timeout, max(0.0, self._next_attempt - now))
+        if self._stopping.is_set():
+            timeout = min(timeout, 0.05)
+        pending_tls = 0
+        if sock is not None:
+            rlist.append(sock)
+            if client.want_write():
+                wlist.append(sock)
+            pending = getattr(sock, "pending", None)
+            if pending is not None:
+                pending_tls = int(pending())
+                if pending_tls:
+                    timeout = 0.0
+        readable, writable, _ = select.select(rlist, wlist, [], timeout)
+        if self._wake_r in readable:
+            with contextlib.suppress(BlockingIOError):
+                self._wake_r.recv(65536)
+        if sock is not None:
+            if sock in readable or pending_tls:
+                client.loop_read()
+            if client.socket() is sock and (sock in writable or client.want_write()):
+                client.loop_write()
+            if client.socket() is sock:
+                client.loop_misc()
+        self._after_network(client, outbox)
+        if time.monotonic() - self._last_housekeeping >= _HOUSEKEEPING_S:
+            self._last_housekeeping = time.monotonic()
+            self._housekeeping(outbox)
+
+    def _try_connect(self, client: mqtt.Client, now: float) -> None:
+        self._connack = None
+        self._disconnect_reason = None
+        try:
+            rc = client.reconnect()
+        except (OSError, ValueError) as exc:
+            # ValueError: ssl.CertificateError on older Pythons; OSError covers refused,
+            # unreachable, timeouts and TLS handshake failures (certificate, hostname).
+            self._connection_failed(_describe_exc(exc), now)
+            return
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self._connection_failed(describe_reason(rc), now)
+            return
+        self._state = "connecting"
+        self._connecting_since = now
+
+    def _connection_failed(self, why: str, now: float, refused: bool = False) -> None:
+        first = self._attempt == 0
+        self._connect_failures += 1
+        delay = backoff_delay(
+            self._attempt, self._config.reconnect_min_s, self._config.reconnect_max_s, self._rng
+        )
+        self._attempt += 1
+        self._next_attempt = now + delay
+        self._state = "down"
+        if self._down_since is None:
+            self._down_since = now
+        self._last_error = why
+        fields = {
+            "host": self._config.host,
+            "port": self._config.port,
+            "reason": why,
+            "attempt": self._attempt,
+            "retry_in_s": round(delay, 2),
+        }
+        if refused:
+            log.error("broker_refused", client_id=self._client_id, **fields)
+        elif first:
+            log.warning("broker_unreachable", **fields)
+        else:
+            log.info("broker_unreachable", **fields)
+
+    def _after_network(self, client: mqtt.Client, outbox: Outbox) -> None:
+        now = time.monotonic()
+        connack, self._connack = self._connack, None
+        if connack is not None:
+            ok, rc, session_present = connack
+            if ok:
+                self._connected(client, outbox, session_present, now)
+            else:
+                why = f"broker refused the connection: {describe_reason(rc)}"
+                self._connection_failed(why, now, refused=True)
+                if self._refused_streak != why:
+                    self._refused_streak = why
+                    self._event(
+                        "broker_refused",
+                        reason_code=rc.value,
+                        reason=rc.getName(),
+                        host=self._config.host,
+                    )
+                self._disconnect_reason = None  # paho reports the refusal once more as a disconnect
+        reason, self._disconnect_reason = self._disconnect_reason, None
+        if reason is not None and self._state != "down":
+            was_up = self._state == "up"
+            self._connection_failed(f"connection lost: {describe_reason(reason)}", now)
+            if was_up:
+                log.warning(
+                    "broker_disconnected",
+                    reason=describe_reason(reason),
+                    inflight=len(self._inflight),
+                    pending=outbox.depth,
+                )
+        if self._acks:
+            acks, self._acks = self._acks, []
+            self._acked += outbox.ack(acks)
+        if self._refusals:
+            refusals, self._refusals = self._refusals, []
+            self._handle_refusals(refusals, now)
+
+    def _connected(
+        self, client: mqtt.Client, outbox: Outbox, session_present: bool, now: float
+    ) -> None:
+        outage = None if self._down_since is None or self._connects == 0 else now - self._down_since
+        self._state = "up"
+        self._attempt = 0
+        self._down_since = None
+        self._connects += 1
+        self._refused_streak = None
+        self._last_error = None
+        log.info(
+            "broker_connected",
+            host=self._config.host,
+            port=self._config.port,
+            session_present=session_present,
+            pending=outbox.depth,
+            inflight=len(self._inflight),
+        )
+        self._publish_online(client)
+        if outage is not None:
+            self._event("broker_reconnected", outage_s=round(outage, 3), pending=outbox.depth)
+
+    def _publish_online(self, client: mqtt.Client) -> None:
+        with self._lock:
+            info = self._status_info
+            self._status_dirty = False
+        msg = m.status_message(self._station, "online", info, self._clock())
+        client.publish(
+            self._topics.status,
+            m.encode(msg),
+            qos=1,
+            retain=True,
+            properties=self._props(m.Kind.STATUS.value, None),
+        )
+
+    def _pump(self, client: mqtt.Client, outbox: Outbox) -> None:
+        free = self._config.max_inflight - len(self._inflight)
+        if free <= 0:
+            return
+        if self._parked:
+            now = time.monotonic()
+            due = [rid for rid, t in self._parked.items() if t <= now][:free]
+            if due:
+                for rid in due:
+                    del self._parked[rid]
+                for row in outbox.get(due):
+                    self._publish_row(client, outbox, row)
+                free = self._config.max_inflight - len(self._inflight)
+        while free > 0:
+            rows = outbox.pending(self._cursor, free)
+            if not rows:
+                return
+            for row in rows:
+                if row.id in self._parked:
+                    self._cursor = row.id
+                    continue
+                if not self._publish_row(client, outbox, row):
+                    return
+                self._cursor = row.id
+            free = self._config.max_inflight - len(self._inflight)
+
+    def _publish_row(self, client: mqtt.Client, outbox: Outbox, row: OutboxRow) -> bool:
+        props = self._props(row.kind, row.message_id)
+        if props is not None and self._config.message_expiry_s is not None and not row.retain:
+            left = self._config.message_expiry_s - (self._clock() - row.created)
+            props.MessageExpiryInterval = max(1, math.ceil(left))
+        info = client.publish(
+            row.topic, row.payload, qos=row.qos, retain=row.retain, properties=props
+        )
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            # NO_CONN: paho keeps the message and sends it after the reconnect.
+            log.error("publish_failed", topic=row.topic, reason=describe_reason(info.rc))
+            return False
+        self._published += 1
+        if row.qos == 0:
+            # At most once by configuration: handed to the client is as good as it gets.
+            self._acked += outbox.ack([row.id])
+        else:
+            self._inflight[info.mid] = _Inflight(
+                row.id, row.kind, row.topic, row.message_id, row.created
+            )
+        return True
+
+    def _handle_refusals(self, refusals: list[tuple[_Inflight, ReasonCode]], now: float) -> None:
+        for entry, rc in refusals:
+            self._refused += 1
+            self._parked[entry.row_id] = now + _REFUSED_RETRY_S
+            self._last_error = f"broker refused a publish on {entry.topic}: {describe_reason(rc)}"
+            log.error(
+                "publish_refused",
+                topic=entry.topic,
+                kind=entry.kind,
+                result_id=entry.message_id,
+                reason_code=rc.value,
+                reason=rc.getName(),
+                retry_in_s=_REFUSED_RETRY_S,
+            )
+        # An event about a refused event could itself be refused: report results only.
+        result_refusals = [(e, rc) for e, rc in refusals if e.kind != m.Kind.EVENT.value]
+        if result_refusals and now - self._last_refusal_event >= _EVENT_MIN_INTERVAL_S:
+            self._last_refusal_event = now
+            entry, rc = result_refusals[0]
+            self._event(
+                "publish_refused",
+                topic=entry.topic,
+                reason_code=rc.value,
+                reason=rc.getName(),
+                count=len(result_refusals),
+            )
+
+    def _housekeeping(self, outbox: Outbox) -> None:
+        outbox.maintain()
+        if outbox.check_near_bound():
+            cfg = outbox.config
+            self._event(
+                "outbox_near_bound",
+                depth=outbox.depth,
+                max_rows=cfg.max_rows,
+                oldest_age_s=round(outbox.oldest_age_s() or 0.0, 1),
+                max_age_s=cfg.max_age_s,
+            )
+        drops = outbox.take_drops()
+        if drops is not None:
+            self._event(
+                "outbox_dropped",
+                rows=drops.rows,
+                rejects=drops.keep_rows,
+                expired=drops.expired,
+                result_ids=list(drops.keep_ids),
+            )
+
+    def _event(self, kind: str, **fields: Any) -> None:
+        try:
+            self.publish_event(kind, **fields)
+        except PublishError as exc:
+            log.error("event_not_stored", event_kind=kind, error=str(exc))
+
+    def _shutdown(self, client: mqtt.Client, outbox: Outbox) -> None:
+        if self._state == "up":
+            msg = m.status_message(
+                self._station, "offline", self._status_info, self._clock(), "stopped"
+            )
+            info = client.publish(
+                self._topics.status,
+                m.encode(msg),
+                qos=1,
+                retain=True,
+                properties=self._props(m.Kind.STATUS.value, None),
+            )
+            self._offline_mid = info.mid
+            deadline = time.monotonic() + 2.0
+            while not self._offline_acked and time.monotonic() < deadline and self._state == "up":
+                self._network_once(client, 0.05)
+                self._after_network(client, outbox)
+            client.disconnect()
+            deadline = time.monotonic() + 1.0
+            while client.socket() is not None and time.monotonic() < deadline:
+                self._network_once(client, 0.05)
+        self._state = "down"
+        log.info(
+            "publisher_stopped",
+            station=self._station,
+            pending=outbox.depth,
+            published=self._published,
+            acked=self._acked,
+            offline_published=self._offline_acked,
+        )
+
+    def _network_once(self, client: mqtt.Client, timeout: float) -> None:
+        sock = client.socket()
+        if sock is None:
+            return
+        wlist = [sock] if client.want_write() else []
+        readable, writable, _ = select.select([sock], wlist, [], timeout)
+        if readable:
+            client.loop_read()
+        if client.socket() is sock and (writable or client.want_write()):
+            client.loop_write()
+
+
+def _describe_exc(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS certificate rejected: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS error: {exc.reason or exc}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return f"{type(exc).__name__}: {exc}"
