@@ -167,10 +167,16 @@ class Augment:
                 ),
                 np.uint8,
             )
-        return np.ascontiguousarray(img), np.ascontiguousarray(msk)
+        # Never hand back (a view of) the caller's arrays.
+        img = img.copy() if np.may_share_memory(img, image) else np.ascontiguousarray(img)
+        msk = msk.copy() if np.may_share_memory(msk, mask) else np.ascontiguousarray(msk)
+        return img, msk
 
     def photometric(self, image: NDArray[np.uint8], rng: np.random.Generator) -> NDArray[np.uint8]:
-        """Brightness, contrast, gamma (one lookup table), noise and blur; never the mask."""
+        """Brightness, contrast, gamma (one lookup table), noise and blur; never the mask.
+
+        May return ``image`` itself when no op fires (``__call__`` hands in its own copy).
+        """
         c = self.config
         shift = (
             rng.uniform(-c.brightness, c.brightness) * 255 if rng.random() < c.brightness_p else 0.0
@@ -198,4 +204,4 @@ class Augment:
             img = np.clip(noise, 0, 255, out=noise).astype(np.uint8)
         if blur > 0.0:
             img = np.asarray(cv2.GaussianBlur(img, (0, 0), blur), np.uint8)
-        return img if img is not image else image.copy()
+        return img

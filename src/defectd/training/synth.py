@@ -227,15 +227,19 @@ def _apply(
     roi: tuple[int, int, int, int],
     local: NDArray[np.uint8],
     delta: NDArray[np.float32],
-) -> None:
-    """Add ``delta`` (ROI-sized) to the image where ``local`` is set; mark those mask pixels."""
+) -> int:
+    """Add ``delta`` (ROI-sized) to the image where ``local`` is set; mark those mask pixels.
+
+    Returns the number of pixels marked.
+    """
     y0, y1, x0, x1 = roi
     sel = local > 0
-    if not sel.any():
-        return
-    region = c.img[y0:y1, x0:x1]
-    region[sel] += delta[sel]
-    c.mask[y0:y1, x0:x1] |= sel.astype(np.uint8)
+    marked = int(np.count_nonzero(sel))
+    if marked:
+        region = c.img[y0:y1, x0:x1]
+        region[sel] += delta[sel]
+        c.mask[y0:y1, x0:x1] |= sel.astype(np.uint8)
+    return marked
 
 
 def _size_scale(c: _Canvas) -> float:
@@ -243,7 +247,7 @@ def _size_scale(c: _Canvas) -> float:
     return max(0.5, min(c.h, c.w) / 256.0)
 
 
-def _scratch(rng: np.random.Generator, c: _Canvas) -> None:
+def _scratch(rng: np.random.Generator, c: _Canvas) -> int:
     side = min(c.h, c.w)
     length = rng.uniform(0.25, 0.7) * side
     theta = rng.uniform(0, np.pi)
@@ -254,21 +258,22 @@ def _scratch(rng: np.random.Generator, c: _Canvas) -> None:
     p1 = centre + n * rng.uniform(-0.15, 0.15) * length
     t = np.linspace(0.0, 1.0, 32)[:, None]
     pts = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2
+    pts += centre - pts[len(pts) // 2]  # the curve passes through its (in-image) centre
     thick = max(1, round(_size_scale(c) * (1 if rng.random() < 0.7 else 2)))
     roi = _roi_of(pts, thick + 1, c.h, c.w)
     y0, y1, x0, x1 = roi
     if y1 <= y0 or x1 <= x0:
-        return
+        return 0
     local = np.zeros((y1 - y0, x1 - x0), np.uint8)
     shifted = np.round(pts - [x0, y0]).astype(np.int32)
     cv2.polylines(local, [shifted], False, 1, thickness=thick, lineType=cv2.LINE_8)
     sign = 1.0 if rng.random() < 0.6 else -1.0
     contrast = rng.uniform(12.0, 60.0)
     wobble = rng.uniform(0.7, 1.0, local.shape).astype(np.float32)
-    _apply(c, roi, local, (sign * contrast * wobble).astype(np.float32))
+    return _apply(c, roi, local, (sign * contrast * wobble).astype(np.float32))
 
 
-def _crack(rng: np.random.Generator, c: _Canvas) -> None:
+def _crack(rng: np.random.Generator, c: _Canvas) -> int:
     side = min(c.h, c.w)
     scale = _size_scale(c)
     step = rng.uniform(3.0, 6.0) * scale
@@ -296,7 +301,7 @@ def _crack(rng: np.random.Generator, c: _Canvas) -> None:
     roi = _roi_of(allpts, thick_main + 1, c.h, c.w)
     y0, y1, x0, x1 = roi
     if y1 <= y0 or x1 <= x0:
-        return
+        return 0
     local = np.zeros((y1 - y0, x1 - x0), np.uint8)
     for i, br in enumerate(branches):
         shifted = np.round(br - [x0, y0]).astype(np.int32)
@@ -304,10 +309,10 @@ def _crack(rng: np.random.Generator, c: _Canvas) -> None:
         cv2.polylines(local, [shifted], False, 1, thickness=thick, lineType=cv2.LINE_8)
     contrast = rng.uniform(25.0, 90.0)
     wobble = rng.uniform(0.75, 1.0, local.shape).astype(np.float32)
-    _apply(c, roi, local, (-contrast * wobble).astype(np.float32))
+    return _apply(c, roi, local, (-contrast * wobble).astype(np.float32))
 
 
-def _pit(rng: np.random.Generator, c: _Canvas) -> None:
+def _pit(rng: np.random.Generator, c: _Canvas) -> int:
     r = rng.uniform(1.5, 4.5) * math.sqrt(_size_scale(c))
     cx, cy = rng.uniform(0, c.w - 1), rng.uniform(0, c.h - 1)
     pts = np.array([[cx - r, cy - r], [cx + r, cy + r]])
@@ -319,10 +324,10 @@ def _pit(rng: np.random.Generator, c: _Canvas) -> None:
     dist = np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2) / np.float32(max(r, 1.0))
     profile = np.clip(1.0 - 0.5 * dist, 0.4, 1.0)  # darkest in the middle
     contrast = rng.uniform(30.0, 100.0)
-    _apply(c, roi, local, (-contrast * profile).astype(np.float32))
+    return _apply(c, roi, local, (-contrast * profile).astype(np.float32))
 
 
-def _stain(rng: np.random.Generator, c: _Canvas) -> None:
+def _stain(rng: np.random.Generator, c: _Canvas) -> int:
     side = min(c.h, c.w)
     a = rng.uniform(0.05, 0.16) * side
     b = a * rng.uniform(0.5, 1.0)
@@ -347,10 +352,10 @@ def _stain(rng: np.random.Generator, c: _Canvas) -> None:
     local = (profile > 0.12).astype(np.uint8)
     sign = -1.0 if rng.random() < 0.7 else 1.0
     contrast = rng.uniform(8.0, 32.0)
-    _apply(c, roi, local, (sign * contrast * profile).astype(np.float32))
+    return _apply(c, roi, local, (sign * contrast * profile).astype(np.float32))
 
 
-def _chip(rng: np.random.Generator, c: _Canvas) -> None:
+def _chip(rng: np.random.Generator, c: _Canvas) -> int:
     side = min(c.h, c.w)
     size = rng.uniform(0.06, 0.2) * side
     k = int(rng.integers(6, 10))
@@ -381,12 +386,12 @@ def _chip(rng: np.random.Generator, c: _Canvas) -> None:
     roi = _roi_of(poly, 1, c.h, c.w)
     y0, y1, x0, x1 = roi
     if y1 <= y0 or x1 <= x0:
-        return
+        return 0
     local = np.zeros((y1 - y0, x1 - x0), np.uint8)
     cv2.fillPoly(local, [np.round(poly - [x0, y0]).astype(np.int32)], 1, lineType=cv2.LINE_8)
     sel = local > 0
     if not sel.any():
-        return
+        return 0
     here = float(c.img[y0:y1, x0:x1][sel].mean())
     # What shows through: dark background or bright fresh fracture, clearly unlike the surface.
     dark = here > 110 if rng.random() < 0.8 else here <= 110
@@ -396,10 +401,10 @@ def _chip(rng: np.random.Generator, c: _Canvas) -> None:
     delta = target - c.img[y0:y1, x0:x1]
     # A changed pixel must differ: push any that happen to match the target level.
     delta[np.abs(delta) < 1.0] = 8.0 if not dark else -8.0
-    _apply(c, roi, local, delta.astype(np.float32))
+    return _apply(c, roi, local, delta.astype(np.float32))
 
 
-_PAINTERS: dict[str, Callable[[np.random.Generator, _Canvas], None]] = {
+_PAINTERS: dict[str, Callable[[np.random.Generator, _Canvas], int]] = {
     "scratch": _scratch,
     "crack": _crack,
     "pit": _pit,
@@ -524,16 +529,20 @@ class PartRenderer:
         mask = np.zeros((h, w), np.uint8)
 
         defective = rng.random() < defect_prob
+        # Defects draw from their own generator so that the surface, light and noise of a part
+        # do not depend on its defects: the same state with defect_prob=0 gives its good twin.
+        defect_rng = np.random.default_rng(int(rng.integers(0, 2**63)))
         drawn: list[str] = []
         if defective:
-            count = 1 + int(rng.random() < 0.25) + int(rng.random() < 0.05)
+            count = 1 + int(defect_rng.random() < 0.25) + int(defect_rng.random() < 0.05)
             canvas = _Canvas(img, mask)
             for _ in range(count):
-                kind = kinds_t[int(rng.integers(0, len(kinds_t)))]
-                _PAINTERS[kind](rng, canvas)
+                kind = kinds_t[int(defect_rng.integers(0, len(kinds_t)))]
+                if _PAINTERS[kind](defect_rng, canvas) == 0:
+                    # Clipped away entirely (tiny parts): a pit always lands inside.
+                    _pit(defect_rng, canvas)
+                    kind = "pit"
                 drawn.append(kind)
-            if not mask.any():  # every painter marks at least its centre pixel; belt and braces
-                _pit(rng, canvas)
 
         # Illumination: global gain, separable linear gradient and vignetting; then noise.
         gain = rng.uniform(0.75, 1.2)

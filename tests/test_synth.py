@@ -1,0 +1,184 @@
+"""Synthetic parts: seeded, with masks that mark exactly the pixels a defect changed."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+import structlog
+
+from defectd.cli import main
+from defectd.errors import ConfigError, DataError
+from defectd.training.synth import (
+    DEFECTS,
+    MANIFEST_COLUMNS,
+    SURFACES,
+    PartRenderer,
+    SynthPart,
+    render_part,
+    write_dataset,
+)
+
+
+def _part(seed: int, **kw: Any) -> SynthPart:
+    return render_part(np.random.default_rng(seed), 64, 80, **kw)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_same_generator_state_gives_the_same_part(channels: int) -> None:
+    a = _part(11, defect_prob=0.5, channels=channels)
+    b = _part(11, defect_prob=0.5, channels=channels)
+    assert np.array_equal(a.image, b.image)
+    assert np.array_equal(a.mask, b.mask)
+    assert (a.defects, a.surface) == (b.defects, b.surface)
+
+
+def test_a_fresh_renderer_reproduces_the_shared_one() -> None:
+    fresh = PartRenderer(64, 80).render(np.random.default_rng(3), defect_prob=1.0)
+    shared = _part(3, defect_prob=1.0)
+    assert np.array_equal(fresh.image, shared.image)
+    assert np.array_equal(fresh.mask, shared.mask)
+
+
+def test_different_seeds_give_different_parts() -> None:
+    assert not np.array_equal(_part(1).image, _part(2).image)
+
+
+def test_parts_have_the_requested_shape_and_dtype() -> None:
+    grey = _part(0)
+    rgb = _part(0, channels=3)
+    assert grey.image.shape == (64, 80) and grey.image.dtype == np.uint8
+    assert rgb.image.shape == (64, 80, 3) and rgb.image.dtype == np.uint8
+    assert grey.mask.shape == (64, 80) and grey.mask.dtype == np.uint8
+
+
+def test_mask_is_binary_and_non_empty_exactly_for_defective_parts() -> None:
+    seen_good = seen_bad = 0
+    for seed in range(40):
+        part = _part(seed, defect_prob=0.5)
+        assert set(np.unique(part.mask)) <= {0, 1}
+        assert bool(part.mask.any()) == bool(part.defects)
+        seen_bad += bool(part.defects)
+        seen_good += not part.defects
+    assert seen_good and seen_bad
+
+
+@pytest.mark.parametrize("kind", DEFECTS)
+def test_mask_marks_exactly_the_pixels_the_defect_changed(kind: str) -> None:
+    # Equal generator states with and without defects give the same part apart from them.
+    for seed in range(8):
+        surface = SURFACES[seed % len(SURFACES)]
+        bad = _part(seed, surface=surface, defect_prob=1.0, kinds=[kind])
+        good = _part(seed, surface=surface, defect_prob=0.0)
+        changed = bad.image != good.image
+        assert not (changed & (bad.mask == 0)).any(), "a pixel outside the mask changed"
+        assert changed[bad.mask == 1].mean() > 0.9, "most mask pixels must visibly change"
+        assert bad.defects[0] == kind
+
+
+def test_kinds_limit_the_defects_drawn() -> None:
+    for seed in range(12):
+        assert set(_part(seed, defect_prob=1.0, kinds=["pit", "stain"]).defects) <= {
+            "pit",
+            "stain",
+        }
+
+
+def test_surface_is_honoured() -> None:
+    assert _part(0, surface="woven").surface == "woven"
+
+
+def test_unknown_surface_or_kind_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"surface: unknown 'marble'"):
+        _part(0, surface="marble")
+    with pytest.raises(ConfigError, match=r"kinds: unknown 'dent'"):
+        _part(0, kinds=["dent"])
+
+
+def _read_manifest(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_write_dataset_writes_the_manifest_layout(tmp_path: Path) -> None:
+    manifest = write_dataset(tmp_path / "ds", 20, seed=1, height=40, width=48, defect_rate=0.5)
+    assert manifest == tmp_path / "ds" / "manifest.csv"
+    assert tuple(manifest.read_text().splitlines()[0].split(",")) == MANIFEST_COLUMNS
+    rows = _read_manifest(manifest)
+    assert len(rows) == 20
+    for row in rows:
+        image = cv2.imread(str(tmp_path / "ds" / row["image"]), cv2.IMREAD_UNCHANGED)
+        mask = cv2.imread(str(tmp_path / "ds" / row["mask"]), cv2.IMREAD_UNCHANGED)
+        assert image.shape == mask.shape == (40, 48)
+        assert set(np.unique(mask)) <= {0, 255}
+        assert (row["cls"] == "free") == (row["has_defect"] == "0") == (not mask.any())
+        assert float(row["defect_fraction"]) == pytest.approx((mask > 0).mean(), abs=1e-6)
+        assert row["stem"].startswith(row["cls"] + "_") and row["group"] == row["stem"]
+    assert {r["split"] for r in rows} == {"train", "val", "test"}
+
+
+def test_write_dataset_is_deterministic_for_a_seed(tmp_path: Path) -> None:
+    a = write_dataset(tmp_path / "a", 8, seed=4, height=32, width=32, defect_rate=0.5)
+    b = write_dataset(tmp_path / "b", 8, seed=4, height=32, width=32, defect_rate=0.5)
+    assert a.read_bytes() == b.read_bytes()
+    for row in _read_manifest(a):
+        for key in ("image", "mask"):
+            assert (a.parent / row[key]).read_bytes() == (b.parent / row[key]).read_bytes()
+
+
+def test_write_dataset_splits_have_the_asked_proportions(tmp_path: Path) -> None:
+    manifest = write_dataset(tmp_path / "ds", 40, height=16, width=16, defect_rate=0.5)
+    splits = [r["split"] for r in _read_manifest(manifest)]
+    assert (splits.count("train"), splits.count("val"), splits.count("test")) == (28, 6, 6)
+
+
+def test_write_dataset_refuses_a_folder_holding_other_files(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(DataError, match=r"holds other files \(notes\.txt\)"):
+        write_dataset(tmp_path, 2, height=16, width=16)
+
+
+def test_colour_dataset_is_stored_as_rgb(tmp_path: Path) -> None:
+    write_dataset(tmp_path / "c", 2, height=24, width=24, surfaces=["tiled"], channels=3)
+    row = _read_manifest(tmp_path / "c" / "manifest.csv")[0]
+    bgr = cv2.imread(str(tmp_path / "c" / row["image"]), cv2.IMREAD_UNCHANGED)
+    # Tiles are tinted terracotta: red above blue once the BGR file is read back.
+    assert bgr.shape == (24, 24, 3) and bgr[..., 2].mean() > bgr[..., 0].mean()
+
+
+@pytest.fixture
+def cli_logging() -> Iterator[None]:
+    """The CLI points logging at the captured stderr; point it back once the test is over."""
+    yield
+    structlog.reset_defaults()
+
+
+@pytest.mark.usefixtures("cli_logging")
+def test_synth_command_prints_one_json_summary(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["synth", "--out", str(tmp_path / "s"), "--count", "6", "--size", "24x32"])
+    assert code == 0
+    capsys.readouterr()
+    code = main(
+        ["synth", "--out", str(tmp_path / "j"), "--count", "6", "--size", "24x32", "--json"]
+    )
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["count"] == 6 and (summary["height"], summary["width"]) == (24, 32)
+    assert sum(summary["splits"].values()) == 6
+
+
+@pytest.mark.usefixtures("cli_logging")
+def test_synth_command_names_a_bad_surface(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["synth", "--out", str(tmp_path / "x"), "--surfaces", "brushed,felt"])
+    assert code == 2
+    assert "error: surfaces: unknown 'felt'" in capsys.readouterr().err
