@@ -16,6 +16,7 @@ from defectd.pipeline.sources.base import (
     SourceHealth,
     SourceState,
     SyntheticSourceConfig,
+    make_source,
 )
 
 __all__ = [
@@ -31,4 +32,5 @@ __all__ = [
     "SourceHealth",
     "SourceState",
     "SyntheticSourceConfig",
+    "make_source",
 ]

@@ -16,11 +16,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Annotated, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from defectd.pipeline.frame import Frame
+
+if TYPE_CHECKING:
+    from defectd.pipeline.sources.gentl import GenTLHub
 
 
 class SourceState(StrEnum):
@@ -158,8 +161,18 @@ class GenICamSourceConfig(_Frozen):
     fetch_timeout_s: float = Field(
         default=1.0, gt=0, description="a fetch with no frame for this long counts a timeout"
     )
-    max_consecutive_timeouts: int = Field(
-        default=5, ge=1, description="consecutive timeouts after which the source reconnects"
+    max_consecutive_timeouts: int | None = Field(
+        default=5,
+        ge=1,
+        description="consecutive timeouts after which the source reconnects; None = never "
+        "(a hardware-triggered line that may idle)",
+    )
+    poll_interval_s: float = Field(
+        default=0.001,
+        gt=0,
+        le=0.1,
+        description="sleep between empty polls of the producer (its waits hold the GIL, "
+        "so the source polls); bounds the latency a frame waits",
     )
     stall_timeout_s: float = Field(
         default=10.0,
@@ -168,7 +181,11 @@ class GenICamSourceConfig(_Frozen):
     )
     reconnect_backoff_min_s: float = Field(default=0.5, gt=0)
     reconnect_backoff_max_s: float = Field(default=30.0, gt=0)
-    trigger: Literal["free-run", "software"] = "free-run"
+    trigger: Literal["free-run", "software"] = Field(
+        default="free-run",
+        description="free-run: the camera decides (free running, or a hardware trigger set "
+        "through nodes); software: the source fires TriggerSoftware",
+    )
     trigger_rate_hz: float | None = Field(
         default=None, gt=0, description="software trigger rate; None = next trigger on arrival"
     )
@@ -211,3 +228,24 @@ SourceConfig = Annotated[
     GenICamSourceConfig | SyntheticSourceConfig | ReplaySourceConfig,
     Field(discriminator="type"),
 ]
+
+
+def make_source(config: SourceConfig, station: str, *, hub: GenTLHub | None = None) -> Source:
+    """Build the source ``config`` describes; nothing is opened before ``start``.
+
+    ``hub`` is the one ``GenTLHub`` a station shares between its GenICam cameras (a producer
+    can be loaded only once per process); without it each GenICam source loads its own.
+    """
+    # Imported on use: a station without GenICam cameras never loads harvesters/genicam,
+    # and one without a synthetic line never loads the renderer.
+    if isinstance(config, GenICamSourceConfig):
+        from defectd.pipeline.sources.genicam import GenICamSource  # noqa: PLC0415
+
+        return GenICamSource(config, station, hub=hub)
+    if isinstance(config, SyntheticSourceConfig):
+        from defectd.pipeline.sources.synthetic import SyntheticSource  # noqa: PLC0415
+
+        return SyntheticSource(config, station)
+    from defectd.pipeline.sources.replay import ReplaySource  # noqa: PLC0415
+
+    return ReplaySource(config, station)
