@@ -25,6 +25,11 @@ class EngineSpec:
     max_batch: int = 16
     dtype: str = "float32"
 
+    @property
+    def chw(self) -> tuple[int, int, int]:
+        """``(channels, height, width)`` of one input image."""
+        return (self.channels, self.height, self.width)
+
     def check(self, batch: NDArray[np.float32]) -> None:
         """Raise ``ValueError`` naming the mismatch when ``batch`` does not fit this spec."""
         if batch.dtype != np.float32:
@@ -47,6 +52,11 @@ class Engine(Protocol):
     @property
     def name(self) -> str:
         """Backend and precision, e.g. ``openvino-int8``, ``ort-fp32``, ``tensorrt-fp16``."""
+        ...
+
+    @property
+    def precision(self) -> str:
+        """Arithmetic the engine computes in: ``fp32``, ``bf16``, ``fp16`` or ``int8``."""
         ...
 
     @property

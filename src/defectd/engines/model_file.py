@@ -1,0 +1,129 @@
+"""Checks shared by every backend: the model file, its card, and the caller's expectations.
+
+Every failure is one ``ModelError`` (the file is bad or disagrees with its card) or
+``EngineError`` (the engine cannot serve what was asked), naming the file and the mismatch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from defectd.engines.base import EngineSpec
+from defectd.errors import EngineError, ModelError
+from defectd.model.card import ModelCard, card_path
+
+# ONNX TensorProto element type -> numpy dtype name, for the types a model may take.
+_ELEM = {1: "float32", 10: "float16", 16: "bfloat16", 11: "float64"}
+
+
+@dataclass(frozen=True, slots=True)
+class OnnxIO:
+    """Name and shape of the one input and one output of an exported model.
+
+    A dimension is an ``int`` when fixed and a ``str`` (symbolic, e.g. ``"batch"``) when not.
+    """
+
+    input_name: str
+    input_shape: tuple[int | str, ...]
+    input_dtype: str
+    output_name: str
+    output_shape: tuple[int | str, ...]
+
+
+def _dims(value: onnx.ValueInfoProto) -> tuple[int | str, ...]:
+    dims: list[int | str] = []
+    for d in value.type.tensor_type.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        else:
+            dims.append(d.dim_param or "?")
+    return tuple(dims)
+
+
+def read_onnx_io(path: Path) -> OnnxIO:
+    """Parse ``path`` (weights not loaded into memory twice) and describe its input/output.
+
+    Raises ``ModelError`` naming the file when it is missing, not ONNX, or not a
+    one-input/one-output image model.
+    """
+    if not path.is_file():
+        raise ModelError(f"{path}: model file not found")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError, OSError, ...
+        raise ModelError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from exc
+    graph = model.graph
+    initialisers = {t.name for t in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in initialisers]
+    if len(inputs) != 1 or len(graph.output) != 1:
+        raise ModelError(
+            f"{path}: expected one input and one output, found "
+            f"{len(inputs)} input(s) and {len(graph.output)} output(s)"
+        )
+    inp, out = inputs[0], graph.output[0]
+    shape = _dims(inp)
+    if len(shape) != 4:
+        raise ModelError(f"{path}: input {inp.name!r} has shape {shape}, expected (N, C, H, W)")
+    return OnnxIO(
+        input_name=inp.name,
+        input_shape=shape,
+        input_dtype=_ELEM.get(inp.type.tensor_type.elem_type, "other"),
+        output_name=out.name,
+        output_shape=_dims(out),
+    )
+
+
+def check_onnx_against_card(path: Path, io: OnnxIO, card: ModelCard) -> None:
+    """The ONNX input must be float32 ``(N, C, H, W)`` with C, H, W as the card says."""
+    want = (card.input.channels, card.input.height, card.input.width)
+    got = io.input_shape[1:]
+    if got != want:
+        raise ModelError(
+            f"{path}: ONNX input {io.input_name!r} is (N, {', '.join(map(str, got))}) but "
+            f"{card_path(path).name} says (N, {', '.join(map(str, want))})"
+        )
+    if io.input_dtype != "float32":
+        raise ModelError(
+            f"{path}: ONNX input {io.input_name!r} is {io.input_dtype}; engines feed float32"
+        )
+
+
+def check_expected(path: Path, card: ModelCard, expect: tuple[int, int, int] | None) -> None:
+    """``expect`` is the caller's ``(channels, height, width)`` (e.g. from the station config)."""
+    if expect is None:
+        return
+    have = (card.input.channels, card.input.height, card.input.width)
+    if tuple(expect) != have:
+        names = ("channels", "height", "width")
+        diff = ", ".join(
+            f"{n} {w} expected but model has {h}"
+            for n, w, h in zip(names, expect, have, strict=True)
+            if w != h
+        )
+        raise ModelError(f"{path}: input does not match the configuration: {diff}")
+
+
+def make_spec(
+    path: Path, card: ModelCard, io: OnnxIO | None, min_batch: int, max_batch: int
+) -> EngineSpec:
+    """The engine's spec from the card and the requested batch range (checked)."""
+    if min_batch < 1 or max_batch < min_batch:
+        raise EngineError(
+            f"{path}: batch range {min_batch}..{max_batch} is invalid (need 1 <= min <= max)"
+        )
+    if io is not None and isinstance(io.input_shape[0], int):
+        fixed = io.input_shape[0]
+        if not min_batch == max_batch == fixed:
+            raise EngineError(
+                f"{path}: model has a fixed batch of {fixed}, asked for {min_batch}..{max_batch}"
+            )
+    return EngineSpec(
+        channels=card.input.channels,
+        height=card.input.height,
+        width=card.input.width,
+        min_batch=min_batch,
+        max_batch=max_batch,
+    )

@@ -1,0 +1,261 @@
+"""Open a model on a backend chosen by name or automatically; list what this machine offers.
+
+``auto`` picks, in order: TensorRT when an NVIDIA GPU and ``tensorrt`` are present, else ONNX
+Runtime with its CUDA provider when that and a GPU are present, else OpenVINO (the fastest
+CPU backend), else ONNX Runtime on the CPU. A ``.pt`` checkpoint always opens on torch and a
+``.plan`` file on TensorRT. The choice and the reason are logged as ``engine_selected``.
+
+Precision defaults to the card's (an fp32 model runs fp32 unless asked otherwise). ``int8``
+needs a QDQ model: the model itself (card precision ``int8``) or ``<stem>.int8.onnx`` beside it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnxruntime as ort
+import openvino as ov
+
+from defectd.engines.base import Engine
+from defectd.engines.model_file import (
+    check_expected,
+    check_onnx_against_card,
+    make_spec,
+    read_onnx_io,
+)
+from defectd.engines.openvino_backend import OpenVinoEngine, cpu_capabilities
+from defectd.engines.ort_backend import CUDA, OrtEngine, choose_providers
+from defectd.engines.tensorrt_backend import (
+    INSTALL_HINT,
+    gpu_present,
+    open_plan_file,
+    open_tensorrt,
+)
+from defectd.engines.torch_backend import TorchEngine
+from defectd.errors import EngineError, ModelError
+from defectd.log import get_logger
+from defectd.model.card import ModelCard, load_card
+from defectd.model.checkpoint import load_checkpoint
+
+log = get_logger(__name__)
+
+BACKENDS = ("auto", "torch", "ort", "openvino", "tensorrt")
+PRECISIONS: dict[str, tuple[str, ...]] = {
+    "torch": ("fp32",),
+    "ort": ("fp32", "int8"),
+    "openvino": ("fp32", "bf16", "int8"),
+    "tensorrt": ("fp32", "fp16", "int8"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class BackendInfo:
+    """What ``defectd engines`` prints for one backend on this machine."""
+
+    name: str
+    available: bool
+    version: str
+    precisions: tuple[str, ...]
+    detail: str
+
+
+def _module_version(name: str) -> str | None:
+    if importlib.util.find_spec(name) is None:
+        return None
+    try:
+        module = importlib.import_module(name)
+    except ImportError:
+        return None
+    return str(getattr(module, "__version__", "?"))
+
+
+def _ort_cuda() -> bool:
+    return CUDA in ort.get_available_providers()
+
+
+def available_backends() -> list[BackendInfo]:
+    """Every backend with whether it runs here, its version, precisions and why (not)."""
+    gpu = gpu_present()
+    infos = []
+    torch_v = _module_version("torch") or ""
+    infos.append(BackendInfo("torch", True, torch_v, PRECISIONS["torch"], "eager reference"))
+    ort_v = _module_version("onnxruntime")
+    ort_detail = "CUDA + CPU providers" if ort_v and gpu and _ort_cuda() else "CPU provider"
+    infos.append(BackendInfo("ort", ort_v is not None, ort_v or "", PRECISIONS["ort"], ort_detail))
+    ov_v = None
+    ov_detail = "not installed"
+    ov_precisions = PRECISIONS["openvino"]
+    if importlib.util.find_spec("openvino") is not None:
+        ov_v = str(ov.get_version()).split("-")[0]
+        caps = cpu_capabilities()
+        ov_precisions = tuple(
+            p
+            for p in PRECISIONS["openvino"]
+            if {"fp32": "FP32", "bf16": "BF16", "int8": "INT8"}[p] in caps
+        )
+        ov_detail = "CPU capabilities " + " ".join(caps)
+    infos.append(BackendInfo("openvino", ov_v is not None, ov_v or "", ov_precisions, ov_detail))
+    trt_v = _module_version("tensorrt")
+    trt_ok = trt_v is not None and gpu
+    trt_detail = (
+        "GPU present"
+        if trt_ok
+        else ("no NVIDIA GPU" if not gpu else f"tensorrt not installed ({INSTALL_HINT})")
+    )
+    infos.append(BackendInfo("tensorrt", trt_ok, trt_v or "", PRECISIONS["tensorrt"], trt_detail))
+    return infos
+
+
+def choose_backend(model_path: Path) -> tuple[str, str]:
+    """``(backend, reason)`` for ``backend="auto"`` on this machine."""
+    suffix = model_path.suffix.lower()
+    if suffix == ".pt":
+        return "torch", "a .pt checkpoint runs on the torch reference backend"
+    if suffix == ".plan":
+        return "tensorrt", "a .plan file is a TensorRT engine"
+    gpu = gpu_present()
+    has_trt = importlib.util.find_spec("tensorrt") is not None
+    if gpu and has_trt:
+        return "tensorrt", "NVIDIA GPU and TensorRT present"
+    has_ort = importlib.util.find_spec("onnxruntime") is not None
+    if gpu and has_ort and _ort_cuda():
+        return "ort", f"NVIDIA GPU with ONNX Runtime CUDA; no tensorrt ({INSTALL_HINT})"
+    if importlib.util.find_spec("openvino") is not None:
+        why = "no NVIDIA GPU" if not gpu else "GPU without TensorRT or ONNX Runtime CUDA"
+        return "openvino", f"{why}; OpenVINO is the fastest CPU backend"
+    return "ort", "no NVIDIA GPU and no OpenVINO; ONNX Runtime on the CPU"
+
+
+def _int8_model(model_path: Path, card: ModelCard) -> tuple[Path, ModelCard]:
+    """The QDQ model that serves int8: this one, or ``<stem>.int8.onnx`` beside it."""
+    if card.precision == "int8":
+        return model_path, card
+    sibling = model_path.with_name(model_path.stem + ".int8.onnx")
+    if sibling.is_file():
+        sibling_card = load_card(sibling)
+        if sibling_card.precision == "int8":
+            return sibling, sibling_card
+    raise EngineError(
+        f"{model_path}: precision int8 needs a QDQ model (card precision int8) or "
+        f"{sibling.name} beside it; make one with `defectd calibrate int8`"
+    )
+
+
+def open_engine(
+    model_path: Path,
+    *,
+    backend: str = "auto",
+    precision: str | None = None,
+    max_batch: int = 16,
+    min_batch: int = 1,
+    threads: int | None = None,
+    cache_dir: Path | None = None,
+    opt_batch: int | None = None,
+    expect: tuple[int, int, int] | None = None,
+) -> Engine:
+    """Open ``model_path`` (``.onnx`` with its card, ``.pt`` checkpoint or TensorRT ``.plan``).
+
+    ``backend``: ``auto``, ``torch``, ``ort``, ``openvino`` or ``tensorrt``. ``precision``:
+    ``fp32``, ``bf16``, ``fp16`` or ``int8`` (``None``: the card's). The engine accepts
+    batches ``min_batch..max_batch``; ``opt_batch`` is TensorRT's tuning batch (default max).
+    ``threads`` caps the CPU threads (``None``: the runtime's default, all cores).
+    ``cache_dir`` holds TensorRT plans and timing caches and OpenVINO's compiled blobs.
+    ``expect`` is the ``(channels, height, width)`` the caller will feed (e.g. the station
+    config); a model that takes something else is refused.
+
+    Raises ``ModelError`` for a missing/unreadable model or card or a spec mismatch and
+    ``EngineError`` when the backend or precision cannot run here.
+    """
+    model_path = Path(model_path)
+    if backend not in BACKENDS:
+        raise EngineError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if not model_path.is_file():
+        raise ModelError(f"{model_path}: model file not found")
+    reason = "asked for by name"
+    chosen = backend
+    if backend == "auto":
+        chosen, reason = choose_backend(model_path)
+    suffix = model_path.suffix.lower()
+
+    if suffix == ".plan":
+        if chosen != "tensorrt":
+            raise EngineError(f"{model_path}: a .plan file runs only on tensorrt, not {chosen}")
+        engine: Engine = open_plan_file(model_path, min_batch, max_batch)
+        _selected(engine, model_path, reason)
+        return engine
+
+    if suffix == ".pt":
+        if chosen != "torch":
+            raise EngineError(
+                f"{model_path}: a .pt checkpoint runs on torch; export it to ONNX for {chosen}"
+            )
+        net, card = load_checkpoint(model_path)
+        check_expected(model_path, card, expect)
+        _check_precision("torch", precision or "fp32", model_path)
+        spec = make_spec(model_path, card, None, min_batch, max_batch)
+        engine = TorchEngine(net, card, spec, threads=threads)
+        _selected(engine, model_path, reason)
+        return engine
+
+    if chosen == "torch":
+        raise EngineError(
+            f"{model_path}: the torch backend opens .pt checkpoints; this is an ONNX model"
+        )
+    card = load_card(model_path)
+    check_expected(model_path, card, expect)
+    want = precision or card.precision
+    _check_precision(chosen, want, model_path)
+    if want == "int8":
+        model_path, card = _int8_model(model_path, card)
+    elif card.precision == "int8":
+        raise EngineError(
+            f"{model_path}: is an INT8 QDQ model; open the fp32 model for {want} (card precision)"
+        )
+    io = read_onnx_io(model_path)
+    check_onnx_against_card(model_path, io, card)
+    spec = make_spec(model_path, card, io, min_batch, max_batch)
+
+    if chosen == "ort":
+        providers = choose_providers(gpu_present(), want, cache_dir)
+        engine = OrtEngine(
+            model_path, io, spec, precision=want, threads=threads, providers=providers
+        )
+    elif chosen == "openvino":
+        engine = OpenVinoEngine(
+            model_path, io, spec, precision=want, threads=threads, cache_dir=cache_dir
+        )
+    else:
+        engine = open_tensorrt(
+            model_path,
+            card,
+            spec,
+            io.input_name,
+            precision=want,
+            cache_dir=cache_dir,
+            opt_batch=opt_batch,
+        )
+    _selected(engine, model_path, reason)
+    return engine
+
+
+def _check_precision(backend: str, precision: str, model_path: Path) -> None:
+    if precision not in PRECISIONS[backend]:
+        raise EngineError(
+            f"{model_path}: {backend} runs {', '.join(PRECISIONS[backend])}; "
+            f"precision {precision} is not one of them"
+        )
+
+
+def _selected(engine: Engine, model_path: Path, reason: str) -> None:
+    log.info(
+        "engine_selected",
+        engine=engine.name,
+        backend=engine.name.split("-")[0],
+        precision=engine.precision,
+        version=engine.version,
+        model=str(model_path),
+        batch_range=f"{engine.spec.min_batch}..{engine.spec.max_batch}",
+        reason=reason,
+    )

@@ -1,0 +1,83 @@
+"""Torch eager reference engine: the trained module as it is, used for parity and baselines."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from defectd.engines.base import EngineSpec
+from defectd.errors import EngineError
+from defectd.log import get_logger
+from defectd.model.card import ModelCard
+from defectd.model.checkpoint import load_checkpoint
+from defectd.model.export import WithSigmoid
+from defectd.model.unet import UNet
+
+log = get_logger(__name__)
+
+
+class TorchEngine:
+    """U-Net + sigmoid in torch eager mode, fp32 on CPU.
+
+    ``threads`` sets torch's intra-op thread count, which is per process in torch: the last
+    engine opened with ``threads`` wins. Safe to call from several threads (calls serialise).
+    """
+
+    def __init__(
+        self, net: UNet, card: ModelCard, spec: EngineSpec, *, threads: int | None = None
+    ) -> None:
+        if net.config.in_channels != spec.channels:
+            raise EngineError(
+                f"U-Net takes {net.config.in_channels} channel(s), card says {spec.channels}"
+            )
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self._module: torch.nn.Module | None = WithSigmoid(net).eval()
+        self._card = card
+        self._spec = spec
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: Path, spec: EngineSpec, *, threads: int | None = None
+    ) -> TorchEngine:
+        net, card = load_checkpoint(path)
+        return cls(net, card, spec, threads=threads)
+
+    @property
+    def name(self) -> str:
+        return "torch-fp32"
+
+    @property
+    def precision(self) -> str:
+        return "fp32"
+
+    @property
+    def version(self) -> str:
+        return str(torch.__version__)
+
+    @property
+    def spec(self) -> EngineSpec:
+        return self._spec
+
+    def infer(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
+        """``(N, C, H, W)`` float32 -> ``(N, 1, H, W)`` float32 probabilities (new array)."""
+        self._spec.check(batch)
+        with self._lock:
+            if self._module is None:
+                raise EngineError("torch engine is closed")
+            try:
+                with torch.inference_mode():
+                    out = self._module(torch.from_numpy(np.ascontiguousarray(batch)))
+            except RuntimeError as exc:
+                raise EngineError(f"torch inference failed: {exc}") from exc
+        result: NDArray[np.float32] = out.numpy()
+        return result
+
+    def close(self) -> None:
+        with self._lock:
+            self._module = None

@@ -1,0 +1,110 @@
+"""Shared fixtures. Each section belongs to the module it serves; add sections, keep others."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pytest
+
+if TYPE_CHECKING:
+    from defectd.publish.mosquitto import Mosquitto
+
+# --- engines: a tiny trained U-Net exported to ONNX, its checkpoint and an INT8 QDQ copy ---
+
+TINY_SIZE = 64
+
+
+def blob_batch(
+    rng: np.random.Generator, n: int, size: int = TINY_SIZE
+) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` noisy gray images ``(n, 1, size, size)`` float32 pixels in 0..255 with bright discs,
+    and their masks ``(n, 1, size, size)`` float32 in {0, 1}."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    images = rng.normal(0.45, 0.08, size=(n, 1, size, size)).astype(np.float32)
+    masks = np.zeros((n, 1, size, size), np.float32)
+    for i in range(n):
+        for _ in range(rng.integers(1, 4)):
+            cy, cx = rng.integers(6, size - 6, size=2)
+            r = rng.uniform(2.5, 7.0)
+            disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+            masks[i, 0][disc] = 1.0
+            images[i, 0][disc] += 0.35
+    return np.clip(images, 0.0, 1.0) * 255.0, masks
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``model.onnx`` (+ card, + ``model.pt`` checkpoint) of a U-Net (base 4, depth 2, 1x64x64)
+    trained for a few seconds to find bright discs, so thresholded masks mean something."""
+    import torch
+
+    from defectd.model import ModelCard, UNet, UNetConfig
+    from defectd.model.checkpoint import save_checkpoint
+    from defectd.model.export import export_onnx
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    card = ModelCard(name="tiny", input={"channels": 1, "height": TINY_SIZE, "width": TINY_SIZE})
+    net = UNet(UNetConfig(base=4, depth=2))
+    opt = torch.optim.Adam(net.parameters(), lr=2e-2)
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(3.0))
+    net.train()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convolutions: one thread is fastest on a busy machine
+    for _ in range(60):
+        images, masks = blob_batch(rng, 8)
+        x = torch.from_numpy(card.normalisation.apply(images))
+        loss = loss_fn(net(x), torch.from_numpy(masks))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.set_num_threads(threads)
+    net.eval()
+    out = tmp_path_factory.mktemp("tiny") / "model.onnx"
+    card = export_onnx(net, card, out)
+    save_checkpoint(out.with_suffix(".pt"), net, card)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_int8_model(tiny_model: Path) -> Path:
+    """``model.int8.onnx`` beside ``tiny_model``: min/max QDQ from 32 calibration images."""
+    from defectd.calibration.int8 import quantize_qdq
+    from defectd.model import load_card
+
+    card = load_card(tiny_model)
+    rng = np.random.default_rng(1)
+    batches = [card.normalisation.apply(blob_batch(rng, 8)[0]) for _ in range(4)]
+    out = tiny_model.with_name("model.int8.onnx")
+    quantize_qdq(tiny_model, out, batches)
+    return out
+
+
+# --- publish: Mosquitto brokers on free ports (persistence on; SIGKILL, restart) ---
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[Callable[..., Mosquitto]]:
+    """Factory of local brokers: ``broker = mosquitto()`` starts one on a free port with
+    persistence on (saved every second); ``broker.host``/``broker.port``, ``broker.kill()``
+    (SIGKILL), ``broker.stop()``, ``broker.start()`` (same port), ``broker.restart()``.
+    Keyword arguments go to ``defectd.publish.mosquitto.Mosquitto`` (``listener_conf``,
+    ``extra_conf``, ``allow_anonymous`` ...). Every broker is stopped at teardown."""
+    from defectd.publish.mosquitto import Mosquitto, find_mosquitto
+
+    if find_mosquitto() is None:
+        pytest.skip("the mosquitto broker binary is not installed")
+    brokers: list[Mosquitto] = []
+
+    def factory(**kwargs: Any) -> Mosquitto:
+        broker = Mosquitto(tmp_path / f"mosquitto-{len(brokers)}", **kwargs)
+        brokers.append(broker)
+        broker.start()
+        return broker
+
+    yield factory
+    for broker in brokers:
+        broker.close()
