@@ -100,10 +100,13 @@ class ThresholdSection(_Frozen):
 # ----------------------------------------------------------------------------- camera
 
 
+PatternKind = Literal["checkerboard", "circles", "asymmetric_circles"]
+
+
 class PatternInfo(_Frozen):
     """The calibration target: inner corners (checkerboard) or circles per row and column."""
 
-    kind: Literal["checkerboard", "circles", "asymmetric_circles"]
+    kind: PatternKind
     cols: Annotated[int, Field(ge=2)]
     rows: Annotated[int, Field(ge=2)]
     spacing_mm: Annotated[float, Field(gt=0.0)]  # square size, or circle centre spacing

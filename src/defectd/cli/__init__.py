@@ -9,6 +9,7 @@ from defectd.errors import DefectdError
 
 # Subcommands register themselves on ``app`` when imported.
 from defectd.cli import synth_cmd  # noqa: F401  # isort: skip
+from defectd.cli import calibrate_cmd  # noqa: F401  # isort: skip
 from defectd.cli import cameras_cmd  # noqa: F401  # isort: skip
 
 EXIT_ERROR = 2
