@@ -46,6 +46,16 @@ def test_a_fresh_renderer_reproduces_the_shared_one() -> None:
     assert np.array_equal(fresh.mask, shared.mask)
 
 
+def test_preparing_the_bank_does_not_change_the_parts() -> None:
+    prepared = PartRenderer(64, 80)
+    prepared.prepare(["cast"])
+    lazy = PartRenderer(64, 80)
+    for seed in range(3):
+        a = prepared.render(np.random.default_rng(seed), surface="cast", defect_prob=1.0)
+        b = lazy.render(np.random.default_rng(seed), surface="cast", defect_prob=1.0)
+        assert np.array_equal(a.image, b.image) and np.array_equal(a.mask, b.mask)
+
+
 def test_different_seeds_give_different_parts() -> None:
     assert not np.array_equal(_part(1).image, _part(2).image)
 
@@ -138,10 +148,19 @@ def test_write_dataset_splits_have_the_asked_proportions(tmp_path: Path) -> None
     assert (splits.count("train"), splits.count("val"), splits.count("test")) == (28, 6, 6)
 
 
-def test_write_dataset_refuses_a_folder_holding_other_files(tmp_path: Path) -> None:
-    (tmp_path / "notes.txt").write_text("keep me")
-    with pytest.raises(DataError, match=r"holds other files \(notes\.txt\)"):
+def test_write_dataset_refuses_a_folder_it_did_not_write(tmp_path: Path) -> None:
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "masks" / "real.png").write_bytes(b"keep me")
+    with pytest.raises(DataError, match=r"not empty and holds no synth\.json"):
         write_dataset(tmp_path, 2, height=16, width=16)
+    assert (tmp_path / "masks" / "real.png").read_bytes() == b"keep me"
+
+
+def test_write_dataset_replaces_an_earlier_synthetic_set(tmp_path: Path) -> None:
+    write_dataset(tmp_path, 6, height=16, width=16, defect_rate=1.0)
+    write_dataset(tmp_path, 3, height=16, width=16, defect_rate=0.0)
+    assert len(list((tmp_path / "images").iterdir())) == 3
+    assert len(_read_manifest(tmp_path / "manifest.csv")) == 3
 
 
 def test_colour_dataset_is_stored_as_rgb(tmp_path: Path) -> None:

@@ -61,6 +61,7 @@ MANIFEST_COLUMNS = (
 SPLITS = ("train", "val", "test")
 DATASET_BANK_SIZE = 16  # textures per surface behind ``write_dataset``
 _WRITERS = 2  # PNG-writing threads of ``write_dataset``
+SYNTH_MARKER = "synth.json"  # settings of a synthetic set; marks a folder it may rewrite
 
 # Base colour of each surface in colour mode (multiplies the grey texture, RGB).
 _TINTS: dict[str, tuple[float, float, float]] = {
@@ -505,6 +506,16 @@ class PartRenderer:
                 )
             return self._bank[surface]
 
+    def prepare(self, surfaces: Sequence[str] | None = None) -> None:
+        """Render the banks of ``surfaces`` (all by default) now rather than on first use.
+
+        A camera line calls this at start so that its first parts come at the line's rate.
+        """
+        for surface in (
+            SURFACES if surfaces is None else _check_names(surfaces, SURFACES, "surfaces")
+        ):
+            self._textures(surface)
+
     def render(
         self,
         rng: np.random.Generator,
@@ -670,13 +681,14 @@ def write_dataset(
     """Write ``count`` synthetic parts to ``out`` in the manifest layout; returns the manifest.
 
     Layout: ``images/<stem>.png`` (grey or RGB), ``masks/<stem>.png`` (0 good, 255 defect),
-    ``manifest.csv`` with the columns of ``MANIFEST_COLUMNS`` and a ``README.md`` recording the
-    settings. ``stem`` is ``<cls>_<index:06d>`` where ``cls`` is the first defect kind drawn or
-    ``free``; every part is its own ``group``. Part ``i`` is rendered from
+    ``manifest.csv`` with the columns of ``MANIFEST_COLUMNS``, a ``README.md`` and the settings
+    in ``synth.json``. ``stem`` is ``<cls>_<index:06d>`` where ``cls`` is the first defect kind
+    drawn or ``free``; every part is its own ``group``. Part ``i`` is rendered from
     ``default_rng([seed, i])``, so the images do not depend on ``count``; splits have exact
     proportions, stratified by good/defective. The same arguments give the same bytes.
 
-    Raises ``ConfigError`` on invalid arguments and ``DataError`` when ``out`` holds other files.
+    ``out`` must be new, empty, or an earlier synthetic set (it has ``synth.json``), which is
+    replaced. Raises ``ConfigError`` on invalid arguments and ``DataError`` for any other folder.
     """
     if count < 1:
         raise ConfigError(f"count: must be at least 1, got {count}")
@@ -691,22 +703,22 @@ def write_dataset(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: exists and is not a folder")
-    if out.is_dir():
-        foreign = sorted(
-            p.name
-            for p in out.iterdir()
-            if p.name not in ("images", "masks", "manifest.csv", "README.md")
-        )
-        if foreign:
+    marker = out / SYNTH_MARKER
+    if out.is_dir() and any(out.iterdir()):
+        if not marker.is_file():
+            # Never clear a folder this function did not write (a real dataset, say).
             raise DataError(
-                f"{out}: folder holds other files ({', '.join(foreign[:3])}); "
-                "choose an empty or new folder"
+                f"{out}: folder is not empty and holds no {SYNTH_MARKER} of an earlier "
+                "synthetic set; choose an empty or new folder"
             )
+        marker.unlink()  # an interrupted rewrite leaves no marker: the folder is then refused
+        (out / "manifest.csv").unlink(missing_ok=True)
+        for sub in ("images", "masks"):
+            for stale in (out / sub).glob("*.png"):
+                stale.unlink()
     images, masks = out / "images", out / "masks"
     images.mkdir(parents=True, exist_ok=True)
     masks.mkdir(parents=True, exist_ok=True)
-    for stale in (*images.glob("*.png"), *masks.glob("*.png")):
-        stale.unlink()  # a previous synthetic set in the same folder
 
     t0 = time.perf_counter()
     rows: list[_Row] = []
@@ -762,6 +774,7 @@ def write_dataset(
         "channels": channels,
         "splits": list(splits),
     }
+    marker.write_text(json.dumps(settings, indent=2) + "\n")
     (out / "README.md").write_text(
         "# Synthetic defect parts (defectd synth)\n\n"
         "- `images/<stem>.png`, `masks/<stem>.png` (0 = good, 255 = defect; same size)\n"
