@@ -1,0 +1,122 @@
+"""The dynamic batcher: tiles of frames from all cameras into one engine batch.
+
+A batch leaves when it holds ``max_batch`` tiles or when ``max_delay_s`` has passed since its
+first tile, whichever comes first. Tiles are copied into a preallocated
+``(max_batch, C, H, W)`` float32 buffer per model; a batch holds tiles of one model only
+(after a hot swap the old model's tiles finish on the old engine). Runs on the inference
+thread, which owns the buffer and the cursor into a partly batched frame.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from defectd.pipeline.buffers import Scratch
+from defectd.pipeline.job import Job, ModelSlot
+
+POLL_S = 0.05
+
+
+@dataclass(slots=True, eq=False)
+class Batch:
+    """``data`` ``(n_run, C, H, W)`` float32 for ``slot.engine``; ``entries[k] = (job, tile)``
+    for the first ``len(entries)`` rows (rows beyond are zero padding up to the engine's
+    minimum batch)."""
+
+    slot: ModelSlot
+    data: NDArray[np.float32]
+    entries: list[tuple[Job, int]]
+    t_first_ns: int
+
+
+class Batcher:
+    """Pulls preprocessed jobs from ``jobs`` and forms batches.
+
+    ``admit(job)`` is called for each job taken from the queue and decides whether its tiles
+    are batched (False: the job was finished elsewhere, e.g. its deadline passed).
+    """
+
+    def __init__(
+        self,
+        jobs: queue.Queue[Job],
+        max_batch: int,
+        max_delay_s: float,
+        admit: Callable[[Job], bool],
+    ) -> None:
+        self._jobs = jobs
+        self._max_batch = max_batch
+        self._max_delay_ns = int(max_delay_s * 1e9)
+        self._admit = admit
+        self._cursor: Job | None = None
+        self._buffers = Scratch()
+
+    def _take(self, timeout: float) -> Job | None:
+        try:
+            job = self._jobs.get(timeout=timeout) if timeout > 0 else self._jobs.get_nowait()
+        except queue.Empty:
+            return None
+        if not self._admit(job):
+            job.release_data()
+            return None
+        return job
+
+    def next_batch(self, stop: threading.Event) -> Batch | None:
+        """Block until a batch is ready; ``None`` once ``stop`` is set."""
+        entries: list[tuple[Job, int]] = []
+        slot: ModelSlot | None = None
+        buf: NDArray[np.float32] | None = None
+        t_first = 0
+        limit = self._max_batch
+        while len(entries) < limit:
+            if stop.is_set():
+                return None
+            job = self._cursor
+            if job is not None and (job.failed or job.finished):
+                job.release_data()
+                self._cursor = job = None
+            if job is None:
+                if entries:
+                    remaining = (t_first + self._max_delay_ns - time.monotonic_ns()) / 1e9
+                    if remaining <= 0 and self._jobs.empty():
+                        break
+                    job = self._take(min(max(remaining, 0.0), POLL_S))
+                    if job is None:
+                        if time.monotonic_ns() >= t_first + self._max_delay_ns:
+                            break
+                        continue
+                else:
+                    job = self._take(POLL_S)
+                    if job is None:
+                        continue
+                self._cursor = job
+            assert job.slot is not None and job.prepared is not None
+            if slot is None:
+                slot = job.slot
+                spec = slot.engine.spec
+                limit = max(1, min(self._max_batch, spec.max_batch))
+                shape = (max(limit, spec.min_batch), spec.channels, spec.height, spec.width)
+                buf = self._buffers.get("batch", shape, np.float32)
+                t_first = time.monotonic_ns()
+            elif job.slot is not slot:
+                break  # the next job is for another model: this batch leaves now
+            assert buf is not None
+            idx = job.next_tile
+            np.copyto(buf[len(entries)], job.prepared.geometry.plan.tile(job.prepared.data, idx))
+            entries.append((job, idx))
+            job.next_tile += 1
+            if job.next_tile >= job.n_tiles:
+                job.release_data()
+                self._cursor = None
+        if slot is None or buf is None:
+            return None
+        n_run = max(len(entries), slot.engine.spec.min_batch)
+        if n_run > len(entries):
+            buf[len(entries) : n_run] = 0.0
+        return Batch(slot, buf[:n_run], entries, t_first)

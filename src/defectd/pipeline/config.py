@@ -1,0 +1,135 @@
+"""Settings of the inspection pipeline: batching and deadlines, post-processing, decision rules.
+
+Each section is a frozen pydantic model (``extra="forbid"``) that the station config embeds:
+``[pipeline]`` -> ``PipelineConfig``, ``[postprocess]`` -> ``PostprocessConfig``,
+``[rules]`` -> ``RulesConfig``. ``config_hash`` fingerprints them for every verdict.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Admission = Literal["reject", "block"]
+StitchMode = Literal["blend", "max"]
+FitMode = Literal["auto", "tile", "resize", "pad"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Rect(_Frozen):
+    """An axis-aligned rectangle in full-frame pixel coordinates."""
+
+    x: Annotated[int, Field(ge=0)]
+    y: Annotated[int, Field(ge=0)]
+    width: Annotated[int, Field(gt=0)]
+    height: Annotated[int, Field(gt=0)]
+
+
+class PipelineConfig(_Frozen):
+    """How frames flow: queues, dynamic batching, deadlines, tiling and worker threads."""
+
+    # Dynamic batching: a batch leaves when it holds ``max_batch`` tiles or when its first tile
+    # has waited ``max_delay_ms``, whichever comes first. Capped by the engine's own max batch.
+    max_batch: Annotated[int, Field(ge=1, le=256)] = 8
+    max_delay_ms: Annotated[float, Field(ge=0.0, le=10_000.0)] = 5.0
+    # Deadline per frame, measured from grab (``Frame.t_host_ns``). A frame that cannot be
+    # inspected within it gets the verdict ``error``. ``None``: no deadline (offline replay).
+    max_latency_ms: Annotated[float, Field(gt=0.0)] | None = 1000.0
+    # Bounded queues between the stages, in frames.
+    frame_queue: Annotated[int, Field(ge=1, le=4096)] = 16  # submitted, waiting to preprocess
+    job_queue: Annotated[int, Field(ge=1, le=4096)] = 4  # preprocessed, waiting for the batcher
+    result_queue: Annotated[int, Field(ge=1, le=4096)] = 16  # inferred, waiting to post-process
+    # Frames larger than the model input are cut into tiles overlapping by this many pixels;
+    # overlapping probabilities are blended (weights fall off towards tile edges) or maxed.
+    tile_overlap_px: Annotated[int, Field(ge=0, le=1024)] = 32
+    stitch: StitchMode = "blend"
+    # How frames reach the model input: "auto" tiles frames larger than the input and treats
+    # smaller ones as the model card says (resize or pad); "tile"/"resize"/"pad" force one way.
+    fit: FitMode = "auto"
+    preprocess_workers: Annotated[int, Field(ge=1, le=32)] = 1
+    workers: Annotated[int, Field(ge=1, le=32)] = 2  # post-processing threads
+    # "reject": a full frame queue gives the frame an ``error`` verdict at once (production
+    # line, the camera never waits). "block": ``submit`` waits for room (offline replay, bench).
+    admission: Admission = "reject"
+    # Window over which ``stats().fps`` and the latency percentiles are computed.
+    stats_window: Annotated[int, Field(ge=16, le=1_000_000)] = 4096
+
+
+class PostprocessConfig(_Frozen):
+    """Turning a probability map into measured defects."""
+
+    # Pixel threshold on the defect probability. ``None``: the calibration file's
+    # ``threshold.pixel_threshold`` for this camera when present, else the model card's.
+    threshold: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
+    # Radii in pixels of the elliptical structuring elements (0 = off); the kernel is 2r+1 wide.
+    # Opening removes specks narrower than the kernel, closing joins fragments of one defect.
+    open_px: Annotated[int, Field(ge=0, le=64)] = 0
+    close_px: Annotated[int, Field(ge=0, le=64)] = 0
+    # Regions smaller than this are not defects. ``None``: calibration file, else model card.
+    min_area_px: Annotated[int, Field(ge=0)] | None = None
+    # Regions never judged: rectangles in full-frame pixels, or mask image files (non-zero
+    # pixels are ignored) of the camera's full frame size.
+    ignore_zones: tuple[Rect | Path, ...] = ()
+    # At most this many defects are measured and reported per frame (the largest first).
+    max_defects: Annotated[int, Field(ge=1, le=10_000)] = 100
+
+
+class AreaRuleConfig(_Frozen):
+    """Fail when any defect is at least this large (px and/or mm²) and this confident."""
+
+    kind: Literal["area"] = "area"
+    min_area_px: Annotated[int, Field(ge=0)] | None = None
+    min_area_mm2: Annotated[float, Field(ge=0.0)] | None = None
+    min_score: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+
+    @model_validator(mode="after")
+    def _has_area(self) -> AreaRuleConfig:
+        if self.min_area_px is None and self.min_area_mm2 is None:
+            raise ValueError("an area rule needs min_area_px or min_area_mm2")
+        return self
+
+
+class CountRuleConfig(_Frozen):
+    """Fail when more than ``max_defects`` defects (with score >= ``min_score``) are found."""
+
+    kind: Literal["count"] = "count"
+    max_defects: Annotated[int, Field(ge=0)]
+    min_score: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+
+
+class ScoreRuleConfig(_Frozen):
+    """Fail when any defect's peak probability reaches ``min_score``."""
+
+    kind: Literal["score"] = "score"
+    min_score: Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class AnyDefectRuleConfig(_Frozen):
+    """Fail on any defect that survived post-processing (threshold, morphology, min area)."""
+
+    kind: Literal["any"] = "any"
+
+
+RuleConfig = Annotated[
+    AreaRuleConfig | CountRuleConfig | ScoreRuleConfig | AnyDefectRuleConfig,
+    Field(discriminator="kind"),
+]
+
+
+class RulesConfig(_Frozen):
+    """Decision rules, evaluated in order; the first that fires fails the part and names it."""
+
+    rules: tuple[RuleConfig, ...] = (AnyDefectRuleConfig(),)
+
+
+def config_hash(*sections: BaseModel) -> str:
+    """First 16 hex digits of the sha256 over the sections' canonical JSON (stable key order)."""
+    blob = json.dumps([s.model_dump(mode="json") for s in sections], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,0 +1,94 @@
+"""The in-flight state of one frame and of the model it is inspected with.
+
+A ``Job`` is created when a frame is submitted and handed from stage to stage through bounded
+queues; each field is written by one stage at a time (the queue hand-off orders the writes).
+Only ``finished`` is shared between threads and is guarded by the pipeline's lock: it makes
+sure every frame gets exactly one verdict.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+from numpy.typing import NDArray
+
+from defectd.engines.base import Engine
+from defectd.model.card import ModelCard
+from defectd.pipeline.cameras import CameraSetup
+from defectd.pipeline.frame import Frame
+from defectd.pipeline.preprocess import Prepared
+
+
+class ModelSlot:
+    """One engine and its card, with a count of the jobs preprocessed for it.
+
+    After ``swap_engine`` the old slot is retired: jobs already preprocessed for it still run
+    on its engine; ``idle`` is set once the last of them has left the engine.
+    """
+
+    def __init__(self, engine: Engine, card: ModelCard, generation: int) -> None:
+        self.engine = engine
+        self.card = card
+        self.generation = generation
+        self.idle = threading.Event()
+        self._pending = 0
+        self._retired = False
+        self._lock = threading.Lock()
+
+    def acquire(self) -> None:
+        with self._lock:
+            self._pending += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._pending -= 1
+            if self._retired and self._pending <= 0:
+                self.idle.set()
+
+    def retire(self) -> None:
+        with self._lock:
+            self._retired = True
+            if self._pending <= 0:
+                self.idle.set()
+
+
+@dataclass(eq=False, slots=True)
+class Job:
+    """One submitted frame on its way to a verdict; times are ``time.monotonic_ns()``."""
+
+    frame: Frame
+    setup: CameraSetup
+    t_submit_ns: int
+    deadline_ns: int | None
+    slot: ModelSlot | None = None
+    prepared: Prepared | None = None
+    n_tiles: int = 0
+    next_tile: int = 0  # next tile the batcher copies
+    tiles_done: int = 0  # tiles inferred
+    outputs: list[NDArray[np.float32] | None] = field(default_factory=list)
+    t_pre_start_ns: int = 0
+    t_pre_end_ns: int = 0
+    t_infer_start_ns: int = 0
+    t_infer_end_ns: int = 0
+    t_post_start_ns: int = 0
+    failed: bool = False  # set by the inference thread: skip the remaining tiles
+    slot_released: bool = False
+    data_released: bool = False
+    finished: bool = False  # guarded by the pipeline lock
+
+    def expired(self, now_ns: int) -> bool:
+        return self.deadline_ns is not None and now_ns > self.deadline_ns
+
+    def release_slot(self) -> None:
+        """Tell the slot this job no longer needs its engine (once)."""
+        if self.slot is not None and not self.slot_released:
+            self.slot_released = True
+            self.slot.release()
+
+    def release_data(self) -> None:
+        """Give the preprocessed buffer back to its pool (once; batcher thread only)."""
+        if self.prepared is not None and not self.data_released:
+            self.data_released = True
+            self.prepared.release()

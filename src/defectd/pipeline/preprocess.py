@@ -1,0 +1,286 @@
+"""From a camera frame to normalised model-sized tiles, and the geometry to map results back.
+
+Per frame: check the buffer, convert the pixel format to the model's channels (uint16 Mono10/12/
+14/16 to 8 bit when the model reads 8-bit pixels), flat-field and undistort the full frame,
+cut the region of interest, fit it to the model input (tile / resize / pad), normalise into a
+pooled ``(C, Hf, Wf)`` float32 buffer. ``Geometry`` remembers how the ROI maps to that
+buffer so post-processing can bring the probability map back to ROI pixels (``restore``).
+All array work is OpenCV/numpy on preallocated buffers; nothing loops over pixels in Python.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+from numpy.typing import NDArray
+
+from defectd.model.card import ModelCard
+from defectd.pipeline.buffers import BufferPool, Scratch
+from defectd.pipeline.cameras import CameraSetup
+from defectd.pipeline.config import FitMode, PipelineConfig, StitchMode
+from defectd.pipeline.failures import ErrorReason, FrameError
+from defectd.pipeline.frame import Frame
+from defectd.pipeline.tiling import TilePlan, plan_tiles
+
+Fit = Literal["tile", "resize", "pad"]
+MAX_SIDE = 65_535
+_BITS = {"Mono10": 10, "Mono12": 12, "Mono14": 14, "Mono16": 16}
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Geometry:
+    """How the region of interest of a frame maps onto the model input and back.
+
+    ``roi`` is ``(x, y, width, height)`` in frame pixels. The ROI image is fitted to an image
+    of ``fitted`` = ``(Hf, Wf)`` pixels, which ``plan`` cuts into model-sized tiles:
+    ``tile`` pads the ROI at the bottom/right up to the model size where it is smaller;
+    ``resize`` scales it to the model size; ``pad`` centre-pads (reflect) or centre-crops
+    each axis to the model size (``offsets`` = (pad_top, pad_left, crop_top, crop_left)).
+    """
+
+    frame_shape: tuple[int, int]
+    roi: tuple[int, int, int, int]
+    mode: Fit
+    fitted: tuple[int, int]
+    offsets: tuple[int, int, int, int]
+    plan: TilePlan
+
+    @property
+    def roi_shape(self) -> tuple[int, int]:
+        return self.roi[3], self.roi[2]
+
+    def restore(self, prob: NDArray[np.float32], out: NDArray[np.float32]) -> NDArray[np.float32]:
+        """``(Hf, Wf)`` probabilities -> ``out`` ``(roi height, roi width)`` float32.
+
+        Pixels the model never saw (centre-cropped away by ``pad``) get probability 0.
+        """
+        h, w = self.roi_shape
+        if self.mode == "tile":
+            np.copyto(out, prob[:h, :w])
+        elif self.mode == "resize":
+            if prob.shape == (h, w):
+                np.copyto(out, prob)
+            else:
+                cv2.resize(prob, (w, h), dst=out, interpolation=cv2.INTER_LINEAR)
+        else:
+            pad_top, pad_left, crop_top, crop_left = self.offsets
+            mh, mw = self.fitted
+            vh, vw = min(h, mh), min(w, mw)
+            if vh < h or vw < w:
+                out.fill(0.0)
+            out[crop_top : crop_top + vh, crop_left : crop_left + vw] = prob[
+                pad_top : pad_top + vh, pad_left : pad_left + vw
+            ]
+        return out
+
+
+@dataclass(slots=True, eq=False)
+class Prepared:
+    """A preprocessed frame: ``data`` ``(C, Hf, Wf)`` float32 normalised, from ``pool``."""
+
+    data: NDArray[np.float32]
+    geometry: Geometry
+    pool: BufferPool
+
+    def release(self) -> None:
+        """Give ``data`` back to the pool; it must not be used afterwards."""
+        self.pool.give(self.data)
+
+
+def check_image(image: Any) -> None:
+    """Raise ``FrameError(corrupt_frame)`` unless ``image`` is a usable frame buffer:
+    ``(H, W)`` uint8/uint16 or ``(H, W, 1|3)`` uint8, non-empty."""
+    if not isinstance(image, np.ndarray):
+        raise FrameError(
+            ErrorReason.CORRUPT_FRAME, f"image is {type(image).__name__}, not a numpy array"
+        )
+    if image.dtype not in (np.uint8, np.uint16):
+        raise FrameError(
+            ErrorReason.CORRUPT_FRAME, f"image dtype {image.dtype}, expected uint8 or uint16"
+        )
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3)):
+        raise FrameError(
+            ErrorReason.CORRUPT_FRAME, f"image shape {image.shape}, expected (H, W) or (H, W, 3)"
+        )
+    if image.ndim == 3 and image.shape[2] == 3 and image.dtype != np.uint8:
+        raise FrameError(
+            ErrorReason.CORRUPT_FRAME, f"colour image dtype {image.dtype}, expected uint8"
+        )
+    if image.size == 0 or max(image.shape[:2]) > MAX_SIDE:
+        raise FrameError(
+            ErrorReason.CORRUPT_FRAME, f"image shape {image.shape} is empty or too large"
+        )
+
+
+def choose_fit(
+    fit: FitMode, card_policy: str, roi_hw: tuple[int, int], model_hw: tuple[int, int]
+) -> Fit:
+    """``auto``: tile when the ROI is larger than the model input in any axis, else the card's
+    resize policy (a ``tile`` card pads small frames)."""
+    if fit != "auto":
+        return fit
+    if roi_hw[0] > model_hw[0] or roi_hw[1] > model_hw[1]:
+        return "tile"
+    if card_policy == "resize":
+        return "resize"
+    return "pad" if card_policy == "pad" else "tile"
+
+
+def make_geometry(
+    frame_hw: tuple[int, int],
+    roi: tuple[int, int, int, int],
+    model_hw: tuple[int, int],
+    mode: Fit,
+    *,
+    overlap: int,
+    stitch: StitchMode,
+) -> Geometry:
+    """The geometry of a ROI of a ``frame_hw`` frame fitted to ``model_hw`` with ``mode``."""
+    _, _, w, h = roi
+    mh, mw = model_hw
+    offsets = (0, 0, 0, 0)
+    if mode == "tile":
+        fitted = (max(h, mh), max(w, mw))
+    else:
+        fitted = (mh, mw)
+        if mode == "pad":
+            offsets = (
+                max(0, (mh - h) // 2),
+                max(0, (mw - w) // 2),
+                max(0, (h - mh) // 2),
+                max(0, (w - mw) // 2),
+            )
+    plan = plan_tiles(fitted[0], fitted[1], mh, mw, overlap=overlap, stitch=stitch)
+    return Geometry(frame_hw, roi, mode, fitted, offsets, plan)
+
+
+class Preprocessor:
+    """Turns frames into ``Prepared`` tiles for one model card; one instance per thread.
+
+    Keeps its own scratch buffers and a small cache of geometries (one per frame size and ROI);
+    takes the normalised output buffers from ``pool``, shared with the batcher that gives them
+    back.
+    """
+
+    def __init__(self, card: ModelCard, config: PipelineConfig, pool: BufferPool) -> None:
+        self.card = card
+        self.config = config
+        self.pool = pool
+        self._channels = card.input.channels
+        self._model_hw = (card.input.height, card.input.width)
+        self._eight_bit = card.normalisation.scale <= 255.0
+        self._scratch = Scratch()
+        self._geometries: dict[tuple[tuple[int, int], tuple[int, int, int, int]], Geometry] = {}
+
+    def geometry(self, frame_hw: tuple[int, int], setup: CameraSetup) -> Geometry:
+        """The (cached) geometry for a frame of ``frame_hw`` seen through ``setup.roi``.
+
+        Raises ``FrameError(corrupt_frame)`` when the ROI does not lie inside the frame.
+        """
+        fh, fw = frame_hw
+        if setup.roi is None:
+            roi = (0, 0, fw, fh)
+        else:
+            r = setup.roi
+            roi = (r.x, r.y, r.width, r.height)
+            if r.x + r.width > fw or r.y + r.height > fh:
+                raise FrameError(
+                    ErrorReason.CORRUPT_FRAME,
+                    f"ROI x={r.x} y={r.y} {r.width}x{r.height} lies outside the {fw}x{fh} frame",
+                )
+        key = (frame_hw, roi)
+        geo = self._geometries.get(key)
+        if geo is None:
+            mode = choose_fit(
+                self.config.fit, self.card.input.resize, (roi[3], roi[2]), self._model_hw
+            )
+            geo = make_geometry(
+                frame_hw,
+                roi,
+                self._model_hw,
+                mode,
+                overlap=self.config.tile_overlap_px,
+                stitch=self.config.stitch,
+            )
+            if len(self._geometries) >= 16:
+                self._geometries.clear()
+            self._geometries[key] = geo
+        return geo
+
+    def __call__(self, frame: Frame, setup: CameraSetup) -> Prepared:
+        """Preprocess one frame. Raises ``FrameError`` (corrupt_frame, preprocess_error)."""
+        image: Any = frame.image
+        check_image(image)
+        img = self._to_model_pixels(image, frame.pixel_format)
+        img = self._correct(img, setup)
+        geo = self.geometry((img.shape[0], img.shape[1]), setup)
+        x, y, w, h = geo.roi
+        fitted = self._fit(img[y : y + h, x : x + w], geo)
+        data = self.pool.take((self._channels, *geo.fitted))
+        chw = fitted[np.newaxis] if fitted.ndim == 2 else fitted.transpose(2, 0, 1)
+        self.card.normalisation.apply(chw, out=data)
+        return Prepared(data, geo, self.pool)
+
+    def _to_model_pixels(self, image: NDArray[Any], pixel_format: str) -> NDArray[Any]:
+        if image.ndim == 3 and image.shape[2] == 1:
+            image = image[:, :, 0]
+        if not image.flags.c_contiguous:
+            image = np.ascontiguousarray(image)
+        if image.dtype == np.uint16 and self._eight_bit:
+            bits = _BITS.get(pixel_format, 16)
+            out8 = self._scratch.get("eight_bit", image.shape, np.uint8)
+            cv2.convertScaleAbs(image, dst=out8, alpha=1.0 / (1 << (bits - 8)))
+            image = out8
+        if image.ndim == 3 and self._channels == 1:
+            gray = self._scratch.get("gray", image.shape[:2], image.dtype)
+            cv2.cvtColor(image, cv2.COLOR_RGB2GRAY, dst=gray)
+            return gray
+        if image.ndim == 2 and self._channels == 3:
+            rgb = self._scratch.get("rgb", (*image.shape, 3), image.dtype)
+            cv2.cvtColor(image, cv2.COLOR_GRAY2RGB, dst=rgb)
+            return rgb
+        return image
+
+    def _correct(self, img: NDArray[Any], setup: CameraSetup) -> NDArray[Any]:
+        for name, correction in (("flatfield", setup.flatfield), ("undistort", setup.undistort)):
+            if correction is None:
+                continue
+            out = self._scratch.get(name, img.shape, img.dtype)
+            try:
+                img = correction.apply(img, out)
+            except Exception as exc:  # corrections raise cv2.error, ValueError, our errors
+                raise FrameError(
+                    ErrorReason.PREPROCESS,
+                    f"{name} failed on a {img.shape[1]}x{img.shape[0]} frame: {exc}",
+                ) from exc
+        return img
+
+    def _fit(self, roi_img: NDArray[Any], geo: Geometry) -> NDArray[Any]:
+        h, w = roi_img.shape[:2]
+        fh, fw = geo.fitted
+        if (h, w) == (fh, fw):
+            return roi_img
+        shape = (fh, fw) if roi_img.ndim == 2 else (fh, fw, roi_img.shape[2])
+        out = self._scratch.get("fitted", shape, roi_img.dtype)
+        if geo.mode == "resize":
+            interp = cv2.INTER_AREA if h > fh or w > fw else cv2.INTER_LINEAR
+            cv2.resize(roi_img, (fw, fh), dst=out, interpolation=interp)
+            return out
+        if geo.mode == "tile":
+            top, left = 0, 0
+            bottom, right = fh - h, fw - w
+            src = roi_img
+        else:
+            pad_top, pad_left, crop_top, crop_left = geo.offsets
+            vh, vw = min(h, fh), min(w, fw)
+            src = roi_img[crop_top : crop_top + vh, crop_left : crop_left + vw]
+            top, left = pad_top, pad_left
+            bottom, right = fh - vh - pad_top, fw - vw - pad_left
+        if top == bottom == left == right == 0:
+            np.copyto(out, src)
+        else:
+            cv2.copyMakeBorder(src, top, bottom, left, right, cv2.BORDER_REFLECT_101, dst=out)
+        return out

@@ -1,0 +1,711 @@
+"""The inspection pipeline: frames in, one verdict per frame out, on time or ``error``.
+
+```
+submit(frame) --[frames]--> preprocess threads --[jobs]--> inference thread (dynamic batcher,
+engine.infer) --[results]--> post-processing threads --> decision rules --> on_result(result)
+```
+Every arrow is a bounded queue. ``submit`` is the ``on_frame`` callback of camera sources:
+with ``admission="reject"`` it never waits (a full queue gives the frame an ``error`` verdict
+at once); with ``"block"`` it waits for room (offline replay, benchmarks). Each frame has a
+deadline (``max_latency_ms`` after grab); a frame that misses it, or whose buffer is corrupt,
+whose engine call fails or returns NaN, still gets a verdict: ``error``, with the reason code
+in ``rule`` (``error:<code>``) and a one-line ``reason``. Each such event is counted
+(``stats().errors``) and logged (rate-limited). A frame never leaves without a verdict: stop
+gives whatever is still in flight the verdict ``error:stopped``.
+
+``on_result`` is called once per submitted frame, from pipeline threads (post-processing
+workers, or the submitting thread for admission errors): it must be thread-safe and quick
+(hand the result to the publisher's durable queue). Results of one camera can leave out of
+order when several post-processing workers run; ``seq`` and ``part_id`` identify them.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from defectd.engines.base import Engine
+from defectd.errors import ConfigError, ModelError
+from defectd.log import get_logger
+from defectd.model.card import ModelCard
+from defectd.pipeline.batcher import POLL_S, Batch, Batcher
+from defectd.pipeline.buffers import BufferPool, Scratch
+from defectd.pipeline.cameras import DEFAULT_SETUP, CameraSetup
+from defectd.pipeline.config import (
+    PipelineConfig,
+    PostprocessConfig,
+    Rect,
+    RulesConfig,
+)
+from defectd.pipeline.config import config_hash as hash_configs
+from defectd.pipeline.failures import ErrorReason, FrameError
+from defectd.pipeline.frame import Frame
+from defectd.pipeline.inspection import Defect, Inspection, Verdict
+from defectd.pipeline.job import Job, ModelSlot
+from defectd.pipeline.postprocess import (
+    Postprocessor,
+    PostprocessParams,
+    check_probabilities,
+    keep_mask,
+    load_zone_mask,
+)
+from defectd.pipeline.preprocess import Geometry, Preprocessor
+from defectd.pipeline.rules import build_rules, decide
+from defectd.pipeline.stats import Counters, LatencyWindow, PipelineStats
+from defectd.pipeline.tiling import stitch
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineResult:
+    """What the sink receives for every submitted frame.
+
+    ``mask`` is the ``(H, W)`` uint8 {0, 1} defect mask in full-frame pixels (a new array the
+    receiver owns; zero outside the ROI), ``None`` for ``error`` verdicts.
+    """
+
+    inspection: Inspection
+    frame: Frame
+    mask: NDArray[np.uint8] | None
+
+
+ResultSink = Callable[[PipelineResult], None]
+
+
+class _Throttle:
+    """Rate-limited warnings: one event per (event, key) per ``interval_s``, with the number
+    suppressed since the last one."""
+
+    def __init__(self, interval_s: float = 5.0) -> None:
+        self._interval = interval_s
+        self._state: dict[tuple[str, str], tuple[float, int]] = {}
+        self._lock = threading.Lock()
+
+    def warning(self, event: str, key: str, **fields: Any) -> None:
+        now = time.monotonic()
+        with self._lock:
+            last, suppressed = self._state.get((event, key), (-self._interval - 1.0, 0))
+            if now - last < self._interval:
+                self._state[(event, key)] = (last, suppressed + 1)
+                return
+            self._state[(event, key)] = (now, 0)
+        log.warning(event, suppressed=suppressed, **fields)
+
+
+def _ms(ns: int) -> float:
+    return round(ns / 1e6, 3)
+
+
+def _check_engine(engine: Engine, card: ModelCard) -> None:
+    spec = engine.spec
+    want = (card.input.channels, card.input.height, card.input.width)
+    have = (spec.channels, spec.height, spec.width)
+    if want != have:
+        raise ModelError(
+            f"model {card.name!r}: card input is {want[0]}x{want[1]}x{want[2]} (CxHxW) but "
+            f"engine {engine.name} takes {have[0]}x{have[1]}x{have[2]}"
+        )
+
+
+class Pipeline:
+    """Preprocess, batch, infer, post-process and decide; see the module docstring.
+
+    ``engine`` and ``card`` describe the model (the engine's input spec must match the card);
+    the caller owns engines and closes them (after ``stop``, or once the event returned by
+    ``swap_engine`` is set). ``cameras`` maps camera ids to their ROI/scale/corrections.
+    ``config_hash`` (default: a hash of the three config sections) is stamped on every verdict.
+    Raises ``ConfigError`` for settings that cannot work (naming the key) and ``ModelError``
+    when engine and card disagree.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        card: ModelCard,
+        config: PipelineConfig | None = None,
+        *,
+        on_result: ResultSink,
+        postprocess: PostprocessConfig | None = None,
+        rules: RulesConfig | None = None,
+        cameras: Mapping[str, CameraSetup] | None = None,
+        config_hash: str | None = None,
+    ) -> None:
+        self.config = cfg = config or PipelineConfig()
+        self.postprocess_config = post_cfg = postprocess or PostprocessConfig()
+        self.rules_config = rules_cfg = rules or RulesConfig()
+        _check_engine(engine, card)
+        tile = min(card.input.height, card.input.width)
+        if cfg.tile_overlap_px >= tile:
+            raise ConfigError(
+                f"pipeline.tile_overlap_px={cfg.tile_overlap_px} must be smaller than the "
+                f"model input ({card.input.height}x{card.input.width})"
+            )
+        self._rules = build_rules(rules_cfg)
+        self._scale_rules = [r.name for r in self._rules if r.needs_scale]
+        self._cameras = dict(cameras or {})
+        for cam, setup in self._cameras.items():
+            if self._scale_rules and setup.mm_per_px is None:
+                raise ConfigError(
+                    f"rules: {self._scale_rules[0]} needs mm², but camera {cam!r} has no "
+                    "calibrated mm_per_px (calibrate the camera or use min_area_px)"
+                )
+        self._zone_masks: dict[Path, NDArray[np.uint8]] = {}
+        for zone in (
+            *post_cfg.ignore_zones,
+            *(z for s in self._cameras.values() for z in s.ignore_zones),
+        ):
+            if isinstance(zone, Path) and zone not in self._zone_masks:
+                self._zone_masks[zone] = load_zone_mask(zone)
+        self.config_hash = config_hash or hash_configs(cfg, post_cfg, rules_cfg)
+        self._on_result = on_result
+
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._slot = ModelSlot(engine, card, 0)
+        self._inflight: dict[int, Job] = {}
+        self._counters = Counters()
+        self._latency = LatencyWindow(cfg.stats_window)
+        self._throttle = _Throttle()
+        self._state = "new"
+        self._accepting = True  # frames submitted before start wait in the queue
+        self._stop = threading.Event()
+        self._frames: queue.Queue[Job] = queue.Queue(cfg.frame_queue)
+        self._jobs: queue.Queue[Job] = queue.Queue(cfg.job_queue)
+        self._results: queue.Queue[Job] = queue.Queue(cfg.result_queue)
+        self._pool = BufferPool(np.float32, max_free=cfg.job_queue + cfg.preprocess_workers + 2)
+        self._params: dict[tuple[str, int], PostprocessParams] = {}
+        self._keeps: dict[tuple[str, tuple[int, int], tuple[int, int, int, int]], Any] = {}
+        self._threads: list[threading.Thread] = []
+        self._batcher = Batcher(self._jobs, cfg.max_batch, cfg.max_delay_ms / 1e3, self._admit)
+
+    # ------------------------------------------------------------------ life cycle
+
+    @property
+    def card(self) -> ModelCard:
+        """The model card new frames are inspected with."""
+        return self._slot.card
+
+    @property
+    def engine(self) -> Engine:
+        return self._slot.engine
+
+    def start(self) -> None:
+        """Start the worker threads; frames submitted before are inspected from now on."""
+        with self._lock:
+            if self._state != "new":
+                raise RuntimeError(f"pipeline is {self._state}; a pipeline starts once")
+            self._state = "running"
+            self._accepting = True
+        cfg = self.config
+        targets: list[tuple[str, Callable[[], None]]] = [
+            (f"defectd-pre-{i}", self._preprocess_loop) for i in range(cfg.preprocess_workers)
+        ]
+        targets.append(("defectd-infer", self._infer_loop))
+        targets += [(f"defectd-post-{i}", self._post_loop) for i in range(cfg.workers)]
+        for name, target in targets:
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        log.info(
+            "pipeline_started",
+            model=self.card.name,
+            engine=self.engine.name,
+            max_batch=min(cfg.max_batch, self.engine.spec.max_batch),
+            max_delay_ms=cfg.max_delay_ms,
+            max_latency_ms=cfg.max_latency_ms,
+            admission=cfg.admission,
+            config_hash=self.config_hash,
+        )
+
+    def submit(self, frame: Frame) -> None:
+        """Hand in one frame (the sources' ``on_frame``). Never raises for a bad frame: every
+        frame gets exactly one verdict through ``on_result``."""
+        cfg = self.config
+        now = time.monotonic_ns()
+        deadline = (
+            None if cfg.max_latency_ms is None else frame.t_host_ns + int(cfg.max_latency_ms * 1e6)
+        )
+        job = Job(frame, self._cameras.get(frame.camera, DEFAULT_SETUP), now, deadline)
+        with self._lock:
+            self._counters.submitted += 1
+            self._inflight[id(job)] = job
+            accepting = self._accepting
+        if not accepting:
+            self._fail(job, ErrorReason.STOPPED, f"pipeline is {self._state}, not accepting")
+            return
+        if cfg.admission == "reject":
+            try:
+                self._frames.put_nowait(job)
+            except queue.Full:
+                self._fail(
+                    job,
+                    ErrorReason.QUEUE_FULL,
+                    f"frame queue full ({cfg.frame_queue} frames): frames arrive faster "
+                    "than they are inspected",
+                )
+            return
+        while True:
+            try:
+                self._frames.put(job, timeout=POLL_S)
+                return
+            except queue.Full:
+                if not self._accepting:
+                    self._fail(job, ErrorReason.STOPPED, "pipeline stopped while waiting")
+                    return
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Wait up to ``timeout`` s until every frame submitted so far has its verdict, keeping
+        intake open. True when nothing is left in flight."""
+        end = time.monotonic() + timeout
+        with self._idle:
+            while self._inflight:
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                self._idle.wait(min(left, 0.5))
+            return not self._inflight
+
+    def drain(self, timeout: float = 10.0) -> bool:
+        """Stop accepting frames and wait up to ``timeout`` s until every frame submitted so
+        far has its verdict. True when nothing is left in flight. Intake stays closed."""
+        end = time.monotonic() + timeout
+        with self._idle:
+            self._accepting = False
+            if self._state == "running":
+                self._state = "draining"
+            while self._inflight:
+                left = end - time.monotonic()
+                if left <= 0 or self._state == "new":
+                    break
+                self._idle.wait(min(left, 0.5))
+            return not self._inflight
+
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Drain for up to ``timeout`` s, stop the threads, and give every frame still in
+        flight the verdict ``error:stopped``. True when everything was inspected. Idempotent."""
+        drained = self.drain(timeout)
+        with self._lock:
+            if self._state == "stopped":
+                return drained
+            self._state = "stopping"
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=max(1.0, timeout))
+            if thread.is_alive():
+                log.error("pipeline_thread_stuck", thread=thread.name)
+        with self._lock:
+            leftover = list(self._inflight.values())
+        for job in leftover:
+            self._fail(job, ErrorReason.STOPPED, "pipeline stopped before the frame was inspected")
+        with self._lock:
+            self._state = "stopped"
+            slot = self._slot
+        slot.retire()
+        c = self._counters
+        log.info(
+            "pipeline_stopped",
+            submitted=c.submitted,
+            completed=c.completed,
+            errors=dict(c.errors),
+            left_uninspected=len(leftover),
+        )
+        return drained and not leftover
+
+    def swap_engine(self, engine: Engine, card: ModelCard) -> threading.Event:
+        """Inspect frames preprocessed from now on with ``engine``/``card``; frames already
+        preprocessed finish on the old engine. Returns an event set once the old engine is
+        no longer used (then the caller may close it). Raises ``ModelError`` when the engine
+        does not take the card's input."""
+        _check_engine(engine, card)
+        for cam, setup in self._cameras.items():
+            if setup.threshold is not None and not setup.calibrated_for(card.sha256):
+                log.warning(
+                    "calibrated_threshold_ignored",
+                    camera=cam,
+                    model=card.name,
+                    reason="threshold was calibrated for another model; using the card's",
+                )
+        with self._lock:
+            old = self._slot
+            self._slot = ModelSlot(engine, card, old.generation + 1)
+            self._counters.swaps += 1
+        old.retire()
+        log.info(
+            "model_swapped",
+            old_model=old.card.name,
+            old_sha256=old.card.sha256,
+            model=card.name,
+            sha256=card.sha256,
+            engine=engine.name,
+        )
+        return old.idle
+
+    def stats(self) -> PipelineStats:
+        """Counters since start, queue depths, fps and latency percentiles (thread-safe)."""
+        with self._lock:
+            c = self._counters
+            snapshot = (
+                c.submitted,
+                c.completed,
+                len(self._inflight),
+                dict(c.verdicts),
+                dict(c.errors),
+                {cam: dict(v) for cam, v in c.cameras.items()},
+                c.batches,
+                c.tiles,
+                c.sink_errors,
+                c.swaps,
+                self._state,
+            )
+            slot = self._slot
+        submitted, completed, inflight, verdicts, errors, cams, batches, tiles, sink, swaps, st = (
+            snapshot
+        )
+        cfg = self.config
+        return PipelineStats(
+            running=st in ("running", "draining"),
+            submitted=submitted,
+            completed=completed,
+            in_flight=inflight,
+            verdicts=verdicts,
+            errors=errors,
+            cameras=cams,
+            queues={
+                "frames": self._frames.qsize(),
+                "jobs": self._jobs.qsize(),
+                "results": self._results.qsize(),
+            },
+            queue_capacity={
+                "frames": cfg.frame_queue,
+                "jobs": cfg.job_queue,
+                "results": cfg.result_queue,
+            },
+            batches=batches,
+            tiles=tiles,
+            mean_batch=round(tiles / batches, 3) if batches else 0.0,
+            fps=round(self._latency.fps(time.monotonic()), 2),
+            latency_ms=self._latency.percentiles(),
+            sink_errors=sink,
+            swaps=swaps,
+            model=slot.card.name,
+            model_sha256=slot.card.sha256,
+            engine=slot.engine.name,
+        )
+
+    # ------------------------------------------------------------------ verdicts
+
+    def _inspection(
+        self,
+        job: Job,
+        verdict: Verdict,
+        rule: str,
+        *,
+        defects: tuple[Defect, ...] = (),
+        reason: str | None = None,
+        latencies: dict[str, float] | None = None,
+    ) -> Inspection:
+        frame = job.frame
+        card = job.slot.card if job.slot is not None else self._slot.card
+        image = frame.image
+        return Inspection(
+            station=frame.station,
+            camera=frame.camera,
+            seq=frame.seq,
+            verdict=verdict,
+            defects=defects,
+            rule=rule,
+            reason=reason,
+            part_id=frame.part_id,
+            model_name=card.name,
+            model_sha256=card.sha256,
+            config_hash=self.config_hash,
+            t_grab_wall=frame.t_wall,
+            t_grab_ns=frame.t_host_ns,
+            latencies_ms=latencies or {"total": _ms(time.monotonic_ns() - frame.t_host_ns)},
+            image_shape=tuple(image.shape) if isinstance(image, np.ndarray) else (),
+        )
+
+    def _fail(self, job: Job, code: ErrorReason, detail: str) -> None:
+        inspection = self._inspection(
+            job, Verdict.ERROR, f"error:{code.value}", reason=f"{code.value}: {detail}"
+        )
+        if self._finish(job, inspection, None, code):
+            self._throttle.warning(
+                "frame_error",
+                code.value,
+                reason=code.value,
+                camera=job.frame.camera,
+                seq=job.frame.seq,
+                detail=detail,
+            )
+
+    def _finish(
+        self,
+        job: Job,
+        inspection: Inspection,
+        mask: NDArray[np.uint8] | None,
+        code: ErrorReason | None = None,
+    ) -> bool:
+        """Deliver the one verdict of ``job``; False when it already had one."""
+        with self._lock:
+            if job.finished:
+                return False
+            job.finished = True
+            c = self._counters
+            c.completed += 1
+            c.verdicts[inspection.verdict.value] += 1
+            c.cameras[inspection.camera][inspection.verdict.value] += 1
+            if code is not None:
+                c.errors[code.value] += 1
+        try:
+            self._on_result(PipelineResult(inspection, job.frame, mask))
+        except Exception as exc:  # a broken sink must not stop the line
+            with self._lock:
+                self._counters.sink_errors += 1
+            self._throttle.warning("sink_failed", type(exc).__name__, error=str(exc))
+        with self._idle:
+            self._inflight.pop(id(job), None)
+            if not self._inflight:
+                self._idle.notify_all()
+        return True
+
+    def _deadline_detail(self, job: Job, now_ns: int, where: str) -> str:
+        age = (now_ns - job.frame.t_host_ns) / 1e6
+        return f"{age:.1f} ms since grab {where}, deadline {self.config.max_latency_ms:g} ms"
+
+    # ------------------------------------------------------------------ stages
+
+    def _acquire_slot(self) -> ModelSlot:
+        with self._lock:
+            slot = self._slot
+            slot.acquire()
+        return slot
+
+    def _put(self, q: queue.Queue[Job], job: Job) -> None:
+        while not self._stop.is_set():
+            try:
+                q.put(job, timeout=POLL_S)
+                return
+            except queue.Full:
+                continue
+
+    def _preprocess_loop(self) -> None:
+        pre: Preprocessor | None = None
+        while not self._stop.is_set():
+            try:
+                job = self._frames.get(timeout=POLL_S)
+            except queue.Empty:
+                continue
+            if job.finished:
+                continue
+            now = job.t_pre_start_ns = time.monotonic_ns()
+            if job.expired(now):
+                self._fail(job, ErrorReason.DEADLINE, self._deadline_detail(job, now, "in queue"))
+                continue
+            slot = self._acquire_slot()
+            job.slot = slot
+            if pre is None or pre.card is not slot.card:
+                pre = Preprocessor(slot.card, self.config, self._pool)
+            try:
+                prepared = pre(job.frame, job.setup)
+            except FrameError as failure:
+                job.release_slot()
+                self._fail(job, failure.code, failure.detail)
+                continue
+            except Exception as exc:  # a bug or an unexpected buffer must not stop the line
+                job.release_slot()
+                self._fail(job, ErrorReason.PREPROCESS, f"{type(exc).__name__}: {exc}")
+                continue
+            job.prepared = prepared
+            job.n_tiles = prepared.geometry.plan.count
+            job.outputs = [None] * job.n_tiles
+            job.t_pre_end_ns = time.monotonic_ns()
+            self._put(self._jobs, job)
+
+    def _admit(self, job: Job) -> bool:
+        if job.finished:
+            job.release_slot()
+            return False
+        now = time.monotonic_ns()
+        if job.expired(now):
+            job.release_slot()
+            self._fail(
+                job, ErrorReason.DEADLINE, self._deadline_detail(job, now, "before inference")
+            )
+            return False
+        return True
+
+    def _infer_loop(self) -> None:
+        while True:
+            batch = self._batcher.next_batch(self._stop)
+            if batch is None:
+                return
+            self._run_batch(batch)
+
+    def _run_batch(self, batch: Batch) -> None:
+        slot = batch.slot
+        spec = slot.engine.spec
+        t0 = time.monotonic_ns()
+        try:
+            out = slot.engine.infer(batch.data)
+            want = (batch.data.shape[0], 1, spec.height, spec.width)
+            if not isinstance(out, np.ndarray) or out.shape != want or out.dtype != np.float32:
+                got = (out.shape, out.dtype) if isinstance(out, np.ndarray) else type(out)
+                raise ValueError(f"engine returned {got}, expected float32 {want}")
+        except Exception as exc:  # the engine may raise anything; the frames still get verdicts
+            detail = f"{slot.engine.name}: {type(exc).__name__}: {exc}".replace("\n", " ")
+            for job, _ in batch.entries:
+                if not job.failed:
+                    job.failed = True
+                    job.release_slot()
+                    self._fail(job, ErrorReason.ENGINE, detail[:500])
+            return
+        t1 = time.monotonic_ns()
+        with self._lock:
+            self._counters.batches += 1
+            self._counters.tiles += len(batch.entries)
+        for k, (job, tile) in enumerate(batch.entries):
+            if job.failed:
+                continue
+            job.outputs[tile] = out[k, 0]
+            if not job.t_infer_start_ns:
+                job.t_infer_start_ns = t0
+            job.t_infer_end_ns = t1
+            job.tiles_done += 1
+            if job.tiles_done == job.n_tiles:
+                job.release_slot()
+                if not job.finished:
+                    self._put(self._results, job)
+
+    def _post_loop(self) -> None:
+        post = Postprocessor()
+        scratch = Scratch()
+        while not self._stop.is_set():
+            try:
+                job = self._results.get(timeout=POLL_S)
+            except queue.Empty:
+                continue
+            if job.finished:
+                continue
+            self._postprocess(job, post, scratch)
+
+    def _resolve_params(
+        self, camera: str, setup: CameraSetup, slot: ModelSlot
+    ) -> PostprocessParams:
+        key = (camera, slot.generation)
+        params = self._params.get(key)
+        if params is not None:
+            return params
+        cfg, card = self.postprocess_config, slot.card
+        calibrated = setup.calibrated_for(card.sha256)
+        threshold = cfg.threshold
+        if threshold is None:
+            threshold = setup.threshold if calibrated and setup.threshold else card.threshold
+        min_area = cfg.min_area_px
+        if min_area is None:
+            min_area = card.min_area_px
+            if calibrated and setup.min_area_px is not None:
+                min_area = setup.min_area_px
+        params = PostprocessParams(
+            threshold=threshold,
+            min_area_px=min_area,
+            open_px=cfg.open_px,
+            close_px=cfg.close_px,
+            max_defects=cfg.max_defects,
+            mm_per_px=setup.mm_per_px,
+        )
+        with self._lock:
+            self._params[key] = params
+        log.info(
+            "postprocess_params",
+            camera=camera,
+            model=card.name,
+            threshold=threshold,
+            min_area_px=min_area,
+            mm_per_px=setup.mm_per_px,
+        )
+        return params
+
+    def _keep(self, camera: str, setup: CameraSetup, geo: Geometry) -> NDArray[np.uint8] | None:
+        key = (camera, geo.frame_shape, geo.roi)
+        if key in self._keeps:
+            keep: NDArray[np.uint8] | None = self._keeps[key]
+            return keep
+        zones_cfg = (*self.postprocess_config.ignore_zones, *setup.ignore_zones)
+        zones: list[Rect | NDArray[np.uint8]] = [
+            z if isinstance(z, Rect) else self._zone_masks[z] for z in zones_cfg
+        ]
+        try:
+            keep = keep_mask(zones, geo.frame_shape, geo.roi, [str(z) for z in zones_cfg])
+        except ValueError as exc:
+            raise FrameError(ErrorReason.POSTPROCESS, str(exc)) from exc
+        with self._lock:
+            self._keeps[key] = keep
+        return keep
+
+    def _postprocess(self, job: Job, post: Postprocessor, scratch: Scratch) -> None:
+        t0 = job.t_post_start_ns = time.monotonic_ns()
+        if job.expired(t0):
+            self._fail(job, ErrorReason.DEADLINE, self._deadline_detail(job, t0, "after inference"))
+            return
+        slot, prepared = job.slot, job.prepared
+        assert slot is not None and prepared is not None
+        geo = prepared.geometry
+        try:
+            params = self._resolve_params(job.frame.camera, job.setup, slot)
+            if self._scale_rules and params.mm_per_px is None:
+                raise FrameError(
+                    ErrorReason.NOT_CALIBRATED,
+                    f"camera {job.frame.camera!r}: rule {self._scale_rules[0]} needs mm² but "
+                    "the camera has no calibrated mm_per_px",
+                )
+            plan = geo.plan
+            fitted = scratch.get("fitted", geo.fitted, np.float32)
+            tiles = [t for t in job.outputs if t is not None]
+            stitch(plan, tiles, fitted, scratch.get("tile", (plan.tile_h, plan.tile_w), np.float32))
+            prob = fitted
+            if geo.fitted != geo.roi_shape or geo.mode != "tile":
+                prob = geo.restore(fitted, scratch.get("roi", geo.roi_shape, np.float32))
+            bad = check_probabilities(prob)
+            if bad is not None:
+                raise FrameError(ErrorReason.BAD_OUTPUT, bad)
+            keep = self._keep(job.frame.camera, job.setup, geo)
+            x, y, w, h = geo.roi
+            defects, roi_mask = post(prob, params, keep, offset=(x, y))
+            verdict, rule = decide(self._rules, defects)
+            mask = np.zeros(geo.frame_shape, np.uint8)
+            mask[y : y + h, x : x + w] = roi_mask
+        except FrameError as failure:
+            self._fail(job, failure.code, failure.detail)
+            return
+        except Exception as exc:  # a bug must cost one verdict (error), not the line
+            self._fail(job, ErrorReason.POSTPROCESS, f"{type(exc).__name__}: {exc}")
+            return
+        t1 = time.monotonic_ns()
+        if job.expired(t1):
+            self._fail(job, ErrorReason.DEADLINE, self._deadline_detail(job, t1, "at verdict"))
+            return
+        frame = job.frame
+        latencies = {
+            "intake": _ms(job.t_submit_ns - frame.t_host_ns),
+            "queue": _ms(job.t_pre_start_ns - job.t_submit_ns),
+            "preprocess": _ms(job.t_pre_end_ns - job.t_pre_start_ns),
+            "batch_wait": _ms(job.t_infer_start_ns - job.t_pre_end_ns),
+            "infer": _ms(job.t_infer_end_ns - job.t_infer_start_ns),
+            "post_wait": _ms(t0 - job.t_infer_end_ns),
+            "postprocess": _ms(t1 - t0),
+            "total": _ms(t1 - frame.t_host_ns),
+        }
+        inspection = self._inspection(job, verdict, rule, defects=defects, latencies=latencies)
+        job.outputs = []
+        if self._finish(job, inspection, mask):
+            self._latency.record(latencies, t1 / 1e9)
