@@ -29,6 +29,7 @@ from defectd.engines.openvino_backend import OpenVinoEngine, cpu_capabilities
 from defectd.engines.ort_backend import CUDA, OrtEngine, choose_providers
 from defectd.engines.tensorrt_backend import (
     INSTALL_HINT,
+    BuildProgress,
     gpu_present,
     open_plan_file,
     open_tensorrt,
@@ -154,6 +155,7 @@ def open_engine(
     cache_dir: Path | None = None,
     opt_batch: int | None = None,
     expect: tuple[int, int, int] | None = None,
+    build_progress: BuildProgress | None = None,
 ) -> Engine:
     """Open ``model_path`` (``.onnx`` with its card, ``.pt`` checkpoint or TensorRT ``.plan``).
 
@@ -163,7 +165,8 @@ def open_engine(
     ``threads`` caps the CPU threads (``None``: the runtime's default, all cores).
     ``cache_dir`` holds TensorRT plans and timing caches and OpenVINO's compiled blobs.
     ``expect`` is the ``(channels, height, width)`` the caller will feed (e.g. the station
-    config); a model that takes something else is refused.
+    config); a model that takes something else is refused. ``build_progress(phase, done,
+    total)`` is called while a TensorRT plan is built (from TensorRT's threads).
 
     Raises ``ModelError`` for a missing/unreadable model or card or a spec mismatch and
     ``EngineError`` when the backend or precision cannot run here.
@@ -235,6 +238,7 @@ def open_engine(
             precision=want,
             cache_dir=cache_dir,
             opt_batch=opt_batch,
+            progress=build_progress,
         )
     _selected(engine, model_path, reason)
     return engine

@@ -280,6 +280,11 @@ class TensorRTEngine:
     def key(self) -> PlanKey:
         return self._key
 
+    @property
+    def plan_file(self) -> Path:
+        """The cached (or given) plan file this engine was loaded from."""
+        return self._source
+
     def infer(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
         """``(N, C, H, W)`` float32 -> ``(N, 1, H, W)`` float32 probabilities (new array)."""
         self._spec.check(batch)
