@@ -108,3 +108,23 @@ def mosquitto(tmp_path: Path) -> Iterator[Callable[..., Mosquitto]]:
     yield factory
     for broker in brokers:
         broker.close()
+
+
+# --- logging: every test starts with logs going to its own captured stderr ---
+# A CLI test that runs ``main()`` in-process configures structlog to write to that test's
+# captured stream, which pytest closes afterwards; background threads of later tests (camera
+# sources, publishers) would then fail on their first log line.
+
+
+@pytest.fixture(autouse=True)
+def _structlog_to_this_tests_stderr() -> Iterator[None]:
+    import sys
+
+    import structlog
+
+    from defectd.log import configure_logging
+
+    saved = structlog.get_config()
+    configure_logging("info", "console", sys.stderr)
+    yield
+    structlog.configure(**saved)

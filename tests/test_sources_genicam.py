@@ -274,3 +274,25 @@ def test_frames_the_consumer_was_too_slow_for_are_counted_as_lost(
     assert gaps > 0
     assert source.health().lost == gaps
     assert [f.seq for f in frames] == list(range(len(frames)))
+
+
+def test_a_consumer_blocking_past_the_stall_deadline_is_not_taken_for_a_dead_camera(
+    started: Callable[..., tuple[GenICamSource, Sink]],
+) -> None:
+    blocked_once = threading.Event()
+    sink = Sink()
+
+    def on_frame(frame: Frame) -> None:
+        if not blocked_once.is_set():
+            blocked_once.set()
+            time.sleep(0.6)  # twice the stall deadline, inside on_frame
+        sink.on_frame(frame)
+
+    source = GenICamSource(viky_config(stall_timeout_s=0.3), "station-1")
+    source.start(on_frame, sink.on_event)
+    try:
+        assert sink.wait_frames(50)
+    finally:
+        source.stop()
+    assert source.health().reconnects == 0
+    assert EventKind.CAMERA_LOST not in sink.kinds()

@@ -121,3 +121,23 @@ def test_an_unknown_surface_is_refused_at_start() -> None:
         CameraError, match=r"camera 'line': surfaces: unknown 'marble'; choose from brushed"
     ):
         source.start(lambda frame: None)
+
+
+def test_a_failing_consumer_is_counted_and_the_line_goes_on() -> None:
+    config = SyntheticSourceConfig(camera="line", rate_hz=None, height=16, width=16, count=10)
+    seen: list[int] = []
+    done = threading.Event()
+
+    def on_frame(frame: Frame) -> None:
+        seen.append(frame.seq)
+        if frame.seq % 2:
+            raise RuntimeError("consumer bug")
+
+    source = make_source(config, "station-1")
+    source.start(on_frame, lambda e: done.set() if e.kind == EventKind.END_OF_STREAM else None)
+    try:
+        assert done.wait(10)
+    finally:
+        source.stop()
+    assert seen == list(range(10))
+    assert source.health().errors == 5

@@ -30,6 +30,8 @@ log = get_logger(__name__)
 # fps is measured over the last frames received, bounded in count and in age.
 _FPS_WINDOW = 128
 _FPS_MAX_AGE_NS = 5_000_000_000
+# A consumer failing on every frame is logged once per interval, not 200 times a second.
+_ERROR_LOG_INTERVAL_NS = 1_000_000_000
 
 
 class ThreadedSource:
@@ -58,6 +60,7 @@ class ThreadedSource:
         self._arrivals: deque[int] = deque(maxlen=_FPS_WINDOW)
         self._last_frame_ns: int | None = None
         self._started = False
+        self._consumer_error_logged_ns = -_ERROR_LOG_INTERVAL_NS
 
     # --- contract ---------------------------------------------------------------------------
 
@@ -150,7 +153,11 @@ class ThreadedSource:
         part_id: str | None = None,
         meta: dict[str, Any] | None = None,
     ) -> None:
-        """Number the frame, count it and hand it to ``on_frame`` (which may block)."""
+        """Number the frame, count it and hand it to ``on_frame`` (which may block).
+
+        An exception from ``on_frame`` is counted in ``errors`` and logged (at most once a
+        second); the source goes on with the next frame.
+        """
         frame = Frame(
             station=self.station,
             camera=self.camera,
@@ -169,7 +176,14 @@ class ThreadedSource:
             self._arrivals.append(t_host_ns)
             self._last_frame_ns = t_host_ns
         assert self._on_frame is not None
-        self._on_frame(frame)
+        try:
+            self._on_frame(frame)
+        except Exception:  # a failing consumer must not stop the camera; it is counted
+            self._count(errors=1)
+            now = time.monotonic_ns()
+            if now - self._consumer_error_logged_ns >= _ERROR_LOG_INTERVAL_NS:
+                self._consumer_error_logged_ns = now
+                self._log.exception("on_frame_failed", seq=frame.seq)
 
     def _emit_event(self, kind: EventKind, detail: str = "", **fields: Any) -> None:
         """Log ``kind`` with ``fields`` and hand the event to ``on_event`` when one is set."""

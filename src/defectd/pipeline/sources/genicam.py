@@ -64,7 +64,8 @@ class GenICamSource(ThreadedSource):
         self._watchdog: threading.Thread | None = None
         self._watchdog_stop = threading.Event()
         # The grab loop's heartbeat: when it last came back from a harvesters call, and where
-        # it is now ("device" inside harvesters, "consumer" inside on_frame, "idle" otherwise).
+        # it is now ("device" inside harvesters, "consumer" inside on_frame, "reconnecting",
+        # "idle" otherwise). Only "device" silences are stalls the watchdog acts on.
         self._beat_ns = time.monotonic_ns()
         self._phase = "idle"
         self._pixel_format = "Mono8"
@@ -297,6 +298,7 @@ class GenICamSource(ThreadedSource):
 
     def _reconnect(self, reason: str) -> None:
         """Tear down and reopen until it works or ``stop`` is called; backoff doubles."""
+        self._beat("reconnecting")  # the watchdog leaves a reconnect alone
         self._set_state(SourceState.RECONNECTING, reason)
         self._emit_event(EventKind.CAMERA_LOST, reason)
         self._drop_acquirer()
@@ -319,6 +321,7 @@ class GenICamSource(ThreadedSource):
                     return
                 backoff = min(backoff * 2, self.config.reconnect_backoff_max_s)
                 continue
+            self._beat("idle")
             with self._acq_lock:
                 self.acquirer = acquirer
             self._count(reconnects=1)
