@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from defectd.calibration.flatfield import FlatField
 from defectd.model.card import InputSpec, ModelCard, Normalisation
 from defectd.pipeline.buffers import BufferPool
 from defectd.pipeline.cameras import CameraSetup
@@ -10,6 +11,7 @@ from defectd.pipeline.config import PipelineConfig, Rect
 from defectd.pipeline.failures import ErrorReason, FrameError
 from defectd.pipeline.frame import Frame
 from defectd.pipeline.preprocess import Preprocessor, check_image, choose_fit
+from defectd.training.data import fit_to_input, restore_size
 
 
 def card(channels: int = 1, size: int = 64, resize: str = "tile") -> ModelCard:
@@ -137,34 +139,33 @@ def test_auto_fit_tiles_only_frames_larger_than_the_model_input() -> None:
     assert choose_fit("resize", "tile", (1000, 1000), (64, 64)) == "resize"
 
 
-class Gain:
-    """A flat-field style correction: multiply by a fixed per-pixel gain."""
-
-    def __init__(self, gain: np.ndarray) -> None:
-        self.gain = gain.astype(np.float32)
-
-    def apply(self, image: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        res = np.clip(image * self.gain, 0, 255).astype(np.uint8)
-        if out is None:
-            return res
-        out[...] = res
-        return out
-
-
 def test_flatfield_correction_is_applied_to_the_full_frame_before_the_roi() -> None:
     img = np.full((64, 128), 100, np.uint8)
     gain = np.ones((64, 128), np.float32)
     gain[:, 64:] = 2.0
-    setup = CameraSetup(roi=Rect(x=64, y=0, width=64, height=64), flatfield=Gain(gain))
+    setup = CameraSetup(roi=Rect(x=64, y=0, width=64, height=64), flatfield=FlatField(gain))
     out = prep(card())(frame(img), setup)
     assert out.data[0].mean() == pytest.approx((200 / 255 - 0.5) / 0.25, abs=1e-5)
 
 
 def test_a_failing_correction_is_a_preprocess_error_naming_it() -> None:
-    setup = CameraSetup(undistort=Gain(np.ones((10, 10), np.float32)))
-    with pytest.raises(FrameError, match="undistort failed on a 64x64 frame") as err:
+    setup = CameraSetup(flatfield=FlatField(np.ones((10, 10), np.float32)))
+    with pytest.raises(FrameError, match="flatfield failed on a 64x64 frame") as err:
         prep(card())(frame(np.zeros((64, 64), np.uint8)), setup)
     assert err.value.code is ErrorReason.PREPROCESS
+
+
+@pytest.mark.parametrize("policy", ["resize", "pad"])
+@pytest.mark.parametrize("shape", [(40, 50), (64, 64), (70, 60), (50, 90)])
+def test_fitting_matches_the_training_data_policy(policy: str, shape: tuple[int, int]) -> None:
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 256, shape, dtype=np.uint8)
+    out = prep(card(resize=policy), fit=policy)(frame(img), CameraSetup())
+    fitted, _ = fit_to_input(img, None, 64, 64, policy)  # type: ignore[arg-type]
+    np.testing.assert_allclose(out.data[0], (fitted / 255 - 0.5) / 0.25, atol=1e-6)
+    prob = rng.random((64, 64), dtype=np.float32)
+    back = out.geometry.restore(prob, np.empty(shape, np.float32))
+    np.testing.assert_allclose(back, restore_size(prob, shape, policy), atol=1e-6)  # type: ignore[arg-type]
 
 
 def test_preprocessed_buffers_are_reused_once_given_back() -> None:

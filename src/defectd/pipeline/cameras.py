@@ -14,7 +14,16 @@ from typing import Protocol
 import numpy as np
 from numpy.typing import NDArray
 
+from defectd.calibration.camera import Undistorter
+from defectd.calibration.file import load_calibration
+from defectd.calibration.flatfield import FlatField
+from defectd.log import get_logger
 from defectd.pipeline.config import Rect
+
+log = get_logger(__name__)
+
+# An ignore zone: a rectangle, a mask image file, or a full-frame (H, W) uint8 mask (1 = ignore).
+Zone = Rect | Path | NDArray[np.uint8]
 
 
 class ImageCorrection(Protocol):
@@ -29,7 +38,7 @@ class ImageCorrection(Protocol):
     ) -> NDArray[np.uint8]: ...
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class CameraSetup:
     """Per-camera settings; every field is optional.
 
@@ -48,7 +57,7 @@ class CameraSetup:
     threshold: float | None = None
     min_area_px: int | None = None
     threshold_model_sha256: str = ""
-    ignore_zones: tuple[Rect | Path, ...] = ()
+    ignore_zones: tuple[Zone, ...] = ()
 
     def calibrated_for(self, model_sha256: str) -> bool:
         """Whether the calibrated threshold applies to the model with this sha256."""
@@ -56,3 +65,56 @@ class CameraSetup:
 
 
 DEFAULT_SETUP = CameraSetup()
+
+
+def camera_setup_from_calibration(
+    path: Path,
+    *,
+    roi: Rect | None = None,
+    ignore_zones: tuple[Zone, ...] = (),
+    undistort: bool = True,
+    flatfield: bool = True,
+    image_size: tuple[int, int] | None = None,
+) -> CameraSetup:
+    """A camera's setup from its calibration file (``defectd.calibration.file``).
+
+    ``threshold`` section -> pixel threshold and minimum area (used only with the model whose
+    sha256 it names); ``camera`` section -> ``mm_per_px`` and, with ``undistort``, an
+    ``Undistorter`` for frames of ``image_size`` (width, height; default the calibrated size)
+    whose border pixels that map from outside the sensor become an ignore zone; ``flatfield``
+    section -> the gain image. Raises ``ConfigError`` naming the file and the bad key.
+    """
+    cal = load_calibration(path)
+    mm_per_px: float | None = None
+    undistorter: Undistorter | None = None
+    zones = tuple(ignore_zones)
+    if cal.camera is not None:
+        mm_per_px = cal.camera.mm_per_px
+        if undistort:
+            undistorter = Undistorter(cal.camera, image_size)
+            mm_per_px = undistorter.mm_per_px
+            outside = (undistorter.valid_mask() == 0).astype(np.uint8)
+            if outside.any():
+                zones = (*zones, outside)
+    flat = FlatField.from_section(cal.flatfield, path) if flatfield and cal.flatfield else None
+    th = cal.threshold
+    setup = CameraSetup(
+        roi=roi,
+        mm_per_px=mm_per_px,
+        flatfield=flat,
+        undistort=undistorter,
+        threshold=th.pixel_threshold if th is not None else None,
+        min_area_px=th.min_area_px if th is not None else None,
+        threshold_model_sha256=th.model_sha256 if th is not None else "",
+        ignore_zones=zones,
+    )
+    log.info(
+        "camera_calibration_loaded",
+        file=str(path),
+        camera=cal.camera_id,
+        mm_per_px=mm_per_px,
+        undistort=undistorter is not None,
+        flatfield=flat is not None,
+        threshold=setup.threshold,
+    )
+    return setup

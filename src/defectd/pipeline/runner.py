@@ -186,6 +186,7 @@ class Pipeline:
         self._keeps: dict[tuple[str, tuple[int, int], tuple[int, int, int, int]], Any] = {}
         self._threads: list[threading.Thread] = []
         self._batcher = Batcher(self._jobs, cfg.max_batch, cfg.max_delay_ms / 1e3, self._admit)
+        self._warn_foreign_thresholds(card)
 
     # ------------------------------------------------------------------ life cycle
 
@@ -326,14 +327,7 @@ class Pipeline:
         no longer used (then the caller may close it). Raises ``ModelError`` when the engine
         does not take the card's input."""
         _check_engine(engine, card)
-        for cam, setup in self._cameras.items():
-            if setup.threshold is not None and not setup.calibrated_for(card.sha256):
-                log.warning(
-                    "calibrated_threshold_ignored",
-                    camera=cam,
-                    model=card.name,
-                    reason="threshold was calibrated for another model; using the card's",
-                )
+        self._warn_foreign_thresholds(card)
         with self._lock:
             old = self._slot
             self._slot = ModelSlot(engine, card, old.generation + 1)
@@ -348,6 +342,18 @@ class Pipeline:
             engine=engine.name,
         )
         return old.idle
+
+    def _warn_foreign_thresholds(self, card: ModelCard) -> None:
+        for cam, setup in self._cameras.items():
+            if setup.threshold is not None and not setup.calibrated_for(card.sha256):
+                log.warning(
+                    "calibrated_threshold_ignored",
+                    camera=cam,
+                    model=card.name,
+                    sha256=card.sha256,
+                    calibrated_for=setup.threshold_model_sha256,
+                    reason="the threshold was calibrated for another model; using the card's",
+                )
 
     def stats(self) -> PipelineStats:
         """Counters since start, queue depths, fps and latency percentiles (thread-safe)."""
@@ -642,10 +648,14 @@ class Pipeline:
             return keep
         zones_cfg = (*self.postprocess_config.ignore_zones, *setup.ignore_zones)
         zones: list[Rect | NDArray[np.uint8]] = [
-            z if isinstance(z, Rect) else self._zone_masks[z] for z in zones_cfg
+            self._zone_masks[z] if isinstance(z, Path) else z for z in zones_cfg
+        ]
+        names = [
+            f"camera {camera!r} ignore mask" if isinstance(z, np.ndarray) else str(z)
+            for z in zones_cfg
         ]
         try:
-            keep = keep_mask(zones, geo.frame_shape, geo.roi, [str(z) for z in zones_cfg])
+            keep = keep_mask(zones, geo.frame_shape, geo.roi, names)
         except ValueError as exc:
             raise FrameError(ErrorReason.POSTPROCESS, str(exc)) from exc
         with self._lock:
