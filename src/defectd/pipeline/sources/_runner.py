@@ -13,6 +13,8 @@ import time
 from collections import deque
 from typing import Any
 
+from structlog.typing import FilteringBoundLogger
+
 from defectd.errors import CameraError
 from defectd.log import get_logger
 from defectd.pipeline.frame import Frame
@@ -24,8 +26,6 @@ from defectd.pipeline.sources.base import (
     SourceHealth,
     SourceState,
 )
-
-log = get_logger(__name__)
 
 # fps is measured over the last frames received, bounded in count and in age.
 _FPS_WINDOW = 128
@@ -43,7 +43,6 @@ class ThreadedSource:
         self.camera = camera
         self.station = station
         self._kind = kind
-        self._log = get_logger(type(self).__module__).bind(camera=camera, source=kind)
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -61,6 +60,11 @@ class ThreadedSource:
         self._last_frame_ns: int | None = None
         self._started = False
         self._consumer_error_logged_ns = -_ERROR_LOG_INTERVAL_NS
+
+    @property
+    def _log(self) -> FilteringBoundLogger:
+        # Built per call so that a source made before logging is configured follows it.
+        return get_logger(type(self).__module__).bind(camera=self.camera, source=self._kind)
 
     # --- contract ---------------------------------------------------------------------------
 
