@@ -11,6 +11,8 @@ from defectd.errors import DefectdError
 from defectd.cli import synth_cmd  # noqa: F401  # isort: skip
 from defectd.cli import calibrate_cmd  # noqa: F401  # isort: skip
 from defectd.cli import cameras_cmd  # noqa: F401  # isort: skip
+from defectd.cli import run_cmd  # noqa: F401  # isort: skip
+from defectd.cli import config_cmd  # noqa: F401  # isort: skip
 from defectd.cli import engine_cmd  # noqa: F401  # isort: skip
 
 EXIT_ERROR = 2

@@ -1,0 +1,74 @@
+"""``defectd config``: check a station config before deploying it, or show it with defaults."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from defectd.cli.app import app
+
+config_app = typer.Typer(
+    help="Check or show a station config (TOML).",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(config_app, name="config")
+
+FileArg = Annotated[Path, typer.Argument(help="Station config file (TOML).", show_default=False)]
+
+
+@config_app.command("check")
+def check(
+    file: FileArg,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object (summary) on stdout.")
+    ] = False,
+) -> None:
+    """Validate FILE as `defectd run` would: every bad key is named; exit 2 when invalid.
+
+    Also reads each camera's calibration file; does not open cameras or the broker.
+    """
+    from defectd.daemon.config import load_station_config
+    from defectd.daemon.station import camera_setups
+
+    cfg = load_station_config(file)
+    camera_setups(cfg)  # calibration files parse and fit
+    summary = {
+        "ok": True,
+        "file": str(file),
+        "station": cfg.station,
+        "model": str(cfg.model.path),
+        "backend": cfg.model.backend,
+        "cameras": {c.camera: c.source.type for c in cfg.cameras},
+        "broker": f"{cfg.mqtt.host}:{cfg.mqtt.port}",
+        "topic_prefix": cfg.mqtt.topic_prefix,
+        "state_dir": str(cfg.state_dir),
+        "outbox": str(cfg.outbox.path),
+        "archive": str(cfg.archive.dir) if cfg.archive.enabled else None,
+        "health": cfg.health.address if cfg.health.enabled else None,
+        "config_hash": cfg.hash(),
+    }
+    if as_json:
+        typer.echo(json.dumps(summary))
+        return
+    table = Table(title=f"{file}: valid", show_header=False)
+    for key, value in summary.items():
+        if key not in ("ok", "file"):
+            table.add_row(key, str(value))
+    Console().print(table)
+
+
+@config_app.command("show")
+def show(file: FileArg) -> None:
+    """Print FILE's effective config as JSON: every default filled in, paths resolved."""
+    from defectd.daemon.config import load_station_config
+
+    cfg = load_station_config(file)
+    data = cfg.model_dump(mode="json")
+    data["state_dir"] = str(cfg.state_dir)
+    typer.echo(json.dumps(data, indent=2))

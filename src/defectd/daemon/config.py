@@ -1,0 +1,371 @@
+"""The station config: one TOML file assembled from every module's own config section.
+
+::
+
+    station = "line1-top"            # id used in MQTT topics, logs and metrics
+    [model]       path, backend, precision, threads, cache_dir, warmup
+    [[cameras]]   one table per camera: a source (type = "genicam" | "synthetic" | "replay"
+                  and its keys) plus the station's keys for that camera: calibration, roi
+    [pipeline]    defectd.pipeline.config.PipelineConfig     (batching, deadlines, queues)
+    [postprocess] defectd.pipeline.config.PostprocessConfig  (threshold, morphology, zones)
+    [rules]       defectd.pipeline.config.RulesConfig        ([[rules.rules]] kind = ...)
+    [mqtt]        defectd.publish.config.MqttConfig
+    [outbox]      defectd.publish.config.OutboxConfig        (path defaults to the state dir)
+    [archive]     defectd.daemon.archive.ArchiveConfig
+    [health]      address of /healthz and /metrics
+    [daemon]      state_dir, drain and watchdog bounds, log rate limit
+
+Paths: relative paths in the file are relative to the file's folder, except ``outbox.path`` and
+``archive.dir``, which are relative to the state directory (``daemon.state_dir``, else
+``$STATE_DIRECTORY`` as systemd sets it, else ``./var/<station>``).
+
+``load_station_config`` validates everything at once and raises one ``ConfigError`` that names
+the file and every bad key, e.g. ``x.toml: cameras.0.rate_hz: Input should be greater than 0``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from defectd.daemon.archive import ArchiveConfig
+from defectd.daemon.health import parse_address
+from defectd.engines.registry import BACKENDS
+from defectd.errors import ConfigError
+from defectd.pipeline.config import (
+    PipelineConfig,
+    PostprocessConfig,
+    Rect,
+    RulesConfig,
+    config_hash,
+)
+from defectd.pipeline.sources import SourceConfig
+from defectd.publish.config import MqttConfig, OutboxConfig, check_topic_level
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelSection(_Frozen):
+    """``[model]``: the model file (``.onnx`` with its card beside it) and how to run it."""
+
+    path: Path
+    backend: str = Field(default="auto", description="auto, openvino, ort, torch, tensorrt")
+    precision: Literal["fp32", "fp16", "bf16", "int8"] | None = Field(
+        default=None, description="None: the model card's"
+    )
+    threads: Annotated[int, Field(ge=1, le=1024)] | None = None
+    cache_dir: Path | None = Field(
+        default=None, description="compiled engines; default $CACHE_DIRECTORY or STATE/cache"
+    )
+    warmup: Annotated[int, Field(ge=0, le=100)] = Field(
+        default=2, description="inferences at max batch before announcing ready"
+    )
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        if value not in BACKENDS:
+            raise ValueError(f"unknown backend {value!r}; choose one of {', '.join(BACKENDS)}")
+        return value
+
+    @field_validator("path")
+    @classmethod
+    def _model_exists(cls, value: Path) -> Path:
+        if not value.is_file():
+            raise ValueError(f"model file not found: {value}")
+        return value
+
+
+class StationCamera(_Frozen):
+    """One ``[[cameras]]`` table: the source settings plus what the station adds per camera."""
+
+    source: SourceConfig
+    calibration: Path | None = Field(
+        default=None, description="calibration file (threshold, camera geometry, flat-field)"
+    )
+    roi: Rect | None = Field(default=None, description="inspect only this rectangle")
+    ignore_zones: tuple[Rect | Path, ...] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split(cls, data: Any) -> Any:
+        # The TOML table is flat; the source's keys go to ``source``.
+        if isinstance(data, Mapping) and "source" not in data:
+            own = {k: data[k] for k in ("calibration", "roi", "ignore_zones") if k in data}
+            rest = {k: v for k, v in data.items() if k not in own}
+            return {**own, "source": rest}
+        return data
+
+    @field_validator("calibration")
+    @classmethod
+    def _calibration_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"calibration file not found: {value}")
+        return value
+
+    @property
+    def camera(self) -> str:
+        return self.source.camera
+
+
+class HealthSection(_Frozen):
+    """``[health]``: the HTTP endpoint for ``/healthz`` and ``/metrics``."""
+
+    enabled: bool = True
+    address: str = Field(default="127.0.0.1:9464", description="HOST:PORT; port 0 = any free")
+
+    @field_validator("address")
+    @classmethod
+    def _valid_address(cls, value: str) -> str:
+        try:
+            parse_address(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc).split(": ", 1)[1]) from None
+        return value
+
+
+class DaemonSection(_Frozen):
+    """``[daemon]``: where state lives, how long shutdown may take, what counts as progress."""
+
+    state_dir: Path | None = Field(
+        default=None, description="outbox and archive; default $STATE_DIRECTORY or ./var/STATION"
+    )
+    drain_timeout_s: Annotated[float, Field(gt=0, le=600)] = Field(
+        default=10.0, description="on SIGTERM: time to finish frames in flight and flush"
+    )
+    stall_timeout_s: Annotated[float, Field(gt=0, le=3600)] = Field(
+        default=10.0,
+        description="frames in flight but no verdict for this long: the pipeline is stuck",
+    )
+    camera_stall_s: Annotated[float, Field(gt=0)] = Field(
+        default=30.0, description="a streaming camera silent this long is stuck"
+    )
+    camera_idle_ok: bool = Field(
+        default=False, description="a camera delivering no frames is not a fault (triggered line)"
+    )
+    status_interval_s: Annotated[float, Field(gt=0, le=3600)] = Field(
+        default=5.0, description="how often STATUS= and the status log line are refreshed"
+    )
+    log_rate_limit_s: Annotated[float, Field(gt=0)] = 10.0
+    log_burst: Annotated[int, Field(ge=1)] = 5
+
+
+class StationConfig(_Frozen):
+    """The whole station, validated once at start (and again on SIGHUP)."""
+
+    station: str = Field(min_length=1, max_length=64)
+    model: ModelSection
+    cameras: tuple[StationCamera, ...]
+    pipeline: PipelineConfig = PipelineConfig()
+    postprocess: PostprocessConfig = PostprocessConfig()
+    rules: RulesConfig = RulesConfig()
+    mqtt: MqttConfig = MqttConfig()  # type: ignore[call-arg]
+    outbox: OutboxConfig
+    archive: ArchiveConfig = ArchiveConfig()
+    health: HealthSection = HealthSection()
+    daemon: DaemonSection = DaemonSection()
+    # Set by the loader, not by the file.
+    source_path: Path | None = Field(default=None, exclude=True)
+    state_dir: Path = Field(default=Path("var"), exclude=True)
+
+    @field_validator("station")
+    @classmethod
+    def _topic_safe(cls, value: str) -> str:
+        return check_topic_level(value, "station")
+
+    @model_validator(mode="after")
+    def _unique_cameras(self) -> StationConfig:
+        if not self.cameras:
+            raise ValueError("cameras: at least one [[cameras]] table is needed")
+        seen: set[str] = set()
+        for cam in self.cameras:
+            check_topic_level(cam.camera, "camera")
+            if cam.camera in seen:
+                raise ValueError(f"camera id {cam.camera!r} is used twice")
+            seen.add(cam.camera)
+        return self
+
+    def camera(self, camera: str) -> StationCamera:
+        for cam in self.cameras:
+            if cam.camera == camera:
+                return cam
+        raise KeyError(camera)
+
+    def hash(self) -> str:
+        """Fingerprint of what decides a verdict (pipeline, post-processing, rules)."""
+        return config_hash(self.pipeline, self.postprocess, self.rules)
+
+    def reload_only_differences(self, other: StationConfig) -> list[str]:
+        """Top-level keys that differ from ``other`` and need a restart to take effect.
+
+        A reload applies ``model``, ``postprocess``, ``rules`` and the cameras' calibration;
+        anything else changed in the file is reported and keeps its old value.
+        """
+        changed: list[str] = []
+        for key in ("station", "pipeline", "mqtt", "outbox", "archive", "health", "daemon"):
+            if getattr(self, key) != getattr(other, key):
+                changed.append(key)
+        if [c.source for c in self.cameras] != [c.source for c in other.cameras] or [
+            (c.roi, c.ignore_zones) for c in self.cameras
+        ] != [(c.roi, c.ignore_zones) for c in other.cameras]:
+            changed.append("cameras")
+        return changed
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+# Keys whose values are paths relative to the config file ("*" = every list item).
+_FILE_RELATIVE: tuple[tuple[str, ...], ...] = (
+    ("model", "path"),
+    ("model", "cache_dir"),
+    ("cameras", "*", "calibration"),
+    ("cameras", "*", "path"),
+    ("cameras", "*", "producers", "*"),
+    ("cameras", "*", "ignore_zones", "*"),
+    ("postprocess", "ignore_zones", "*"),
+    ("mqtt", "tls", "ca_file"),
+    ("mqtt", "tls", "cert_file"),
+    ("mqtt", "tls", "key_file"),
+    ("mqtt", "password_file"),
+    ("daemon", "state_dir"),
+)
+# Keys whose values are paths relative to the state directory.
+_STATE_RELATIVE: tuple[tuple[str, ...], ...] = (("outbox", "path"), ("archive", "dir"))
+
+
+def _resolve(node: Any, key: tuple[str, ...], base: Path) -> Any:
+    """Return ``node`` with the path at ``key`` made absolute against ``base`` (if present)."""
+    if not key:
+        if isinstance(node, str) and node:
+            path = Path(node).expanduser()
+            return str(path if path.is_absolute() else base / path)
+        return node
+    head, rest = key[0], key[1:]
+    if head == "*" and isinstance(node, list):
+        return [_resolve(item, rest, base) for item in node]
+    if isinstance(node, dict) and head in node:
+        return {**node, head: _resolve(node[head], rest, base)}
+    return node
+
+
+def _state_dir(raw: dict[str, Any], env: Mapping[str, str]) -> Path:
+    daemon = raw.get("daemon")
+    if isinstance(daemon, dict) and isinstance(daemon.get("state_dir"), str):
+        return Path(daemon["state_dir"])
+    if env.get("STATE_DIRECTORY"):
+        # systemd may list several directories separated by ':'; ours is the first.
+        return Path(env["STATE_DIRECTORY"].split(":")[0])
+    station = raw.get("station") if isinstance(raw.get("station"), str) else "defectd"
+    return Path.cwd() / "var" / str(station).replace("/", "_")
+
+
+# Levels the config models add that the TOML file does not have.
+_WRAPPERS = frozenset({"source"})
+
+
+def _loc(loc: tuple[int | str, ...], raw: Any) -> str:
+    """A dotted key as the user wrote it: drops the discriminator and wrapper levels that
+    pydantic adds (``cameras.0.source.synthetic.rate_hz`` -> ``cameras.0.rate_hz``)."""
+    parts: list[str] = []
+    node = raw
+    for i, item in enumerate(loc):
+        last = i == len(loc) - 1
+        if isinstance(node, dict):
+            if item in node:
+                node = node[item]
+            elif isinstance(item, str) and (not last or item in _WRAPPERS):
+                continue  # a level the file does not have (``source``, ``synthetic``)
+            else:
+                node = None
+        elif isinstance(node, list) and isinstance(item, int) and 0 <= item < len(node):
+            node = node[item]
+        else:
+            node = None
+        parts.append(str(item))
+    return ".".join(parts) or "(top level)"
+
+
+def _message(error: Mapping[str, Any]) -> str:
+    msg = str(error["msg"])
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix) :]
+    return msg
+
+
+def format_validation_error(where: str, exc: ValidationError, raw: Any) -> str:
+    """One line naming every bad key: ``where: key: message; key: message``."""
+    seen: list[str] = []
+    for error in exc.errors():
+        text = f"{_loc(tuple(error['loc']), raw)}: {_message(error)}"
+        if text not in seen:
+            seen.append(text)
+    return f"{where}: " + "; ".join(seen)
+
+
+def parse_station_config(
+    raw: dict[str, Any], *, base: Path, where: str, env: Mapping[str, str] | None = None
+) -> StationConfig:
+    """Validate an already parsed config (e.g. built by ``defectd demo``) the same way."""
+    environ = os.environ if env is None else env
+    data: dict[str, Any] = dict(raw)
+    for key in _FILE_RELATIVE:
+        data = _resolve(data, key, base)
+    state = _state_dir(data, environ)
+    if not state.is_absolute():
+        state = base / state
+    outbox = data.get("outbox", {})
+    if isinstance(outbox, dict) and "path" not in outbox:
+        data["outbox"] = {**outbox, "path": "outbox.sqlite"}
+    archive = data.get("archive", {})
+    if isinstance(archive, dict) and "dir" not in archive:
+        data["archive"] = {**archive, "dir": "archive"}
+    for key in _STATE_RELATIVE:
+        data = _resolve(data, key, state)
+    model = data.get("model")
+    if isinstance(model, dict) and "cache_dir" not in model:
+        cache = environ.get("CACHE_DIRECTORY", "").split(":")[0]
+        data["model"] = {**model, "cache_dir": cache or str(state / "cache")}
+    data["source_path"] = where
+    data["state_dir"] = str(state)
+    try:
+        return StationConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(where, exc, raw)) from None
+
+
+def load_station_config(path: Path, env: Mapping[str, str] | None = None) -> StationConfig:
+    """Read and validate the station config at ``path``.
+
+    Raises ``ConfigError`` naming the file (missing, unreadable, not TOML) or every bad key.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse_station_config(raw, base=path.resolve().parent, where=str(path), env=env)
+
+
+__all__ = [
+    "DaemonSection",
+    "HealthSection",
+    "ModelSection",
+    "StationCamera",
+    "StationConfig",
+    "format_validation_error",
+    "load_station_config",
+    "parse_station_config",
+]
