@@ -296,3 +296,20 @@ def test_a_consumer_blocking_past_the_stall_deadline_is_not_taken_for_a_dead_cam
         source.stop()
     assert source.health().reconnects == 0
     assert EventKind.CAMERA_LOST not in sink.kinds()
+
+
+def test_a_refresh_re_enumerates_once_per_generation_and_voids_open_acquirers() -> None:
+    hub = GenTLHub([VIKY])
+    try:
+        acquirer = hub.open(DeviceSelector(serial="1"), "cam1")
+        seen = hub.generation
+        hub.refresh(seen)
+        assert hub.generation == seen + 1
+        assert not acquirer.is_valid()  # Harvester.update() destroyed it
+        assert hub.device_count() == 3
+        hub.refresh(seen)  # a second camera that lost its device in the same event
+        assert hub.generation == seen + 1
+        reopened = hub.open(DeviceSelector(serial="1"), "cam1")
+        hub.release(reopened)
+    finally:
+        hub.close()

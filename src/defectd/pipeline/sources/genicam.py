@@ -36,7 +36,8 @@ from defectd.pipeline.sources.gentl import GenTLHub, apply_node, apply_nodes, re
 
 # A fetch with this timeout makes one non-blocking check of the producer's queue.
 _POLL_FETCH_TIMEOUT_S = 1e-6
-# Lost-frame events are merged so that a slow consumer cannot flood the event topic.
+# Lost-frame events (and bad-buffer warnings) are merged so that a slow consumer or a broken
+# camera cannot flood the event topic or the log.
 _LOST_EVENT_INTERVAL_NS = 1_000_000_000
 
 
@@ -177,6 +178,8 @@ class GenICamSource(ThreadedSource):
         last_id: int | None = None
         lost_pending = 0
         lost_emitted_ns = 0
+        bad_buffers = 0  # since the last warning about them
+        bad_logged_ns = -_LOST_EVENT_INTERVAL_NS
         consecutive_timeouts = 0
         waiting_since = time.monotonic_ns()
         next_trigger_ns = waiting_since
@@ -233,7 +236,10 @@ class GenICamSource(ThreadedSource):
             except _BadBufferError as bad:
                 self._beat("idle")
                 self._count(errors=1)
-                self._log.warning("bad_buffer", reason=str(bad))
+                bad_buffers += 1
+                if t_host_ns - bad_logged_ns >= _LOST_EVENT_INTERVAL_NS:
+                    self._log.warning("bad_buffers", reason=str(bad), count=bad_buffers)
+                    bad_logged_ns, bad_buffers = t_host_ns, 0
                 continue
             except Exception as exc:  # the buffer vanished under us: the device is gone
                 raise _LostError(f"reading a buffer failed: {_why(exc)}") from exc
