@@ -369,3 +369,26 @@ def test_stats_report_counters_queues_and_latency_percentiles(run) -> None:
     assert set(stats.latency_ms["total"]) == {"p50", "p90", "p99", "max"}
     assert stats.fps > 0
     assert stats.to_dict()["engine"] == "ort-fp32"
+
+
+def test_max_in_flight_bounds_the_frames_between_submit_and_verdict(run) -> None:
+    cfg = PipelineConfig(admission="block", max_in_flight=2, max_batch=1)
+    pipe, engine, sink = run(cfg)
+    engine.delay_s = 0.005
+    seen: list[int] = []
+    pipe._on_result = lambda r: (seen.append(pipe.stats().in_flight), sink(r))
+    for i in range(20):
+        pipe.submit(dark_frame(64, 64, seq=i))
+    assert pipe.wait_idle(10)
+    assert sink.verdicts() == ["pass"] * 20
+    assert max(seen) <= 2
+
+
+def test_max_in_flight_rejects_the_excess_on_a_real_line(run) -> None:
+    pipe, engine, sink = run(PipelineConfig(max_in_flight=1, max_batch=1))
+    engine.delay_s = 0.2
+    for i in range(3):
+        pipe.submit(dark_frame(64, 64, seq=i))
+    assert pipe.wait_idle(10)
+    assert sink.verdicts() == ["pass", "error", "error"]
+    assert "max_in_flight" in str(sink.by_seq()[1].inspection.reason)

@@ -58,6 +58,10 @@ class PipelineConfig(_Frozen):
     # "reject": a full frame queue gives the frame an ``error`` verdict at once (production
     # line, the camera never waits). "block": ``submit`` waits for room (offline replay, bench).
     admission: Admission = "reject"
+    # At most this many frames between submit and verdict (None: only the queues bound it).
+    # It bounds latency under load: with "block", a saturated line waits before grabbing
+    # more instead of queueing; with "reject", the excess gets ``error:queue_full`` at once.
+    max_in_flight: Annotated[int, Field(ge=1, le=100_000)] | None = None
     # Window over which ``stats().fps`` and the latency percentiles are computed.
     stats_window: Annotated[int, Field(ge=16, le=1_000_000)] = 4096
 

@@ -236,14 +236,28 @@ class Pipeline:
             None if cfg.max_latency_ms is None else frame.t_host_ns + int(cfg.max_latency_ms * 1e6)
         )
         job = Job(frame, self._cameras.get(frame.camera, DEFAULT_SETUP), now, deadline)
-        with self._lock:
+        limit = cfg.max_in_flight
+        block = cfg.admission == "block"
+        with self._idle:
+            # "block" waits here for a free slot; the frame counts as in flight only after.
+            while block and limit and self._accepting and len(self._inflight) >= limit:
+                self._idle.wait(POLL_S)
             self._counters.submitted += 1
             self._inflight[id(job)] = job
             accepting = self._accepting
+            over = limit is not None and len(self._inflight) > limit
         if not accepting:
             self._fail(job, ErrorReason.STOPPED, f"pipeline is {self._state}, not accepting")
             return
-        if cfg.admission == "reject":
+        if not block:
+            if over:
+                self._fail(
+                    job,
+                    ErrorReason.QUEUE_FULL,
+                    f"{limit} frames in flight (max_in_flight): frames arrive faster than "
+                    "they are inspected",
+                )
+                return
             try:
                 self._frames.put_nowait(job)
             except queue.Full:
@@ -480,8 +494,7 @@ class Pipeline:
             self._throttle.warning("sink_failed", type(exc).__name__, error=str(exc))
         with self._idle:
             self._inflight.pop(id(job), None)
-            if not self._inflight:
-                self._idle.notify_all()
+            self._idle.notify_all()  # drain/wait_idle and submit waiting for a free slot
         return True
 
     def _deadline_detail(self, job: Job, now_ns: int, where: str) -> str:
