@@ -20,6 +20,7 @@ from defectd.pipeline.sources import (
     GenICamSourceConfig,
     SourceEvent,
     SourceState,
+    make_sources,
 )
 from defectd.pipeline.sources.genicam import GenICamSource
 from defectd.pipeline.sources.gentl import GenTLHub, bundled_producer
@@ -313,3 +314,32 @@ def test_a_refresh_re_enumerates_once_per_generation_and_voids_open_acquirers() 
         hub.release(reopened)
     finally:
         hub.close()
+
+
+def test_a_stations_cameras_built_together_share_the_producer() -> None:
+    small = {**VGA_MONO8, "Width": 320, "Height": 240, "AcquisitionFrameRate": 100.0}
+    configs = [viky_config("0", nodes=small), viky_config("2", nodes=small)]
+    sources = make_sources(configs, "station-1")
+    sinks = [Sink() for _ in sources]
+    try:
+        for source, sink in zip(sources, sinks, strict=True):
+            source.start(sink.on_frame, sink.on_event)
+        assert all(sink.wait_frames(20) for sink in sinks)
+    finally:
+        for source in sources:
+            source.stop()
+    assert [s.frames[0].camera for s in sinks] == ["cam0", "cam2"]
+    hub = GenTLHub([VIKY])  # the last camera out unloaded the shared producer
+    try:
+        assert hub.device_count() == 3
+    finally:
+        hub.close()
+
+
+def test_cameras_built_apart_on_one_producer_are_told_to_share_it(
+    started: Callable[..., tuple[GenICamSource, Sink]],
+) -> None:
+    started(viky_config("0"))
+    second = GenICamSource(viky_config("1"), "station-1")
+    with pytest.raises(CameraError, match=r"see no device.*make_sources"):
+        second.start(Sink().on_frame)

@@ -1,6 +1,8 @@
 """Camera sources: GenICam (harvesters), synthetic line, replay.
 
-Build one with ``make_source(config, station)``; the contract is in ``sources.base``.
+Build a station's sources with ``make_sources(configs, station)`` (its GenICam cameras then
+share one producer hub) or one with ``make_source(config, station)``; the contract is in
+``sources.base``.
 """
 
 from defectd.pipeline.sources.base import (
@@ -17,6 +19,7 @@ from defectd.pipeline.sources.base import (
     SourceState,
     SyntheticSourceConfig,
     make_source,
+    make_sources,
 )
 
 __all__ = [
@@ -33,4 +36,5 @@ __all__ = [
     "SourceState",
     "SyntheticSourceConfig",
     "make_source",
+    "make_sources",
 ]

@@ -12,7 +12,7 @@ reported as an event, never invented.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -249,3 +249,21 @@ def make_source(config: SourceConfig, station: str, *, hub: GenTLHub | None = No
     from defectd.pipeline.sources.replay import ReplaySource  # noqa: PLC0415
 
     return ReplaySource(config, station)
+
+
+def make_sources(configs: Sequence[SourceConfig], station: str) -> list[Source]:
+    """Build every source of a station, in order; its GenICam cameras share one hub.
+
+    The hub loads the union of their producers when the first camera starts and unloads them
+    when the last one stops. Raises ``CameraError`` for a producer file that does not exist.
+    """
+    genicam = [c for c in configs if isinstance(c, GenICamSourceConfig)]
+    hub = None
+    if len(genicam) > 1:
+        from defectd.pipeline.sources.gentl import GenTLHub, resolve_producers  # noqa: PLC0415
+
+        producers: dict[Path, None] = {}  # ordered union
+        for c in genicam:
+            producers.update(dict.fromkeys(resolve_producers(c.producers, camera=c.camera)))
+        hub = GenTLHub(tuple(producers), close_when_unused=True)
+    return [make_source(c, station, hub=hub) for c in configs]

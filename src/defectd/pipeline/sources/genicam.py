@@ -48,8 +48,9 @@ class _LostError(Exception):
 class GenICamSource(ThreadedSource):
     """One GenICam camera (see ``GenICamSourceConfig``).
 
-    ``hub`` shares one Harvester between the cameras of a station; without one the source
-    loads its producers itself (fine for a station with one GenICam camera).
+    ``hub`` shares one Harvester between the cameras of a station (``make_sources`` makes
+    one); without it the source loads its producers itself, which works for a station with
+    one GenICam camera per producer.
     """
 
     def __init__(
@@ -74,15 +75,15 @@ class GenICamSource(ThreadedSource):
     # --- life cycle -------------------------------------------------------------------------
 
     def _open(self) -> None:
-        if self._hub is None:
+        if self._owns_hub:
             producers = resolve_producers(self.config.producers, camera=self.camera)
-            self._hub = GenTLHub(producers)
+            self._hub = GenTLHub(producers, close_when_unused=True)
+        assert self._hub is not None
+        self._hub.attach()
         try:
             self.acquirer = self._connect()
         except BaseException:
-            if self._owns_hub:
-                self._hub.close()
-                self._hub = None
+            self._release_hub()
             raise
         self._set_state(SourceState.STREAMING)
         self._watchdog_stop.clear()
@@ -97,9 +98,13 @@ class GenICamSource(ThreadedSource):
             self._watchdog.join(2.0)
             self._watchdog = None
         self._drop_acquirer()
-        if self._owns_hub and self._hub is not None:
-            self._hub.close()
-            self._hub = None
+        self._release_hub()
+
+    def _release_hub(self) -> None:
+        if self._hub is not None:
+            self._hub.detach()
+            if self._owns_hub:
+                self._hub = None
 
     def _connect(self) -> ImageAcquirer:
         """Open the device, apply the configuration and start acquisition."""

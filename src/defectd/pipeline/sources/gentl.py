@@ -161,15 +161,42 @@ def _matches(info: DeviceInfo, index: int, selector: DeviceSelector) -> bool:
 class GenTLHub:
     """One Harvester over ``producers``, shared by the GenICam sources of one process.
 
-    Thread-safe: every Harvester call runs under the hub's lock. ``close`` destroys the
-    acquirers still open and releases the producers.
+    Thread-safe: every Harvester call runs under the hub's lock. Sources ``attach`` when they
+    open and ``detach`` when they close; a hub made with ``close_when_unused`` loads its
+    producers at the first ``attach`` and unloads them when the last source detaches (what
+    ``make_sources`` uses). Otherwise the producers load at once and ``close`` unloads them.
     """
 
-    def __init__(self, producers: Sequence[Path]) -> None:
+    def __init__(self, producers: Sequence[Path], *, close_when_unused: bool = False) -> None:
         self.producers = tuple(producers)
         self._lock = threading.RLock()
         self._generation = 0
-        self._harvester = self._build()
+        self._users = 0
+        self._close_when_unused = close_when_unused
+        self._loaded: Harvester | None = None if close_when_unused else self._build()
+
+    @property
+    def _harvester(self) -> Harvester:
+        if self._loaded is None:
+            raise CameraError(f"GenTL producers {self._names()} are not loaded (hub closed)")
+        return self._loaded
+
+    def _names(self) -> str:
+        return ", ".join(p.name for p in self.producers)
+
+    def attach(self) -> None:
+        """Count one more source using the hub (loading the producers if they are not)."""
+        with self._lock:
+            if self._loaded is None:
+                self._loaded = self._build()
+            self._users += 1
+
+    def detach(self) -> None:
+        """Count one source less; the last one out closes a ``close_when_unused`` hub."""
+        with self._lock:
+            self._users = max(0, self._users - 1)
+            if self._users == 0 and self._close_when_unused:
+                self.close()
 
     @property
     def generation(self) -> int:
@@ -199,8 +226,11 @@ class GenTLHub:
     def _describe_all(self) -> str:
         infos = self._harvester.device_info_list
         if not infos:
-            names = ", ".join(p.name for p in self.producers)
-            return f"the producers ({names}) see no device"
+            # A producer loaded by another Harvester of this process shows no device here.
+            return (
+                f"the producers ({self._names()}) see no device (cameras of one station must "
+                f"share one GenTLHub: build them with make_sources)"
+            )
         seen = [
             f"#{i} serial {_info(d, 'serial_number')!r} name {_info(d, 'user_defined_name')!r}"
             for i, d in enumerate(infos)
@@ -269,7 +299,8 @@ class GenTLHub:
             if not self._harvester.device_info_list:
                 log.warning("gentl_rebuild", producers=[str(p) for p in self.producers])
                 self._harvester.reset()
-                self._harvester = self._build()
+                self._loaded = None
+                self._loaded = self._build()
 
     def describe(self, *, read_nodes: bool = True) -> list[DeviceDescription]:
         """Every device the producers see; key node values for those that can be opened."""
@@ -307,7 +338,9 @@ class GenTLHub:
     def close(self) -> None:
         """Destroy open acquirers and unload the producers; idempotent."""
         with self._lock:
-            self._harvester.reset()
+            if self._loaded is not None:
+                self._loaded.reset()
+                self._loaded = None
 
 
 def _first_line(exc: BaseException) -> str:
