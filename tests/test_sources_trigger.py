@@ -28,7 +28,7 @@ def tlsimu(tmp_path_factory: pytest.TempPathFactory) -> Path:
     try:
         subprocess.run(
             [sys.executable, "-m", "pip", "download", "genicam==1.5.0", "--no-deps",
-             "--only-binary=:all:", "-d", str(folder), "-q"],
+             "--only-binary=:all:", "--timeout", "10", "--retries", "1", "-d", str(folder), "-q"],
             check=True, capture_output=True, timeout=120,
         )  # fmt: skip
     except (subprocess.SubprocessError, OSError) as exc:
