@@ -139,3 +139,15 @@ def test_empty_camera_list_is_refused(cfg_dir: Path) -> None:
     text = "cameras = []\n" + VALID.split("[[cameras]]", maxsplit=1)[0]
     with pytest.raises(ConfigError, match=r"at least one \[\[cameras\]\] table is needed"):
         load_station_config(_write(cfg_dir, text), env={})
+
+
+def test_example_station_config_is_valid(tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parents[1] / "configs" / "station.example.toml"
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"onnx")
+    text = example.read_text().replace(
+        'path = "/opt/defectd/models/magnetic_tile/model.onnx"', f'path = "{model}"'
+    )
+    cfg = load_station_config(_write(tmp_path, text), env={"STATE_DIRECTORY": str(tmp_path)})
+    assert cfg.station == "line1-top"
+    assert [r.kind for r in cfg.rules.rules] == ["area", "count"]

@@ -46,6 +46,7 @@ from defectd.pipeline.inspection import Inspection, Verdict
 from defectd.pipeline.runner import Pipeline, PipelineResult
 from defectd.pipeline.sources import Source, SourceEvent, SourceHealth, SourceState
 from defectd.pipeline.sources.base import make_source
+from defectd.pipeline.stats import PipelineStats
 from defectd.publish.messages import StatusInfo
 from defectd.publish.mqtt import Publisher
 
@@ -109,8 +110,8 @@ class Service:
     """The daemon. ``serve()`` runs it to the end and returns the exit code.
 
     Tests and ``defectd demo`` pass ``observers`` (called with every result, from pipeline
-    threads), ``on_tick`` (called from the main loop), ``max_runtime_s`` or
-    ``stop_after_results`` to end it without a signal.
+    threads), ``on_tick`` (called from the main loop), ``max_runtime_s`` (counted from
+    ready) or ``stop_after_results`` to end it without a signal.
     """
 
     def __init__(
@@ -158,6 +159,9 @@ class Service:
         self._last_inspected = 0.0
         self._progress_epoch = 0.0
         self._ready = False
+        self._t_ready = 0.0
+        self.outbox_left: int | None = None
+        self.final_stats: PipelineStats | None = None
         self._stalled = False
         self._next_ping = 0.0
         self._next_status = 0.0
@@ -268,6 +272,7 @@ class Service:
         if gen is not None:
             if gen.pipeline.stats().running:
                 drained = gen.pipeline.drain(left())
+                self.final_stats = gen.pipeline.stats()
                 gen.pipeline.stop(timeout=max(left(), 0.5))
             gen.model.engine.close()
         if self._archive is not None:
@@ -275,7 +280,7 @@ class Service:
         depth: int | None = None
         if self._publisher is not None:
             self._publisher.stop(drain_timeout_s=max(left(), 1.0))
-            depth = self._publisher.stats().outbox_depth
+            depth = self.outbox_left = self._publisher.stats().outbox_depth
         if self._health is not None:
             self._health.stop()
         if not startup_failed:
@@ -397,6 +402,11 @@ class Service:
 
     # ------------------------------------------------------------------ progress and systemd
 
+    def pipeline_stats(self) -> PipelineStats | None:
+        """The current pipeline's counters, queue depths, fps and latency percentiles."""
+        gen = self._gen
+        return gen.pipeline.stats() if gen is not None else None
+
     @property
     def in_flight(self) -> int:
         with self._count_lock:
@@ -436,6 +446,7 @@ class Service:
     def _tick(self, now: float) -> None:
         if not self._ready and self._inspected > 0:
             self._ready = True
+            self._t_ready = now
             line = self.status_line()
             self.notifier.ready(line)
             log.info("ready", status=line, startup_s=round(now - self._t_start, 3))
@@ -454,7 +465,11 @@ class Service:
             self._next_status = now + self.config.daemon.status_interval_s
             line = self.status_line()
             self.notifier.status(line if ok else f"{line}; {why}")
-        if self._max_runtime_s is not None and now - self._t_start >= self._max_runtime_s:
+        if (
+            self._max_runtime_s is not None
+            and self._ready
+            and now - self._t_ready >= self._max_runtime_s
+        ):
             self.should_exit = True
         if self._stop_after is not None and self._results >= self._stop_after:
             self.should_exit = True
