@@ -71,7 +71,8 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_int8_model(tiny_model: Path) -> Path:
-    """``model.int8.onnx`` beside ``tiny_model``: min/max QDQ from 32 calibration images."""
+    """``model.int8.onnx`` beside ``tiny_model``: min/max QDQ (uint8 activations, the CPU
+    form) from 32 calibration images."""
     from defectd.calibration.int8 import quantize_qdq
     from defectd.model import load_card
 
@@ -81,6 +82,25 @@ def tiny_int8_model(tiny_model: Path) -> Path:
     out = tiny_model.with_name("model.int8.onnx")
     quantize_qdq(tiny_model, out, batches)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_int8_trt_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A symmetric-int8 QDQ copy of ``tiny_model`` (what TensorRT takes), with its card."""
+    import shutil
+
+    from defectd.calibration.int8 import quantize_qdq
+    from defectd.model import card_path, load_card
+
+    folder = tmp_path_factory.mktemp("tiny_trt")
+    fp32 = folder / "model.onnx"
+    shutil.copy(tiny_model, fp32)
+    shutil.copy(card_path(tiny_model), card_path(fp32))
+    card = load_card(fp32)
+    rng = np.random.default_rng(1)
+    batches = [card.normalisation.apply(blob_batch(rng, 8)[0]) for _ in range(4)]
+    quantize_qdq(fp32, folder / "model.int8.onnx", batches, symmetric_activations=True)
+    return fp32
 
 
 # --- publish: Mosquitto brokers on free ports (persistence on; SIGKILL, restart) ---

@@ -189,6 +189,23 @@ def test_int8_plan_needs_a_qdq_model(tiny_model: Path, tmp_path: Path) -> None:
         )
 
 
+def test_int8_plan_refuses_a_uint8_qdq_model(tiny_int8_model: Path, tmp_path: Path) -> None:
+    card = load_card(tiny_int8_model)
+    with pytest.raises(EngineError, match=r"needs symmetric int8: .*symmetric_activations=True"):
+        resolve_plan(tiny_int8_model, card, SPEC, precision="int8", device=H100, cache_dir=tmp_path)
+
+
+def test_int8_plan_builds_from_the_symmetric_qdq_model(
+    tiny_int8_trt_model: Path, tmp_path: Path
+) -> None:
+    qdq = tiny_int8_trt_model.with_name("model.int8.onnx")
+    onnx_path, k, plan = resolve_plan(
+        qdq, load_card(qdq), SPEC, precision="int8", device=H100, cache_dir=tmp_path
+    )
+    assert onnx_path == qdq
+    assert k.precision == "int8" and plan.name.startswith("model.int8-int8-")
+
+
 @pytest.mark.skipif(has_gpu_and_trt, reason="a GPU and TensorRT are present")
 def test_tensorrt_without_gpu_or_package_is_one_clear_error(tiny_model: Path) -> None:
     with pytest.raises(
@@ -231,8 +248,9 @@ def test_tensorrt_plan_builds_runs_and_matches_onnx_runtime(
 @pytest.mark.gpu
 @pytest.mark.skipif(not has_gpu_and_trt, reason="needs an NVIDIA GPU and tensorrt")
 def test_tensorrt_int8_plan_masks_match_onnx_runtime(
-    tiny_model: Path, tiny_int8_model: Path, tmp_path: Path
+    tiny_int8_trt_model: Path, tmp_path: Path
 ) -> None:
+    tiny_model = tiny_int8_trt_model
     from conftest import blob_batch
 
     x = load_card(tiny_model).normalisation.apply(blob_batch(np.random.default_rng(4), 2)[0])

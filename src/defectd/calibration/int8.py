@@ -3,10 +3,13 @@
 ``quantize_qdq`` runs ONNX Runtime's static quantisation: it feeds normalised calibration
 batches through the fp32 model, records activation ranges (min/max, entropy or percentile),
 and writes explicit QuantizeLinear/DequantizeLinear pairs around every quantisable operator.
-Weights and activations are signed int8 and symmetric (zero point 0), weights per output
-channel: the one form that ONNX Runtime (CPU), OpenVINO (CPU) and TensorRT (strongly typed
-network) all run as INT8. The final sigmoid stays in float so probabilities keep their
-resolution near the decision threshold.
+Weights are signed int8, symmetric, per output channel. Activations are, by default, uint8
+with a zero point (asymmetric): the form x86 int8 kernels (VNNI/AMX ``u8 x s8``) take
+directly, so ONNX Runtime and OpenVINO quantise every convolution, including those after the
+U-Net's skip concatenations. TensorRT accepts only symmetric int8 (zero point 0): pass
+``symmetric_activations=True`` for a model meant for a TensorRT plan (it also runs on CPU,
+with some convolutions left in float there). The final sigmoid stays in float so
+probabilities keep their resolution near the decision threshold.
 """
 
 from __future__ import annotations
@@ -78,14 +81,18 @@ def quantize_qdq(
     *,
     method: CalibrationMethod = "minmax",
     per_channel: bool = True,
+    symmetric_activations: bool = False,
 ) -> ModelCard:
     """Quantise the fp32 model ``onnx_in`` into an INT8 QDQ model at ``onnx_out``.
 
     ``calibration`` yields normalised batches ``(N, C, H, W) float32`` (as engines take them,
     see ``Normalisation.apply``); a few dozen representative images are enough for min/max.
     Writes the card beside ``onnx_out`` (``precision="int8"``, new sha256, calibration notes)
-    and returns it. Raises ``ModelError`` for an unreadable model or card and
-    ``CalibrationError`` for a bad method, a batch of the wrong shape or no batches at all.
+    and returns it. ``symmetric_activations``: int8 activations with zero point 0 (TensorRT)
+    instead of uint8 with a zero point (fastest on CPUs).
+
+    Raises ``ModelError`` for an unreadable model or card and ``CalibrationError`` for a bad
+    method, a batch of the wrong shape or no batches at all.
     """
     if method not in METHODS:
         raise CalibrationError(f"calibration method {method!r}: choose one of {', '.join(METHODS)}")
@@ -105,9 +112,8 @@ def quantize_qdq(
         "percentile": OrtMethod.Percentile,
     }[method]
     extra: dict[str, Any] = {
-        "ActivationSymmetric": True,
+        "ActivationSymmetric": symmetric_activations,
         "WeightSymmetric": True,
-        # Percentile keeps 99.999% of activations by default; that is the useful setting.
     }
     onnx_out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="defectd-qdq-") as tmp:
@@ -120,7 +126,7 @@ def quantize_qdq(
                 str(onnx_out),
                 reader,
                 quant_format=QuantFormat.QDQ,
-                activation_type=QuantType.QInt8,
+                activation_type=QuantType.QInt8 if symmetric_activations else QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 per_channel=per_channel,
                 calibrate_method=ort_method,
@@ -140,7 +146,8 @@ def quantize_qdq(
     notes = (
         f"INT8 QDQ from {onnx_in.name} (sha256 {card.sha256[:12] or file_sha256(onnx_in)[:12]}): "
         f"{method} calibration on {reader.images} images, "
-        f"{'per-channel' if per_channel else 'per-tensor'} symmetric int8"
+        f"{'per-channel' if per_channel else 'per-tensor'} int8 weights, "
+        f"{'symmetric int8' if symmetric_activations else 'asymmetric uint8'} activations"
     )
     out_card = card.model_copy(
         update={
@@ -156,6 +163,7 @@ def quantize_qdq(
         out=str(onnx_out),
         method=method,
         per_channel=per_channel,
+        symmetric_activations=symmetric_activations,
         batches=reader.batches,
         images=reader.images,
     )

@@ -24,8 +24,10 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 from numpy.typing import NDArray
+from onnx import numpy_helper
 
 from defectd.engines.base import EngineSpec
 from defectd.engines.fp16 import convert_fp16
@@ -107,6 +109,7 @@ def tensorrt_onnx(model_path: Path, card: ModelCard, precision: str, cache_dir: 
                 f"{model_path}: card precision is {card.precision}; TensorRT {precision} needs "
                 + ("a QDQ ONNX (defectd calibrate int8)" if precision == "int8" else "fp32 ONNX")
             )
+        check_symmetric_qdq(model_path)
         return model_path
     if precision == "fp32" or card.precision == "fp16":
         return model_path
@@ -115,6 +118,24 @@ def tensorrt_onnx(model_path: Path, card: ModelCard, precision: str, cache_dir: 
     if not out.is_file():
         convert_fp16(model_path, out)
     return out
+
+
+def check_symmetric_qdq(model_path: Path) -> None:
+    """TensorRT runs INT8 only with int8 zero points of 0; uint8 activations are refused."""
+    model = onnx.load(str(model_path), load_external_data=False)
+    initialisers = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type != "QuantizeLinear" or len(node.input) < 3:
+            continue
+        zero = initialisers.get(node.input[2])
+        if zero is None:
+            continue
+        values = numpy_helper.to_array(zero)
+        if values.dtype != np.int8 or values.any():
+            raise EngineError(
+                f"{model_path}: QDQ activations are {values.dtype} with a zero point; TensorRT "
+                "needs symmetric int8: quantise with quantize_qdq(..., symmetric_activations=True)"
+            )
 
 
 def resolve_plan(
