@@ -44,8 +44,13 @@ from defectd.pipeline.cameras import CameraSetup
 from defectd.pipeline.frame import Frame
 from defectd.pipeline.inspection import Inspection, Verdict
 from defectd.pipeline.runner import Pipeline, PipelineResult
-from defectd.pipeline.sources import Source, SourceEvent, SourceHealth, SourceState
-from defectd.pipeline.sources.base import make_source
+from defectd.pipeline.sources import (
+    Source,
+    SourceEvent,
+    SourceHealth,
+    SourceState,
+    make_sources,
+)
 from defectd.pipeline.stats import PipelineStats
 from defectd.publish.messages import StatusInfo
 from defectd.publish.mqtt import Publisher
@@ -232,8 +237,8 @@ class Service:
             return
 
         self.notifier.status("opening cameras")
-        for cam in cfg.cameras:
-            source = make_source(cam.source, cfg.station)
+        # GenICam cameras of one station share one producer hub.
+        for source in make_sources([c.source for c in cfg.cameras], cfg.station):
             source.start(self._on_frame, self._on_event)
             self._sources.append(source)
         self._progress_epoch = time.monotonic()
