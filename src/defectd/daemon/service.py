@@ -394,6 +394,8 @@ class Service:
             "station": ins.station,
             "camera": ins.camera,
             "seq": ins.seq,
+            "part_id": ins.part_id,
+            "result_id": ins.result_id,
             "verdict": ins.verdict.value,
             "latency_ms": ins.latencies_ms.get("total"),
             "model": ins.model_name,
