@@ -1,0 +1,155 @@
+"""The service in this process: start-up errors, reload rules, archive wiring, bad reloads."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from defectd.cli import main
+from defectd.daemon.config import load_station_config
+from defectd.daemon.sdnotify import SdNotifier
+from defectd.daemon.service import Service, merge_reload
+from defectd.model.card import card_path
+
+
+def _config_text(model: Path, state: Path, *, rate: str = "20", extra: str = "") -> str:
+    return f"""
+station = "st2"
+[model]
+path = "{model}"
+backend = "ort"
+threads = 1
+warmup = 1
+[[cameras]]
+type = "synthetic"
+camera = "cam0"
+rate_hz = {rate}
+height = 64
+width = 64
+defect_rate = 0.5
+[mqtt]
+port = 1
+reconnect_min_s = 0.5
+reconnect_max_s = 1
+connect_timeout_s = 1
+[health]
+enabled = false
+[archive]
+pass_sample = 1.0
+[daemon]
+state_dir = "{state}"
+drain_timeout_s = 1
+{extra}
+"""
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_malformed_config_exits_2_naming_the_key(
+    tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = _write(tmp_path / "bad.toml", _config_text(tiny_model, tmp_path, rate="0"))
+    assert main(["run", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {cfg}: cameras.0.rate_hz: Input should be greater than 0"
+
+
+def test_missing_model_file_exits_2_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = _write(tmp_path / "s.toml", _config_text(tmp_path / "gone.onnx", tmp_path))
+    assert main(["run", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert f"model.path: model file not found: {tmp_path / 'gone.onnx'}" in err
+
+
+def test_model_without_card_exits_2_naming_the_card(
+    tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = tmp_path / "nocard.onnx"
+    shutil.copy(tiny_model, model)
+    cfg = _write(tmp_path / "s.toml", _config_text(model, tmp_path / "state"))
+    assert main(["run", "--config", str(cfg)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "nocard.card.json: model card not found" in last
+
+
+def test_reload_applies_model_and_rules_but_not_the_broker(tmp_path: Path) -> None:
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"x")
+    old = load_station_config(_write(tmp_path / "a.toml", _config_text(model, tmp_path)), env={})
+    text = _config_text(model, tmp_path, extra="").replace("port = 1\n", "port = 2\n")
+    text += '[rules]\nrules = [{ kind = "count", max_defects = 2 }]\n'
+    new = load_station_config(_write(tmp_path / "b.toml", text), env={})
+    merged, ignored = merge_reload(old, new)
+    assert ignored == ["mqtt"]
+    assert merged.mqtt.port == 1
+    assert merged.rules == new.rules
+
+
+@pytest.fixture
+def running(tmp_path: Path, tiny_model: Path) -> Iterator[tuple[Service, Path]]:
+    """A service on a thread (no signals), broker unreachable (results queue)."""
+    live = tmp_path / "model.onnx"
+    shutil.copy(tiny_model, live)
+    shutil.copy(card_path(tiny_model), card_path(live))
+    path = _write(tmp_path / "station.toml", _config_text(live, tmp_path / "state"))
+    service = Service(
+        load_station_config(path), config_path=path, notifier=SdNotifier({}), install_signals=False
+    )
+    thread = threading.Thread(target=service.serve, name="test-service")
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not service.ready:
+        assert thread.is_alive() and time.monotonic() < deadline
+        time.sleep(0.05)
+    yield service, path
+    service.should_exit = True
+    thread.join(20)
+    assert not thread.is_alive()
+
+
+def _wait(predicate: object, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_bad_config_on_reload_keeps_the_running_station(running: tuple[Service, Path]) -> None:
+    service, path = running
+    path.write_text(path.read_text().replace("rate_hz = 20", "rate_hz = -5"))
+    before = service.metrics.verdicts.value(camera="cam0", verdict="pass") + (
+        service.metrics.verdicts.value(camera="cam0", verdict="fail")
+    )
+    service.request_reload()
+    _wait(lambda: service.metrics.reloads.value(result="failed") == 1)
+    assert service.metrics.reloads.value(result="ok") == 0
+    _wait(
+        lambda: (
+            service.metrics.verdicts.value(camera="cam0", verdict="pass")
+            + service.metrics.verdicts.value(camera="cam0", verdict="fail")
+            > before + 5
+        )
+    )
+    assert service.progress()[0]
+
+
+def test_daemon_archives_parts_as_a_dataset(running: tuple[Service, Path]) -> None:
+    service, _ = running
+    archive = service.config.archive.dir
+    manifest = archive / "manifest.csv"
+    _wait(lambda: manifest.exists() and len(manifest.read_text().splitlines()) > 5)
+    with (archive / "manifest.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["cls"] for r in rows} - {"error"}  # inspected parts, labelled
+    assert all((archive / r["image"]).is_file() for r in rows)
