@@ -1,0 +1,725 @@
+"""The inspection pipeline end to end, next to two baselines measured in the same run.
+
+Rows, each measured in its own worker process (so CPU% and peak RSS are its own), driven
+round-robin so that load from other processes on the machine falls on every row alike:
+
+- ``engine-only``: ``engine.infer`` on ready batches of ``--batch`` tiles: the ceiling.
+- ``pipeline``: the real thing. An unthrottled synthetic line (``SyntheticSource``, admission
+  ``block``) -> ``Pipeline`` (preprocess, dynamic batcher, the same engine, post-processing,
+  rules) -> ``Publisher`` (durable SQLite outbox, MQTT QoS 1 to the broker).
+- ``naive``: the program a team writes first: render one part, torch eager forward, threshold,
+  paho publish QoS 1 and wait for the PUBACK, next part.
+
+Latency is grab -> result delivered to a subscriber on the same broker (QoS 1, measured in the
+driver process from the ``t_grab`` in each message): the broker forwards a message and
+acknowledges it in the same step, so this is grab -> PUBACK to within a fraction of a
+millisecond. The naive loop also reports its own grab -> PUBACK. The first 10% of frames of
+each run are warm-up and left out.
+
+The model is ``--model``, else ``models/demo/model.onnx`` or ``models/magnetic_tile/model.onnx``
+when present, else a freshly initialised U-Net (base 16, depth 4, 1x256x256) exported to a
+temp dir (speed does not depend on the weights). The engine is OpenVINO at the best precision
+the model and CPU offer: int8 when a QDQ model ``<stem>.int8.onnx`` lies beside it (or with
+``--quantize``), else bf16 where the CPU has it, else fp32. The naive loop runs the same
+architecture in torch eager fp32 (the checkpoint beside the model when there is one).
+
+``--truth N`` adds a run over a seeded synthetic line of N parts with known truth and prints
+the confusion matrix of part verdicts (fail and error count as rejects) against the truth.
+
+    python bench/pipeline.py [--quick] [--json] [--batch 2] [--frames N] [--model M]
+                             [--precision best|fp32|bf16|int8] [--quantize] [--mqtt HOST:PORT]
+                             [--no-mqtt] [--truth 2000] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = (
+    ROOT / "models" / "demo" / "model.onnx",
+    ROOT / "models" / "magnetic_tile" / "model.onnx",
+)
+FALLBACK_ARCH = {"in_channels": 1, "base": 16, "depth": 4}
+FALLBACK_SIZE = 256
+PREFIX = "defectd-bench"
+WARMUP_FRACTION = 0.1
+
+
+# --- helpers shared by driver and workers --------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 2) if values else None
+
+
+class Resources:
+    """Process CPU time and peak RSS over a measured interval (RSS sampled every 20 ms)."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._proc = psutil.Process()
+        self._peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="bench-rss", daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._peak = max(self._peak, self._proc.memory_info().rss)
+            self._stop.wait(0.02)
+
+    def __enter__(self) -> Resources:
+        self._cpu0 = sum(self._proc.cpu_times()[:2])
+        self._t0 = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall_s = time.perf_counter() - self._t0
+        self.cpu_s = sum(self._proc.cpu_times()[:2]) - self._cpu0
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, self._proc.memory_info().rss)
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "cpu_percent": round(100.0 * self.cpu_s / self.wall_s, 1),
+            "peak_rss_mb": round(self._peak / 2**20, 1),
+        }
+
+
+def steady_fps(times_s: list[float]) -> float:
+    """Frames per second between the end of warm-up and the last frame."""
+    times = sorted(times_s)
+    skip = int(len(times) * WARMUP_FRACTION)
+    kept = times[skip:]
+    if len(kept) < 2 or kept[-1] <= kept[0]:
+        return 0.0
+    return (len(kept) - 1) / (kept[-1] - kept[0])
+
+
+def open_bench_engine(spec: dict[str, Any]) -> Any:
+    from defectd.engines import open_engine
+
+    return open_engine(
+        Path(spec["model"]),
+        backend=spec["backend"],
+        precision=spec["precision"],
+        max_batch=spec["batch"],
+    )
+
+
+# --- workers (one process each) -------------------------------------------------------------
+
+
+def engine_only(
+    engine: Any, card: Any, batch_size: int, seconds: float, seed: int
+) -> dict[str, Any]:
+    """``engine.infer`` on one ready batch of rendered parts, for ``seconds``."""
+    from defectd.training.synth import PartRenderer
+
+    c, h, w = card.input.channels, card.input.height, card.input.width
+    renderer = PartRenderer(h, w, c)
+    rng = np.random.default_rng(seed)
+    raw = np.stack([renderer.render(rng, defect_prob=0.3).image for _ in range(batch_size)])
+    raw = raw[:, None] if c == 1 else raw.transpose(0, 3, 1, 2)
+    batch = card.normalisation.apply(raw)
+    for _ in range(2):
+        engine.infer(batch)
+    lat: list[float] = []
+    with Resources() as res:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end or len(lat) < 5:
+            t0 = time.perf_counter()
+            engine.infer(batch)
+            lat.append(time.perf_counter() - t0)
+    return {
+        "fps": round(batch_size * len(lat) / sum(lat), 2),
+        "frames": batch_size * len(lat),
+        "batch_p50_ms": percentile([x * 1e3 for x in lat], 50),
+        "batch_p99_ms": percentile([x * 1e3 for x in lat], 99),
+        **res.as_dict(),
+    }
+
+
+def work_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
+    from defectd.model.card import load_card
+    from defectd.pipeline.config import PipelineConfig
+    from defectd.pipeline.runner import Pipeline, PipelineResult
+    from defectd.pipeline.sources import EventKind, SourceEvent, SyntheticSourceConfig
+    from defectd.pipeline.sources.synthetic import SyntheticSource
+
+    card = load_card(Path(spec["model"]))
+    engine = open_bench_engine(spec)
+    b = spec["batch"]
+    # Engine-only right before and after the pipeline run, same process and engine: the
+    # ceiling, bracketing the run so that changing load on the machine hits both alike.
+    before = (
+        engine_only(engine, card, b, spec["bracket_s"], spec["seed"]) if spec["bracket_s"] else None
+    )
+    publisher = None
+    if spec["mqtt"]:
+        from defectd.publish.config import MqttConfig, OutboxConfig
+        from defectd.publish.mqtt import Publisher
+
+        host, port = spec["mqtt"]
+        publisher = Publisher(
+            MqttConfig(
+                host=host,
+                port=port,
+                topic_prefix=PREFIX,
+                client_id=f"{spec['station']}-pub",
+                session_expiry_s=0,
+            ),
+            OutboxConfig(path=Path(spec["workdir"]) / f"outbox-{uuid.uuid4().hex}.sqlite"),
+            spec["station"],
+        )
+        publisher.start()
+        deadline = time.monotonic() + 10
+        while not publisher.stats().connected and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    verdict_times: list[float] = []
+    records: list[tuple[str | None, bool | None, str]] = []
+    lock = threading.Lock()
+
+    def sink(result: PipelineResult) -> None:
+        if publisher is not None:
+            publisher.submit(result.inspection)
+        with lock:
+            verdict_times.append(time.monotonic())
+            records.append(
+                (
+                    result.frame.part_id,
+                    result.frame.meta.get("truth_defective"),
+                    result.inspection.verdict.value,
+                )
+            )
+
+    ended = threading.Event()
+
+    def on_event(event: SourceEvent) -> None:
+        if event.kind == EventKind.END_OF_STREAM:
+            ended.set()
+
+    cfg = PipelineConfig(
+        max_batch=b,
+        max_delay_ms=spec["max_delay_ms"],
+        max_latency_ms=None,
+        admission="block",
+        max_in_flight=spec["max_in_flight"],
+        frame_queue=max(1, spec["max_in_flight"]),
+        job_queue=max(1, spec["max_in_flight"]),
+        workers=1,
+    )
+    pipe = Pipeline(engine, card, cfg, on_result=sink)
+    source = SyntheticSource(
+        SyntheticSourceConfig(
+            camera="cam0",
+            rate_hz=None,
+            height=spec["height"],
+            width=spec["width"],
+            channels=card.input.channels,
+            defect_rate=0.3,
+            seed=spec["seed"],
+            count=spec["frames"],
+        ),
+        spec["station"],
+    )
+    with Resources() as res:
+        pipe.start()
+        source.start(pipe.submit, on_event)
+        ended.wait(timeout=3600)
+        pipe.wait_idle(60)
+        t_verdicts = time.monotonic()
+        if publisher is not None:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                st = publisher.stats()
+                if st.outbox_depth == 0 and st.inflight == 0:
+                    break
+                time.sleep(0.01)
+        t_acked = time.monotonic()
+    stats = pipe.stats()
+    source.stop()
+    pipe.stop()
+    after = (
+        engine_only(engine, card, b, spec["bracket_s"], spec["seed"]) if spec["bracket_s"] else None
+    )
+    pub_stats = publisher.stats() if publisher is not None else None
+    if publisher is not None:
+        publisher.stop(drain_timeout_s=5.0)
+    stages = {k: v["p50"] for k, v in stats.latency_ms.items()}
+    parts = {r[0] for r in records}
+    out: dict[str, Any] = {
+        "row": "pipeline",
+        "engine": engine.name,
+        "batch": b,
+        "frames": len(records),
+        "fps": round(steady_fps(verdict_times), 2),
+        "mean_batch": stats.mean_batch,
+        "stage_p50_ms": stages,
+        "verdict_p50_ms": stats.latency_ms.get("total", {}).get("p50"),
+        "verdict_p99_ms": stats.latency_ms.get("total", {}).get("p99"),
+        "publish_lag_s": round(t_acked - t_verdicts, 3),
+        "verdicts": stats.verdicts,
+        "missing_verdicts": spec["frames"] - len(parts),
+        **res.as_dict(),
+    }
+    if before is not None and after is not None:
+        out["engine_only"] = {
+            "row": "engine-only",
+            "engine": engine.name,
+            "batch": b,
+            "fps": round((before["fps"] + after["fps"]) / 2, 2),
+            "fps_before_after": [before["fps"], after["fps"]],
+            "batch_p50_ms": before["batch_p50_ms"],
+            "batch_p99_ms": max(before["batch_p99_ms"] or 0, after["batch_p99_ms"] or 0),
+            "cpu_percent": before["cpu_percent"],
+            "peak_rss_mb": before["peak_rss_mb"],
+        }
+    if pub_stats is not None:
+        out["published_acked"] = pub_stats.acked
+        out["publish_p99_ms"] = pub_stats.ack_latency_ms_p99
+    if spec.get("truth"):
+        out["truth"] = confusion(records)
+    return out
+
+
+def confusion(records: list[tuple[str | None, bool | None, str]]) -> dict[str, Any]:
+    """Part verdicts against truth; ``fail`` and ``error`` are rejects (the gate's view)."""
+    tp = fn = fp = tn = errors = 0
+    for _, truth, verdict in records:
+        reject = verdict != "pass"
+        errors += verdict == "error"
+        if truth:
+            tp += reject
+            fn += not reject
+        else:
+            fp += reject
+            tn += not reject
+    n = tp + fn + fp + tn
+    return {
+        "parts": n,
+        "defective_rejected": tp,
+        "defective_passed": fn,
+        "good_rejected": fp,
+        "good_passed": tn,
+        "errors": errors,
+        "accuracy": round((tp + tn) / n, 4) if n else None,
+        "escape_rate": round(fn / (tp + fn), 4) if tp + fn else None,
+        "false_reject_rate": round(fp / (fp + tn), 4) if fp + tn else None,
+    }
+
+
+def load_torch_net(spec: dict[str, Any]) -> tuple[Any, str]:
+    from defectd.model.card import load_card
+    from defectd.model.checkpoint import load_checkpoint
+    from defectd.model.unet import UNet, UNetConfig
+
+    if spec.get("checkpoint"):
+        net, _ = load_checkpoint(Path(spec["checkpoint"]))
+        return net.eval(), "checkpoint"
+    card = load_card(Path(spec["model"]))
+    fields = set(UNetConfig.__dataclass_fields__)
+    arch = {k: v for k, v in card.architecture.items() if k in fields}
+    arch.setdefault("in_channels", card.input.channels)
+    return UNet(UNetConfig(**arch)).eval(), "random weights of the card's architecture"
+
+
+def work_naive(spec: dict[str, Any]) -> dict[str, Any]:
+    import paho.mqtt.client as mqtt
+    import torch
+
+    from defectd.model.card import load_card
+    from defectd.training.synth import PartRenderer
+
+    card = load_card(Path(spec["model"]))
+    net, weights = load_torch_net(spec)
+    torch.set_num_threads(os.cpu_count() or 1)
+    c, h, w = card.input.channels, card.input.height, card.input.width
+    renderer = PartRenderer(h, w, c)
+    rng = np.random.default_rng(spec["seed"])
+    client = None
+    topic = f"{PREFIX}/{spec['station']}/cam0/result"
+    if spec["mqtt"]:
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=f"{spec['station']}-naive",
+            protocol=mqtt.MQTTv5,
+        )
+        client.connect(*spec["mqtt"])
+        client.loop_start()
+    renderer.render(rng)  # texture banks
+    with torch.no_grad():  # the first forward allocates; a real loop has run many already
+        net(torch.zeros(1, c, h, w))
+    lat: list[float] = []
+    done: list[float] = []
+    with Resources() as res, torch.no_grad():
+        for i in range(spec["frames"]):
+            part = renderer.render(rng, defect_prob=0.3)
+            t_grab, t0 = time.time(), time.perf_counter()
+            raw = part.image[None, None] if c == 1 else part.image.transpose(2, 0, 1)[None]
+            x = torch.from_numpy(card.normalisation.apply(raw))
+            prob = torch.sigmoid(net(x))[0, 0].numpy()
+            verdict = "fail" if bool((prob > card.threshold).any()) else "pass"
+            payload = json.dumps(
+                {
+                    "result_id": uuid.uuid4().hex,
+                    "station": spec["station"],
+                    "camera": "cam0",
+                    "seq": i,
+                    "verdict": verdict,
+                    "t_grab": {"epoch": t_grab},
+                }
+            )
+            if client is not None:
+                client.publish(topic, payload, qos=1).wait_for_publish(timeout=10)
+            lat.append((time.perf_counter() - t0) * 1e3)
+            done.append(time.monotonic())
+    if client is not None:
+        client.loop_stop()
+        client.disconnect()
+    kept = lat[int(len(lat) * WARMUP_FRACTION) :]
+    return {
+        "row": "naive",
+        "engine": "torch-fp32 eager",
+        "weights": weights,
+        "batch": 1,
+        "frames": len(lat),
+        "fps": round(steady_fps(done), 2),
+        "puback_p50_ms": percentile(kept, 50),
+        "puback_p99_ms": percentile(kept, 99),
+        **res.as_dict(),
+    }
+
+
+WORKERS = {"pipeline": work_pipeline, "naive": work_naive}
+
+
+# --- driver -----------------------------------------------------------------------------------
+
+
+class Subscriber:
+    """Listens to this run's results on the broker; records grab -> delivery per message."""
+
+    def __init__(self, host: str, port: int, station: str) -> None:
+        import paho.mqtt.client as mqtt
+
+        self.latency_ms: dict[str, list[tuple[int, float]]] = {}
+        self.row = ""
+        self._lock = threading.Lock()
+        self._client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=f"{station}-sub",
+            protocol=mqtt.MQTTv5,
+        )
+        self._client.on_message = self._on_message
+        self._ready = threading.Event()
+        self._client.on_subscribe = lambda *a: self._ready.set()
+        self._client.connect(host, port)
+        self._client.loop_start()
+        self._client.subscribe(f"{PREFIX}/{station}/+/result", qos=1)
+        if not self._ready.wait(10):
+            raise RuntimeError(f"no SUBACK from the broker at {host}:{port}")
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        now = time.time()
+        data = json.loads(msg.payload)
+        with self._lock:
+            self.latency_ms.setdefault(self.row, []).append(
+                (int(data["seq"]), (now - float(data["t_grab"]["epoch"])) * 1e3)
+            )
+
+    def take(self, row: str, frames: int) -> dict[str, Any]:
+        with self._lock:
+            got = self.latency_ms.pop(row, [])
+        kept = [ms for seq, ms in got if seq >= int(frames * WARMUP_FRACTION)]
+        return {
+            "delivered": len(got),
+            "e2e_p50_ms": percentile(kept, 50),
+            "e2e_p99_ms": percentile(kept, 99),
+        }
+
+    def close(self) -> None:
+        self._client.loop_stop()
+        self._client.disconnect()
+
+
+def resolve_model(arg: Path | None) -> tuple[Path, Path | None, str]:
+    """(onnx path, torch checkpoint or None, description)."""
+    for path in [arg] if arg else SHIPPED:
+        if path is not None and path.is_file():
+            ckpt = next(
+                (p for p in (path.with_suffix(".pt"), path.with_name("best.pt")) if p.is_file()),
+                None,
+            )
+            return path, ckpt, str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
+        if arg:
+            raise SystemExit(f"error: {arg}: model not found")
+    from defectd.model.card import InputSpec, ModelCard, card_path
+    from defectd.model.checkpoint import save_checkpoint
+    from defectd.model.export import export_onnx
+    from defectd.model.unet import UNet, UNetConfig
+
+    desc = f"fresh U-Net base {FALLBACK_ARCH['base']} depth {FALLBACK_ARCH['depth']} 1x256x256"
+    # Exporting takes seconds; speed does not depend on the weights, so keep one between runs.
+    cache = Path(tempfile.gettempdir()) / "defectd-bench" / "fresh-b16-d4-256"
+    onnx_path, ckpt = cache / "model.onnx", cache / "model.pt"
+    if not (onnx_path.is_file() and ckpt.is_file() and card_path(onnx_path).is_file()):
+        net = UNet(UNetConfig(**FALLBACK_ARCH)).eval()  # type: ignore[arg-type]
+        card = ModelCard(
+            name="fresh-unet",
+            architecture=net.config.as_dict(),
+            input=InputSpec(channels=1, height=FALLBACK_SIZE, width=FALLBACK_SIZE),
+        )
+        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+        card = export_onnx(net, card, tmp / "model.onnx")
+        save_checkpoint(tmp / "model.pt", net, card)
+        shutil.rmtree(cache, ignore_errors=True)
+        tmp.rename(cache)
+    return onnx_path, ckpt, desc
+
+
+def choose_precision(model: Path, asked: str, quantize: bool, workdir: Path) -> tuple[Path, str]:
+    """The model path and precision to open; with ``quantize`` a QDQ sibling is made in
+    ``workdir`` from synthetic parts (beside a copy of the model)."""
+    if asked != "best":
+        return model, asked
+    sibling = model.with_name(model.stem + ".int8.onnx")
+    if sibling.is_file():
+        return model, "int8"
+    if quantize:
+        from defectd.calibration.int8 import quantize_qdq
+        from defectd.model.card import card_path, load_card
+        from defectd.training.synth import PartRenderer
+
+        copy = workdir / "q" / model.name
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(model, copy)
+        shutil.copy(card_path(model), card_path(copy))
+        card = load_card(copy)
+        renderer = PartRenderer(card.input.height, card.input.width, card.input.channels)
+        rng = np.random.default_rng(123)
+        batches = []
+        for _ in range(8):
+            imgs = np.stack([renderer.render(rng).image for _ in range(4)])
+            raw = imgs[:, None] if card.input.channels == 1 else imgs.transpose(0, 3, 1, 2)
+            batches.append(card.normalisation.apply(raw))
+        quantize_qdq(copy, copy.with_name(copy.stem + ".int8.onnx"), batches)
+        return copy, "int8"
+    from defectd.engines.openvino_backend import cpu_capabilities
+
+    return model, "bf16" if "BF16" in cpu_capabilities() else "fp32"
+
+
+def run_worker(mode: str, spec: dict[str, Any]) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", mode, "--spec", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=3600,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(
+            f"error: {mode} worker failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+        )
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+def median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median fps, with the fps of every run alongside."""
+    ordered = sorted(runs, key=lambda r: r["fps"])
+    row = dict(ordered[len(ordered) // 2])
+    row["fps_runs"] = [r["fps"] for r in runs]
+    return row
+
+
+def print_table(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = report["rows"]
+    table = Table(
+        title=f"pipeline bench: {report['model']} on {report['engine']}, batch {report['batch']}"
+    )
+    for col in ("row", "frames/s", "e2e p50 ms", "e2e p99 ms", "CPU %", "peak RSS MB", "runs"):
+        table.add_column(col, justify="right" if col != "row" else "left")
+    for name in ("engine-only", "pipeline", "naive"):
+        r = rows[name]
+        table.add_row(
+            name,
+            f"{r['fps']:.2f}",
+            str(r.get("e2e_p50_ms", r.get("batch_p50_ms", "-"))),
+            str(r.get("e2e_p99_ms", r.get("batch_p99_ms", "-"))),
+            f"{r['cpu_percent']:.0f}",
+            f"{r['peak_rss_mb']:.0f}",
+            " ".join(f"{x:.1f}" for x in r["fps_runs"]),
+        )
+    console = Console()
+    console.print(table)
+    ratios = report["ratios"]
+    console.print(
+        f"pipeline / engine-only = {ratios['pipeline_vs_engine']:.2f} (target >= 0.90); "
+        f"pipeline / naive = {ratios['pipeline_vs_naive']:.2f} (target >= 3); "
+        f"p99 pipeline {rows['pipeline'].get('e2e_p99_ms')} ms vs naive "
+        f"{rows['naive'].get('e2e_p99_ms')} ms"
+    )
+    console.print(f"pipeline stage p50 ms: {rows['pipeline']['stage_p50_ms']}")
+    console.print(
+        "latency = grab -> result at a subscriber (~PUBACK); engine-only shows batch latency. "
+        "engine-only row: the engine's ceiling; e2e = grab to delivery"
+    )
+    if "truth" in report:
+        t = report["truth"]
+        console.print(
+            f"truth ({t['parts']} parts, missing verdicts {report['truth_missing']}): "
+            f"defective rejected {t['defective_rejected']}, "
+            f"defective passed {t['defective_passed']}, good rejected {t['good_rejected']}, "
+            f"good passed {t['good_passed']}, errors {t['errors']}; "
+            f"accuracy {t['accuracy']}, escape rate {t['escape_rate']}, "
+            f"false-reject rate {t['false_reject_rate']}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--model", type=Path, help="ONNX model with its card (default: shipped or fresh)"
+    )
+    parser.add_argument("--backend", default="openvino", help="engine backend (default openvino)")
+    parser.add_argument("--precision", default="best", help="best (default), fp32, bf16, int8")
+    parser.add_argument("--quantize", action="store_true", help="make an int8 QDQ model for 'best'")
+    parser.add_argument("--batch", type=int, default=2, help="max batch, same for engine-only")
+    parser.add_argument("--max-in-flight", type=int, default=None, help="default: 2 x batch")
+    parser.add_argument("--max-delay-ms", type=float, default=5.0)
+    parser.add_argument("--frames", type=int, default=None, help="frames per pipeline run")
+    parser.add_argument("--repeats", type=int, default=None, help="runs per row (median)")
+    parser.add_argument("--mqtt", default="127.0.0.1:1883", help="broker HOST:PORT")
+    parser.add_argument("--no-mqtt", action="store_true", help="no broker: latency is to verdict")
+    parser.add_argument("--truth", type=int, default=0, help="also run N parts against truth")
+    parser.add_argument("--quick", action="store_true", help="fewer frames, one run (< 60 s)")
+    parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    args = parser.parse_args()
+
+    from defectd.log import configure_logging
+
+    configure_logging("warning", "json")
+    if args.worker:
+        spec = json.loads(args.spec)
+        print(json.dumps(WORKERS[args.worker](spec)))
+        return
+
+    repeats = args.repeats or (1 if args.quick else 3)
+    frames = args.frames or (100 if args.quick else 600)
+    mqtt = None
+    if not args.no_mqtt:
+        host, _, port = args.mqtt.rpartition(":")
+        mqtt = (host, int(port))
+    with tempfile.TemporaryDirectory(prefix="defectd-bench-") as tmp:
+        workdir = Path(tmp)
+        model, ckpt, model_desc = resolve_model(args.model)
+        model, precision = choose_precision(model, args.precision, args.quantize, workdir)
+        from defectd.model.card import load_card
+
+        card = load_card(model)
+        station = f"bench{os.getpid()}"
+        base = {
+            "model": str(model),
+            "checkpoint": str(ckpt) if ckpt else None,
+            "backend": args.backend,
+            "precision": precision,
+            "batch": args.batch,
+            "max_in_flight": args.max_in_flight or 2 * args.batch,
+            "max_delay_ms": args.max_delay_ms,
+            "height": card.input.height,
+            "width": card.input.width,
+            "seed": 0,
+            "mqtt": mqtt,
+            "station": station,
+            "workdir": str(workdir),
+        }
+        sub = Subscriber(mqtt[0], mqtt[1], station) if mqtt else None
+        runs: dict[str, list[dict[str, Any]]] = {"engine-only": [], "pipeline": [], "naive": []}
+        bracket_s = 2.0 if args.quick else 8.0
+        naive_frames = 8 if args.quick else max(24, frames // 10)
+        for r in range(repeats):
+            for mode, extra in (
+                ("pipeline", {"frames": frames, "bracket_s": bracket_s}),
+                ("naive", {"frames": naive_frames}),
+            ):
+                if sub is not None:
+                    sub.row = f"{mode}-{r}"
+                result = run_worker(mode, {**base, **extra, "seed": r})
+                if sub is not None:
+                    time.sleep(0.5)  # the last deliveries
+                    result.update(sub.take(f"{mode}-{r}", result["frames"]))
+                runs[mode].append(result)
+                if mode == "pipeline":
+                    runs["engine-only"].append(result.pop("engine_only"))
+                if not args.json:
+                    print(
+                        f"  {mode} run {r + 1}/{repeats}: {result['fps']:.2f} frames/s",
+                        file=sys.stderr,
+                    )
+        truth = None
+        if args.truth:
+            truth = run_worker(
+                "pipeline", {**base, "frames": args.truth, "truth": True, "mqtt": None}
+            )
+        if sub is not None:
+            sub.close()
+    rows = {name: median_row(rs) for name, rs in runs.items()}
+    if mqtt is None:
+        for name in ("pipeline",):
+            rows[name]["e2e_p50_ms"] = rows[name]["verdict_p50_ms"]
+            rows[name]["e2e_p99_ms"] = rows[name]["verdict_p99_ms"]
+        rows["naive"]["e2e_p50_ms"] = rows["naive"]["puback_p50_ms"]
+        rows["naive"]["e2e_p99_ms"] = rows["naive"]["puback_p99_ms"]
+    report: dict[str, Any] = {
+        "model": model_desc,
+        "engine": rows["pipeline"]["engine"],
+        "batch": args.batch,
+        "frames": frames,
+        "repeats": repeats,
+        "mqtt": f"{mqtt[0]}:{mqtt[1]}" if mqtt else None,
+        "cpu_count": os.cpu_count(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "rows": rows,
+        "ratios": {
+            "pipeline_vs_engine": round(rows["pipeline"]["fps"] / rows["engine-only"]["fps"], 3),
+            "pipeline_vs_naive": round(rows["pipeline"]["fps"] / rows["naive"]["fps"], 3),
+        },
+    }
+    if truth is not None:
+        report["truth"] = truth["truth"]
+        report["truth_missing"] = truth["missing_verdicts"]
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print_table(report)
+
+
+if __name__ == "__main__":
+    main()
