@@ -392,3 +392,18 @@ def test_max_in_flight_rejects_the_excess_on_a_real_line(run) -> None:
     assert pipe.wait_idle(10)
     assert sink.verdicts() == ["pass", "error", "error"]
     assert "max_in_flight" in str(sink.by_seq()[1].inspection.reason)
+
+
+def test_repeated_errors_are_logged_once_per_interval_with_a_count(run) -> None:
+    from structlog.testing import capture_logs
+
+    pipe, _, sink = run(PipelineConfig(admission="block"))
+    with capture_logs() as logs:
+        for i in range(30):
+            bad = dark_frame(64, 64, seq=i)
+            bad.image = np.zeros((0, 0), np.uint8)
+            pipe.submit(bad)
+        assert pipe.wait_idle(10)
+    events = [e for e in logs if e["event"] == "frame_error"]
+    assert len(sink.results) == 30 and pipe.stats().errors == {"corrupt_frame": 30}
+    assert len(events) == 1 and events[0]["reason"] == "corrupt_frame"
