@@ -20,7 +20,6 @@ from defectd.engines.base import Engine, EngineSpec
 from defectd.errors import ConfigError, DefectdError, ModelError
 from defectd.log import get_logger
 from defectd.model.card import ModelCard, file_sha256, load_card
-from defectd.model.checkpoint import load_checkpoint
 from defectd.pipeline.cameras import CameraSetup, camera_setup_from_calibration
 
 log = get_logger(__name__)
@@ -76,6 +75,9 @@ class LoadedModel:
 
 def _card_for(path: Path) -> ModelCard:
     if path.suffix.lower() == ".pt":
+        # torch only for a .pt checkpoint: ONNX stations need not import it.
+        from defectd.model.checkpoint import load_checkpoint  # noqa: PLC0415
+
         return load_checkpoint(path)[1]
     return load_card(path)
 
