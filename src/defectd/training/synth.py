@@ -283,7 +283,7 @@ def _scratch(rng: np.random.Generator, c: _Canvas) -> int:
     shifted = np.round(pts - [x0, y0]).astype(np.int32)
     cv2.polylines(local, [shifted], False, 1, thickness=thick, lineType=cv2.LINE_8)
     sign = 1.0 if rng.random() < 0.6 else -1.0
-    contrast = rng.uniform(12.0, 60.0)
+    contrast = rng.uniform(15.0, 65.0)
     wobble = rng.uniform(0.7, 1.0, local.shape).astype(np.float32)
     return _apply(c, roi, local, (sign * contrast * wobble).astype(np.float32))
 
@@ -364,9 +364,11 @@ def _stain(rng: np.random.Generator, c: _Canvas) -> int:
     d = np.sqrt(ru**2 + rv**2) * (1.0 + 0.18 * wobble)
     profile = np.clip((1.0 - d) / 0.6, 0.0, 1.0)
     profile = profile * profile * (3.0 - 2.0 * profile)  # smoothstep: soft rim, flat core
-    local = (profile > 0.12).astype(np.uint8)
+    # The mask ends where the stain is still faintly visible (a quarter of its contrast) and
+    # the stain stops there too, like the tide line of a dried liquid.
+    local = (profile > 0.25).astype(np.uint8)
     sign = -1.0 if rng.random() < 0.7 else 1.0
-    contrast = rng.uniform(8.0, 32.0)
+    contrast = rng.uniform(12.0, 40.0)
     return _apply(c, roi, local, (sign * contrast * profile).astype(np.float32))
 
 
@@ -442,7 +444,7 @@ def _check_names(values: Sequence[str], allowed: tuple[str, ...], what: str) -> 
     return vals
 
 
-@dataclass
+@dataclass(eq=False)
 class PartRenderer:
     """Makes synthetic parts of one size quickly from a pre-rendered texture bank.
 
@@ -458,9 +460,9 @@ class PartRenderer:
     channels: int = 1
     bank_size: int = 4
     bank_seed: int = 0
-    _bank: dict[str, list[NDArray[np.uint8]]] = field(default_factory=dict, repr=False)
-    _noise: NDArray[np.float32] | None = field(default=None, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _bank: dict[str, list[NDArray[np.uint8]]] = field(default_factory=dict, init=False, repr=False)
+    _noise: NDArray[np.float32] | None = field(default=None, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.height < 8 or self.width < 8:
