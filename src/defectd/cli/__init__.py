@@ -10,6 +10,9 @@ from defectd.errors import DefectdError
 # Subcommands register themselves on ``app`` when imported.
 from defectd.cli import synth_cmd  # noqa: F401  # isort: skip
 from defectd.cli import calibrate_cmd  # noqa: F401  # isort: skip
+from defectd.cli import train_cmd  # noqa: F401  # isort: skip
+from defectd.cli import eval_cmd  # noqa: F401  # isort: skip
+from defectd.cli import export_cmd  # noqa: F401  # isort: skip
 from defectd.cli import cameras_cmd  # noqa: F401  # isort: skip
 from defectd.cli import run_cmd  # noqa: F401  # isort: skip
 from defectd.cli import config_cmd  # noqa: F401  # isort: skip

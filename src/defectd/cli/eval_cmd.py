@@ -1,0 +1,154 @@
+"""``defectd eval``: metrics of a checkpoint or an ONNX model on a dataset split."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from defectd.cli.app import app
+from defectd.errors import ConfigError
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+@app.command("eval")
+def eval_command(
+    *,
+    model: Annotated[
+        Path, typer.Option("--model", "-m", help="A .pt checkpoint or an .onnx model (with card).")
+    ],
+    data: Annotated[
+        Path, typer.Option("--data", "-d", help="Dataset folder (manifest or MVTec AD layout).")
+    ],
+    split: Annotated[str, typer.Option(help="Split to evaluate: train, val or test.")] = "test",
+    threshold: Annotated[
+        float | None,
+        typer.Option(help="Probability threshold (default: the card's, chosen on val)."),
+    ] = None,
+    min_area: Annotated[
+        int | None,
+        typer.Option("--min-area", help="Drop predicted blobs under N px (default: the card's)."),
+    ] = None,
+    image_score: Annotated[
+        str, typer.Option("--image-score", help="AUROC score per image: max (probability) or area.")
+    ] = "max",
+    backend: Annotated[
+        str, typer.Option(help="Engine for .onnx: auto, ort, openvino or torch.")
+    ] = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per inference.")] = 8,
+    threads: Annotated[int | None, typer.Option(help="Inference threads (default: all).")] = None,
+    overlays: Annotated[
+        Path | None,
+        typer.Option(help="Write PNG overlays of the worst and best cases into this folder."),
+    ] = None,
+    overlay_count: Annotated[
+        int, typer.Option("--overlay-count", help="Worst and best cases to draw, each.")
+    ] = 8,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object on stdout, nothing else.")
+    ] = False,
+) -> None:
+    """Evaluate a model on a dataset split at native image resolution.
+
+    Pixel Dice, IoU, precision and recall sum defect pixels over the whole split.
+
+    Image level: AUROC of the max probability, and accuracy (defective = any pixel left
+    after the threshold and --min-area). Mean IoU over defective images; a per-class table.
+
+    Overlays: image | truth (yellow) | prediction (green found, red false alarm, blue missed).
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.table import Table
+
+    from defectd.training.data import open_dataset
+    from defectd.training.evaluate import evaluate, open_model, predict
+    from defectd.training.overlays import overlay, pick_cases, write_overlay
+
+    if image_score not in ("max", "area"):
+        raise ConfigError(f"--image-score {image_score!r}: choose max or area")
+    if threshold is not None and not 0.0 < threshold < 1.0:
+        raise ConfigError(f"--threshold {threshold}: expected a value in (0, 1)")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size}: must be positive")
+    dataset = open_dataset(data)
+    samples = dataset.samples(split)
+    opened = open_model(model, backend=backend, threads=threads)
+    console = Console(stderr=True)
+    try:
+        with Progress(
+            TextColumn(f"[bold]eval {split}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            console=console,
+            disable=as_json or not console.is_terminal,
+            transient=True,
+        ) as bar:
+            task = bar.add_task("eval", total=len(samples))
+            result = evaluate(
+                dataset,
+                split,
+                opened.predictor,
+                opened.card,
+                threshold=threshold,
+                min_area_px=min_area,
+                score=image_score,  # type: ignore[arg-type]
+                batch_size=batch_size,
+                on_image=lambda _p, _s: bar.advance(task),
+            )
+        written: list[str] = []
+        if overlays is not None:
+            worst, best = pick_cases(result.stats, overlay_count)
+            by_stem = {s.stem: s for s in samples}
+            chosen = [by_stem[s] for s in worst + best]
+            rep = result.report
+            for i, pred in enumerate(predict(dataset, chosen, opened.predictor, opened.card)):
+                kind = "worst" if i < len(worst) else "best"
+                rank = i if i < len(worst) else i - len(worst)
+                path = overlays / f"{kind}_{rank:02d}_{pred.sample.stem}.png"
+                write_overlay(path, overlay(pred, rep.threshold, rep.min_area_px))
+                written.append(str(path))
+    finally:
+        opened.close()
+
+    out = {
+        **result.as_dict(),
+        "model": str(model),
+        "model_name": opened.card.name,
+        "engine": opened.engine,
+        "data": str(data),
+        "overlays": written,
+    }
+    if as_json:
+        typer.echo(json.dumps(out))
+        return
+    rich_out = Console()
+    table = Table(title=f"{opened.card.name} on {data.name}/{split} ({opened.engine})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("images", "defective", "dice", "iou", "precision", "recall", "mean_image_iou"):
+        table.add_row(key, _fmt(out[key]))
+    table.add_row("auroc (image, " + image_score + ")", _fmt(out["auroc"]))
+    table.add_row("accuracy (image)", _fmt(out["accuracy"]))
+    table.add_row("threshold / min area px", f"{out['threshold']:.2f} / {out['min_area_px']}")
+    table.add_row("best threshold on this split", f"{out['best_threshold']:.2f}")
+    rich_out.print(table)
+    if len(out["per_class"]) > 1:
+        cls_table = Table(title="per class")
+        cols = ("images", "dice", "iou", "recall", "precision", "mean_image_iou", "accuracy")
+        cls_table.add_column("class")
+        for col in cols:
+            cls_table.add_column(col, justify="right")
+        for cls, row in out["per_class"].items():
+            cls_table.add_row(cls, *(_fmt(row[c]) for c in cols))
+        rich_out.print(cls_table)
+    if written:
+        rich_out.print(f"{len(written)} overlays in {overlays}")

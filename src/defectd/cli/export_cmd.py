@@ -1,0 +1,72 @@
+"""``defectd export``: checkpoint -> ONNX with its card, checked against ONNX Runtime."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from defectd.cli.app import app
+
+PARITY_TOLERANCE = 1e-4
+
+
+@app.command("export")
+def export_command(
+    *,
+    checkpoint: Annotated[
+        Path, typer.Option("--checkpoint", "-c", help="Training checkpoint, e.g. RUN/best.pt.")
+    ],
+    out: Annotated[
+        Path,
+        typer.Option("--out", "-o", help="ONNX file to write, e.g. models/NAME/model.onnx."),
+    ],
+    opset: Annotated[int, typer.Option(help="ONNX opset (>= 17).")] = 18,
+    name: Annotated[
+        str, typer.Option(help="Model name in the card (default: the checkpoint's).")
+    ] = "",
+    parity_batch: Annotated[
+        int, typer.Option("--parity-batch", help="Random images in the parity check.")
+    ] = 2,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON summary object on stdout.")
+    ] = False,
+) -> None:
+    """Export a checkpoint to ONNX, with the model card beside it.
+
+    The graph ends in a sigmoid (probabilities), has a dynamic batch and fixed height/width.
+
+    The card carries the checkpoint's threshold, metrics, data hash and training command.
+
+    Parity: one random batch through torch and ONNX Runtime; a max abs difference above 1e-4
+    is an error (the file is kept for inspection).
+    """
+    from defectd.model.checkpoint import load_checkpoint
+    from defectd.model.export import export_onnx
+    from defectd.training.evaluate import onnx_parity
+
+    net, card = load_checkpoint(checkpoint)
+    if name:
+        card = card.model_copy(update={"name": name})
+    final = export_onnx(net, card, out, opset=opset)
+    diff = onnx_parity(net, final, out, batch=parity_batch, tolerance=PARITY_TOLERANCE)
+    size_mb = out.stat().st_size / 1e6
+    summary = {
+        "onnx": str(out),
+        "card": str(out.with_name(out.stem + ".card.json")),
+        "sha256": final.sha256,
+        "opset": opset,
+        "size_mb": round(size_mb, 3),
+        "parity_max_abs_diff": diff,
+        "input": final.input.model_dump(),
+    }
+    if as_json:
+        typer.echo(json.dumps(summary))
+        return
+    typer.echo(
+        f"exported {checkpoint} -> {out} ({size_mb:.2f} MB, opset {opset}, input "
+        f"{final.input.channels}x{final.input.height}x{final.input.width}); "
+        f"parity torch vs ONNX Runtime: max abs diff {diff:.2e} (<= {PARITY_TOLERANCE:g})"
+    )

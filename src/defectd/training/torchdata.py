@@ -1,0 +1,171 @@
+"""Torch views of a dataset split: fitted, augmented, normalised tensors, and a sampler that
+shows the network defects often enough.
+
+Images are decoded once and kept in RAM already fitted to the model input (card resize
+policy), as uint8: the magnetic tile training split is ~60 MB at 256x256. Augmentation is a
+few milliseconds per image, far below a training step on this CPU, so loading runs in the
+training process (``num_workers=0``) and both cores stay with the network.
+
+Randomness is a pure function of ``(seed, epoch, index)``, so a run is reproducible and a
+resumed run continues with the same draws.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import Dataset as TorchDataset
+
+from defectd.model.card import Normalisation
+from defectd.training.augment import Augment
+from defectd.training.data import Dataset, FitPolicy, Sample, fit_to_input
+
+
+@dataclass(frozen=True)
+class InputFit:
+    """How images reach the network: ``channels`` x ``height`` x ``width`` by ``policy``."""
+
+    channels: int
+    height: int
+    width: int
+    policy: FitPolicy
+
+
+def to_chw(image: NDArray[np.uint8]) -> NDArray[np.uint8]:
+    """``(H, W)`` -> ``(1, H, W)``; ``(H, W, 3)`` -> ``(3, H, W)`` (a view where possible)."""
+    return image[None] if image.ndim == 2 else np.transpose(image, (2, 0, 1))
+
+
+class SegmentationSet(TorchDataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Item ``i``: ``(C, h, w)`` float32 normalised image and ``(1, h, w)`` float32 {0,1} mask.
+
+    ``(h, w)`` is the fitted input size, or ``crop`` x ``crop`` when ``crop`` is set (training
+    on crops of the fitted image; with probability ``defect_crop_p`` a crop of a defective image
+    is placed so that it contains a random defect pixel).
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        samples: Sequence[Sample],
+        fit: InputFit,
+        normalisation: Normalisation,
+        *,
+        augment: Augment | None = None,
+        crop: int | None = None,
+        defect_crop_p: float = 0.7,
+        seed: int = 0,
+    ) -> None:
+        self.samples = list(samples)
+        self.fit = fit
+        self.normalisation = normalisation
+        self.augment = augment
+        self.crop = crop
+        self.defect_crop_p = defect_crop_p
+        self.seed = seed
+        self.epoch = 0
+        images, masks = [], []
+        for s in self.samples:
+            img = dataset.load_image(s, fit.channels)
+            msk = dataset.load_mask(s, img.shape[:2])
+            fimg, fmsk = fit_to_input(img, msk, fit.height, fit.width, fit.policy)
+            assert fmsk is not None
+            images.append(fimg)
+            masks.append(fmsk)
+        # (N, H, W[, 3]) uint8 and (N, H, W) uint8 {0,1}: one block each, no per-image objects.
+        self.images: NDArray[np.uint8] = np.stack(images)
+        self.masks: NDArray[np.uint8] = np.stack(masks)
+        self.defective: NDArray[np.bool_] = np.asarray(
+            self.masks.reshape(len(self.masks), -1).any(axis=1), dtype=bool
+        )
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the random draws of ``epoch`` (call before iterating each epoch)."""
+        self.epoch = epoch
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng((self.seed, self.epoch, index))
+        img, msk = self.images[index], self.masks[index]
+        if self.augment is not None:
+            img, msk = self.augment(img, msk, rng)
+        if self.crop is not None:
+            img, msk = self._crop(img, msk, rng)
+        x = self.normalisation.apply(to_chw(img))
+        y = msk[None].astype(np.float32)
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+    def _crop(
+        self, img: NDArray[np.uint8], msk: NDArray[np.uint8], rng: np.random.Generator
+    ) -> tuple[NDArray[np.uint8], NDArray[np.uint8]]:
+        assert self.crop is not None
+        c = self.crop
+        h, w = msk.shape
+        if c >= h and c >= w:
+            return img, msk
+        ch, cw = min(c, h), min(c, w)
+        if msk.any() and rng.random() < self.defect_crop_p:
+            ys, xs = np.nonzero(msk)
+            k = int(rng.integers(ys.size))
+            y0 = int(np.clip(ys[k] - rng.integers(0, ch), 0, h - ch))
+            x0 = int(np.clip(xs[k] - rng.integers(0, cw), 0, w - cw))
+        else:
+            y0 = int(rng.integers(0, h - ch + 1))
+            x0 = int(rng.integers(0, w - cw + 1))
+        return (
+            np.ascontiguousarray(img[y0 : y0 + ch, x0 : x0 + cw]),
+            np.ascontiguousarray(msk[y0 : y0 + ch, x0 : x0 + cw]),
+        )
+
+
+class DefectBalancedSampler(Sampler[int]):
+    """Draws ``num_samples`` indices per epoch with replacement so that a fraction
+    ``defect_fraction`` of them (in expectation) are defective images.
+
+    Sets where ~70% of the images are good would otherwise spend most steps on background.
+    Deterministic for ``(seed, epoch)``; call :meth:`set_epoch` each epoch.
+    """
+
+    def __init__(
+        self,
+        defective: NDArray[np.bool_],
+        *,
+        defect_fraction: float = 0.5,
+        num_samples: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        n_bad = int(defective.sum())
+        n_good = int(defective.size - n_bad)
+        if n_bad == 0 or n_good == 0:
+            weights = np.full(defective.size, 1.0 / defective.size)
+        else:
+            weights = np.where(defective, defect_fraction / n_bad, (1 - defect_fraction) / n_good)
+        self.weights = weights / weights.sum()
+        self.num_samples = num_samples if num_samples is not None else int(defective.size)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        rng = np.random.default_rng((self.seed, self.epoch, 0x5A3))
+        picks = rng.choice(self.weights.size, size=self.num_samples, p=self.weights)
+        return iter(int(i) for i in picks)
+
+
+def train_loader(
+    data: SegmentationSet, sampler: DefectBalancedSampler, batch_size: int
+) -> DataLoader[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches ``(B, C, h, w)`` float32 images and ``(B, 1, h, w)`` float32 masks, in-process."""
+    return DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=0, drop_last=True)

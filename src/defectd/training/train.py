@@ -1,0 +1,515 @@
+"""Training a U-Net on a dataset folder: one readable loop.
+
+``train(TrainConfig(...))`` writes into ``config.out``:
+
+* ``best.pt`` — the checkpoint with the best validation Dice, its card completed at the end
+  (threshold chosen on the validation split, validation metrics, data hash, command line);
+* ``last.pt`` — weights, optimiser, step and RNG states after each epoch, for ``resume``;
+* ``history.jsonl`` — one JSON object per epoch (loss, lr, validation metrics, seconds).
+
+On this CPU the loop runs in bfloat16 autocast with channels-last tensors when the CPU has
+bf16 instructions (AVX512-BF16 or AMX): measured 2-3.5x faster per step than float32 for
+these U-Nets. Weights, optimiser state and the loss stay float32.
+
+The learning rate warms up linearly, then follows a cosine to ``min_lr_ratio * lr``. With
+``time_limit_min`` the schedule runs on whichever is further along, steps or wall time, so a
+time-limited run still ends with a decayed learning rate (it is then no longer bit-for-bit
+reproducible, since wall time decides when it stops).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from defectd.errors import ConfigError, DataError
+from defectd.log import get_logger
+from defectd.model.card import InputSpec, ModelCard, Normalisation, TrainingInfo
+from defectd.model.checkpoint import read_checkpoint, save_checkpoint
+from defectd.model.unet import Norm, UNet, UNetConfig
+from defectd.training.augment import Augment, AugmentConfig
+from defectd.training.data import Dataset, open_dataset
+from defectd.training.evaluate import Evaluation, TorchPredictor, evaluate
+from defectd.training.losses import LossConfig, LossKind, SegLoss
+from defectd.training.metrics import ImageScore
+from defectd.training.torchdata import (
+    DefectBalancedSampler,
+    InputFit,
+    SegmentationSet,
+    train_loader,
+)
+
+log = get_logger(__name__)
+
+AugmentPreset = Literal["default", "light", "off"]
+SelectBy = Literal["dice", "dice+auroc"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a training run; stored in the checkpoints."""
+
+    data: Path
+    out: Path
+    epochs: int = 40
+    height: int = 256
+    width: int = 256
+    channels: int = 1
+    resize: Literal["resize", "pad"] = "resize"
+    base: int = 16
+    depth: int = 4
+    norm: Norm = "batch"
+    dropout: float = 0.0
+    batch_size: int = 8
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.01
+    loss: LossKind = "bce_dice"
+    pos_weight: float = 1.0
+    defect_fraction: float = 0.5  # share of defective images the sampler draws
+    steps_per_epoch: int | None = None  # default: one pass over the split's size
+    crop: int | None = None  # train on crops of the fitted image (validation: whole images)
+    augment: AugmentPreset = "default"
+    bf16: bool | None = None  # None: when the CPU has bf16 instructions
+    threads: int | None = None  # None: every core this process may use
+    seed: int = 0
+    train_split: str = "train"
+    val_split: str = "val"
+    val_every: int = 1
+    select_by: SelectBy = "dice"
+    image_score: ImageScore = "max"
+    time_limit_min: float | None = None
+    name: str = ""
+    command: str = ""
+
+    def unet(self) -> UNetConfig:
+        return UNetConfig(
+            in_channels=self.channels,
+            base=self.base,
+            depth=self.depth,
+            norm=self.norm,
+            dropout=self.dropout,
+        )
+
+    def check(self) -> None:
+        """``ConfigError`` naming the option for values that cannot work."""
+        stride = 2**self.depth
+        for key, value in (("height", self.height), ("width", self.width)):
+            if value <= 0 or value % stride:
+                raise ConfigError(f"--{key} {value}: must be a positive multiple of {stride}")
+        if self.crop is not None and (self.crop % stride or self.crop <= 0):
+            raise ConfigError(f"--crop {self.crop}: must be a positive multiple of {stride}")
+        if self.channels not in (1, 3):
+            raise ConfigError(f"--channels {self.channels}: must be 1 or 3")
+        positive = (("epochs", self.epochs), ("batch-size", self.batch_size), ("base", self.base))
+        for key, value in positive:
+            if value <= 0:
+                raise ConfigError(f"--{key} {value}: must be positive")
+        if not 0.0 < self.lr < 1.0:
+            raise ConfigError(f"--lr {self.lr}: expected a value in (0, 1)")
+        if not 0.0 <= self.defect_fraction <= 1.0:
+            raise ConfigError(f"--defect-fraction {self.defect_fraction}: must be within [0, 1]")
+        if self.time_limit_min is not None and self.time_limit_min <= 0:
+            raise ConfigError(f"--time-limit {self.time_limit_min}: must be positive minutes")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["data"], values["out"] = Path(values["data"]), Path(values["out"])
+        return cls(**values)
+
+
+AUGMENT_PRESETS: dict[AugmentPreset, AugmentConfig] = {
+    "default": AugmentConfig(),
+    # No quarter turns or rotations: for parts whose texture has a fixed direction.
+    "light": AugmentConfig(rot90=0.0, rotate_p=0.0, scale_p=0.3, scale=(0.9, 1.15)),
+    "off": AugmentConfig.off(),
+}
+
+
+@dataclass
+class EpochRecord:
+    """One line of ``history.jsonl``."""
+
+    epoch: int
+    step: int
+    lr: float
+    loss: float
+    seconds: float
+    val: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    epoch: int
+    step: int
+    steps_in_epoch: int
+    loss: float
+    lr: float
+    progress: float  # 0..1 of the whole run (steps or time, whichever is further)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    best: Path
+    last: Path
+    card: ModelCard
+    epochs: int
+    seconds: float
+    history: list[EpochRecord]
+
+
+def channels_last(net: UNet) -> UNet:
+    """The same module with its weights in channels-last layout (oneDNN's fast path)."""
+    net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return net
+
+
+def init_head_prior(net: UNet, defect_share: float) -> None:
+    """Start the output at the share of defect pixels instead of 0.5: the early steps then
+    learn where defects are rather than that most pixels are good (RetinaNet's prior init)."""
+    p = min(max(defect_share, 1e-3), 0.5)
+    bias = net.head.bias
+    if bias is not None:
+        with torch.no_grad():
+            bias.fill_(math.log(p / (1.0 - p)))
+
+
+def bf16_supported() -> bool:
+    """Whether this CPU runs bfloat16 matmuls natively (oneDNN with AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def lr_factor(progress: float, warmup: float, min_ratio: float) -> float:
+    """Multiplier of the peak learning rate at ``progress`` in [0, 1] of the run:
+    linear warm-up over the first ``warmup`` fraction, then cosine down to ``min_ratio``."""
+    if progress < warmup:
+        return max(progress / warmup, 1e-3)
+    t = min(1.0, (progress - warmup) / max(1e-9, 1.0 - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def _selection_score(ev: Evaluation, select_by: SelectBy) -> float:
+    auroc = ev.report.auroc
+    if select_by == "dice+auroc" and not math.isnan(auroc):
+        return ev.best_dice + auroc
+    return ev.best_dice
+
+
+def _normalisation_of(images: np.ndarray, channels: int) -> Normalisation:
+    """Mean and standard deviation per channel of a ``(N, H, W[, 3])`` uint8 block."""
+    flat = images.reshape(-1, channels).astype(np.float64) / 255.0
+    mean = tuple(round(float(v), 4) for v in flat.mean(axis=0))
+    std = tuple(round(max(float(v), 1e-3), 4) for v in flat.std(axis=0))
+    return Normalisation(scale=255.0, mean=mean, std=std)
+
+
+def _merge_resume(config: TrainConfig, stored: TrainConfig) -> TrainConfig:
+    """Resume with the stored run's settings; only the stopping rules may change."""
+    keep = {"epochs", "time_limit_min", "command", "out", "data", "threads"}
+    differing = [
+        f.name
+        for f in fields(TrainConfig)
+        if f.name not in keep and getattr(config, f.name) != getattr(stored, f.name)
+    ]
+    if differing:
+        log.warning("resume_keeps_stored_settings", ignored=differing)
+    return replace(
+        stored,
+        epochs=config.epochs,
+        time_limit_min=config.time_limit_min,
+        threads=config.threads,
+        command=config.command,
+    )
+
+
+def train(
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    on_step: Callable[[StepInfo], None] | None = None,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+) -> TrainResult:
+    """Train per ``config``; see the module docstring for what lands in ``config.out``.
+
+    ``DataError`` for unusable data (named file), ``ConfigError`` for bad settings,
+    ``ModelError`` when ``resume`` finds no usable ``last.pt``.
+    """
+    out = config.out
+    last_path, best_path, history_path = out / "last.pt", out / "best.pt", out / "history.jsonl"
+    state: dict[str, Any] | None = None
+    if resume:
+        state = read_checkpoint(last_path)
+        config = _merge_resume(config, TrainConfig.from_dict(state["config"]))
+    config.check()
+    torch.set_num_threads(config.threads or usable_cores())
+    torch.manual_seed(config.seed)
+    bf16 = bf16_supported() if config.bf16 is None else config.bf16
+
+    # ---- data
+    dataset = open_dataset(config.data)
+    train_samples = dataset.samples(config.train_split)
+    val_samples = dataset.samples(config.val_split)
+    fit = InputFit(config.channels, config.height, config.width, config.resize)
+    aug = AUGMENT_PRESETS[config.augment]
+    t_load = time.perf_counter()
+    train_set = SegmentationSet(
+        dataset,
+        train_samples,
+        fit,
+        Normalisation(),  # replaced below, once the split's statistics are known
+        augment=Augment(aug) if config.augment != "off" else None,
+        crop=config.crop,
+        seed=config.seed,
+    )
+    if not train_set.defective.any():
+        raise DataError(f"{config.data}: split {config.train_split!r} has no defective image")
+    if state is not None:
+        norm = Normalisation.model_validate(state["card"]["normalisation"])
+    else:
+        norm = _normalisation_of(train_set.images, config.channels)
+    train_set.normalisation = norm
+    steps_per_epoch = config.steps_per_epoch or max(1, len(train_set) // config.batch_size)
+    sampler = DefectBalancedSampler(
+        train_set.defective,
+        defect_fraction=config.defect_fraction,
+        num_samples=steps_per_epoch * config.batch_size,
+        seed=config.seed,
+    )
+    loader = train_loader(train_set, sampler, config.batch_size)
+    log.info(
+        "train_data",
+        data=str(config.data),
+        train=len(train_set),
+        defective=int(train_set.defective.sum()),
+        val=len(val_samples),
+        load_s=round(time.perf_counter() - t_load, 1),
+        normalisation=norm.model_dump(),
+    )
+
+    # ---- model, optimiser, loss
+    net = channels_last(UNet(config.unet()))
+    if state is None:
+        init_head_prior(net, float(train_set.masks.mean()))
+    decay = [p for p in net.parameters() if p.ndim > 1]
+    no_decay = [p for p in net.parameters() if p.ndim <= 1]
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=config.lr,
+    )
+    loss_fn = SegLoss(LossConfig(kind=config.loss, pos_weight=config.pos_weight))
+    name = config.name or out.name
+    card = ModelCard(
+        name=name,
+        architecture={"type": "unet", **config.unet().as_dict()},
+        input=InputSpec(
+            channels=config.channels,  # type: ignore[arg-type]
+            height=config.height,
+            width=config.width,
+            resize=config.resize,
+        ),
+        normalisation=norm,
+        training=TrainingInfo(
+            data=str(config.data),
+            split=config.train_split,
+            images=len(train_set),
+            epochs=0,
+            seed=config.seed,
+            command=config.command,
+        ),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+
+    # ---- resume
+    total_steps = config.epochs * steps_per_epoch
+    step, start_epoch, best_score, spent = 0, 0, -math.inf, 0.0
+    history: list[EpochRecord] = []
+    if state is not None:
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step, start_epoch = int(state["step"]), int(state["epoch"])
+        best_score, spent = float(state["best"]), float(state["seconds"])
+        history = [EpochRecord(**h) for h in state.get("history", [])]
+        torch.set_rng_state(state["torch_rng"])
+        log.info("train_resumed", epoch=start_epoch, step=step, best=best_score)
+    out.mkdir(parents=True, exist_ok=True)
+    if state is None:
+        history_path.write_text("")
+
+    limit_s = config.time_limit_min * 60.0 if config.time_limit_min else None
+    warmup = min(0.3, config.warmup_epochs / config.epochs)
+    t_start = time.perf_counter() - spent
+
+    def progress_now() -> float:
+        p = step / total_steps
+        if limit_s is not None:
+            p = max(p, (time.perf_counter() - t_start) / limit_s)
+        return min(1.0, p)
+
+    log.info(
+        "train_start",
+        out=str(out),
+        epochs=config.epochs,
+        steps_per_epoch=steps_per_epoch,
+        bf16=bf16,
+        threads=torch.get_num_threads(),
+        params=sum(p.numel() for p in net.parameters()),
+    )
+    epoch = start_epoch
+    net.train()
+    while epoch < config.epochs and progress_now() < 1.0:
+        train_set.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        loss_sum, n_loss = 0.0, 0
+        lr = config.lr
+        for i, (x, y) in enumerate(loader):
+            lr = config.lr * lr_factor(progress_now(), warmup, config.min_lr_ratio)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits = net(x.contiguous(memory_format=torch.channels_last))
+            loss = loss_fn(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            loss_sum += float(loss.item())
+            n_loss += 1
+            if on_step is not None:
+                on_step(
+                    StepInfo(epoch, step, steps_per_epoch, loss_sum / n_loss, lr, progress_now())
+                )
+            if progress_now() >= 1.0 and i + 1 < steps_per_epoch:
+                break  # out of time: validate what we have
+        epoch += 1
+        last_epoch = epoch >= config.epochs or progress_now() >= 1.0
+        record = EpochRecord(
+            epoch=epoch,
+            step=step,
+            lr=lr,
+            loss=round(loss_sum / max(1, n_loss), 5),
+            seconds=0.0,
+        )
+        if epoch % config.val_every == 0 or last_epoch:
+            ev = evaluate(
+                dataset,
+                config.val_split,
+                TorchPredictor(net, bf16=bf16),
+                card,
+                threshold=0.5,
+                score=config.image_score,
+            )
+            record.val = {
+                "dice": round(ev.best_dice, 5),
+                "threshold": ev.best_threshold,
+                "dice@0.5": round(ev.report.overall.dice, 5),
+                "iou@0.5": round(ev.report.overall.iou, 5),
+                "auroc": round(ev.report.auroc, 5),
+            }
+            score = _selection_score(ev, config.select_by)
+            if score > best_score:
+                best_score = score
+                save_checkpoint(best_path, net, card, epoch=epoch, step=step, best=best_score)
+                record.val["best"] = True
+        record.seconds = round(time.perf_counter() - t_start, 1)
+        history.append(record)
+        with history_path.open("a") as fh:
+            fh.write(json.dumps(asdict(record)) + "\n")
+        save_checkpoint(
+            last_path,
+            net,
+            card,
+            config=config.as_dict(),
+            optimizer=opt.state_dict(),
+            step=step,
+            epoch=epoch,
+            best=best_score,
+            seconds=time.perf_counter() - t_start,
+            history=[asdict(h) for h in history],
+            torch_rng=torch.get_rng_state(),
+        )
+        log.info("epoch_done", **asdict(record))
+        if on_epoch is not None:
+            on_epoch(record)
+
+    seconds = time.perf_counter() - t_start
+    final = finish_card(best_path, dataset, config, epochs=epoch, seconds=seconds)
+    log.info("train_done", best=str(best_path), epochs=epoch, seconds=round(seconds, 1))
+    return TrainResult(best_path, last_path, final, epoch, seconds, history)
+
+
+def finish_card(
+    best_path: Path, dataset: Dataset, config: TrainConfig, *, epochs: int, seconds: float
+) -> ModelCard:
+    """Complete the card inside ``best.pt``: threshold with the best validation Dice (float32
+    inference), validation metrics at that threshold, training-data hash, epochs, duration."""
+    state = read_checkpoint(best_path)
+    net = UNet(UNetConfig(**state["unet"]))
+    net.load_state_dict(state["model"])
+    net = channels_last(net).eval()
+    card = ModelCard.model_validate(state["card"])
+    predictor = TorchPredictor(net, bf16=False)
+    sweep = evaluate(dataset, config.val_split, predictor, card, threshold=0.5)
+    threshold = sweep.best_threshold
+    ev = evaluate(
+        dataset,
+        config.val_split,
+        predictor,
+        card,
+        threshold=threshold,
+        min_area_px=0,
+        score=config.image_score,
+    )
+    metrics = {
+        f"val_{k}": float(v)
+        for k, v in ev.report.overall.as_dict().items()
+        if isinstance(v, float) and k not in ("images", "defective")
+    }
+    metrics["val_auroc"] = float(ev.report.auroc)
+    training = card.training.model_copy(
+        update={
+            "data_hash": dataset.fingerprint(config.train_split),
+            "epochs": epochs,
+            "duration_s": round(seconds, 1),
+        }
+    )
+    final = card.model_copy(
+        update={
+            "threshold": threshold,
+            "metrics": {k: round(v, 5) for k, v in metrics.items()},
+            "training": training,
+            "notes": f"threshold chosen on split {config.val_split!r}; "
+            f"image score for AUROC: {config.image_score} probability",
+        }
+    )
+    extra = {k: v for k, v in state.items() if k not in ("model", "unet", "card")}
+    save_checkpoint(best_path, net, final, **extra)
+    return final

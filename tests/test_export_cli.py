@@ -1,0 +1,82 @@
+"""`defectd export`: ONNX beside its card, and torch vs ONNX Runtime parity through the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from defectd.cli import main
+from defectd.model.card import ModelCard, file_sha256, load_card
+from defectd.model.checkpoint import save_checkpoint
+from defectd.model.unet import UNet, UNetConfig
+
+
+@pytest.fixture
+def checkpoint(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(base=4, depth=2))
+    card = ModelCard(
+        name="small",
+        input={"height": 32, "width": 48},
+        threshold=0.37,
+        metrics={"val_dice": 0.81},
+        training={"command": "defectd train --data d --out r", "data_hash": "ab" * 32},
+    )
+    path = tmp_path / "run" / "best.pt"
+    save_checkpoint(path, net.eval(), card)
+    return path
+
+
+def test_export_writes_onnx_and_card_with_parity_within_1e4(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "models" / "small" / "model.onnx"
+    rc = main(["export", "--checkpoint", str(checkpoint), "--out", str(out), "--json"])
+    summary = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert summary["parity_max_abs_diff"] <= 1e-4
+    card = load_card(out)
+    assert card.sha256 == file_sha256(out)
+    assert card.opset is not None and card.opset >= 17
+    assert card.threshold == 0.37
+    assert card.metrics == {"val_dice": 0.81}
+    assert card.training.command == "defectd train --data d --out r"
+
+
+def test_exported_model_takes_any_batch_at_the_card_size(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "model.onnx"
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
+    assert "parity" in capsys.readouterr().out
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for batch in (1, 3):
+        (prob,) = session.run(None, {"image": np.zeros((batch, 1, 32, 48), np.float32)})
+        assert prob.shape == (batch, 1, 32, 48)
+        assert prob.min() >= 0.0 and prob.max() <= 1.0
+
+
+def test_export_of_a_file_that_is_no_checkpoint_names_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bogus = tmp_path / "notes.pt"
+    bogus.write_text("not a checkpoint")
+    rc = main(["export", "--checkpoint", str(bogus), "--out", str(tmp_path / "m.onnx")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith(f"error: {bogus}: not a defectd checkpoint")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_export_of_a_missing_checkpoint_names_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "run" / "best.pt"
+    rc = main(["export", "--checkpoint", str(missing), "--out", str(tmp_path / "m.onnx")])
+    assert rc == 2
+    assert capsys.readouterr().err.strip() == f"error: {missing}: checkpoint not found"

@@ -1,0 +1,158 @@
+"""A tiny training run on synthetic parts learns to segment their defects."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from defectd.errors import ConfigError, DataError
+from defectd.model.card import ModelCard
+from defectd.model.checkpoint import load_checkpoint, read_checkpoint
+from defectd.model.unet import UNet
+from defectd.training.data import open_dataset
+from defectd.training.evaluate import TorchPredictor, evaluate
+from defectd.training.synth import render_part
+from defectd.training.train import TrainConfig, lr_factor, train
+
+SIZE = 64
+
+
+def write_chip_parts(root: Path, count: int, seed: int = 0) -> Path:
+    """``count`` 64x64 synthetic parts, 60% with chipped edges, in the manifest layout;
+    every fifth part is in split ``val``."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(count):
+        part = render_part(rng, SIZE, SIZE, defect_prob=0.6, kinds=("chip",))
+        stem = f"part{i:03d}"
+        cv2.imwrite(str(root / "images" / f"{stem}.png"), part.image)
+        cv2.imwrite(str(root / "masks" / f"{stem}.png"), part.mask * 255)
+        rows.append(
+            {
+                "stem": stem,
+                "cls": part.defects[0] if part.defects else "free",
+                "image": f"images/{stem}.png",
+                "mask": f"masks/{stem}.png",
+                "split": "val" if i % 5 == 0 else "train",
+                "has_defect": int(bool(part.defects)),
+            }
+        )
+    with (root / "manifest.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+def tiny_config(data: Path, out: Path) -> TrainConfig:
+    # One thread: on a shared 2-core machine a second OpenMP thread mostly waits.
+    return TrainConfig(
+        data=data,
+        out=out,
+        height=SIZE,
+        width=SIZE,
+        base=8,
+        depth=3,
+        batch_size=16,
+        lr=1e-2,
+        epochs=4,
+        steps_per_epoch=20,
+        augment="off",
+        val_every=2,
+        threads=1,
+        seed=0,
+        command="defectd train --data parts --out run",
+    )
+
+
+@pytest.fixture(scope="module")
+def chip_parts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_chip_parts(tmp_path_factory.mktemp("parts") / "data", 90)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(chip_parts: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainConfig:
+    config = tiny_config(chip_parts, tmp_path_factory.mktemp("run") / "run")
+    train(config)
+    return config
+
+
+@pytest.mark.slow
+def test_training_lifts_validation_iou_from_near_zero_to_half(
+    chip_parts: Path, tiny_run: TrainConfig
+) -> None:
+    dataset = open_dataset(chip_parts)
+    torch.manual_seed(0)
+    untrained = UNet(tiny_run.unet())
+    card = ModelCard(name="t", input={"height": SIZE, "width": SIZE})
+    before = evaluate(dataset, "val", TorchPredictor(untrained), card, threshold=0.5)
+    net, trained_card = load_checkpoint(tiny_run.out / "best.pt")
+    after = evaluate(dataset, "val", TorchPredictor(net), trained_card)
+    assert before.report.overall.iou < 0.1
+    assert after.report.overall.iou >= 0.5
+
+
+@pytest.mark.slow
+def test_run_folder_holds_best_last_and_one_history_line_per_epoch(
+    tiny_run: TrainConfig,
+) -> None:
+    lines = (tiny_run.out / "history.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    assert [bool(r["val"]) for r in records] == [False, True, False, True]
+    assert (tiny_run.out / "last.pt").is_file()
+
+
+@pytest.mark.slow
+def test_best_checkpoint_card_names_threshold_data_hash_and_command(
+    tiny_run: TrainConfig, chip_parts: Path
+) -> None:
+    _, card = load_checkpoint(tiny_run.out / "best.pt")
+    assert card.training.command == "defectd train --data parts --out run"
+    assert card.training.data_hash == open_dataset(chip_parts).fingerprint("train")
+    assert card.training.epochs == 4
+    assert 0.0 < card.threshold < 1.0
+    assert card.metrics["val_dice"] > 0.5
+    assert card.input.height == SIZE
+    assert card.normalisation.std[0] > 0
+
+
+@pytest.mark.slow
+def test_resume_continues_from_last_checkpoint(tiny_run: TrainConfig, tmp_path: Path) -> None:
+    run = tmp_path / "resumed"
+    first = replace(tiny_run, out=run, epochs=1, val_every=1)
+    train(first)
+    result = train(replace(first, epochs=2), resume=True)
+    state = read_checkpoint(run / "last.pt")
+    assert result.epochs == 2
+    assert state["step"] == 2 * 20
+    assert len((run / "history.jsonl").read_text().splitlines()) == 2
+
+
+def test_lr_schedule_warms_up_then_decays_to_floor() -> None:
+    assert lr_factor(0.05, 0.1, 0.01) == pytest.approx(0.5)
+    assert lr_factor(0.1, 0.1, 0.01) == pytest.approx(1.0)
+    assert lr_factor(1.0, 0.1, 0.01) == pytest.approx(0.01)
+    values = [lr_factor(p / 10, 0.1, 0.01) for p in range(1, 11)]
+    assert values == sorted(values, reverse=True)
+
+
+def test_input_size_not_a_multiple_of_the_stride_is_refused(tmp_path: Path) -> None:
+    config = replace(tiny_config(tmp_path, tmp_path / "run"), height=60)
+    with pytest.raises(ConfigError, match="--height 60"):
+        config.check()
+
+
+def test_missing_validation_split_names_the_split(chip_parts: Path, tmp_path: Path) -> None:
+    config = replace(tiny_config(chip_parts, tmp_path / "run"), val_split="holdout")
+    with pytest.raises(DataError, match="holdout"):
+        train(config)
