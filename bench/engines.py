@@ -8,8 +8,9 @@ processes on the machine spreads over every backend alike and ratios within one 
 The model is ``models/magnetic_tile/model.onnx`` when present, else a freshly initialised
 U-Net of the same architecture (base 16, depth 4, 1x256x256) exported to a temp dir; speed does
 not depend on the weights. INT8 rows quantise it first (``quantize_qdq``, min/max, synthetic
-parts). Peak FLOP/s is measured with large matrix products per precision (numpy/torch/OpenVINO,
-best of each), so ``fraction_of_peak`` says how close each row gets to what the cores can do.
+parts). Peak FLOP/s is measured with large matrix products per precision (numpy/torch/OpenVINO),
+probed once per round between the engines and the best kept, so ``fraction_of_peak`` says how
+close each row gets to what the cores can do.
 
     python bench/engines.py [--quick] [--json] [--model M] [--batches 1,4,8,16] [--threads 2]
 """
@@ -124,10 +125,11 @@ def prepare_models(
 
 
 def _best(fn: Any, seconds: float) -> float:
+    """Shortest of at least two calls (the first warms caches) within about ``seconds``."""
     fn()
     best = float("inf")
     end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
+    while best == float("inf") or time.perf_counter() < end:
         t = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - t)
@@ -165,32 +167,36 @@ def _ov_matmul(n: int, precision: str, threads: int) -> Any:
     return lambda: request.infer({0: data}, share_inputs=True, share_outputs=True)
 
 
-def measure_peak(threads: int, seconds: float) -> dict[str, Any]:
-    """Best GFLOP/s of large matrix products per precision, over several libraries."""
-    import torch
+class PeakProbe:
+    """Large matrix products per precision and library; runners are built once."""
 
-    torch.set_num_threads(threads)
-    n = 2048
-    flop = 2.0 * n**3 / 1e9
-    found: dict[str, dict[str, float]] = {"fp32": {}, "bf16": {}, "int8": {}}
-    a = np.random.default_rng(0).random((n, n), dtype=np.float32)
-    found["fp32"]["numpy"] = flop / _best(lambda: a @ a, seconds)
-    t32 = torch.from_numpy(a)
-    found["fp32"]["torch"] = flop / _best(lambda: t32 @ t32, seconds)
-    t16 = t32.to(torch.bfloat16)
-    found["bf16"]["torch"] = flop / _best(lambda: t16 @ t16, seconds)
-    i8 = torch.randint(-128, 127, (n, n), dtype=torch.int8)
-    with contextlib.suppress(RuntimeError):  # no int8 matmul kernel in this torch build
-        found["int8"]["torch_int_mm"] = flop / _best(lambda: torch._int_mm(i8, i8), seconds)
-    for precision in ("fp32", "bf16", "int8"):
-        try:
-            run = _ov_matmul(n, precision, threads)
-            found[precision]["openvino"] = flop / _best(run, seconds)
-        except Exception:  # a precision this CPU or OpenVINO build cannot run
-            pass
-    peak = {p: max(v.values()) if v else 0.0 for p, v in found.items()}
-    peak["fp32"] = max(peak["fp32"], 1e-9)
-    return {"gflops": peak, "by_library": found, "threads": threads}
+    def __init__(self, threads: int, n: int = 2048) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+        self.flop = 2.0 * n**3 / 1e9
+        a = np.random.default_rng(0).random((n, n), dtype=np.float32)
+        t32 = torch.from_numpy(a)
+        t16 = t32.to(torch.bfloat16)
+        i8 = torch.randint(-128, 127, (n, n), dtype=torch.int8)
+        self.runners: dict[str, dict[str, Any]] = {
+            "fp32": {"numpy": lambda: a @ a, "torch": lambda: t32 @ t32},
+            "bf16": {"torch": lambda: t16 @ t16},
+            "int8": {},
+        }
+        with contextlib.suppress(RuntimeError):  # no int8 matmul kernel in this torch build
+            torch._int_mm(i8, i8)
+            self.runners["int8"]["torch_int_mm"] = lambda: torch._int_mm(i8, i8)
+        for precision in ("fp32", "bf16", "int8"):
+            with contextlib.suppress(Exception):  # a precision this CPU cannot run
+                self.runners[precision]["openvino"] = _ov_matmul(n, precision, threads)
+
+    def measure(self, seconds: float) -> dict[str, Any]:
+        found = {
+            precision: {lib: self.flop / _best(fn, seconds) for lib, fn in libs.items()}
+            for precision, libs in self.runners.items()
+        }
+        return {"by_library": found}
 
 
 # --- backend worker ----------------------------------------------------------------------------
@@ -199,7 +205,14 @@ def measure_peak(threads: int, seconds: float) -> dict[str, Any]:
 def worker(args: argparse.Namespace) -> None:
     """Open one engine, then answer ``{"batch": n, "iters": k}`` lines with timings."""
     if args.worker == "peak":
-        print(json.dumps(measure_peak(args.threads, args.peak_seconds)), flush=True)
+        # Probed once per round like the engines, so that background load weighs alike.
+        probe = PeakProbe(args.threads)
+        print(json.dumps({"ready": "peak", "open_s": 0.0}), flush=True)
+        for line in sys.stdin:
+            if json.loads(line).get("quit"):
+                break
+            print(json.dumps(probe.measure(args.peak_seconds)), flush=True)
+        print(json.dumps({"rss_mb": peak_rss_mb()}), flush=True)
         return
     backend, precision = args.worker.split("-")
     model = Path(args.model)
@@ -265,7 +278,7 @@ class Worker:
         cmd = [
             sys.executable, __file__, "--worker", name, "--model", str(model),
             "--arch", json.dumps(arch), "--threads", str(args.threads),
-            "--max-batch", str(max(args.batch_list)),
+            "--max-batch", str(max(args.batch_list)), "--peak-seconds", str(args.peak_seconds),
         ]  # fmt: skip
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.name = name
@@ -293,6 +306,13 @@ class Worker:
         self.proc.stdin.flush()
         self.times.setdefault(batch, []).extend(self._read()["times"])
 
+    def probe(self) -> dict[str, Any]:
+        """One peak measurement (the ``peak`` worker only)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("{}\n")
+        self.proc.stdin.flush()
+        return self._read()
+
     def finish(self) -> float:
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps({"quit": True}) + "\n")
@@ -302,14 +322,16 @@ class Worker:
         return rss
 
 
-def run_peak(args: argparse.Namespace) -> dict[str, Any]:
-    out = subprocess.run(
-        [sys.executable, __file__, "--worker", "peak", "--threads", str(args.threads),
-         "--peak-seconds", str(args.peak_seconds)],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
-    return result
+def merge_peaks(probes: list[dict[str, Any]]) -> dict[str, Any]:
+    """Best GFLOP/s per precision and library over all probes."""
+    by_library: dict[str, dict[str, float]] = {}
+    for probe in probes:
+        for precision, libs in probe["by_library"].items():
+            slot = by_library.setdefault(precision, {})
+            for lib, value in libs.items():
+                slot[lib] = max(slot.get(lib, 0.0), value)
+    gflops = {p: max(libs.values(), default=0.0) for p, libs in by_library.items()}
+    return {"gflops": gflops, "by_library": by_library, "probes": len(probes)}
 
 
 def main() -> None:
@@ -350,10 +372,13 @@ def main() -> None:
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="defectd-bench-") as tmp:
         info = prepare_models(args.model, Path(tmp), args.dice)
-        peak = run_peak(args)
+        t_prepared = time.perf_counter()
         workers = [Worker(name, info["model"], info["arch"], args) for name in rows]
-        for w in workers:  # started together, they load in parallel
+        peak_worker = Worker("peak", info["model"], info["arch"], args)
+        for w in [*workers, peak_worker]:  # started together, they load in parallel
             w.wait_ready()
+        probes = []
+        t_started = time.perf_counter()
         # Round-robin: every backend measured once per round, so drifting background load
         # hits each of them the same way.
         for batch in args.batch_list:
@@ -368,7 +393,11 @@ def main() -> None:
             for _ in range(args.rounds):
                 for w in workers:
                     w.run(batch, iters[w.name])
+                if not args.quick or not probes:  # quick: one probe in all
+                    probes.append(peak_worker.probe())
         rss = {w.name: w.finish() for w in workers}
+        peak_worker.finish()
+        peak = merge_peaks(probes)
         dice = dice_check(info["model"], args.dice, args.split, args.threads) if args.dice else None
         opened = {w.name: w.ready["open_s"] for w in workers}
         results = []
@@ -405,12 +434,18 @@ def main() -> None:
         "threads": args.threads,
         "cpu": cpu_name(),
         "peak_gflops": {k: round(v, 1) for k, v in peak["gflops"].items()},
+        "peak_probes": peak["probes"],
         "peak_by_library": {
             k: {lib: round(v, 1) for lib, v in libs.items()}
             for k, libs in peak["by_library"].items()
         },
         "quantize_s": round(info["quantize_s"], 2),
         "seconds": round(time.perf_counter() - t_start, 1),
+        "stage_s": {
+            "prepare": round(t_prepared - t_start, 1),
+            "start_workers": round(t_started - t_prepared, 1),
+            "measure": round(time.perf_counter() - t_started, 1),
+        },
         "rows": results,
         "checks": checks(results),
         "dice": dice,
@@ -503,7 +538,7 @@ def print_table(summary: dict[str, Any]) -> None:
     print(f"checks: {json.dumps(summary['checks'])}")
     if summary["dice"]:
         print(f"dice: {json.dumps(summary['dice'])}")
-    print(f"total {summary['seconds']} s (quantisation {summary['quantize_s']} s)")
+    print(f"total {summary['seconds']} s, stages {summary['stage_s']}")
 
 
 if __name__ == "__main__":
