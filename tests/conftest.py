@@ -130,6 +130,78 @@ def mosquitto(tmp_path: Path) -> Iterator[Callable[..., Mosquitto]]:
         broker.close()
 
 
+class MqttCollector:
+    """A QoS 1 subscriber (MQTT 5) that records every message on ``topic`` and re-subscribes
+    on every (re)connect; ``persistent`` keeps its session on the broker (clean start off)."""
+
+    def __init__(
+        self, host: str, port: int, topic: str, *, client_id: str = "", persistent: bool = False
+    ) -> None:
+        import threading
+
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        self.topic = topic
+        self.messages: list[Any] = []  # paho MQTTMessage objects, in arrival order
+        self._cond = threading.Condition()
+        self._subscribed = threading.Event()
+        self._client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
+        )
+        self._client.reconnect_delay_set(1, 1)
+        self._client.on_connect = self._on_connect
+        self._client.on_subscribe = lambda *a: self._subscribed.set()
+        self._client.on_message = self._on_message
+        props = None
+        if persistent:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 3600
+        self._client.connect(host, port, 30, clean_start=not persistent, properties=props)
+        self._client.loop_start()
+        assert self._subscribed.wait(10), "collector could not subscribe"
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        client.subscribe(self.topic, qos=1)
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        with self._cond:
+            self.messages.append(msg)
+            self._cond.notify_all()
+
+    def wait_for(self, predicate: Callable[[list[Any]], bool], timeout: float = 10.0) -> bool:
+        """Wait until ``predicate(messages)`` holds; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: predicate(self.messages), timeout)
+
+    def payloads(self, suffix: str) -> list[dict[str, Any]]:
+        """JSON payloads of the messages whose topic ends with ``suffix``, in arrival order."""
+        import json
+
+        with self._cond:
+            return [json.loads(m.payload) for m in self.messages if m.topic.endswith(suffix)]
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+
+@pytest.fixture
+def mqtt_collector() -> Iterator[Callable[..., MqttCollector]]:
+    """Factory: ``mqtt_collector(host, port, "prefix/#", persistent=..., client_id=...)``."""
+    collectors: list[MqttCollector] = []
+
+    def factory(*args: Any, **kwargs: Any) -> MqttCollector:
+        collectors.append(MqttCollector(*args, **kwargs))
+        return collectors[-1]
+
+    yield factory
+    for c in collectors:
+        c.close()
+
+
 # --- logging: every test starts with logs going to its own captured stderr ---
 # A CLI test that runs ``main()`` in-process configures structlog to write to that test's
 # captured stream, which pytest closes afterwards; background threads of later tests (camera

@@ -160,7 +160,7 @@ class PublisherStats:
     connect_failures: int
     near_bound: bool
     near_bound_warnings: int
-    last_error: str | None
+    last_error: str | None  # the most recent error (kept after recovery; see connected)
     ack_latency_ms_p50: float | None  # submit -> PUBACK, last 10,000 messages
     ack_latency_ms_p99: float | None
 
@@ -604,6 +604,9 @@ class Publisher:
                 self._connected(client, outbox, session_present, now)
             else:
                 why = f"broker refused the connection: {describe_reason(rc)}"
+                if rc.value in (134, 135):  # bad user name or password, not authorized
+                    who = self._config.username or "anonymous"
+                    why += f" (user {who!r}: check mqtt.username, the password and the broker ACL)"
                 self._connection_failed(why, now, refused=True)
                 if self._refused_streak != why:
                     self._refused_streak = why
@@ -641,7 +644,6 @@ class Publisher:
         self._down_since = None
         self._connects += 1
         self._refused_streak = None
-        self._last_error = None
         log.info(
             "broker_connected",
             host=self._config.host,
