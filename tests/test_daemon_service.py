@@ -153,3 +153,16 @@ def test_daemon_archives_parts_as_a_dataset(running: tuple[Service, Path]) -> No
         rows = list(csv.DictReader(fh))
     assert {r["cls"] for r in rows} - {"error"}  # inspected parts, labelled
     assert all((archive / r["image"]).is_file() for r in rows)
+
+
+def test_batch_run_exits_when_its_source_ends_with_every_result_in_the_ledger(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    extra = 'exit_when_sources_end = true\nresult_ledger = "ledger.txt"'
+    text = _config_text(tiny_model, tmp_path / "state", extra=extra)
+    text = text.replace("defect_rate = 0.5", "defect_rate = 0.5\ncount = 12")
+    cfg = load_station_config(_write(tmp_path / "batch.toml", text))
+    service = Service(cfg, notifier=SdNotifier({}), install_signals=False)
+    assert service.serve() == 0  # returns by itself once the 12 parts are inspected
+    ledger = (tmp_path / "state" / "ledger.txt").read_text().split()
+    assert len(ledger) == len(set(ledger)) == 12

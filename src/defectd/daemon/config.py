@@ -155,6 +155,16 @@ class DaemonSection(_Frozen):
     )
     log_rate_limit_s: Annotated[float, Field(gt=0)] = 10.0
     log_burst: Annotated[int, Field(ge=1)] = 5
+    exit_when_sources_end: bool = Field(
+        default=False,
+        description="exit (0, after draining) once every camera source ended by itself: a "
+        "replay or a counted synthetic line run as a batch job",
+    )
+    result_ledger: Path | None = Field(
+        default=None,
+        description="append each result id, once durable in the outbox, to this file (one "
+        "per line; relative to the state directory): a list to reconcile deliveries against",
+    )
 
 
 class StationConfig(_Frozen):
@@ -237,7 +247,11 @@ _FILE_RELATIVE: tuple[tuple[str, ...], ...] = (
     ("daemon", "state_dir"),
 )
 # Keys whose values are paths relative to the state directory.
-_STATE_RELATIVE: tuple[tuple[str, ...], ...] = (("outbox", "path"), ("archive", "dir"))
+_STATE_RELATIVE: tuple[tuple[str, ...], ...] = (
+    ("outbox", "path"),
+    ("archive", "dir"),
+    ("daemon", "result_ledger"),
+)
 
 
 def _resolve(node: Any, key: tuple[str, ...], base: Path) -> Any:

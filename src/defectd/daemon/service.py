@@ -154,6 +154,7 @@ class Service:
         self._health: HealthServer | None = None
         self._sources: list[Source] = []
         self._reload_thread: threading.Thread | None = None
+        self._ledger: int | None = None
 
         self._count_lock = threading.Lock()
         self._submitted = 0
@@ -224,6 +225,16 @@ class Service:
         if self.should_exit:
             return
 
+        if cfg.daemon.result_ledger is not None:
+            try:
+                cfg.daemon.result_ledger.parent.mkdir(parents=True, exist_ok=True)
+                self._ledger = os.open(
+                    cfg.daemon.result_ledger, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640
+                )
+            except OSError as exc:
+                raise ConfigError(
+                    f"daemon.result_ledger: cannot open {cfg.daemon.result_ledger}: {exc}"
+                ) from None
         self._publisher = Publisher(cfg.mqtt, cfg.outbox, cfg.station, status=self._status_info())
         self._publisher.start()
         if cfg.archive.enabled:
@@ -286,6 +297,9 @@ class Service:
         if self._publisher is not None:
             self._publisher.stop(drain_timeout_s=max(left(), 1.0))
             depth = self.outbox_left = self._publisher.stats().outbox_depth
+        if self._ledger is not None:
+            os.close(self._ledger)
+            self._ledger = None
         if self._health is not None:
             self._health.stop()
         if not startup_failed:
@@ -365,6 +379,8 @@ class Service:
             except DefectdError as exc:
                 self.metrics.errors.inc(reason="publish")
                 log.error("result_not_stored", camera=ins.camera, seq=ins.seq, error=str(exc))
+            else:
+                self._append_ledger(ins)
         self.metrics.observe(ins, commit_ms)
         inspected = ins.verdict is not Verdict.ERROR or error_reason(ins) not in _NOT_PROGRESS
         with self._count_lock:
@@ -388,6 +404,16 @@ class Service:
                 observer(result)
             except Exception as exc:  # an observer must not cost a verdict
                 log.warning("result_observer_failed", error=repr(exc))
+
+    def _append_ledger(self, ins: Inspection) -> None:
+        if self._ledger is None:
+            return
+        try:
+            # One write on an O_APPEND descriptor: whole lines, even across a SIGKILL.
+            os.write(self._ledger, f"{ins.result_id}\n".encode())
+        except OSError as exc:
+            self.metrics.errors.inc(reason="ledger")
+            log.error("ledger_write_failed", camera=ins.camera, seq=ins.seq, error=str(exc))
 
     def _log_result(self, ins: Inspection) -> None:
         fields: dict[str, Any] = {
@@ -480,6 +506,9 @@ class Service:
             self.should_exit = True
         if self._stop_after is not None and self._results >= self._stop_after:
             self.should_exit = True
+        if self.config.daemon.exit_when_sources_end and self._sources_ended():
+            log.info("sources_ended", results=self._results)
+            self.should_exit = True
         if self._on_tick is not None:
             self._on_tick(self)
 
@@ -497,6 +526,10 @@ class Service:
         return text
 
     # ------------------------------------------------------------------ health and metrics
+
+    def _sources_ended(self) -> bool:
+        health = self._source_health()
+        return bool(health) and all(h.state is SourceState.STOPPED for h in health)
 
     def _source_health(self) -> list[SourceHealth]:
         return [s.health() for s in self._sources]
