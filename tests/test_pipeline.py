@@ -234,7 +234,7 @@ def test_overload_gives_the_overflow_error_verdicts_never_none_with_bounded_memo
     assert np.all(seen == 1), "every frame has exactly one verdict"
     stats = pipe.stats()
     assert stats.errors.get("queue_full", 0) > 1000
-    assert counts["pass"] > 20 and counts["pass"] + counts["error"] == 3000
+    assert counts["pass"] > 0 and counts["pass"] + counts["error"] == 3000
     # 2,800 frames of 4 KiB plus their 16 KiB float tiles would be > 50 MiB if kept.
     assert peak - base < 4 * 1024 * 1024
 
