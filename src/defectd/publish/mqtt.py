@@ -100,6 +100,7 @@ def make_client(
         reconnect_on_failure=False,
     )
     client.connect_timeout = config.connect_timeout_s
+    client.on_socket_open = _no_delay
     if config.tls is not None:
         tls = config.tls
         client.tls_set(
@@ -115,6 +116,13 @@ def make_client(
             config.username, None if password is None else password.get_secret_value()
         )
     return client
+
+
+def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    # Small packets (PUBLISH, PUBACK) must not wait for Nagle's algorithm: without this a
+    # result waits for the next one before it leaves, and latency tracks the part rate.
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def connect_options(config: MqttConfig, *, persistent: bool = True) -> dict[str, Any]:

@@ -164,7 +164,7 @@ class Watcher:
                             attempt, self._config.reconnect_min_s, self._config.reconnect_max_s, rng
                         )
                         attempt += 1
-                        log.warning(
+                        (log.warning if attempt == 1 else log.debug)(
                             "watch_broker_unreachable",
                             host=self._config.host,
                             port=self._config.port,
