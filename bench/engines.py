@@ -9,8 +9,8 @@ The model is ``models/magnetic_tile/model.onnx`` when present, else a freshly in
 U-Net of the same architecture (base 16, depth 4, 1x256x256) exported to a temp dir; speed does
 not depend on the weights. INT8 rows quantise it first (``quantize_qdq``, min/max, synthetic
 parts). Peak FLOP/s is measured with large matrix products per precision (numpy/torch/OpenVINO),
-probed once per round between the engines and the best kept, so ``fraction_of_peak`` says how
-close each row gets to what the cores can do.
+probed between engine rounds (once per batch size) and the best kept, so ``fraction_of_peak``
+says how close each row gets to what the cores can do.
 
     python bench/engines.py [--quick] [--json] [--model M] [--batches 1,4,8,16] [--threads 2]
 """
@@ -390,11 +390,11 @@ def main() -> None:
                 per_call = w.times[batch][-1]
                 iters[w.name] = max(1, min(50, round(args.seconds / max(per_call, 1e-4))))
                 w.times[batch].clear()
-            for _ in range(args.rounds):
+            for i in range(args.rounds):
                 for w in workers:
                     w.run(batch, iters[w.name])
-                if not args.quick or not probes:  # quick: one probe in all
-                    probes.append(peak_worker.probe())
+                if i == args.rounds // 2 and not (args.quick and probes):
+                    probes.append(peak_worker.probe())  # one per batch size (quick: one)
         rss = {w.name: w.finish() for w in workers}
         peak_worker.finish()
         peak = merge_peaks(probes)
