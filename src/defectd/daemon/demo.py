@@ -52,7 +52,7 @@ DEMO_STATION: dict[str, Any] = {
         {
             "type": "synthetic",
             "camera": "line1",
-            "rate_hz": 20.0,
+            "rate_hz": 10.0,
             "defect_rate": 0.3,
             "seed": 7,
         }
