@@ -264,3 +264,10 @@ def test_tensorrt_int8_plan_masks_match_onnx_runtime(
     union = np.logical_or(got, ref).sum()
     assert union == 0 or np.logical_and(got, ref).sum() / union >= 0.9
     engine.close()
+
+
+def test_opening_a_foreign_plan_file_names_it(tmp_path: Path) -> None:
+    plan = tmp_path / "station.plan"
+    plan.write_bytes(b"\x00raw engine bytes from elsewhere")
+    with pytest.raises(EngineError, match=r"station\.plan: not a defectd TensorRT plan"):
+        open_engine(plan)
