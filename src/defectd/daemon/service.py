@@ -189,9 +189,11 @@ class Service:
             except BaseException:
                 self.shutdown(startup_failed=True)
                 raise
-            if not self.should_exit:
-                self.main_loop()
-            self.shutdown()
+            try:
+                if not self.should_exit:
+                    self.main_loop()
+            finally:
+                self.shutdown()
         finally:
             for signum, handler in saved.items():
                 signal.signal(signum, handler)
