@@ -86,7 +86,8 @@ def tiny_int8_model(tiny_model: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_int8_trt_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A symmetric-int8 QDQ copy of ``tiny_model`` (what TensorRT takes), with its card."""
+    """A copy of ``tiny_model`` with ``model.int8-sym.onnx`` beside it: symmetric-int8 QDQ
+    (what TensorRT takes), with its card."""
     import shutil
 
     from defectd.calibration.int8 import quantize_qdq
@@ -99,7 +100,7 @@ def tiny_int8_trt_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFacto
     card = load_card(fp32)
     rng = np.random.default_rng(1)
     batches = [card.normalisation.apply(blob_batch(rng, 8)[0]) for _ in range(4)]
-    quantize_qdq(fp32, folder / "model.int8.onnx", batches, symmetric_activations=True)
+    quantize_qdq(fp32, folder / "model.int8-sym.onnx", batches, symmetric_activations=True)
     return fp32
 
 

@@ -39,7 +39,7 @@ def test_cpu_form_has_uint8_activations(tiny_int8_model: Path) -> None:
 
 
 def test_tensorrt_form_has_symmetric_int8_activations(tiny_int8_trt_model: Path) -> None:
-    qdq = tiny_int8_trt_model.with_name("model.int8.onnx")
+    qdq = tiny_int8_trt_model.with_name("model.int8-sym.onnx")
     assert zero_point_types(qdq) == {"int8"}
     model = onnx.load(str(qdq))
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}

@@ -198,12 +198,12 @@ def test_int8_plan_refuses_a_uint8_qdq_model(tiny_int8_model: Path, tmp_path: Pa
 def test_int8_plan_builds_from_the_symmetric_qdq_model(
     tiny_int8_trt_model: Path, tmp_path: Path
 ) -> None:
-    qdq = tiny_int8_trt_model.with_name("model.int8.onnx")
+    qdq = tiny_int8_trt_model.with_name("model.int8-sym.onnx")
     onnx_path, k, plan = resolve_plan(
         qdq, load_card(qdq), SPEC, precision="int8", device=H100, cache_dir=tmp_path
     )
     assert onnx_path == qdq
-    assert k.precision == "int8" and plan.name.startswith("model.int8-int8-")
+    assert k.precision == "int8" and plan.name.startswith("model.int8-sym-int8-")
 
 
 @pytest.mark.skipif(has_gpu_and_trt, reason="a GPU and TensorRT are present")

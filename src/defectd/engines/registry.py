@@ -6,7 +6,8 @@ CPU backend), else ONNX Runtime on the CPU. A ``.pt`` checkpoint always opens on
 ``.plan`` file on TensorRT. The choice and the reason are logged as ``engine_selected``.
 
 Precision defaults to the card's (an fp32 model runs fp32 unless asked otherwise). ``int8``
-needs a QDQ model: the model itself (card precision ``int8``) or ``<stem>.int8.onnx`` beside it.
+needs a QDQ model: the model itself (card precision ``int8``) or ``<stem>.int8.onnx`` beside it
+(TensorRT: ``<stem>.int8-sym.onnx`` first, symmetric int8).
 """
 
 from __future__ import annotations
@@ -129,18 +130,26 @@ def choose_backend(model_path: Path) -> tuple[str, str]:
     return "ort", "no NVIDIA GPU and no OpenVINO; ONNX Runtime on the CPU"
 
 
-def _int8_model(model_path: Path, card: ModelCard) -> tuple[Path, ModelCard]:
-    """The QDQ model that serves int8: this one, or ``<stem>.int8.onnx`` beside it."""
+def _int8_model(model_path: Path, card: ModelCard, backend: str) -> tuple[Path, ModelCard]:
+    """The QDQ model that serves int8: this one, or one beside it.
+
+    CPU backends take ``<stem>.int8.onnx`` (uint8 activations, fastest there); TensorRT takes
+    ``<stem>.int8-sym.onnx`` (symmetric int8, ``quantize_qdq(..., symmetric_activations=True)``)
+    and falls back to ``<stem>.int8.onnx``, which it checks.
+    """
     if card.precision == "int8":
         return model_path, card
-    sibling = model_path.with_name(model_path.stem + ".int8.onnx")
-    if sibling.is_file():
-        sibling_card = load_card(sibling)
-        if sibling_card.precision == "int8":
-            return sibling, sibling_card
+    names = [".int8.onnx"] if backend != "tensorrt" else [".int8-sym.onnx", ".int8.onnx"]
+    for suffix in names:
+        sibling = model_path.with_name(model_path.stem + suffix)
+        if sibling.is_file():
+            sibling_card = load_card(sibling)
+            if sibling_card.precision == "int8":
+                return sibling, sibling_card
+    wanted = " or ".join(model_path.stem + n for n in names)
     raise EngineError(
         f"{model_path}: precision int8 needs a QDQ model (card precision int8) or "
-        f"{sibling.name} beside it; make one with `defectd calibrate int8`"
+        f"{wanted} beside it; make one with `defectd calibrate int8`"
     )
 
 
@@ -211,7 +220,7 @@ def open_engine(
     want = precision or card.precision
     _check_precision(chosen, want, model_path)
     if want == "int8":
-        model_path, card = _int8_model(model_path, card)
+        model_path, card = _int8_model(model_path, card, chosen)
     elif card.precision == "int8":
         raise EngineError(
             f"{model_path}: is an INT8 QDQ model; open the fp32 model for {want} (card precision)"

@@ -134,7 +134,8 @@ def check_symmetric_qdq(model_path: Path) -> None:
         if values.dtype != np.int8 or values.any():
             raise EngineError(
                 f"{model_path}: QDQ activations are {values.dtype} with a zero point; TensorRT "
-                "needs symmetric int8: quantise with quantize_qdq(..., symmetric_activations=True)"
+                "needs symmetric int8: quantise with quantize_qdq(..., symmetric_activations=True) "
+                "into <stem>.int8-sym.onnx"
             )
 
 
