@@ -215,3 +215,13 @@ def test_backend_listing_marks_cpu_backends_available_and_tensorrt_not() -> None
         assert (
             "no NVIDIA GPU" in infos["tensorrt"].detail or "pip install" in infos["tensorrt"].detail
         )
+
+
+def test_openvino_batch_split_over_streams_matches_single_images(
+    tiny_model: Path, batch: np.ndarray
+) -> None:
+    engine = open_engine(tiny_model, backend="openvino", precision="fp32", threads=2)
+    together = engine.infer(batch[:3])  # 3 images over 2 parallel streams (2 + 1)
+    alone = np.concatenate([engine.infer(batch[i : i + 1]) for i in range(3)])
+    engine.close()
+    assert float(np.abs(together - alone).max()) <= 1e-5
