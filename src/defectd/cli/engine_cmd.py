@@ -135,6 +135,7 @@ def build_engine(
     if as_json:
         typer.echo(json.dumps(summary))
         return
+    console = Console()  # the summary goes to stdout; progress went to stderr
     console.print(
         f"[bold]{engine.name}[/bold] {engine.version}: input (N, {', '.join(map(str, spec.chw))}), "
         f"batch {spec.min_batch}..{spec.max_batch}, opened in {build_s:.1f} s"
