@@ -6,8 +6,9 @@ Against a real Mosquitto started on a free port with persistence on (``defectd.p
    until the broker's PUBACK, next to a baseline measured in the same run: paho ``publish`` +
    ``wait_for_publish`` per result (what a pipeline pays when it publishes synchronously).
    Rounds alternate between the two; medians over rounds.
-2. ``faults``: the producer (``PRODUCER`` below) makes ``--results`` results at ``--rate``/s and
-   writes each produced result id to a file after its outbox commit. Meanwhile the broker is
+2. ``faults``: the producer (``producer_command`` below: the daemon, ``defectd run`` with a
+   synthetic camera) makes ``--results`` results at ``--rate``/s and writes each produced result
+   id to a file after its outbox commit. Meanwhile the broker is
    SIGKILLed three times, each time down for ``--outage`` seconds, and the producer is
    SIGKILLed once and restarted. A subscriber with a persistent session (QoS 1, clean start
    off, re-subscribing on every connect) records every result id it receives.
@@ -47,11 +48,44 @@ PREFIX = "faults"
 STATION = "line1"
 
 
+def script_producer_command(broker: Mosquitto, work: Path, total: int, rate: float) -> list[str]:
+    """A stand-in producer: the real ``Publisher`` + ``Outbox`` fed with generated results."""
+    return [sys.executable, str(HERE / "mqtt_fault_producer.py"), "--port", str(broker.port), "--prefix", PREFIX, "--station", STATION, "--outbox", str(work / "outbox.sqlite"), "--ids", str(work / "ids.txt"), "--total", str(total), "--rate", str(rate)]  # fmt: skip  # noqa: E501
+
+
+def daemon_producer_command(broker: Mosquitto, work: Path, total: int, rate: float) -> list[str]:
+    """The real daemon: ``defectd run`` with a synthetic camera at ``rate`` parts/s, a tiny
+    U-Net (64x64; this bench is about delivery, not inference), the outbox in ``work`` and the
+    ids of durable results in ``work/ids.txt`` (``[daemon] result_ledger``). It exits by itself
+    after ``total`` parts (``exit_when_sources_end``); restarted, it runs ``total`` more."""
+    model = work / "model" / "model.onnx"
+    if not model.exists():
+        from defectd.model import ModelCard, UNet, UNetConfig
+        from defectd.model.export import export_onnx
+
+        card = ModelCard(name="faults-tiny", input={"height": 64, "width": 64})
+        export_onnx(UNet(UNetConfig(base=4, depth=2)), card, model)
+    config = work / "station.toml"
+    config.write_text(
+        f'station = "{STATION}"\n'
+        f'[model]\npath = "{model}"\nbackend = "ort"\nthreads = 1\n'
+        f'[[cameras]]\ntype = "synthetic"\ncamera = "cam0"\nrate_hz = {rate}\n'
+        f"height = 64\nwidth = 64\ncount = {total}\n"
+        f"[pipeline]\nmax_latency_ms = 10000\n"
+        f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\ntopic_prefix = "{PREFIX}"\n'
+        f"reconnect_min_s = 0.1\nreconnect_max_s = 1.0\n"
+        f'[outbox]\npath = "{work / "outbox.sqlite"}"\n'
+        f"[archive]\nenabled = false\n[health]\nenabled = false\n"
+        f'[daemon]\nstate_dir = "{work / "state"}"\nexit_when_sources_end = true\n'
+        f'result_ledger = "{work / "ids.txt"}"\ndrain_timeout_s = 30\n'
+    )
+    return [sys.executable, "-m", "defectd", "--log-format", "json", "run", "--config", str(config)]
+
+
 def producer_command(broker: Mosquitto, work: Path, total: int, rate: float) -> list[str]:
     """The process under test. It must append each produced result id to ``work/ids.txt``
-    once the result is durable. Swap this line for the daemon (``defectd run --config <toml>``
-    with a synthetic camera at ``rate`` and its MQTT section pointing at ``broker``)."""
-    return [sys.executable, str(HERE / "mqtt_fault_producer.py"), "--port", str(broker.port), "--prefix", PREFIX, "--station", STATION, "--outbox", str(work / "outbox.sqlite"), "--ids", str(work / "ids.txt"), "--total", str(total), "--rate", str(rate)]  # fmt: skip  # noqa: E501
+    once the result is durable."""
+    return daemon_producer_command(broker, work, total, rate)
 
 
 def _log(msg: str) -> None:
