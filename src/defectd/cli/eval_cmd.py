@@ -41,8 +41,12 @@ def eval_command(
         str, typer.Option("--image-score", help="AUROC score per image: max (probability) or area.")
     ] = "max",
     backend: Annotated[
-        str, typer.Option(help="Engine for .onnx: auto, ort, openvino or torch.")
+        str, typer.Option(help="Engine: auto, ort, openvino, tensorrt; torch for a .pt.")
     ] = "auto",
+    precision: Annotated[
+        str | None,
+        typer.Option(help="fp32, bf16, fp16 or int8 where the engine runs it (default: card)."),
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per inference.")] = 8,
     threads: Annotated[int | None, typer.Option(help="Inference threads (default: all).")] = None,
     overlays: Annotated[
@@ -81,7 +85,9 @@ def eval_command(
         raise ConfigError(f"--batch-size {batch_size}: must be positive")
     dataset = open_dataset(data)
     samples = dataset.samples(split)
-    opened = open_model(model, backend=backend, threads=threads)
+    opened = open_model(
+        model, backend=backend, precision=precision, threads=threads, max_batch=batch_size
+    )
     console = Console(stderr=True)
     try:
         with Progress(

@@ -9,7 +9,6 @@ thresholded, so every metric is computed on the original masks. The model is any
 
 from __future__ import annotations
 
-import importlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from defectd.engines import open_engine
 from defectd.errors import ModelError
 from defectd.model.card import ModelCard, load_card
 from defectd.model.checkpoint import load_checkpoint
@@ -77,73 +77,37 @@ class OpenedModel:
     close: Callable[[], None]
 
 
-BACKENDS = ("auto", "ort", "openvino", "torch")
+def open_model(
+    path: Path,
+    *,
+    backend: str = "auto",
+    precision: str | None = None,
+    threads: int | None = None,
+    max_batch: int = 16,
+) -> OpenedModel:
+    """Open a ``.pt`` checkpoint or an ``.onnx`` model (with its card) for evaluation.
 
-
-def open_model(path: Path, *, backend: str = "auto", threads: int | None = None) -> OpenedModel:
-    """Open a ``.pt`` checkpoint (torch, float32) or an ``.onnx`` model with its card.
-
-    ONNX models run on the engine ``backend`` names through ``defectd.engines`` (``auto``
-    lets the registry choose); ``ModelError`` naming the file when it cannot be opened.
+    A checkpoint runs on torch in float32; an ONNX model on the engine that ``backend`` names
+    (``auto`` lets ``defectd.engines`` choose), at ``precision`` (default: the card's).
+    ``ModelError`` / ``EngineError`` naming the file when it cannot be opened.
     """
     path = Path(path)
-    if backend not in BACKENDS:
-        raise ModelError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    if not path.is_file():
-        raise ModelError(f"{path}: model file not found")
-    if path.suffix == ".pt":
-        if backend not in ("auto", "torch"):
-            raise ModelError(f"{path}: a checkpoint runs on the torch backend, not {backend!r}")
+    if path.suffix == ".pt" and backend in ("auto", "torch") and precision in (None, "fp32"):
         net, card = load_checkpoint(path)
         if threads:
             torch.set_num_threads(threads)
-        return OpenedModel(TorchPredictor(net), card, "torch-fp32", lambda: None)
-    if path.suffix != ".onnx":
-        raise ModelError(f"{path}: expected a .pt checkpoint or an .onnx model")
-    card = load_card(path)
-    engine = _open_engine(path, backend, threads)
-    return OpenedModel(engine, card, str(engine.name), engine.close)
+        return OpenedModel(TorchPredictor(channels_last(net)), card, "torch-fp32", lambda: None)
+    engine = open_engine(
+        path, backend=backend, precision=precision, threads=threads, max_batch=max_batch
+    )
+    card = load_checkpoint(path)[1] if path.suffix == ".pt" else load_card(path)
+    return OpenedModel(engine, card, engine.name, engine.close)
 
 
-def _open_engine(path: Path, backend: str, threads: int | None) -> Any:
-    """The engine registry when present, else ONNX Runtime on CPU directly."""
-    try:
-        registry = importlib.import_module("defectd.engines.registry")
-    except ImportError:
-        registry = None
-    if registry is not None:
-        return registry.open_engine(path, backend=backend, threads=threads, max_batch=64)
-    if backend not in ("auto", "ort"):
-        raise ModelError(f"{path}: backend {backend!r} is not available in this installation")
-    return _OrtPredictor(path, threads)
-
-
-class _OrtPredictor:
-    """ONNX Runtime on CPU, for installations without the engine registry."""
-
-    name = "ort-fp32"
-
-    def __init__(self, path: Path, threads: int | None) -> None:
-        import onnxruntime as ort  # noqa: PLC0415  # only when no registry is installed
-
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        try:
-            self._session = ort.InferenceSession(
-                str(path), sess_options=opts, providers=["CPUExecutionProvider"]
-            )
-        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ModelError(f"{path}: ONNX Runtime cannot load the model: {first}") from exc
-        self._input = self._session.get_inputs()[0].name
-
-    def infer(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
-        out: NDArray[np.float32] = self._session.run(None, {self._input: batch})[0]
-        return out
-
-    def close(self) -> None:
-        del self._session
+def channels_last(net: UNet) -> UNet:
+    """The same module with its weights in channels-last layout (oneDNN's fast path)."""
+    net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return net
 
 
 def onnx_parity(
@@ -156,7 +120,7 @@ def onnx_parity(
     pixels = rng.integers(0, 256, (batch, spec.channels, spec.height, spec.width), np.uint8)
     x = card.normalisation.apply(pixels)
     expected = TorchPredictor(net.eval()).infer(x)
-    runner = _OrtPredictor(onnx_path, None)
+    runner = open_engine(onnx_path, backend="ort", precision="fp32", max_batch=max(1, batch))
     try:
         got = runner.infer(x)
     finally:

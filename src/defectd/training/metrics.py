@@ -226,6 +226,7 @@ class MetricsAccumulator:
     threshold: float = 0.5
     min_area_px: int = 0
     score: ImageScore = "max"
+    keep_sweep: bool = True  # False skips the per-threshold counts (faster)
     stats: list[ImageStats] = field(default_factory=list)
     _sweep: NDArray[np.int64] = field(
         default_factory=lambda: np.zeros((3, THRESHOLD_GRID.size), np.int64)
@@ -239,6 +240,8 @@ class MetricsAccumulator:
             prob, truth, threshold=self.threshold, min_area_px=self.min_area_px, stem=stem, cls=cls
         )
         self.stats.append(st)
+        if not self.keep_sweep:
+            return st
         gt = truth > 0
         # Predicted-positive counts at every grid threshold from two sorted arrays.
         # Compare in the map's own dtype, exactly as ``prob > threshold`` does.

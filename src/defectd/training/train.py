@@ -23,7 +23,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,9 +39,16 @@ from defectd.model.checkpoint import read_checkpoint, save_checkpoint
 from defectd.model.unet import Norm, UNet, UNetConfig
 from defectd.training.augment import Augment, AugmentConfig
 from defectd.training.data import Dataset, open_dataset
-from defectd.training.evaluate import Evaluation, TorchPredictor, evaluate
+from defectd.training.evaluate import (
+    Evaluation,
+    Prediction,
+    TorchPredictor,
+    channels_last,
+    evaluate,
+    predict,
+)
 from defectd.training.losses import LossConfig, LossKind, SegLoss
-from defectd.training.metrics import ImageScore
+from defectd.training.metrics import ImageScore, MetricsAccumulator, Report
 from defectd.training.torchdata import (
     DefectBalancedSampler,
     InputFit,
@@ -172,12 +179,6 @@ class TrainResult:
     epochs: int
     seconds: float
     history: list[EpochRecord]
-
-
-def channels_last(net: UNet) -> UNet:
-    """The same module with its weights in channels-last layout (oneDNN's fast path)."""
-    net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    return net
 
 
 def init_head_prior(net: UNet, defect_share: float) -> None:
@@ -476,24 +477,16 @@ def finish_card(
     net.load_state_dict(state["model"])
     net = channels_last(net).eval()
     card = ModelCard.model_validate(state["card"])
-    predictor = TorchPredictor(net, bf16=False)
-    sweep = evaluate(dataset, config.val_split, predictor, card, threshold=0.5)
-    threshold = sweep.best_threshold
-    ev = evaluate(
-        dataset,
-        config.val_split,
-        predictor,
-        card,
-        threshold=threshold,
-        min_area_px=0,
-        score=config.image_score,
+    preds = list(
+        predict(dataset, dataset.samples(config.val_split), TorchPredictor(net, bf16=False), card)
     )
+    threshold, min_area, report = choose_operating_point(preds, config.image_score)
     metrics = {
         f"val_{k}": float(v)
-        for k, v in ev.report.overall.as_dict().items()
+        for k, v in report.overall.as_dict().items()
         if isinstance(v, float) and k not in ("images", "defective")
     }
-    metrics["val_auroc"] = float(ev.report.auroc)
+    metrics["val_auroc"] = float(report.auroc)
     training = card.training.model_copy(
         update={
             "data_hash": dataset.fingerprint(config.train_split),
@@ -504,12 +497,39 @@ def finish_card(
     final = card.model_copy(
         update={
             "threshold": threshold,
+            "min_area_px": min_area,
             "metrics": {k: round(v, 5) for k, v in metrics.items()},
             "training": training,
-            "notes": f"threshold chosen on split {config.val_split!r}; "
-            f"image score for AUROC: {config.image_score} probability",
+            "notes": f"threshold (best Dice) and min_area_px (best image accuracy) chosen on "
+            f"split {config.val_split!r}; image score for AUROC: {config.image_score}",
         }
     )
     extra = {k: v for k, v in state.items() if k not in ("model", "unet", "card")}
     save_checkpoint(best_path, net, final, **extra)
     return final
+
+
+MIN_AREA_CANDIDATES = (0, 4, 8, 16, 32, 64, 128)
+
+
+def choose_operating_point(
+    preds: Sequence[Prediction], score: ImageScore = "max"
+) -> tuple[float, int, Report]:
+    """Threshold with the best split Dice, then the min-area (px at native resolution) with the
+    best image accuracy at that threshold (ties: the smaller area); and the report there."""
+    sweep = MetricsAccumulator()
+    for p in preds:
+        sweep.add(p.prob, p.mask)
+    threshold, _ = sweep.best_threshold()
+    best: tuple[float, int, Report] | None = None
+    for area in MIN_AREA_CANDIDATES:
+        acc = MetricsAccumulator(
+            threshold=threshold, min_area_px=area, score=score, keep_sweep=False
+        )
+        for p in preds:
+            acc.add(p.prob, p.mask, stem=p.sample.stem, cls=p.sample.cls)
+        report = acc.report()
+        if best is None or report.overall.accuracy > best[2].overall.accuracy:
+            best = (threshold, area, report)
+    assert best is not None
+    return best
