@@ -77,8 +77,9 @@ def prepare_models(
 ) -> dict[str, Any]:
     """fp32 ONNX (given or fallback), its INT8 QDQ copy, the architecture and GFLOPs/frame.
 
-    INT8 is calibrated on 32 training images of ``calibration_data`` when given, else on
-    synthetic parts (speed does not depend on it; accuracy does)."""
+    INT8 is calibrated on 128 training images of ``calibration_data`` when given (fewer cost
+    Dice: 32 images lost 0.028 on magnetic-tile val, 128 lost 0.002), else on synthetic parts
+    (speed does not depend on it; accuracy does)."""
     from defectd.calibration.int8 import quantize_qdq
     from defectd.model import ModelCard, UNet, UNetConfig, load_card
     from defectd.model.export import export_onnx
@@ -109,7 +110,7 @@ def prepare_models(
     t0 = time.perf_counter()
     calibration: Any = synthetic_batches(card, 4, 2)
     if calibration_data is not None:
-        calibration = (b for b, _, _ in dataset_batches(calibration_data, card, "train", 32))
+        calibration = (b for b, _, _ in dataset_batches(calibration_data, card, "train", 128))
     quantize_qdq(fp32, workdir / "model.int8.onnx", calibration)
     return {
         "model": fp32,
@@ -351,7 +352,7 @@ def main() -> None:
         "--dice",
         type=Path,
         metavar="DATA",
-        help="dataset folder: calibrate INT8 on its train split and report defect Dice\n"
+        help="dataset folder: calibrate INT8 on 128 train images and report defect Dice\n"
         "of fp32 and each low-precision row on --split (e.g. magnetic_tile)",
     )
     p.add_argument("--split", default="val", help="split for --dice (default val)")
