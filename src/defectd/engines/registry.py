@@ -2,7 +2,7 @@
 
 ``auto`` picks, in order: TensorRT when an NVIDIA GPU and ``tensorrt`` are present, else ONNX
 Runtime with its CUDA provider when that and a GPU are present, else OpenVINO (the fastest
-CPU backend), else ONNX Runtime on the CPU. A ``.pt`` checkpoint always opens on torch and a
+CPU backend). A ``.pt`` checkpoint always opens on torch and a
 ``.plan`` file on TensorRT. The choice and the reason are logged as ``engine_selected``.
 
 Precision defaults to the card's (an fp32 model runs fp32 unless asked otherwise). ``int8``
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 import openvino as ov
+import torch
 
 from defectd.engines.base import Engine
 from defectd.engines.model_file import (
@@ -80,25 +81,20 @@ def _ort_cuda() -> bool:
 def available_backends() -> list[BackendInfo]:
     """Every backend with whether it runs here, its version, precisions and why (not)."""
     gpu = gpu_present()
-    infos = []
-    torch_v = _module_version("torch") or ""
-    infos.append(BackendInfo("torch", True, torch_v, PRECISIONS["torch"], "eager reference"))
-    ort_v = _module_version("onnxruntime")
-    ort_detail = "CUDA + CPU providers" if ort_v and gpu and _ort_cuda() else "CPU provider"
-    infos.append(BackendInfo("ort", ort_v is not None, ort_v or "", PRECISIONS["ort"], ort_detail))
-    ov_v = None
-    ov_detail = "not installed"
-    ov_precisions = PRECISIONS["openvino"]
-    if importlib.util.find_spec("openvino") is not None:
-        ov_v = str(ov.get_version()).split("-")[0]
-        caps = cpu_capabilities()
-        ov_precisions = tuple(
-            p
-            for p in PRECISIONS["openvino"]
-            if {"fp32": "FP32", "bf16": "BF16", "int8": "INT8"}[p] in caps
-        )
-        ov_detail = "CPU capabilities " + " ".join(caps)
-    infos.append(BackendInfo("openvino", ov_v is not None, ov_v or "", ov_precisions, ov_detail))
+    infos = [
+        BackendInfo("torch", True, str(torch.__version__), PRECISIONS["torch"], "eager reference")
+    ]
+    ort_detail = "CUDA + CPU providers" if gpu and _ort_cuda() else "CPU provider"
+    infos.append(BackendInfo("ort", True, str(ort.__version__), PRECISIONS["ort"], ort_detail))
+    caps = cpu_capabilities()
+    ov_precisions = tuple(
+        p
+        for p in PRECISIONS["openvino"]
+        if {"fp32": "FP32", "bf16": "BF16", "int8": "INT8"}[p] in caps
+    )
+    ov_version = str(ov.get_version()).split("-")[0]
+    ov_detail = "CPU capabilities " + " ".join(caps)
+    infos.append(BackendInfo("openvino", True, ov_version, ov_precisions, ov_detail))
     trt_v = _module_version("tensorrt")
     trt_ok = trt_v is not None and gpu
     trt_detail = (
@@ -121,13 +117,10 @@ def choose_backend(model_path: Path) -> tuple[str, str]:
     has_trt = importlib.util.find_spec("tensorrt") is not None
     if gpu and has_trt:
         return "tensorrt", "NVIDIA GPU and TensorRT present"
-    has_ort = importlib.util.find_spec("onnxruntime") is not None
-    if gpu and has_ort and _ort_cuda():
+    if gpu and _ort_cuda():
         return "ort", f"NVIDIA GPU with ONNX Runtime CUDA; no tensorrt ({INSTALL_HINT})"
-    if importlib.util.find_spec("openvino") is not None:
-        why = "no NVIDIA GPU" if not gpu else "GPU without TensorRT or ONNX Runtime CUDA"
-        return "openvino", f"{why}; OpenVINO is the fastest CPU backend"
-    return "ort", "no NVIDIA GPU and no OpenVINO; ONNX Runtime on the CPU"
+    why = "no NVIDIA GPU" if not gpu else "GPU without TensorRT or ONNX Runtime CUDA"
+    return "openvino", f"{why}; OpenVINO is the fastest CPU backend"
 
 
 def _int8_model(model_path: Path, card: ModelCard, backend: str) -> tuple[Path, ModelCard]:
