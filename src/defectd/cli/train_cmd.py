@@ -43,7 +43,7 @@ def train_command(
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 2e-3,
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW decay.")] = 1e-4,
     loss: Annotated[
-        str, typer.Option(help="bce_dice, focal_dice, bce_tversky or bce.")
+        str, typer.Option(help="bce_dice, bce_dice_img, focal_dice, bce_tversky or bce.")
     ] = "bce_dice",
     defect_fraction: Annotated[
         float,
@@ -103,7 +103,7 @@ def train_command(
     choices = {
         "--resize": (resize, ("resize", "pad")),
         "--loss": (loss, LOSS_KINDS),
-        "--augment": (augment, ("default", "light", "off")),
+        "--augment": (augment, ("default", "light", "flip", "off")),
         "--select-by": (select_by, ("dice", "dice+auroc")),
     }
     for key, (value, allowed) in choices.items():

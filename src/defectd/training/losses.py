@@ -1,5 +1,8 @@
 """Losses for defect segmentation: a per-pixel term plus an overlap term.
 
+Kinds: ``bce_dice`` (BCE + soft Dice over the batch), ``bce_dice_img`` (BCE + the mean of
+batch Dice and per-image Dice), ``focal_dice``, ``bce_tversky`` and plain ``bce``.
+
 Defects cover a fraction of a percent of most images, so plain BCE is content predicting
 "good" everywhere. The overlap term (soft Dice, or Tversky that weighs misses more than false
 alarms) is computed over the whole batch at once, which matches how the split's Dice is measured
@@ -15,14 +18,26 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-LossKind = Literal["bce_dice", "focal_dice", "bce_tversky", "bce"]
-LOSS_KINDS: tuple[LossKind, ...] = ("bce_dice", "focal_dice", "bce_tversky", "bce")
+LossKind = Literal["bce_dice", "bce_dice_img", "focal_dice", "bce_tversky", "bce"]
+LOSS_KINDS: tuple[LossKind, ...] = ("bce_dice", "bce_dice_img", "focal_dice", "bce_tversky", "bce")
 
 
 def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
     """``1 - (2 sum(p t) + s) / (sum p + sum t + s)`` over every pixel of the batch."""
     inter = (prob * target).sum()
     return 1.0 - (2.0 * inter + smooth) / (prob.sum() + target.sum() + smooth)
+
+
+def image_dice_loss(prob: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """Soft Dice loss per ``(N, 1, H, W)`` image, averaged over the images that have defect
+    pixels (0 when none has): a 5-pixel pit weighs as much as a region over half the part."""
+    dims = (1, 2, 3)
+    inter = (prob * target).sum(dims)
+    per_image = 1.0 - (2.0 * inter + smooth) / (prob.sum(dims) + target.sum(dims) + smooth)
+    has_defect = target.sum(dims) > 0
+    if not bool(has_defect.any()):
+        return prob.sum() * 0.0
+    return per_image[has_defect].mean()
 
 
 def tversky_loss(
@@ -79,6 +94,9 @@ class SegLoss(nn.Module):
         prob = torch.sigmoid(logits)
         if cfg.kind == "bce_tversky":
             overlap = tversky_loss(prob, target)
+        elif cfg.kind == "bce_dice_img":
+            # Split Dice is ruled by large regions; the per-image term keeps small defects seen.
+            overlap = 0.5 * (soft_dice_loss(prob, target) + image_dice_loss(prob, target))
         else:
             overlap = soft_dice_loss(prob, target)
         return pixel + cfg.overlap_weight * overlap

@@ -21,7 +21,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 ImageScore = Literal["max", "area"]
-THRESHOLD_GRID = np.round(np.arange(0.05, 0.96, 0.01), 2)
+THRESHOLD_GRID: NDArray[np.float64] = np.round(np.arange(0.01, 0.96, 0.01), 2)
 
 
 def _ratio(num: float, den: float, *, empty: float) -> float:
