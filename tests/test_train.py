@@ -156,3 +156,24 @@ def test_missing_validation_split_names_the_split(chip_parts: Path, tmp_path: Pa
     config = replace(tiny_config(chip_parts, tmp_path / "run"), val_split="holdout")
     with pytest.raises(DataError, match="holdout"):
         train(config)
+
+
+def test_image_dice_weighs_a_missed_small_defect_like_a_missed_large_one() -> None:
+    from defectd.training.losses import image_dice_loss, soft_dice_loss
+
+    target = torch.zeros(2, 1, 16, 16)
+    target[0, 0, :8] = 1.0  # large region, found
+    target[1, 0, 0, 0] = 1.0  # one pixel, missed
+    prob = target.clone()
+    prob[1, 0, 0, 0] = 0.0
+    assert float(soft_dice_loss(prob, target, smooth=0.0)) < 0.01
+    assert float(image_dice_loss(prob, target, smooth=0.0)) == pytest.approx(0.5)
+
+
+def test_image_dice_is_zero_on_a_batch_of_good_parts() -> None:
+    from defectd.training.losses import image_dice_loss
+
+    prob = torch.full((2, 1, 4, 4), 0.3, requires_grad=True)
+    loss = image_dice_loss(prob, torch.zeros(2, 1, 4, 4))
+    loss.backward()
+    assert float(loss.detach()) == 0.0
