@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -16,8 +19,8 @@ from defectd.model.checkpoint import save_checkpoint
 from defectd.model.unet import UNet, UNetConfig
 
 
-@pytest.fixture
-def checkpoint(tmp_path: Path) -> Path:
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     net = UNet(UNetConfig(base=4, depth=2))
     card = ModelCard(
@@ -27,19 +30,31 @@ def checkpoint(tmp_path: Path) -> Path:
         metrics={"val_dice": 0.81},
         training={"command": "defectd train --data d --out r", "data_hash": "ab" * 32},
     )
-    path = tmp_path / "run" / "best.pt"
+    path = tmp_path_factory.mktemp("run") / "best.pt"
     save_checkpoint(path, net.eval(), card)
     return path
 
 
-def test_export_writes_onnx_and_card_with_parity_within_1e4(
-    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    out = tmp_path / "models" / "small" / "model.onnx"
-    rc = main(["export", "--checkpoint", str(checkpoint), "--out", str(out), "--json"])
-    summary = json.loads(capsys.readouterr().out)
+@pytest.fixture(scope="module")
+def exported(checkpoint: Path) -> tuple[int, dict[str, Any], Path]:
+    """``defectd export --json`` run once: exit code, its JSON summary, the ONNX path."""
+    out = checkpoint.parent / "models" / "small" / "model.onnx"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        rc = main(["export", "--checkpoint", str(checkpoint), "--out", str(out), "--json"])
+    return rc, json.loads(stdout.getvalue()), out
+
+
+def test_export_passes_parity_within_1e4(exported: tuple[int, dict[str, Any], Path]) -> None:
+    rc, summary, _ = exported
     assert rc == 0
     assert summary["parity_max_abs_diff"] <= 1e-4
+
+
+def test_export_writes_card_with_checkpoint_metrics(
+    exported: tuple[int, dict[str, Any], Path],
+) -> None:
+    out = exported[2]
     card = load_card(out)
     assert card.sha256 == file_sha256(out)
     assert card.opset is not None and card.opset >= 17
@@ -49,11 +64,9 @@ def test_export_writes_onnx_and_card_with_parity_within_1e4(
 
 
 def test_exported_model_takes_any_batch_at_the_card_size(
-    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    exported: tuple[int, dict[str, Any], Path],
 ) -> None:
-    out = tmp_path / "model.onnx"
-    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
-    assert "parity" in capsys.readouterr().out
+    out = exported[2]
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     for batch in (1, 3):
         (prob,) = session.run(None, {"image": np.zeros((batch, 1, 32, 48), np.float32)})
