@@ -15,9 +15,10 @@ probabilities keep their resolution near the decision threshold.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import onnx
@@ -29,6 +30,12 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from defectd.errors import CalibrationError, ModelError
 from defectd.log import get_logger
 from defectd.model.card import ModelCard, card_path, file_sha256, load_card
+from defectd.training.data import fit_to_input
+from defectd.training.metrics import MetricsAccumulator
+
+if TYPE_CHECKING:
+    from defectd.training.data import Dataset
+    from defectd.training.evaluate import Prediction
 
 log = get_logger(__name__)
 
@@ -168,3 +175,129 @@ def quantize_qdq(
         images=reader.images,
     )
     return out_card
+
+
+# ----------------------------------------------------------------------------- agreement
+# Calibration batches from a dataset split and the fp32-vs-int8 comparison that
+# ``defectd calibrate int8`` reports (one row per calibration method).
+
+
+def calibration_batches(
+    dataset: Dataset,
+    split: str,
+    card: ModelCard,
+    *,
+    samples: int = 128,
+    batch_size: int = 8,
+) -> list[NDArray[np.float32]]:
+    """Normalised ``(N, C, H, W) float32`` batches of up to ``samples`` images of ``split``,
+    spread evenly over the split (deterministic), fitted to the card's input.
+
+    ``CalibrationError`` when ``samples < 1``; ``DataError`` for an empty split or bad file.
+    """
+    if samples < 1:
+        raise CalibrationError(f"--samples {samples}: need at least one calibration image")
+    # Deferred: these import torch, which quantising alone does not need.
+    from defectd.training.evaluate import fit_policy  # noqa: PLC0415
+    from defectd.training.torchdata import to_chw  # noqa: PLC0415
+
+    pool = dataset.samples(split)
+    step = max(1, len(pool) / samples)
+    chosen = [pool[int(i * step)] for i in range(min(samples, len(pool)))]
+    spec = card.input
+    policy = fit_policy(card)
+    out: list[NDArray[np.float32]] = []
+    for start in range(0, len(chosen), batch_size):
+        fitted = np.stack(
+            [
+                to_chw(
+                    fit_to_input(
+                        dataset.load_image(s, spec.channels), None, spec.height, spec.width, policy
+                    )[0]
+                )
+                for s in chosen[start : start + batch_size]
+            ]
+        )
+        out.append(card.normalisation.apply(fitted))
+    return out
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """fp32 vs int8 on one split at one threshold/min area (pooled pixel IoU and Dice).
+
+    ``verdict_agreement``: share of images with the same pass/fail (any defect left after the
+    threshold and min area); ``disagreements`` names the images that differ.
+    """
+
+    method: str
+    split: str
+    images: int
+    threshold: float
+    min_area_px: int
+    fp32_iou: float
+    fp32_dice: float
+    int8_iou: float
+    int8_dice: float
+    verdict_agreement: float
+    disagreements: tuple[str, ...]
+    max_abs_diff: float  # largest |p_int8 - p_fp32| over every pixel
+
+    @property
+    def iou_delta(self) -> float:
+        return self.int8_iou - self.fp32_iou
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "split": self.split,
+            "images": self.images,
+            "threshold": self.threshold,
+            "min_area_px": self.min_area_px,
+            "fp32": {"iou": round(self.fp32_iou, 6), "dice": round(self.fp32_dice, 6)},
+            "int8": {"iou": round(self.int8_iou, 6), "dice": round(self.int8_dice, 6)},
+            "iou_delta": round(self.iou_delta, 6),
+            "verdict_agreement": round(self.verdict_agreement, 6),
+            "disagreements": list(self.disagreements),
+            "max_abs_diff": round(self.max_abs_diff, 6),
+        }
+
+
+def compare_predictions(
+    reference: Sequence[Prediction],
+    candidate: Sequence[Prediction],
+    *,
+    method: str,
+    split: str,
+    threshold: float,
+    min_area_px: int,
+) -> Agreement:
+    """Compare int8 predictions with the fp32 ones of the same images (same order)."""
+    if len(reference) != len(candidate):
+        raise CalibrationError(f"{len(reference)} fp32 vs {len(candidate)} int8 predictions")
+    ref = MetricsAccumulator(threshold=threshold, min_area_px=min_area_px, keep_sweep=False)
+    got = MetricsAccumulator(threshold=threshold, min_area_px=min_area_px, keep_sweep=False)
+    differ: list[str] = []
+    worst = 0.0
+    for a, b in zip(reference, candidate, strict=True):
+        sa = ref.add(a.prob, a.mask, stem=a.sample.stem, cls=a.sample.cls)
+        sb = got.add(b.prob, b.mask, stem=b.sample.stem, cls=b.sample.cls)
+        if sa.predicted_defect != sb.predicted_defect:
+            differ.append(a.sample.stem)
+        worst = max(worst, float(np.max(np.abs(a.prob - b.prob))) if a.prob.size else 0.0)
+    r, g = ref.report().overall, got.report().overall
+    n = len(reference)
+    return Agreement(
+        method=method,
+        split=split,
+        images=n,
+        threshold=threshold,
+        min_area_px=min_area_px,
+        fp32_iou=r.iou,
+        fp32_dice=r.dice,
+        int8_iou=g.iou,
+        int8_dice=g.dice,
+        verdict_agreement=(n - len(differ)) / n if n else 1.0,
+        disagreements=tuple(differ),
+        max_abs_diff=worst,
+    )

@@ -11,6 +11,7 @@ from defectd.errors import DefectdError
 from defectd.cli import synth_cmd  # noqa: F401  # isort: skip
 from defectd.cli import calibrate_cmd  # noqa: F401  # isort: skip
 from defectd.cli import calibrate_threshold_cmd  # noqa: F401  # isort: skip
+from defectd.cli import calibrate_int8_cmd  # noqa: F401  # isort: skip
 from defectd.cli import train_cmd  # noqa: F401  # isort: skip
 from defectd.cli import eval_cmd  # noqa: F401  # isort: skip
 from defectd.cli import export_cmd  # noqa: F401  # isort: skip
