@@ -255,6 +255,10 @@ def threshold(
         false_reject=chosen.false_reject.rate,
     )
     best_dice = max(sweep.pixel_metrics(), key=lambda r: r["dice"])
+    # A choice at the grid's lowest threshold may want a lower one: the sweep could not look.
+    at_edge = chosen.pixel_threshold <= float(sweep.thresholds[0])
+    if at_edge:
+        log.warning("threshold_at_grid_edge", threshold=chosen.pixel_threshold)
     if as_json:
         payload = {
             "calibration": str(out),
@@ -264,6 +268,7 @@ def threshold(
             "images": {"defective": sweep.n_defective, "good": sweep.n_good},
             "eval": None if evaluated is None else {"split": eval_split, **evaluated.as_dict()},
             "best_pixel_dice": best_dice,
+            "at_grid_edge": at_edge,
             "plots": [str(p) for p in plots],
             "model_sha256": section.model_sha256,
             "data_hash": section.data_hash,
@@ -271,6 +276,8 @@ def threshold(
         typer.echo(json.dumps(payload))
         return
     rows = [f"best pixel Dice {best_dice['dice']:.3f} at threshold {best_dice['threshold']:g}"]
+    if at_edge:
+        rows.append("chosen at the lowest swept threshold: try lower ones with --thresholds")
     rows += [f"plot {p}" for p in plots]
     rows.append(f"written to {out}")
     _print_report(chosen, sweep, evaluated, rows)
