@@ -31,7 +31,9 @@ from defectd.training.metrics import dice_score, iou_score, precision_score, rec
 TargetKind = Literal["escape", "false_reject"]
 
 # Pixel thresholds swept; fine at the low end where segmentation models put defect edges.
-_GRID = np.concatenate([np.arange(0.01, 0.10, 0.01), np.arange(0.10, 0.96, 0.025)])
+_GRID = np.concatenate(
+    [[0.001, 0.002, 0.005], np.arange(0.01, 0.10, 0.01), np.arange(0.10, 0.96, 0.025)]
+)
 DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(round(float(t), 3) for t in _GRID)
 DEFAULT_MIN_AREAS: tuple[int, ...] = (
     0, 2, 3, 5, 8, 10, 15, 20, 30, 40, 50, 75, 100, 150, 200, 300, 500, 1000,
@@ -307,9 +309,9 @@ def choose(
     ok = [p for p in points if measure(held(p)) <= rate + 1e-12]
     if not ok:
         best = min(points, key=lambda p: measure(held(p)))
-        what = "escape" if target == "escape" else "false-reject"
+        what = "an escape" if target == "escape" else "a false-reject"
         raise CalibrationError(
-            f"no operating point reaches a {what} rate of {rate:g}"
+            f"no operating point reaches {what} rate of {rate:g}"
             f"{' (upper 95% bound)' if bound else ''}; the lowest is "
             f"{measure(held(best)):.4f} at threshold {best.pixel_threshold}, "
             f"min area {best.min_area_px} px"
