@@ -96,3 +96,24 @@ def test_cli_unknown_eval_split_is_an_error(
     code = main(["calibrate", "int8", "-m", str(fp32_model), "-d", str(data), "--eval-split", "x"])
     err = capsys.readouterr().err
     assert code == 2 and "split 'x' has no samples" in err
+
+
+def test_keep_float_first_leaves_the_input_convolution_unquantised(
+    fp32_model: Path, tmp_path: Path
+) -> None:
+    import onnx
+
+    from defectd.calibration.int8 import float_nodes, quantize_qdq
+
+    card = load_card(fp32_model)
+    batches = [card.normalisation.apply(np.full((2, 1, 64, 64), 120, np.uint8))]
+    out = tmp_path / "first.int8.onnx"
+    quantize_qdq(fp32_model, out, batches, keep_float=("first",))
+    graph = onnx.load(str(out)).graph
+    first = float_nodes(onnx.load(str(fp32_model)), ["first"])[0]
+    feeding = {n.output[0]: n.op_type for n in graph.node}
+    conv = next(n for n in graph.node if n.name == first)
+    assert feeding.get(conv.input[1]) != "DequantizeLinear"  # float weights
+    assert "float convolutions: first" in load_card(out).notes
+    with pytest.raises(CalibrationError, match="'nope'"):
+        quantize_qdq(fp32_model, tmp_path / "x.onnx", batches, keep_float=("nope",))

@@ -81,6 +81,25 @@ def _final_nodes(model: onnx.ModelProto) -> list[str]:
     return [n.name for n in model.graph.node if set(n.output) & outputs]
 
 
+def float_nodes(model: onnx.ModelProto, keep: Sequence[str]) -> list[str]:
+    """Node names for ``keep``: ``"first"`` / ``"last"`` name the first / last Conv of the
+    graph (the input layer is the most sensitive to int8 in our U-Nets), other entries are
+    node names. ``CalibrationError`` for a name that is not in the graph."""
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
+    names = {n.name for n in model.graph.node}
+    out: list[str] = []
+    for item in keep:
+        if item in ("first", "last") and convs:
+            out.append(convs[0] if item == "first" else convs[-1])
+        elif item in names:
+            out.append(item)
+        else:
+            raise CalibrationError(
+                f"keep float {item!r}: not 'first', 'last' or a node of the model"
+            )
+    return out
+
+
 def quantize_qdq(
     onnx_in: Path,
     onnx_out: Path,
@@ -89,6 +108,7 @@ def quantize_qdq(
     method: CalibrationMethod = "minmax",
     per_channel: bool = True,
     symmetric_activations: bool = False,
+    keep_float: Sequence[str] = (),
 ) -> ModelCard:
     """Quantise the fp32 model ``onnx_in`` into an INT8 QDQ model at ``onnx_out``.
 
@@ -96,7 +116,8 @@ def quantize_qdq(
     see ``Normalisation.apply``); a few dozen representative images are enough for min/max.
     Writes the card beside ``onnx_out`` (``precision="int8"``, new sha256, calibration notes)
     and returns it. ``symmetric_activations``: int8 activations with zero point 0 (TensorRT)
-    instead of uint8 with a zero point (fastest on CPUs).
+    instead of uint8 with a zero point (fastest on CPUs). ``keep_float``: convolutions left in
+    float besides the sigmoid, by node name or ``"first"`` / ``"last"`` (see :func:`float_nodes`).
 
     Raises ``ModelError`` for an unreadable model or card and ``CalibrationError`` for a bad
     method, a batch of the wrong shape or no batches at all.
@@ -110,6 +131,7 @@ def quantize_qdq(
         model = onnx.load(str(onnx_in))
     except Exception as exc:  # protobuf raises DecodeError, OSError, ...
         raise ModelError(f"{onnx_in}: not a readable ONNX model ({exc})") from exc
+    excluded = _final_nodes(model) + float_nodes(model, keep_float)
     input_name = model.graph.input[0].name
     chw = (card.input.channels, card.input.height, card.input.width)
     reader = _BatchReader(input_name, calibration, chw)
@@ -137,7 +159,7 @@ def quantize_qdq(
                 weight_type=QuantType.QInt8,
                 per_channel=per_channel,
                 calibrate_method=ort_method,
-                nodes_to_exclude=_final_nodes(model),
+                nodes_to_exclude=excluded,
                 extra_options=extra,
             )
         except CalibrationError:
@@ -155,6 +177,7 @@ def quantize_qdq(
         f"{method} calibration on {reader.images} images, "
         f"{'per-channel' if per_channel else 'per-tensor'} int8 weights, "
         f"{'symmetric int8' if symmetric_activations else 'asymmetric uint8'} activations"
+        + (f", float convolutions: {', '.join(keep_float)}" if keep_float else "")
     )
     out_card = card.model_copy(
         update={

@@ -134,6 +134,13 @@ def int8(
         bool,
         typer.Option(help="Symmetric int8 activations (TensorRT) instead of uint8 (CPUs)."),
     ] = False,
+    keep_float: Annotated[
+        str,
+        typer.Option(
+            help="Convolutions left in float, comma-separated: first, last or node names "
+            "('' for none). The input layer is the one int8 hurts most.",
+        ),
+    ] = "first",
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object on stdout instead of a table.")
     ] = False,
@@ -172,6 +179,7 @@ def int8(
     if len(dataset) == 0:
         raise ConfigError(f"{data}: the dataset has no images")
     dataset.samples(eval_split)  # an unknown split fails before any work
+    floats = tuple(v.strip() for v in keep_float.split(",") if v.strip())
     batches = calibration_batches(dataset, split, card, samples=samples)
     methods: tuple[CalibrationMethod, ...] = (
         METHODS if method is MethodChoice.all else (method.value,)  # type: ignore[assignment]
@@ -189,7 +197,14 @@ def int8(
             path = Path(tmp) / f"{m}.onnx"
             # ONNX Runtime's histogram calibrators print; stdout is for --json alone.
             with contextlib.redirect_stdout(sys.stderr):
-                quantize_qdq(model, path, batches, method=m, symmetric_activations=symmetric)
+                quantize_qdq(
+                    model,
+                    path,
+                    batches,
+                    method=m,
+                    symmetric_activations=symmetric,
+                    keep_float=floats,
+                )
             built[m] = path
             opened = open_model(path, backend=backend)
             try:
@@ -226,6 +241,7 @@ def int8(
             "method": best.method,
             "calibration_split": split,
             "calibration_images": sum(b.shape[0] for b in batches),
+            "keep_float": list(floats),
             "meets_targets": _meets(best),
             "chosen": best.as_dict(),
             "methods": [a.as_dict() for a in rows],
