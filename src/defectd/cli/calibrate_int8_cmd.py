@@ -150,7 +150,8 @@ def int8(
     Calibrates activation ranges on --samples images of --split, then runs fp32 and int8 on
     --eval-split and reports pooled pixel IoU and Dice of both and the share of images
     with the same pass/fail verdict (threshold and min area of the card or --calibration).
-    With --method all, every method is built and compared; the best one is written.
+    With --method all, every method is built and compared; the one within the IoU
+    tolerance with the highest agreement is written.
     The card is written beside the INT8 model.
     """
     from defectd.calibration.file import load_calibration
@@ -221,7 +222,15 @@ def int8(
                     min_area_px=min_area,
                 )
             )
-        best = max(rows, key=lambda a: (a.verdict_agreement, -abs(a.iou_delta)))
+        # IoU within tolerance first: a method that moves IoU buys its agreement elsewhere.
+        best = max(
+            rows,
+            key=lambda a: (
+                abs(a.iou_delta) <= IOU_TOLERANCE,
+                a.verdict_agreement,
+                -abs(a.iou_delta),
+            ),
+        )
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(built[best.method], out)
         shutil.copyfile(card_path(built[best.method]), card_path(out))
