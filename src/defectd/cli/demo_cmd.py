@@ -67,7 +67,9 @@ def demo(
     if as_json:
         typer.echo(json.dumps(summary.to_dict()))
     else:
-        Console().print(summary_table(summary))
+        out = Console()
+        out.print()
+        out.print(summary_table(summary))
 
 
 def cast_format(value: str) -> LogFormat:
