@@ -44,21 +44,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from defectd.errors import ConfigError
 from defectd.log import get_logger
 from defectd.pipeline.inspection import Inspection, Verdict
+from defectd.training.data import MANIFEST_COLUMNS
 
 log = get_logger(__name__)
 
-MANIFEST_COLUMNS = (
-    "stem",
-    "cls",
-    "image",
-    "mask",
-    "split",
-    "width",
-    "height",
-    "has_defect",
-    "defect_fraction",
-    "group",
-)
 _SUBDIRS = ("images", "masks", "overlays", "results")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 # After pruning, the archive holds at most this fraction of its quota, so that pruning (which

@@ -39,6 +39,20 @@ from defectd.log import get_logger
 
 log = get_logger(__name__)
 
+# Columns of ``manifest.csv`` in the manifest layout (written by synth and the archive).
+MANIFEST_COLUMNS = (
+    "stem",
+    "cls",
+    "image",
+    "mask",
+    "split",
+    "width",
+    "height",
+    "has_defect",
+    "defect_fraction",
+    "group",
+)
+
 Layout = Literal["manifest", "mvtec"]
 FitPolicy = Literal["resize", "pad"]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")

@@ -40,24 +40,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemaining
 
 from defectd.errors import ConfigError, DataError
 from defectd.log import get_logger
+from defectd.training.data import MANIFEST_COLUMNS
 
 log = get_logger(__name__)
 
 SURFACES: tuple[str, ...] = ("brushed", "cast", "woven", "tiled")
 DEFECTS: tuple[str, ...] = ("scratch", "crack", "pit", "stain", "chip")
 GOOD_CLASS = "free"  # ``cls`` of a part without defects, as in the magnetic-tile manifest
-MANIFEST_COLUMNS = (
-    "stem",
-    "cls",
-    "image",
-    "mask",
-    "split",
-    "width",
-    "height",
-    "has_defect",
-    "defect_fraction",
-    "group",
-)
 SPLITS = ("train", "val", "test")
 DATASET_BANK_SIZE = 16  # textures per surface behind ``write_dataset``
 _WRITERS = 2  # PNG-writing threads of ``write_dataset``
