@@ -12,13 +12,13 @@ needs a QDQ model: the model itself (card precision ``int8``) or ``<stem>.int8.o
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnxruntime as ort
 import openvino as ov
-import torch
 
 from defectd.engines.base import Engine
 from defectd.engines.model_file import (
@@ -36,11 +36,9 @@ from defectd.engines.tensorrt_backend import (
     open_plan_file,
     open_tensorrt,
 )
-from defectd.engines.torch_backend import TorchEngine
 from defectd.errors import EngineError, ModelError
 from defectd.log import get_logger
 from defectd.model.card import ModelCard, load_card
-from defectd.model.checkpoint import load_checkpoint
 
 log = get_logger(__name__)
 
@@ -65,8 +63,13 @@ class BackendInfo:
 
 
 def _module_version(name: str) -> str | None:
+    """Installed version of ``name``, from its distribution metadata when it has one (no import)."""
     if importlib.util.find_spec(name) is None:
         return None
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        pass
     try:
         module = importlib.import_module(name)
     except ImportError:
@@ -82,7 +85,9 @@ def available_backends() -> list[BackendInfo]:
     """Every backend with whether it runs here, its version, precisions and why (not)."""
     gpu = gpu_present()
     infos = [
-        BackendInfo("torch", True, str(torch.__version__), PRECISIONS["torch"], "eager reference")
+        BackendInfo(
+            "torch", True, _module_version("torch") or "", PRECISIONS["torch"], "eager reference"
+        )
     ]
     ort_detail = "CUDA + CPU providers" if gpu and _ort_cuda() else "CPU provider"
     infos.append(BackendInfo("ort", True, str(ort.__version__), PRECISIONS["ort"], ort_detail))
@@ -196,6 +201,9 @@ def open_engine(
             raise EngineError(
                 f"{model_path}: a .pt checkpoint runs on torch; export it to ONNX for {chosen}"
             )
+        from defectd.engines.torch_backend import TorchEngine  # noqa: PLC0415  (torch is heavy)
+        from defectd.model.checkpoint import load_checkpoint  # noqa: PLC0415
+
         net, card = load_checkpoint(model_path)
         check_expected(model_path, card, expect)
         _check_precision("torch", precision or "fp32", model_path)

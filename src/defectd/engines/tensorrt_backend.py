@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-import torch
 from numpy.typing import NDArray
 from onnx import numpy_helper
 
@@ -64,7 +63,16 @@ def default_cache_dir() -> Path:
 
 
 def gpu_present() -> bool:
-    """True when torch sees a CUDA device (the TensorRT backend's buffers are torch tensors)."""
+    """True when torch sees a CUDA device (the TensorRT backend's buffers are torch tensors).
+
+    Machines without NVIDIA device nodes answer without importing torch (seconds of start-up
+    for a CPU station that runs ONNX models only).
+    """
+    dev = Path("/dev")
+    if not any(dev.glob("nvidia[0-9]*")) and not (dev / "nvhost-ctrl-gpu").exists():
+        return False
+    import torch  # noqa: PLC0415  (deferred: torch is heavy)
+
     return bool(torch.cuda.is_available())
 
 
@@ -87,6 +95,8 @@ def require_tensorrt() -> tuple[ModuleType, Device]:
 
 
 def current_device(trt: ModuleType) -> Device:
+    import torch  # noqa: PLC0415  (deferred: torch is heavy)
+
     major, minor = torch.cuda.get_device_capability(0)
     return Device(
         tensorrt=str(trt.__version__),
@@ -267,6 +277,8 @@ class TensorRTEngine:
             if self._engine.get_tensor_dtype(name) != trt.DataType.FLOAT:
                 raise EngineError(f"{source}: plan tensor {name!r} is not float32")
         self._context = self._engine.create_execution_context()
+        import torch  # noqa: PLC0415  (deferred: torch is heavy)
+
         self._stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
         n, c, h, w = key.max_batch, spec.channels, spec.height, spec.width
         cuda = torch.device("cuda", 0)
@@ -309,6 +321,8 @@ class TensorRTEngine:
 
     def infer(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
         """``(N, C, H, W)`` float32 -> ``(N, 1, H, W)`` float32 probabilities (new array)."""
+        import torch  # noqa: PLC0415  (loaded by __init__; deferred for a light module import)
+
         self._spec.check(batch)
         n = batch.shape[0]
         with self._lock:
