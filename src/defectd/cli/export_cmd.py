@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -27,6 +28,9 @@ def export_command(
     name: Annotated[
         str, typer.Option(help="Model name in the card (default: the checkpoint's).")
     ] = "",
+    note: Annotated[
+        str, typer.Option(help="Text added to the card's notes (e.g. how the data was made).")
+    ] = "",
     parity_batch: Annotated[
         int, typer.Option("--parity-batch", help="Random images in the parity check.")
     ] = 2,
@@ -47,9 +51,13 @@ def export_command(
     from defectd.model.export import export_onnx
     from defectd.training.evaluate import onnx_parity
 
+    # The exporter logs a warning for each torchvision op it cannot register; none are used.
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     net, card = load_checkpoint(checkpoint)
     if name:
         card = card.model_copy(update={"name": name})
+    if note:
+        card = card.model_copy(update={"notes": "; ".join(n for n in (card.notes, note) if n)})
     final = export_onnx(net, card, out, opset=opset)
     diff = onnx_parity(net, final, out, batch=parity_batch, tolerance=PARITY_TOLERANCE)
     size_mb = out.stat().st_size / 1e6
