@@ -127,15 +127,19 @@ def test_best_checkpoint_card_names_threshold_data_hash_and_command(
 
 
 @pytest.mark.slow
-def test_resume_continues_from_last_checkpoint(tiny_run: TrainConfig, tmp_path: Path) -> None:
-    run = tmp_path / "resumed"
+def test_resume_continues_from_last_checkpoint_of_a_moved_run(
+    tiny_run: TrainConfig, tmp_path: Path
+) -> None:
+    run = tmp_path / "first"
     first = replace(tiny_run, out=run, epochs=1, val_every=1, steps_per_epoch=5)
     train(first)
-    result = train(replace(first, epochs=2), resume=True)
-    state = read_checkpoint(run / "last.pt")
+    moved = run.rename(tmp_path / "moved")
+    result = train(replace(first, out=moved, epochs=2), resume=True)
+    state = read_checkpoint(moved / "last.pt")
     assert result.epochs == 2
     assert state["step"] == 2 * 5
-    assert len((run / "history.jsonl").read_text().splitlines()) == 2
+    assert len((moved / "history.jsonl").read_text().splitlines()) == 2
+    assert not run.exists()
 
 
 def test_lr_schedule_warms_up_then_decays_to_floor() -> None:

@@ -233,7 +233,8 @@ def _normalisation_of(images: np.ndarray, channels: int) -> Normalisation:
 
 
 def _merge_resume(config: TrainConfig, stored: TrainConfig) -> TrainConfig:
-    """Resume with the stored run's settings; only the stopping rules may change."""
+    """Resume with the stored run's settings; only the stopping rules, the thread count and
+    the locations (a run folder or data set may have moved) come from ``config``."""
     keep = {"epochs", "time_limit_min", "command", "out", "data", "threads"}
     differing = [
         f.name
@@ -244,6 +245,8 @@ def _merge_resume(config: TrainConfig, stored: TrainConfig) -> TrainConfig:
         log.warning("resume_keeps_stored_settings", ignored=differing)
     return replace(
         stored,
+        data=config.data,
+        out=config.out,
         epochs=config.epochs,
         time_limit_min=config.time_limit_min,
         threads=config.threads,
