@@ -142,6 +142,16 @@ def test_resume_continues_from_last_checkpoint_of_a_moved_run(
     assert not run.exists()
 
 
+@pytest.mark.slow
+def test_same_seed_gives_the_same_weights(tiny_run: TrainConfig, tmp_path: Path) -> None:
+    short = replace(tiny_run, epochs=1, steps_per_epoch=3, val_every=1)
+    for name in ("a", "b"):
+        train(replace(short, out=tmp_path / name))
+    a = read_checkpoint(tmp_path / "a" / "last.pt")["model"]
+    b = read_checkpoint(tmp_path / "b" / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_lr_schedule_warms_up_then_decays_to_floor() -> None:
     assert lr_factor(0.05, 0.1, 0.01) == pytest.approx(0.5)
     assert lr_factor(0.1, 0.1, 0.01) == pytest.approx(1.0)
