@@ -82,7 +82,14 @@ class NotifyListener:
 class Daemon:
     """One ``defectd run`` subprocess with its notify socket, health address and log file."""
 
-    def __init__(self, tmp: Path, config: Path, health_port: int, env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        config: Path,
+        health_port: int,
+        env: dict[str, str],
+        hang_file: Path | None = None,
+    ) -> None:
         self.notify = NotifyListener(tmp / "notify.sock")
         self.health = f"http://127.0.0.1:{health_port}"
         self.log_path = tmp / "daemon.log"
@@ -95,11 +102,14 @@ class Daemon:
         full_env.pop("WATCHDOG_PID", None)
         full_env.pop("STATE_DIRECTORY", None)
         self._log = self.log_path.open("wb")
+        # With a hang file: the same command, its engine blocking while the file exists.
+        entry = ["-m", "defectd"]
+        if hang_file is not None:
+            entry = [str(Path(__file__).with_name("hanging_daemon.py")), str(hang_file)]
         self.proc = subprocess.Popen(
             [
                 sys.executable,
-                "-m",
-                "defectd",
+                *entry,
                 "--log-format",
                 "json",
                 "run",
@@ -167,8 +177,13 @@ def write_config(tmp: Path, model: Path, broker_port: int, health_port: int, **e
 def daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     started: list[Daemon] = []
 
-    def start(config: Path, health_port: int, env: dict[str, str] | None = None) -> Daemon:
-        d = Daemon(tmp_path, config, health_port, env or {})
+    def start(
+        config: Path,
+        health_port: int,
+        env: dict[str, str] | None = None,
+        hang_file: Path | None = None,
+    ) -> Daemon:
+        d = Daemon(tmp_path, config, health_port, env or {}, hang_file)
         started.append(d)
         return d
 
@@ -245,7 +260,7 @@ def test_watchdog_stops_while_inference_hangs_and_resumes_after(
     d = daemon(
         write_config(tmp_path, tiny_model, broker.port, health_port),
         health_port,
-        env={"DEFECTD_TEST_HANG_FILE": str(hang)},
+        hang_file=hang,
     )
     ready = d.notify.wait_for("READY=1", START_TIMEOUT_S)
     d.notify.wait_for("WATCHDOG=1", 3, after=ready)

@@ -13,8 +13,9 @@ import pytest
 
 from defectd.cli import main
 from defectd.daemon.config import load_station_config
+from defectd.daemon.reload import merge_reload
 from defectd.daemon.sdnotify import SdNotifier
-from defectd.daemon.service import Service, merge_reload
+from defectd.daemon.service import Service
 from defectd.model.card import card_path
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from defectd.cli.app import app
+from defectd.cli.app import Injected, app
 from defectd.errors import DefectdError
 
 # Subcommands register themselves on ``app`` when imported.
@@ -25,13 +25,14 @@ from defectd.cli import watch_cmd  # noqa: F401  # isort: skip
 EXIT_ERROR = 2
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, injected: Injected | None = None) -> int:
     """Run the CLI; a ``DefectdError`` prints ``error: <message>`` and exits 2.
 
-    Usage errors are reported by the CLI library itself (also exit 2).
+    Usage errors are reported by the CLI library itself (also exit 2). ``injected`` hands the
+    commands replacements for real parts (tests: an engine opener); None in production.
     """
     try:
-        app(args=argv, prog_name="defectd")
+        app(args=argv, prog_name="defectd", obj=injected or Injected())
     except SystemExit as exc:
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 1)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from defectd import __version__
 from defectd.log import LEVELS, configure_logging
+
+if TYPE_CHECKING:
+    from defectd.daemon.station import EngineOpener
 
 app = typer.Typer(
     name="defectd",
@@ -17,6 +21,14 @@ app = typer.Typer(
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+@dataclass(frozen=True, slots=True)
+class Injected:
+    """Parts a caller of ``defectd.cli.main`` hands the commands instead of the real ones
+    (``ctx.obj``). Production passes nothing; tests pass, e.g., an engine that can hang."""
+
+    engine_opener: EngineOpener | None = None
 
 
 def _version(value: bool) -> None:

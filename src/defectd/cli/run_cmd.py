@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, cast
 
 import typer
 
-from defectd.cli.app import app
+from defectd.cli.app import Injected, app
 from defectd.log import LEVELS, LogFormat, configure_logging
 
 
@@ -51,7 +50,7 @@ def run(
     from defectd.daemon.config import load_station_config
     from defectd.daemon.sdnotify import SdNotifier
     from defectd.daemon.service import Service
-    from defectd.daemon.station import hang_file_from_env
+    from defectd.engines import open_engine
 
     if log_level is not None:
         fmt = (ctx.parent.params.get("log_format") if ctx.parent else None) or "auto"
@@ -60,10 +59,11 @@ def run(
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--log-level") from exc
     station = load_station_config(config)
+    injected = ctx.find_object(Injected) or Injected()
     service = Service(
         station,
         config_path=config,
         notifier=SdNotifier(),
-        hang_file=hang_file_from_env(os.environ),
+        engine_opener=injected.engine_opener or open_engine,
     )
     raise typer.Exit(service.serve())

@@ -6,60 +6,39 @@ the same way.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
-from numpy.typing import NDArray
 
 from defectd.daemon.config import StationCamera, StationConfig
 from defectd.engines import open_engine
-from defectd.engines.base import Engine, EngineSpec
+from defectd.engines.base import Engine
 from defectd.errors import ConfigError, DefectdError, ModelError
 from defectd.log import get_logger
 from defectd.model.card import ModelCard, file_sha256, load_card
 from defectd.pipeline.cameras import CameraSetup, camera_setup_from_calibration
+from defectd.pipeline.runner import Pipeline, ResultSink
 
 log = get_logger(__name__)
 
-# Test hook, read once at start from the environment by the CLI: while the named file exists,
-# every inference call blocks (the inference thread "hangs"), so tests can show that a stuck
-# pipeline stops the systemd watchdog pings. Unset in production.
-HANG_FILE_ENV = "DEFECTD_TEST_HANG_FILE"
 
+class EngineOpener(Protocol):
+    """How the station opens its engine: ``defectd.engines.open_engine`` (tests hand in one
+    that wraps it, e.g. an engine that blocks on demand)."""
 
-class HangHookEngine:
-    """Wraps an engine; ``infer`` blocks while ``hang_file`` exists (see ``HANG_FILE_ENV``)."""
-
-    def __init__(self, engine: Engine, hang_file: Path) -> None:
-        self._engine = engine
-        self._hang_file = hang_file
-
-    @property
-    def name(self) -> str:
-        return self._engine.name
-
-    @property
-    def precision(self) -> str:
-        return self._engine.precision
-
-    @property
-    def version(self) -> str:
-        return self._engine.version
-
-    @property
-    def spec(self) -> EngineSpec:
-        return self._engine.spec
-
-    def infer(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
-        while self._hang_file.exists():
-            time.sleep(0.05)
-        return self._engine.infer(batch)
-
-    def close(self) -> None:
-        self._engine.close()
+    def __call__(
+        self,
+        model_path: Path,
+        *,
+        backend: str,
+        precision: str | None,
+        max_batch: int,
+        threads: int | None,
+        cache_dir: Path | None,
+    ) -> Engine: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +52,37 @@ class LoadedModel:
     load_s: float
 
 
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """What one (re)load built: the config in force, its model and its pipeline."""
+
+    config: StationConfig
+    model: LoadedModel
+    pipeline: Pipeline
+
+
+def build_generation(
+    config: StationConfig, on_result: ResultSink, *, opener: EngineOpener = open_engine
+) -> Generation:
+    """Open and warm up the model, read the cameras' calibration and build (not start) the
+    pipeline that calls ``on_result``. The engine is closed again when a later step fails."""
+    model = load_model(config, opener=opener)
+    try:
+        pipeline = Pipeline(
+            model.engine,
+            model.card,
+            config.pipeline,
+            on_result=on_result,
+            postprocess=config.postprocess,
+            rules=config.rules,
+            cameras=camera_setups(config),
+        )
+    except BaseException:
+        model.engine.close()
+        raise
+    return Generation(config, model, pipeline)
+
+
 def _card_for(path: Path) -> ModelCard:
     if path.suffix.lower() == ".pt":
         # torch only for a .pt checkpoint: ONNX stations need not import it.
@@ -82,8 +92,8 @@ def _card_for(path: Path) -> ModelCard:
     return load_card(path)
 
 
-def load_model(config: StationConfig, *, hang_file: Path | None = None) -> LoadedModel:
-    """Open ``config.model`` for the pipeline's batch size and warm it up.
+def load_model(config: StationConfig, *, opener: EngineOpener = open_engine) -> LoadedModel:
+    """Open ``config.model`` with ``opener`` for the pipeline's batch size and warm it up.
 
     Raises ``ModelError``/``EngineError`` naming the file when it cannot be opened or run.
     """
@@ -98,7 +108,7 @@ def load_model(config: StationConfig, *, hang_file: Path | None = None) -> Loade
             m.cache_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ModelError(f"model.cache_dir: cannot create {m.cache_dir}: {exc}") from None
-    engine: Engine = open_engine(
+    engine = opener(
         m.path,
         backend=m.backend,
         precision=m.precision,
@@ -111,8 +121,6 @@ def load_model(config: StationConfig, *, hang_file: Path | None = None) -> Loade
     except Exception:
         engine.close()
         raise
-    if hang_file is not None:
-        engine = HangHookEngine(engine, hang_file)
     load_s = time.monotonic() - t0
     log.info(
         "model_loaded",
@@ -161,8 +169,3 @@ def camera_setups(config: StationConfig) -> dict[str, CameraSetup]:
         except DefectdError as exc:
             raise ConfigError(f"cameras.{cam.camera}.calibration: {exc}") from exc
     return setups
-
-
-def hang_file_from_env(env: dict[str, str] | os._Environ[str]) -> Path | None:
-    raw = env.get(HANG_FILE_ENV)
-    return Path(raw) if raw else None
