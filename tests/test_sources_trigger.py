@@ -92,3 +92,29 @@ def test_frames_are_converted_from_the_format_the_buffer_carries(tlsimu: Path) -
     assert all(f.image.shape == (512, 512, 3) and f.image.dtype == np.uint8 for f in frames)
     gray = frames[0].image
     assert np.array_equal(gray[:, :, 0], gray[:, :, 2])  # grey stays grey in RGB
+
+
+def test_trigger_on_request_fires_one_frame_per_request(tlsimu: Path) -> None:
+    frames: list[Frame] = []
+    cond = threading.Condition()
+
+    def on_frame(frame: Frame) -> None:
+        with cond:
+            frames.append(frame)
+            cond.notify_all()
+
+    source = GenICamSource(config(tlsimu, trigger="request", fetch_timeout_s=0.2), "station-1")
+    source.start(on_frame)
+    try:
+        with cond:
+            assert not cond.wait_for(lambda: len(frames) > 0, 0.6)  # idle: no frame, no timeout
+        for n in range(1, 31):
+            source.fire_trigger()
+            with cond:
+                assert cond.wait_for(lambda n=n: len(frames) >= n, 5)  # type: ignore[misc]
+        health = source.health()
+    finally:
+        source.stop()
+    ids = [f.meta["frame_id"] for f in frames]
+    assert len(frames) == 30 and ids == list(range(ids[0], ids[0] + 30))
+    assert health.timeouts == 0 and health.lost == 0

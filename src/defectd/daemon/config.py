@@ -44,6 +44,7 @@ from defectd.pipeline.config import (
     RulesConfig,
     config_hash,
 )
+from defectd.pipeline.parts import LineConfig
 from defectd.pipeline.sources import SourceConfig
 from defectd.publish.config import MqttConfig, OutboxConfig, check_topic_level
 
@@ -92,13 +93,17 @@ class StationCamera(_Frozen):
     )
     roi: Rect | None = Field(default=None, description="inspect only this rectangle")
     ignore_zones: tuple[Rect | Path, ...] = ()
+    line: LineConfig = Field(
+        default_factory=LineConfig,
+        description="part identity and gate deadline ([cameras.line]; see docs/plc.md)",
+    )
 
     @model_validator(mode="before")
     @classmethod
     def _split(cls, data: Any) -> Any:
         # The TOML table is flat; the source's keys go to ``source``.
         if isinstance(data, Mapping) and "source" not in data:
-            own = {k: data[k] for k in ("calibration", "roi", "ignore_zones") if k in data}
+            own = {k: data[k] for k in ("calibration", "roi", "ignore_zones", "line") if k in data}
             rest = {k: v for k, v in data.items() if k not in own}
             return {**own, "source": rest}
         return data
@@ -109,6 +114,15 @@ class StationCamera(_Frozen):
         if value is not None and not value.is_file():
             raise ValueError(f"calibration file not found: {value}")
         return value
+
+    @model_validator(mode="after")
+    def _line_needs_a_trigger(self) -> StationCamera:
+        if self.line.mode == "plc-trigger" and getattr(self.source, "trigger", None) != "request":
+            raise ValueError(
+                "line.mode = 'plc-trigger' needs trigger = 'request' on the camera "
+                "(the daemon fires the camera once per trigger)"
+            )
+        return self
 
     @property
     def camera(self) -> str:

@@ -46,6 +46,11 @@ class Inspection:
     latencies_ms: dict[str, float] = field(default_factory=dict)
     image_shape: tuple[int, ...] = ()
     result_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # The line contract (``defectd.pipeline.parts``): the part's gate deadline (epoch s; None:
+    # no gate), the trigger's MQTT 5 correlation data (hex) and response topic, echoed back.
+    gate_deadline: float | None = None
+    correlation: str | None = None
+    response_topic: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -40,6 +40,7 @@ class Kind(StrEnum):
     REJECT = "reject"
     STATUS = "status"
     EVENT = "event"
+    TRIGGER = "trigger"  # received from the PLC, not published (``pipeline.parts``)
 
 
 # Events an operator or a PLC integrator can expect, with their default severity.
@@ -69,6 +70,14 @@ class Topics:
 
     def result(self, camera: str) -> str:
         return f"{self.prefix}/{self.station}/{camera}/result"
+
+    def late(self, camera: str) -> str:
+        """Verdicts that reached the broker after their part's gate: reconciliation only."""
+        return f"{self.prefix}/{self.station}/{camera}/late"
+
+    def trigger(self, camera: str) -> str:
+        """Where the PLC announces parts to ``camera`` (subscribed, never published)."""
+        return f"{self.prefix}/{self.station}/{camera}/trigger"
 
     @property
     def reject(self) -> str:
@@ -114,11 +123,20 @@ def _defect(d: Any) -> dict[str, Any]:
     }
 
 
-def result_message(insp: Inspection, t_published: float) -> dict[str, Any]:
+def _line_fields(insp: Inspection, late: bool) -> dict[str, Any]:
+    return {
+        "gate_deadline": None if insp.gate_deadline is None else timestamp(insp.gate_deadline),
+        "late": late,
+        "correlation": insp.correlation,
+    }
+
+
+def result_message(insp: Inspection, t_published: float, *, late: bool = False) -> dict[str, Any]:
     """The ``result`` payload of one inspection.
 
     ``t_published`` is when the result was committed to the outbox for publishing (a re-send
-    after a reconnect keeps it); ``t_grab`` is the wall-clock time of the grab.
+    after a reconnect keeps it); ``t_grab`` is the wall-clock time of the grab. ``late`` marks
+    a verdict that missed its part's gate (``gate_deadline``): it goes to the ``late`` topic.
     """
     return {
         "schema_version": SCHEMA_VERSION,
@@ -138,6 +156,7 @@ def result_message(insp: Inspection, t_published: float) -> dict[str, Any]:
         "t_published": timestamp(t_published),
         "latencies_ms": {k: float(v) for k, v in insp.latencies_ms.items()},
         "image_shape": [int(s) for s in insp.image_shape],
+        **_line_fields(insp, late),
     }
 
 
@@ -156,7 +175,15 @@ def reject_message(insp: Inspection, t_published: float) -> dict[str, Any]:
         "reason": insp.reason,
         "t_grab": timestamp(insp.t_grab_wall),
         "t_published": timestamp(t_published),
+        **_line_fields(insp, False),
     }
+
+
+def mark_late(payload: bytes) -> bytes:
+    """A result payload re-encoded with ``late: true`` (for the ``late`` topic)."""
+    message = json.loads(payload)
+    message["late"] = True
+    return encode(message)
 
 
 def is_reject(insp: Inspection) -> bool:

@@ -18,6 +18,7 @@ from defectd.pipeline.sources.base import (
     SourceHealth,
     SourceState,
     SyntheticSourceConfig,
+    TriggeredSource,
     make_source,
     make_sources,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "SourceHealth",
     "SourceState",
     "SyntheticSourceConfig",
+    "TriggeredSource",
     "make_source",
     "make_sources",
 ]

@@ -108,6 +108,21 @@ class Source(Protocol):
     def health(self) -> SourceHealth: ...
 
 
+@runtime_checkable
+class TriggeredSource(Protocol):
+    """A source whose frames are taken on request (line mode ``plc-trigger``).
+
+    ``fire_trigger`` returns at once; the source thread fires the camera (GenICam
+    ``TriggerSoftware``) and the frame arrives through ``on_frame`` like any other. ``world_key``
+    is for simulated cameras only: the part the simulated line puts in front of the camera (a
+    real camera sees the part itself); real cameras ignore it.
+    """
+
+    camera: str
+
+    def fire_trigger(self, world_key: str | None = None) -> None: ...
+
+
 # --- configuration ----------------------------------------------------------------------------
 
 NodeValue = bool | int | float | str
@@ -181,10 +196,17 @@ class GenICamSourceConfig(_Frozen):
     )
     reconnect_backoff_min_s: float = Field(default=0.5, gt=0)
     reconnect_backoff_max_s: float = Field(default=30.0, gt=0)
-    trigger: Literal["free-run", "software"] = Field(
+    trigger: Literal["free-run", "software", "request"] = Field(
         default="free-run",
         description="free-run: the camera decides (free running, or a hardware trigger set "
-        "through nodes); software: the source fires TriggerSoftware",
+        "through nodes); software: the source fires TriggerSoftware at trigger_rate_hz; "
+        "request: it fires TriggerSoftware once per fire_trigger() (line mode plc-trigger)",
+    )
+    request_substitute: bool = Field(
+        default=False,
+        description="trigger = 'request' on a device without TriggerSoftware (viky.cti): take "
+        "the first frame that starts arriving after the request instead (queued buffers are "
+        "flushed). For simulators only: a free-running camera does not image a part on demand",
     )
     trigger_rate_hz: float | None = Field(
         default=None, gt=0, description="software trigger rate; None = next trigger on arrival"
@@ -195,6 +217,8 @@ class GenICamSourceConfig(_Frozen):
     def _backoff_order(self) -> GenICamSourceConfig:
         if self.reconnect_backoff_max_s < self.reconnect_backoff_min_s:
             raise ValueError("reconnect_backoff_max_s must be >= reconnect_backoff_min_s")
+        if self.request_substitute and self.trigger != "request":
+            raise ValueError("request_substitute needs trigger = 'request'")
         return self
 
 
@@ -211,6 +235,11 @@ class SyntheticSourceConfig(_Frozen):
     surfaces: tuple[str, ...] = Field(default=(), description="empty = every surface")
     seed: int = 0
     count: int | None = Field(default=None, ge=1, description="stop after this many parts")
+    trigger: Literal["free-run", "request"] = Field(
+        default="free-run",
+        description="free-run: parts at rate_hz; request: one part per fire_trigger() (line "
+        "mode plc-trigger), rendered from the part id the simulated line names",
+    )
 
 
 class ReplaySourceConfig(_Frozen):

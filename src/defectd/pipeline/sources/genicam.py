@@ -71,6 +71,23 @@ class GenICamSource(ThreadedSource):
         self._beat_ns = time.monotonic_ns()
         self._phase = "idle"
         self._pixel_format = "Mono8"
+        self._requests = 0  # fire_trigger() calls not yet executed (trigger = "request")
+        self._requests_lock = threading.Lock()
+
+    def fire_trigger(self, world_key: str | None = None) -> None:
+        """Ask for one frame (``trigger = "request"``); the grab thread fires
+        ``TriggerSoftware`` (or, with ``request_substitute``, takes the next fresh frame).
+        ``world_key`` is ignored: a real camera sees the part. Raises ``CameraError`` when the
+        source is not in request mode."""
+        if self.config.trigger != "request":
+            raise CameraError(f"camera {self.camera!r}: trigger is not 'request'")
+        with self._requests_lock:
+            self._requests += 1
+
+    def _take_requests(self) -> int:
+        with self._requests_lock:
+            n, self._requests = self._requests, 0
+        return n
 
     # --- life cycle -------------------------------------------------------------------------
 
@@ -115,7 +132,9 @@ class GenICamSource(ThreadedSource):
         try:
             node_map = acquirer.remote_device.node_map
             apply_nodes(node_map, self.config.nodes, self.camera)
-            if self.config.trigger == "software":
+            if self.config.trigger == "software" or (
+                self.config.trigger == "request" and not self.config.request_substitute
+            ):
                 self._arm_software_trigger(node_map)
             if not node_map.has_node("PixelFormat"):
                 raise CameraError(f"camera {self.camera!r}: the device has no PixelFormat node")
@@ -180,6 +199,9 @@ class GenICamSource(ThreadedSource):
             None if cfg.trigger_rate_hz is None else round(1e9 / cfg.trigger_rate_hz)
         )
         software = cfg.trigger == "software"
+        request = cfg.trigger == "request"
+        substitute = request and cfg.request_substitute
+        outstanding = 0  # requested frames not yet received (request mode)
         last_id: int | None = None
         lost_pending = 0
         lost_emitted_ns = 0
@@ -209,6 +231,25 @@ class GenICamSource(ThreadedSource):
                     # Do not make up missed triggers after a stall.
                     next_trigger_ns = max(next_trigger_ns + trigger_period_ns, now)
 
+            if request:
+                asked = self._take_requests()
+                if asked:
+                    if outstanding == 0:
+                        waiting_since = now
+                    outstanding += asked
+                    self._beat("device")
+                    try:
+                        if substitute:
+                            # No TriggerSoftware: drop what is queued, take what comes next.
+                            while old := acquirer.try_fetch(timeout=_POLL_FETCH_TIMEOUT_S):
+                                last_id = int(old.module.frame_id)  # skipped, not lost
+                                old.queue()
+                        else:
+                            for _ in range(asked):
+                                acquirer.remote_device.node_map.TriggerSoftware.execute()
+                    except Exception as exc:  # any failure of a gone device
+                        raise _LostError(f"TriggerSoftware failed: {_why(exc)}") from exc
+
             self._beat("device")
             try:
                 buffer = acquirer.try_fetch(timeout=_POLL_FETCH_TIMEOUT_S)
@@ -217,10 +258,13 @@ class GenICamSource(ThreadedSource):
 
             if buffer is None:
                 self._beat("idle")
-                if now - waiting_since >= timeout_ns:
+                if request and outstanding == 0:
+                    waiting_since = now  # an idle line waiting for triggers is no timeout
+                elif now - waiting_since >= timeout_ns:
                     consecutive_timeouts += 1
                     waiting_since = now
                     trigger_pending = False  # that trigger is lost; fire the next one
+                    outstanding = 0  # the pairing gives those parts error:no_frame
                     self._count(timeouts=1)
                     log = self._log.warning if consecutive_timeouts == 1 else self._log.debug
                     log("fetch_timeout", timeout_s=cfg.fetch_timeout_s, n=consecutive_timeouts)
@@ -235,6 +279,16 @@ class GenICamSource(ThreadedSource):
 
             t_host_ns = time.monotonic_ns()
             t_wall = time.time()
+            if substitute and outstanding == 0:
+                # A free-running frame nobody asked for: skipped, not lost.
+                try:
+                    last_id = int(buffer.module.frame_id)
+                    buffer.queue()
+                except Exception as exc:  # the buffer vanished under us: the device is gone
+                    raise _LostError(f"re-queueing a buffer failed: {_why(exc)}") from exc
+                self._beat("idle")
+                continue
+            outstanding = max(0, outstanding - 1)
             try:
                 with buffer:
                     frame_id, t_camera_ns, pixel_format, image = self._read(buffer)

@@ -4,15 +4,23 @@ Each frame carries the truth the renderer drew, so the whole daemon can be check
 ``meta["truth_mask"]`` ``(H, W)`` uint8 {0, 1}, ``meta["truth_defective"]`` bool,
 ``meta["truth_kinds"]`` tuple of defect kinds, ``meta["surface"]``. The line is a pure
 function of ``seed``: the n-th part is the same on every run and machine.
+
+With ``trigger = "request"`` the line renders one part per ``fire_trigger(world_key)``: the
+part named ``world_key`` (its image and truth are a pure function of ``seed`` and that key,
+``defectd.pipeline.parts.synthetic_part_defective``, so a simulated PLC knows the truth of
+every part it sends), carried as ``meta["truth_part_id"]``; the frame's ``part_id`` is left to
+the line pairing.
 """
 
 from __future__ import annotations
 
+import queue
 import time
 
 import numpy as np
 
 from defectd.errors import CameraError
+from defectd.pipeline.parts import synthetic_part_defective, synthetic_part_key
 from defectd.pipeline.sources._runner import Pacer, ThreadedSource
 from defectd.pipeline.sources.base import EventKind, SourceState, SyntheticSourceConfig
 from defectd.training.synth import SURFACES, PartRenderer
@@ -30,6 +38,17 @@ class SyntheticSource(ThreadedSource):
         super().__init__(config.camera, station, "synthetic")
         self.config = config
         self._renderer: PartRenderer | None = None
+        self._requests: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+
+    def fire_trigger(self, world_key: str | None = None) -> None:
+        """Render one part (``trigger = "request"``): the part ``world_key``, or the next part
+        of the seeded line when ``None``. Raises ``CameraError`` in free-run mode."""
+        if self.config.trigger != "request":
+            raise CameraError(f"camera {self.camera!r}: trigger is not 'request'")
+        self._requests.put(world_key)
+
+    def _wake(self) -> None:
+        self._requests.put(None)
 
     def _open(self) -> None:
         cfg = self.config
@@ -48,6 +67,9 @@ class SyntheticSource(ThreadedSource):
         self._set_state(SourceState.STREAMING)
 
     def _run(self) -> None:
+        if self.config.trigger == "request":
+            self._run_on_request()
+            return
         cfg = self.config
         renderer = self._renderer
         assert renderer is not None
@@ -77,3 +99,40 @@ class SyntheticSource(ThreadedSource):
             n += 1
         self._set_state(SourceState.STOPPED, f"rendered {n} parts")
         self._emit_event(EventKind.END_OF_STREAM, f"rendered {n} parts", parts=n)
+
+    def _run_on_request(self) -> None:
+        cfg = self.config
+        renderer = self._renderer
+        assert renderer is not None
+        line_rng = np.random.default_rng(cfg.seed)
+        pixel_format = "Mono8" if cfg.channels == 1 else "RGB8"
+        n = 0
+        while True:
+            key = self._requests.get()
+            if self._stopping.is_set():
+                return
+            t_host_ns = time.monotonic_ns()  # the trigger: the exposure starts now
+            t_wall = time.time()
+            if key is None:
+                rng, prob = line_rng, cfg.defect_rate
+            else:
+                rng = np.random.default_rng(synthetic_part_key(cfg.seed, key))
+                prob = 1.0 if synthetic_part_defective(cfg.seed, key, cfg.defect_rate) else 0.0
+            surfaces = cfg.surfaces or None
+            surface = None if surfaces is None else surfaces[int(rng.integers(len(surfaces)))]
+            part = renderer.render(rng, surface=surface, defect_prob=prob)
+            self._emit_frame(
+                part.image,
+                t_host_ns=t_host_ns,
+                t_wall=t_wall,
+                pixel_format=pixel_format,
+                meta={
+                    "truth_mask": part.mask,
+                    "truth_defective": bool(part.defects),
+                    "truth_kinds": part.defects,
+                    "surface": part.surface,
+                    "truth_part_id": key,
+                    "frame_id": n,
+                },
+            )
+            n += 1
