@@ -145,6 +145,12 @@ class OutboxConfig(BaseModel):
     ``synchronous``: ``normal`` survives a crash or SIGKILL of the daemon (the commit is in the
     OS before ``put`` returns, ~20 µs); ``full`` also survives a power cut (an fsync per
     commit, milliseconds on most disks).
+
+    Disk full: ``reserve_bytes`` are held in a file beside the outbox (``<path>.reserve``) and
+    given up when a write finds the disk full, so that a checkpoint and the acknowledgements
+    that shrink the outbox can still be written; the reserve is taken again once the disk has
+    room. The write-ahead log is checkpointed every ``checkpoint_interval_s`` and as soon as it
+    exceeds ``wal_max_bytes``; a failed checkpoint is retried on the next housekeeping pass.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -154,3 +160,6 @@ class OutboxConfig(BaseModel):
     max_age_s: float = Field(7 * 86400.0, gt=0)
     warn_fraction: float = Field(0.8, gt=0, le=1)
     synchronous: Literal["normal", "full"] = "normal"
+    reserve_bytes: int = Field(4 * 1024 * 1024, ge=0, description="0: no reserve")
+    wal_max_bytes: int = Field(4 * 1024 * 1024, ge=64 * 1024)
+    checkpoint_interval_s: float = Field(10.0, gt=0, le=3600)

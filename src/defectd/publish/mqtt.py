@@ -62,6 +62,7 @@ _HOUSEKEEPING_S = 1.0
 _REFUSED_RETRY_S = 30.0
 _EVENT_MIN_INTERVAL_S = 10.0
 _LATENCY_WINDOW = 10_000
+_RESULT_KINDS = (m.Kind.RESULT.value, m.Kind.REJECT.value)
 
 
 def _properties(packet_type: int) -> Properties:
@@ -171,6 +172,11 @@ class PublisherStats:
     last_error: str | None  # the most recent error (kept after recovery; see connected)
     ack_latency_ms_p50: float | None  # submit -> PUBACK, last 10,000 messages
     ack_latency_ms_p99: float | None
+    # Age of the oldest result or reject still waiting for its PUBACK (None: none waiting).
+    oldest_result_age_s: float | None = None
+    outbox_fault: str | None = None  # "disk_full", "damaged", "io" (see Outbox.fault)
+    outbox_fault_detail: str | None = None
+    outbox_free_bytes: int | None = None  # free space on the outbox's file system
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -408,6 +414,12 @@ class Publisher:
             last_error=self._last_error,
             ack_latency_ms_p50=p50,
             ack_latency_ms_p99=p99,
+            oldest_result_age_s=(
+                self._outbox.oldest_age_s(_RESULT_KINDS) if self._outbox is not None else None
+            ),
+            outbox_fault=ob.fault.kind if ob and ob.fault else None,
+            outbox_fault_detail=ob.fault.detail if ob and ob.fault else None,
+            outbox_free_bytes=ob.free_bytes if ob else None,
         )
 
     # -- helpers for callers' threads --------------------------------------------------------
@@ -507,6 +519,10 @@ class Publisher:
                 ):
                     break
                 self._step(self._client, self._outbox)
+            except PublishError as exc:
+                # The outbox logged and recorded its fault (rate-limited); wait and try again.
+                log.debug("publisher_outbox_error", error=str(exc))
+                self._stopping.wait(0.5)
             except Exception:
                 log.exception("publisher_loop_error")
                 self._stopping.wait(0.5)
@@ -638,7 +654,12 @@ class Publisher:
                 )
         if self._acks:
             acks, self._acks = self._acks, []
-            self._acked += outbox.ack(acks)
+            try:
+                self._acked += outbox.ack(acks)
+            except PublishError:
+                # Delivered but still stored (e.g. disk full): try again on the next pass;
+                # the outbox reports its fault. A restart would only send them again.
+                self._acks = acks + self._acks
         if self._refusals:
             refusals, self._refusals = self._refusals, []
             self._handle_refusals(refusals, now)
