@@ -7,11 +7,15 @@ caller owns. ``N`` must lie in ``spec.min_batch .. spec.max_batch``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 from numpy.typing import NDArray
+
+from defectd.errors import EngineError
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +46,36 @@ class EngineSpec:
         if not self.min_batch <= batch.shape[0] <= self.max_batch:
             raise ValueError(
                 f"batch of {batch.shape[0]}, engine accepts {self.min_batch}..{self.max_batch}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class OpenRequest:
+    """What ``open_engine`` hands a backend's open function (see ``engines.registry``).
+
+    ``precision`` None means the card's; ``precisions`` are what this backend runs;
+    ``expect`` is the caller's ``(channels, height, width)``; ``build_progress(phase, done,
+    total)`` is called while a TensorRT plan is built.
+    """
+
+    model_path: Path
+    backend: str
+    precisions: tuple[str, ...]
+    precision: str | None = None
+    min_batch: int = 1
+    max_batch: int = 16
+    threads: int | None = None
+    cache_dir: Path | None = None
+    opt_batch: int | None = None
+    expect: tuple[int, int, int] | None = None
+    build_progress: Callable[[str, int, int], None] | None = None
+
+    def check_precision(self, precision: str) -> None:
+        """``EngineError`` naming what the backend runs when ``precision`` is not one of them."""
+        if precision not in self.precisions:
+            raise EngineError(
+                f"{self.model_path}: {self.backend} runs {', '.join(self.precisions)}; "
+                f"precision {precision} is not one of them"
             )
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import onnx
 
-from defectd.engines.base import EngineSpec
+from defectd.engines.base import EngineSpec, OpenRequest
 from defectd.errors import EngineError, ModelError
-from defectd.model.card import ModelCard, card_path
+from defectd.model.card import ModelCard, card_path, load_card
 
 # ONNX TensorProto element type -> numpy dtype name, for the types a model may take.
 _ELEM = {1: "float32", 10: "float16", 16: "bfloat16", 11: "float64"}
@@ -126,4 +126,59 @@ def make_spec(
         width=card.input.width,
         min_batch=min_batch,
         max_batch=max_batch,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class OnnxModel:
+    """An ONNX model checked for one open request: the file that serves the precision asked
+    for (an int8 request may pick the QDQ model beside it), its card, I/O and spec."""
+
+    path: Path
+    card: ModelCard
+    io: OnnxIO
+    spec: EngineSpec
+    precision: str
+
+
+def prepare_onnx(request: OpenRequest) -> OnnxModel:
+    """Read and check an ONNX model and its card for ``request`` (the ONNX backends' common
+    first step). Raises ``ModelError``/``EngineError`` naming the file and the mismatch."""
+    path = request.model_path
+    card = load_card(path)
+    check_expected(path, card, request.expect)
+    want = request.precision or card.precision
+    request.check_precision(want)
+    if want == "int8":
+        path, card = int8_model(path, card, request.backend)
+    elif card.precision == "int8":
+        raise EngineError(
+            f"{path}: is an INT8 QDQ model; open the fp32 model for {want} (card precision)"
+        )
+    io = read_onnx_io(path)
+    check_onnx_against_card(path, io, card)
+    spec = make_spec(path, card, io, request.min_batch, request.max_batch)
+    return OnnxModel(path, card, io, spec, want)
+
+
+def int8_model(model_path: Path, card: ModelCard, backend: str) -> tuple[Path, ModelCard]:
+    """The QDQ model that serves int8: this one, or one beside it.
+
+    CPU backends take ``<stem>.int8.onnx`` (uint8 activations, fastest there); TensorRT takes
+    ``<stem>.int8-sym.onnx`` (symmetric int8, ``quantize_qdq(..., symmetric_activations=True)``)
+    and falls back to ``<stem>.int8.onnx``, which it checks.
+    """
+    if card.precision == "int8":
+        return model_path, card
+    names = [".int8.onnx"] if backend != "tensorrt" else [".int8-sym.onnx", ".int8.onnx"]
+    for suffix in names:
+        sibling = model_path.with_name(model_path.stem + suffix)
+        if sibling.is_file():
+            sibling_card = load_card(sibling)
+            if sibling_card.precision == "int8":
+                return sibling, sibling_card
+    wanted = " or ".join(model_path.stem + n for n in names)
+    raise EngineError(
+        f"{model_path}: precision int8 needs a QDQ model (card precision int8) or "
+        f"{wanted} beside it; make one with `defectd calibrate int8`"
     )

@@ -21,8 +21,8 @@ import openvino.properties as props
 import openvino.properties.hint as hints
 from numpy.typing import NDArray
 
-from defectd.engines.base import EngineSpec
-from defectd.engines.model_file import OnnxIO
+from defectd.engines.base import EngineSpec, OpenRequest
+from defectd.engines.model_file import OnnxIO, prepare_onnx
 from defectd.errors import EngineError, ModelError
 from defectd.log import get_logger
 
@@ -217,3 +217,16 @@ class OpenVinoEngine:
         with self._lock:
             self._request = None
             self._streams = []
+
+
+def open_request(request: OpenRequest) -> OpenVinoEngine:
+    """The registry's entry point: an ONNX model compiled by OpenVINO for this CPU."""
+    model = prepare_onnx(request)
+    return OpenVinoEngine(
+        model.path,
+        model.io,
+        model.spec,
+        precision=model.precision,
+        threads=request.threads,
+        cache_dir=request.cache_dir,
+    )

@@ -15,8 +15,9 @@ import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
 
-from defectd.engines.base import EngineSpec
-from defectd.engines.model_file import OnnxIO
+from defectd.engines.base import EngineSpec, OpenRequest
+from defectd.engines.model_file import OnnxIO, prepare_onnx
+from defectd.engines.probe import gpu_present
 from defectd.errors import EngineError, ModelError
 from defectd.log import get_logger
 
@@ -152,3 +153,17 @@ class OrtEngine:
     def close(self) -> None:
         with self._lock:
             self._session = None
+
+
+def open_request(request: OpenRequest) -> OrtEngine:
+    """The registry's entry point: an ONNX model on ONNX Runtime (CUDA where present)."""
+    model = prepare_onnx(request)
+    providers = choose_providers(gpu_present(), model.precision, request.cache_dir)
+    return OrtEngine(
+        model.path,
+        model.io,
+        model.spec,
+        precision=model.precision,
+        threads=request.threads,
+        providers=providers,
+    )

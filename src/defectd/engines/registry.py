@@ -1,9 +1,16 @@
-"""Open a model on a backend chosen by name or automatically; list what this machine offers.
+"""The backends by name: a declarative table, opened lazily; ``open_engine`` and ``auto``.
 
-``auto`` picks, in order: TensorRT when an NVIDIA GPU and ``tensorrt`` are present, else ONNX
-Runtime with its CUDA provider when that and a GPU are present, else OpenVINO (the fastest
-CPU backend). A ``.pt`` checkpoint always opens on torch and a
-``.plan`` file on TensorRT. The choice and the reason are logged as ``engine_selected``.
+Each ``Backend`` entry names its open function as a lazy entry point (``module:function``,
+imported only when a model is opened on it, so a runtime is loaded only by the station that
+uses it), the precisions it runs, the model files it opens and two probes: ``probe()`` for
+``defectd engines`` (may import the runtime) and ``pick()`` for ``auto`` (a reason when this
+backend should serve here, else None). Adding a backend is one entry and one open function.
+
+``auto`` takes the only backend that opens the model's file type (``.pt`` -> torch, ``.plan``
+-> TensorRT), else the first entry, in table order, whose ``pick()`` answers: TensorRT when an
+NVIDIA GPU and ``tensorrt`` are present, else ONNX Runtime with its CUDA provider when that and
+a GPU are present, else OpenVINO (the fastest CPU backend). Explicit names and ``auto`` then
+take the same path. The choice and the reason are logged as ``engine_selected``.
 
 Precision defaults to the card's (an fp32 model runs fp32 unless asked otherwise). ``int8``
 needs a QDQ model: the model itself (card precision ``int8``) or ``<stem>.int8.onnx`` beside it
@@ -12,43 +19,20 @@ needs a QDQ model: the model itself (card precision ``int8``) or ``<stem>.int8.o
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
+import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
-import onnxruntime as ort
-import openvino as ov
-
-from defectd.engines.base import Engine
-from defectd.engines.model_file import (
-    check_expected,
-    check_onnx_against_card,
-    make_spec,
-    read_onnx_io,
-)
-from defectd.engines.openvino_backend import OpenVinoEngine, cpu_capabilities
-from defectd.engines.ort_backend import CUDA, OrtEngine, choose_providers
-from defectd.engines.tensorrt_backend import (
-    INSTALL_HINT,
-    BuildProgress,
-    gpu_present,
-    open_plan_file,
-    open_tensorrt,
-)
+from defectd.engines.base import Engine, OpenRequest
+from defectd.engines.probe import INSTALL_HINT, gpu_present, installed, module_version, ort_cuda
 from defectd.errors import EngineError, ModelError
 from defectd.log import get_logger
-from defectd.model.card import ModelCard, load_card
 
 log = get_logger(__name__)
 
-BACKENDS = ("auto", "torch", "ort", "openvino", "tensorrt")
-PRECISIONS: dict[str, tuple[str, ...]] = {
-    "torch": ("fp32",),
-    "ort": ("fp32", "int8"),
-    "openvino": ("fp32", "bf16", "int8"),
-    "tensorrt": ("fp32", "fp16", "int8"),
-}
+OpenFn = Callable[[OpenRequest], Engine]
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,93 +46,141 @@ class BackendInfo:
     detail: str
 
 
-def _module_version(name: str) -> str | None:
-    """Installed version of ``name``, from its distribution metadata when it has one (no import)."""
-    if importlib.util.find_spec(name) is None:
-        return None
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    try:
-        module = importlib.import_module(name)
-    except ImportError:
-        return None
-    return str(getattr(module, "__version__", "?"))
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """One registry entry. ``entry_point`` is ``"module:function"`` taking an ``OpenRequest``."""
+
+    name: str
+    entry_point: str
+    precisions: tuple[str, ...]
+    suffixes: tuple[str, ...]
+    probe: Callable[[], BackendInfo]
+    pick: Callable[[], str | None]
+
+    def load(self) -> OpenFn:
+        """Import the backend's module (and with it its runtime) and return its open function."""
+        module, _, attr = self.entry_point.partition(":")
+        return cast(OpenFn, getattr(importlib.import_module(module), attr))
 
 
-def _ort_cuda() -> bool:
-    return CUDA in ort.get_available_providers()
+# ---------------------------------------------------------------------- probes
+
+
+def _probe_torch() -> BackendInfo:
+    version = module_version("torch") or ""
+    return BackendInfo("torch", True, version, PRECISIONS["torch"], "eager reference")
+
+
+def _probe_ort() -> BackendInfo:
+    import onnxruntime as ort  # noqa: PLC0415  (the listing reports the runtime itself)
+
+    detail = "CUDA + CPU providers" if gpu_present() and ort_cuda() else "CPU provider"
+    return BackendInfo("ort", True, str(ort.__version__), PRECISIONS["ort"], detail)
+
+
+def _probe_openvino() -> BackendInfo:
+    import openvino as ov  # noqa: PLC0415
+
+    from defectd.engines.openvino_backend import cpu_capabilities  # noqa: PLC0415
+
+    caps = cpu_capabilities()
+    names = {"fp32": "FP32", "bf16": "BF16", "int8": "INT8"}
+    precisions = tuple(p for p in PRECISIONS["openvino"] if names[p] in caps)
+    version = str(ov.get_version()).split("-")[0]
+    return BackendInfo("openvino", True, version, precisions, "CPU capabilities " + " ".join(caps))
+
+
+def _probe_tensorrt() -> BackendInfo:
+    gpu = gpu_present()
+    version = module_version("tensorrt")
+    ok = version is not None and gpu
+    if ok:
+        detail = "GPU present"
+    elif not gpu:
+        detail = "no NVIDIA GPU"
+    else:
+        detail = f"tensorrt not installed ({INSTALL_HINT})"
+    return BackendInfo("tensorrt", ok, version or "", PRECISIONS["tensorrt"], detail)
+
+
+def _pick_tensorrt() -> str | None:
+    return "NVIDIA GPU and TensorRT present" if gpu_present() and installed("tensorrt") else None
+
+
+def _pick_ort() -> str | None:
+    if gpu_present() and ort_cuda():
+        return f"NVIDIA GPU with ONNX Runtime CUDA; no tensorrt ({INSTALL_HINT})"
+    return None
+
+
+def _pick_openvino() -> str | None:
+    why = "no NVIDIA GPU" if not gpu_present() else "GPU without TensorRT or ONNX Runtime CUDA"
+    return f"{why}; OpenVINO is the fastest CPU backend"
+
+
+# ---------------------------------------------------------------------- the table
+
+# Table order is the order ``auto`` tries them in.
+REGISTRY: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend(
+            "tensorrt",
+            "defectd.engines.tensorrt_backend:open_request",
+            ("fp32", "fp16", "int8"),
+            (".onnx", ".plan"),
+            _probe_tensorrt,
+            _pick_tensorrt,
+        ),
+        Backend(
+            "ort",
+            "defectd.engines.ort_backend:open_request",
+            ("fp32", "int8"),
+            (".onnx",),
+            _probe_ort,
+            _pick_ort,
+        ),
+        Backend(
+            "openvino",
+            "defectd.engines.openvino_backend:open_request",
+            ("fp32", "bf16", "int8"),
+            (".onnx",),
+            _probe_openvino,
+            _pick_openvino,
+        ),
+        Backend(
+            "torch",
+            "defectd.engines.torch_backend:open_request",
+            ("fp32",),
+            (".pt",),
+            _probe_torch,
+            lambda: None,
+        ),
+    )
+}
+BACKENDS: tuple[str, ...] = ("auto", "torch", "ort", "openvino", "tensorrt")
+PRECISIONS: dict[str, tuple[str, ...]] = {name: b.precisions for name, b in REGISTRY.items()}
+assert set(BACKENDS) == {"auto", *REGISTRY}
 
 
 def available_backends() -> list[BackendInfo]:
     """Every backend with whether it runs here, its version, precisions and why (not)."""
-    gpu = gpu_present()
-    infos = [
-        BackendInfo(
-            "torch", True, _module_version("torch") or "", PRECISIONS["torch"], "eager reference"
-        )
-    ]
-    ort_detail = "CUDA + CPU providers" if gpu and _ort_cuda() else "CPU provider"
-    infos.append(BackendInfo("ort", True, str(ort.__version__), PRECISIONS["ort"], ort_detail))
-    caps = cpu_capabilities()
-    ov_precisions = tuple(
-        p
-        for p in PRECISIONS["openvino"]
-        if {"fp32": "FP32", "bf16": "BF16", "int8": "INT8"}[p] in caps
-    )
-    ov_version = str(ov.get_version()).split("-")[0]
-    ov_detail = "CPU capabilities " + " ".join(caps)
-    infos.append(BackendInfo("openvino", True, ov_version, ov_precisions, ov_detail))
-    trt_v = _module_version("tensorrt")
-    trt_ok = trt_v is not None and gpu
-    trt_detail = (
-        "GPU present"
-        if trt_ok
-        else ("no NVIDIA GPU" if not gpu else f"tensorrt not installed ({INSTALL_HINT})")
-    )
-    infos.append(BackendInfo("tensorrt", trt_ok, trt_v or "", PRECISIONS["tensorrt"], trt_detail))
-    return infos
+    return [REGISTRY[name].probe() for name in BACKENDS if name != "auto"]
 
 
 def choose_backend(model_path: Path) -> tuple[str, str]:
     """``(backend, reason)`` for ``backend="auto"`` on this machine."""
     suffix = model_path.suffix.lower()
-    if suffix == ".pt":
-        return "torch", "a .pt checkpoint runs on the torch reference backend"
-    if suffix == ".plan":
-        return "tensorrt", "a .plan file is a TensorRT engine"
-    gpu = gpu_present()
-    has_trt = importlib.util.find_spec("tensorrt") is not None
-    if gpu and has_trt:
-        return "tensorrt", "NVIDIA GPU and TensorRT present"
-    if gpu and _ort_cuda():
-        return "ort", f"NVIDIA GPU with ONNX Runtime CUDA; no tensorrt ({INSTALL_HINT})"
-    why = "no NVIDIA GPU" if not gpu else "GPU without TensorRT or ONNX Runtime CUDA"
-    return "openvino", f"{why}; OpenVINO is the fastest CPU backend"
-
-
-def _int8_model(model_path: Path, card: ModelCard, backend: str) -> tuple[Path, ModelCard]:
-    """The QDQ model that serves int8: this one, or one beside it.
-
-    CPU backends take ``<stem>.int8.onnx`` (uint8 activations, fastest there); TensorRT takes
-    ``<stem>.int8-sym.onnx`` (symmetric int8, ``quantize_qdq(..., symmetric_activations=True)``)
-    and falls back to ``<stem>.int8.onnx``, which it checks.
-    """
-    if card.precision == "int8":
-        return model_path, card
-    names = [".int8.onnx"] if backend != "tensorrt" else [".int8-sym.onnx", ".int8.onnx"]
-    for suffix in names:
-        sibling = model_path.with_name(model_path.stem + suffix)
-        if sibling.is_file():
-            sibling_card = load_card(sibling)
-            if sibling_card.precision == "int8":
-                return sibling, sibling_card
-    wanted = " or ".join(model_path.stem + n for n in names)
-    raise EngineError(
-        f"{model_path}: precision int8 needs a QDQ model (card precision int8) or "
-        f"{wanted} beside it; make one with `defectd calibrate int8`"
-    )
+    owners = [b for b in REGISTRY.values() if suffix in b.suffixes]
+    if len(owners) == 1:
+        only = owners[0]
+        kind = "a .pt checkpoint" if suffix == ".pt" else f"a {suffix} file"
+        return only.name, f"{kind} runs only on the {only.name} backend"
+    for backend in owners:
+        reason = backend.pick()
+        if reason is not None:
+            return backend.name, reason
+    raise EngineError(f"{model_path}: no backend opens {suffix or 'files without a suffix'}")
 
 
 def open_engine(
@@ -162,7 +194,7 @@ def open_engine(
     cache_dir: Path | None = None,
     opt_batch: int | None = None,
     expect: tuple[int, int, int] | None = None,
-    build_progress: BuildProgress | None = None,
+    build_progress: Callable[[str, int, int], None] | None = None,
 ) -> Engine:
     """Open ``model_path`` (``.onnx`` with its card, ``.pt`` checkpoint or TensorRT ``.plan``).
 
@@ -183,86 +215,33 @@ def open_engine(
         raise EngineError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if not model_path.is_file():
         raise ModelError(f"{model_path}: model file not found")
-    reason = "asked for by name"
-    chosen = backend
     if backend == "auto":
         chosen, reason = choose_backend(model_path)
-    suffix = model_path.suffix.lower()
-
-    if suffix == ".plan":
-        if chosen != "tensorrt":
-            raise EngineError(f"{model_path}: a .plan file runs only on tensorrt, not {chosen}")
-        engine: Engine = open_plan_file(model_path, min_batch, max_batch)
-        _selected(engine, model_path, reason)
-        return engine
-
-    if suffix == ".pt":
-        if chosen != "torch":
-            raise EngineError(
-                f"{model_path}: a .pt checkpoint runs on torch; export it to ONNX for {chosen}"
-            )
-        from defectd.engines.torch_backend import TorchEngine  # noqa: PLC0415  (torch is heavy)
-        from defectd.model.checkpoint import load_checkpoint  # noqa: PLC0415
-
-        net, card = load_checkpoint(model_path)
-        check_expected(model_path, card, expect)
-        _check_precision("torch", precision or "fp32", model_path)
-        spec = make_spec(model_path, card, None, min_batch, max_batch)
-        engine = TorchEngine(net, card, spec, threads=threads)
-        _selected(engine, model_path, reason)
-        return engine
-
-    if chosen == "torch":
-        raise EngineError(
-            f"{model_path}: the torch backend opens .pt checkpoints; this is an ONNX model"
-        )
-    card = load_card(model_path)
-    check_expected(model_path, card, expect)
-    want = precision or card.precision
-    _check_precision(chosen, want, model_path)
-    if want == "int8":
-        model_path, card = _int8_model(model_path, card, chosen)
-    elif card.precision == "int8":
-        raise EngineError(
-            f"{model_path}: is an INT8 QDQ model; open the fp32 model for {want} (card precision)"
-        )
-    io = read_onnx_io(model_path)
-    check_onnx_against_card(model_path, io, card)
-    spec = make_spec(model_path, card, io, min_batch, max_batch)
-
-    if chosen == "ort":
-        providers = choose_providers(gpu_present(), want, cache_dir)
-        engine = OrtEngine(
-            model_path, io, spec, precision=want, threads=threads, providers=providers
-        )
-    elif chosen == "openvino":
-        engine = OpenVinoEngine(
-            model_path, io, spec, precision=want, threads=threads, cache_dir=cache_dir
-        )
     else:
-        engine = open_tensorrt(
-            model_path,
-            card,
-            spec,
-            io.input_name,
-            precision=want,
-            cache_dir=cache_dir,
-            opt_batch=opt_batch,
-            progress=build_progress,
-        )
-    _selected(engine, model_path, reason)
-    return engine
-
-
-def _check_precision(backend: str, precision: str, model_path: Path) -> None:
-    if precision not in PRECISIONS[backend]:
+        chosen, reason = backend, "asked for by name"
+    entry = REGISTRY[chosen]
+    suffix = model_path.suffix.lower()
+    if suffix not in entry.suffixes:
+        owners = [b.name for b in REGISTRY.values() if suffix in b.suffixes]
         raise EngineError(
-            f"{model_path}: {backend} runs {', '.join(PRECISIONS[backend])}; "
-            f"precision {precision} is not one of them"
+            f"{model_path}: the {chosen} backend opens {' and '.join(entry.suffixes)} files; "
+            f"a {suffix or 'suffix-less'} file opens on {' or '.join(owners) or 'none'}"
+            + ("; export the checkpoint to ONNX first" if suffix == ".pt" else "")
         )
-
-
-def _selected(engine: Engine, model_path: Path, reason: str) -> None:
+    request = OpenRequest(
+        model_path=model_path,
+        backend=chosen,
+        precisions=entry.precisions,
+        precision=precision,
+        min_batch=min_batch,
+        max_batch=max_batch,
+        threads=threads,
+        cache_dir=cache_dir,
+        opt_batch=opt_batch,
+        expect=expect,
+        build_progress=build_progress,
+    )
+    engine = entry.load()(request)
     log.info(
         "engine_selected",
         engine=engine.name,
@@ -273,3 +252,4 @@ def _selected(engine: Engine, model_path: Path, reason: str) -> None:
         batch_range=f"{engine.spec.min_batch}..{engine.spec.max_batch}",
         reason=reason,
     )
+    return engine

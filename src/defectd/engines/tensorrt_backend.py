@@ -28,8 +28,9 @@ import onnx
 from numpy.typing import NDArray
 from onnx import numpy_helper
 
-from defectd.engines.base import EngineSpec
+from defectd.engines.base import EngineSpec, OpenRequest
 from defectd.engines.fp16 import convert_fp16
+from defectd.engines.model_file import prepare_onnx
 from defectd.engines.plan_cache import (
     Device,
     PlanKey,
@@ -41,6 +42,7 @@ from defectd.engines.plan_cache import (
     timing_cache_path,
     write_plan,
 )
+from defectd.engines.probe import INSTALL_HINT, gpu_present
 from defectd.errors import EngineError, ModelError
 from defectd.log import get_logger
 from defectd.model.card import ModelCard, file_sha256
@@ -48,7 +50,6 @@ from defectd.model.card import ModelCard, file_sha256
 log = get_logger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "int8")
-INSTALL_HINT = "pip install defectd[gpu]"
 
 # (phase, steps done, steps in phase) while TensorRT builds; called from TensorRT's threads.
 BuildProgress = Callable[[str, int, int], None]
@@ -60,20 +61,6 @@ def default_cache_dir() -> Path:
         return Path(os.environ["DEFECTD_CACHE_DIR"])
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "defectd"
-
-
-def gpu_present() -> bool:
-    """True when torch sees a CUDA device (the TensorRT backend's buffers are torch tensors).
-
-    Machines without NVIDIA device nodes answer without importing torch (seconds of start-up
-    for a CPU station that runs ONNX models only).
-    """
-    dev = Path("/dev")
-    if not any(dev.glob("nvidia[0-9]*")) and not (dev / "nvhost-ctrl-gpu").exists():
-        return False
-    import torch  # noqa: PLC0415  (deferred: torch is heavy)
-
-    return bool(torch.cuda.is_available())
 
 
 def import_tensorrt() -> ModuleType:
@@ -404,3 +391,21 @@ def open_plan_file(path: Path, min_batch: int | None, max_batch: int | None) -> 
         max_batch=stored.max_batch if max_batch is None else max_batch,
     )
     return TensorRTEngine(trt, plan, stored, spec, path)
+
+
+def open_request(request: OpenRequest) -> TensorRTEngine:
+    """The registry's entry point: a ``.plan`` file as it is, or an ONNX model's cached plan
+    (built for this GPU and TensorRT when missing)."""
+    if request.model_path.suffix.lower() == ".plan":
+        return open_plan_file(request.model_path, request.min_batch, request.max_batch)
+    model = prepare_onnx(request)
+    return open_tensorrt(
+        model.path,
+        model.card,
+        model.spec,
+        model.io.input_name,
+        precision=model.precision,
+        cache_dir=request.cache_dir,
+        opt_batch=request.opt_batch,
+        progress=request.build_progress,
+    )

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from defectd.engines.base import EngineSpec
+from defectd.engines.base import EngineSpec, OpenRequest
+from defectd.engines.model_file import check_expected, make_spec
 from defectd.errors import EngineError
 from defectd.log import get_logger
 from defectd.model.card import ModelCard
@@ -81,3 +82,12 @@ class TorchEngine:
     def close(self) -> None:
         with self._lock:
             self._module = None
+
+
+def open_request(request: OpenRequest) -> TorchEngine:
+    """The registry's entry point: a ``.pt`` checkpoint in torch eager fp32 (the reference)."""
+    net, card = load_checkpoint(request.model_path)
+    check_expected(request.model_path, card, request.expect)
+    request.check_precision(request.precision or "fp32")
+    spec = make_spec(request.model_path, card, None, request.min_batch, request.max_batch)
+    return TorchEngine(net, card, spec, threads=request.threads)
