@@ -19,9 +19,9 @@ from collections.abc import Callable
 import cv2
 import numpy as np
 
+from defectd.data.synth import SURFACES, PartRenderer, render_texture
 from defectd.log import configure_logging
 from defectd.training.augment import Augment
-from defectd.training.synth import SURFACES, PartRenderer, render_texture
 
 
 def per_call_ms(fn: Callable[[int], object], calls: int, repeats: int) -> float:

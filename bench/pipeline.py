@@ -131,7 +131,7 @@ def engine_only(
     engine: Any, card: Any, batch_size: int, seconds: float, seed: int
 ) -> dict[str, Any]:
     """``engine.infer`` on one ready batch of rendered parts, for ``seconds``."""
-    from defectd.training.synth import PartRenderer
+    from defectd.data.synth import PartRenderer
 
     c, h, w = card.input.channels, card.input.height, card.input.width
     renderer = PartRenderer(h, w, c)
@@ -159,7 +159,7 @@ def engine_only(
 
 def render_cpu_ms(height: int, width: int, channels: int, seed: int, parts: int = 20) -> float:
     """CPU ms the synthetic line spends rendering one part (a real camera does not)."""
-    from defectd.training.synth import PartRenderer
+    from defectd.data.synth import PartRenderer
 
     renderer = PartRenderer(height, width, channels)
     rng = np.random.default_rng(seed)
@@ -341,7 +341,7 @@ def direct_verdict(engine: Any, card: Any, result: Any) -> str:
     ``min_area_px`` fails (the pipeline's default rule)."""
     import cv2
 
-    from defectd.training.data import fit_to_input
+    from defectd.data.datasets import fit_to_input
 
     image = result.frame.image
     h, w = card.input.height, card.input.width
@@ -350,7 +350,7 @@ def direct_verdict(engine: Any, card: Any, result: Any) -> str:
     prob = engine.infer(card.normalisation.apply(raw))[0, 0]
     mask = (prob > card.threshold).astype(np.uint8)
     if fitted.shape[:2] != image.shape[:2]:
-        from defectd.training.data import restore_size
+        from defectd.data.datasets import restore_size
 
         mask = (restore_size(prob, image.shape[:2], card.input.resize) > card.threshold).astype(
             np.uint8
@@ -405,8 +405,8 @@ def work_naive(spec: dict[str, Any]) -> dict[str, Any]:
     import paho.mqtt.client as mqtt
     import torch
 
+    from defectd.data.synth import PartRenderer
     from defectd.model.card import load_card
-    from defectd.training.synth import PartRenderer
 
     card = load_card(Path(spec["model"]))
     net, weights = load_torch_net(spec)
@@ -565,8 +565,8 @@ def choose_precision(model: Path, asked: str, quantize: bool, workdir: Path) -> 
         return model, "int8"
     if quantize:
         from defectd.calibration.int8 import quantize_qdq
+        from defectd.data.synth import PartRenderer
         from defectd.model.card import card_path, load_card
-        from defectd.training.synth import PartRenderer
 
         copy = workdir / "q" / model.name
         copy.parent.mkdir(parents=True, exist_ok=True)

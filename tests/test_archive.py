@@ -162,7 +162,7 @@ def test_splits_must_sum_to_one() -> None:
 
 
 def test_archive_opens_as_a_training_dataset(tmp_path: Path) -> None:
-    from defectd.training.data import open_dataset
+    from defectd.data.datasets import open_dataset
 
     archive = Archive(ArchiveConfig(dir=tmp_path, pass_sample=1.0))
     archive.start()

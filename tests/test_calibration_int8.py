@@ -11,10 +11,10 @@ import pytest
 
 from defectd.calibration.int8 import calibration_batches, compare_predictions
 from defectd.cli import main
+from defectd.data.datasets import Sample, open_dataset
 from defectd.errors import CalibrationError
 from defectd.model import load_card
 from defectd.model.card import card_path
-from defectd.training.data import Sample, open_dataset
 from defectd.training.evaluate import Prediction
 from test_calibration_threshold import write_blob_set
 

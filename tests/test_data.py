@@ -11,15 +11,15 @@ import cv2
 import numpy as np
 import pytest
 
-from defectd.errors import DataError
-from defectd.training.data import (
+from defectd.data.datasets import (
     MVTEC_VAL_PERCENT,
     Sample,
     fit_to_input,
     open_dataset,
     restore_size,
 )
-from defectd.training.synth import write_dataset
+from defectd.data.synth import write_dataset
+from defectd.errors import DataError
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from defectd.cli import main
+from defectd.data.metrics import image_stats
 from defectd.model.card import ModelCard
 from defectd.model.checkpoint import save_checkpoint
 from defectd.model.export import export_onnx
 from defectd.model.unet import UNet, UNetConfig
 from defectd.training.evaluate import Prediction
-from defectd.training.metrics import image_stats
 from defectd.training.overlays import FN_BGR, FP_BGR, TP_BGR, overlay, pick_cases
 
 KEYS = {

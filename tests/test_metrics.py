@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from defectd.training.metrics import (
+from defectd.data.metrics import (
     MetricsAccumulator,
     auroc,
     dice_score,

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from defectd.calibration.flatfield import FlatField
+from defectd.data.datasets import fit_to_input, restore_size
 from defectd.model.card import InputSpec, ModelCard, Normalisation
 from defectd.pipeline.buffers import BufferPool
 from defectd.pipeline.cameras import CameraSetup
@@ -11,7 +12,6 @@ from defectd.pipeline.config import PipelineConfig, Rect
 from defectd.pipeline.failures import ErrorReason, FrameError
 from defectd.pipeline.frame import Frame
 from defectd.pipeline.preprocess import Preprocessor, check_image, choose_fit
-from defectd.training.data import fit_to_input, restore_size
 
 
 def card(channels: int = 1, size: int = 64, resize: str = "tile") -> ModelCard:

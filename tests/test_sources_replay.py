@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
+from defectd.data.synth import write_dataset
 from defectd.errors import CameraError
 from defectd.pipeline.frame import Frame
 from defectd.pipeline.sources import (
@@ -19,7 +20,6 @@ from defectd.pipeline.sources import (
     SourceState,
     make_source,
 )
-from defectd.training.synth import write_dataset
 
 
 def play(

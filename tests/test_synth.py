@@ -14,8 +14,7 @@ import pytest
 import structlog
 
 from defectd.cli import main
-from defectd.errors import ConfigError, DataError
-from defectd.training.synth import (
+from defectd.data.synth import (
     DEFECTS,
     MANIFEST_COLUMNS,
     SURFACES,
@@ -24,6 +23,7 @@ from defectd.training.synth import (
     render_part,
     write_dataset,
 )
+from defectd.errors import ConfigError, DataError
 
 
 def _part(seed: int, **kw: Any) -> SynthPart:

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+from defectd.data.datasets import open_dataset
+from defectd.data.synth import render_part
 from defectd.errors import ConfigError, DataError
 from defectd.model.card import ModelCard
 from defectd.model.checkpoint import load_checkpoint, read_checkpoint
 from defectd.model.unet import UNet
-from defectd.training.data import open_dataset
 from defectd.training.evaluate import TorchPredictor, evaluate
-from defectd.training.synth import render_part
 from defectd.training.train import TrainConfig, lr_factor, train
 
 SIZE = 64

@@ -27,14 +27,14 @@ from onnxruntime.quantization import CalibrationMethod as OrtMethod
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from defectd.data.datasets import fit_to_input
+from defectd.data.metrics import MetricsAccumulator
 from defectd.errors import CalibrationError, ModelError
 from defectd.log import get_logger
 from defectd.model.card import ModelCard, card_path, file_sha256, load_card
-from defectd.training.data import fit_to_input
-from defectd.training.metrics import MetricsAccumulator
 
 if TYPE_CHECKING:
-    from defectd.training.data import Dataset
+    from defectd.data.datasets import Dataset
     from defectd.training.evaluate import Prediction
 
 log = get_logger(__name__)

@@ -25,8 +25,8 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
+from defectd.data.metrics import dice_score, iou_score, precision_score, recall_score
 from defectd.errors import CalibrationError
-from defectd.training.metrics import dice_score, iou_score, precision_score, recall_score
 
 TargetKind = Literal["escape", "false_reject"]
 

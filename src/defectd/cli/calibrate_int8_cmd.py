@@ -21,7 +21,7 @@ from defectd.log import get_logger
 
 if TYPE_CHECKING:
     from defectd.calibration.int8 import Agreement
-    from defectd.training.data import Dataset
+    from defectd.data.datasets import Dataset
     from defectd.training.evaluate import OpenedModel, Prediction
 
 log = get_logger(__name__)
@@ -162,8 +162,8 @@ def int8(
         compare_predictions,
         quantize_qdq,
     )
+    from defectd.data.datasets import open_dataset
     from defectd.model.card import card_path, load_card
-    from defectd.training.data import open_dataset
     from defectd.training.evaluate import open_model
 
     card = load_card(model)

@@ -16,7 +16,7 @@ from defectd.log import get_logger
 
 if TYPE_CHECKING:
     from defectd.calibration.threshold import OperatingPoint, Sweep
-    from defectd.training.data import Dataset
+    from defectd.data.datasets import Dataset
     from defectd.training.evaluate import OpenedModel
 
 log = get_logger(__name__)
@@ -178,8 +178,8 @@ def threshold(
         update_calibration,
     )
     from defectd.calibration.threshold import check_split, choose
+    from defectd.data.datasets import open_dataset
     from defectd.model.card import file_sha256
-    from defectd.training.data import open_dataset
     from defectd.training.evaluate import open_model
 
     if target_escape is not None and target_false_reject is not None:

@@ -73,7 +73,7 @@ def eval_command(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
     from rich.table import Table
 
-    from defectd.training.data import open_dataset
+    from defectd.data.datasets import open_dataset
     from defectd.training.evaluate import evaluate, open_model, predict
     from defectd.training.overlays import overlay, pick_cases, write_overlay
 

@@ -54,8 +54,8 @@ def synth(
 
     Writes images/, masks/ (0 good, 255 defect) and manifest.csv (70/15/15 train/val/test).
     """
-    from defectd.training.data import open_dataset
-    from defectd.training.synth import write_dataset
+    from defectd.data.datasets import open_dataset
+    from defectd.data.synth import write_dataset
 
     height, width = _parse_size(size)
     names = [s.strip() for s in surfaces.split(",") if s.strip()] or None

@@ -2,7 +2,7 @@
 
 Written by one named thread off the hot path (a bounded queue; when it is full the part is
 skipped and counted, never waited for). The archive is a dataset in the manifest layout that
-``defectd.training.data.open_dataset`` reads, so ``defectd train`` and ``defectd eval`` take
+``defectd.data.datasets.open_dataset`` reads, so ``defectd train`` and ``defectd eval`` take
 it as is::
 
     ARCHIVE/images/<stem>.png      the frame as grabbed (gray, or RGB stored as PNG)
@@ -41,10 +41,10 @@ import numpy as np
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from defectd.data.datasets import MANIFEST_COLUMNS
 from defectd.errors import ConfigError
 from defectd.log import get_logger
 from defectd.pipeline.inspection import Inspection, Verdict
-from defectd.training.data import MANIFEST_COLUMNS
 
 log = get_logger(__name__)
 

@@ -266,7 +266,7 @@ class Preprocessor:
         shape = (fh, fw) if roi_img.ndim == 2 else (fh, fw, roi_img.shape[2])
         out = self._scratch.get("fitted", shape, roi_img.dtype)
         if geo.mode == "resize":
-            # The same rule as ``training.data.fit_to_input``: the model sees what it saw.
+            # The same rule as ``data.datasets.fit_to_input``: the model sees what it saw.
             interp = cv2.INTER_AREA if fh <= h and fw <= w else cv2.INTER_LINEAR
             cv2.resize(roi_img, (fw, fh), dst=out, interpolation=interp)
             return out

@@ -1,1 +1,3 @@
-"""Datasets, synthetic defects, augmentation, training, evaluation and export."""
+"""The torch side of the model's life cycle: augmentation, losses, the training loop,
+evaluation. Datasets, synthetic parts and metrics, which the station uses too, live in
+``defectd.data``."""

@@ -13,9 +13,9 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
+from defectd.data.metrics import ImageStats, remove_small
 from defectd.errors import DataError
 from defectd.training.evaluate import Prediction
-from defectd.training.metrics import ImageStats, remove_small
 
 # BGR, for cv2.imwrite
 TP_BGR = (0, 200, 0)

@@ -32,13 +32,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from defectd.data.datasets import Dataset, open_dataset
+from defectd.data.metrics import ImageScore, MetricsAccumulator, Report
 from defectd.errors import ConfigError, DataError
 from defectd.log import get_logger
 from defectd.model.card import InputSpec, ModelCard, Normalisation, TrainingInfo
 from defectd.model.checkpoint import read_checkpoint, save_checkpoint
 from defectd.model.unet import Norm, UNet, UNetConfig
 from defectd.training.augment import Augment, AugmentConfig
-from defectd.training.data import Dataset, open_dataset
 from defectd.training.evaluate import (
     Evaluation,
     Prediction,
@@ -48,7 +49,6 @@ from defectd.training.evaluate import (
     predict,
 )
 from defectd.training.losses import LossConfig, LossKind, SegLoss
-from defectd.training.metrics import ImageScore, MetricsAccumulator, Report
 from defectd.training.torchdata import (
     DefectBalancedSampler,
     InputFit,

@@ -23,10 +23,10 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
+from defectd.data.datasets import IMAGE_SUFFIXES, Dataset, open_dataset, read_image
 from defectd.errors import CameraError, DataError
 from defectd.pipeline.sources._runner import Pacer, ThreadedSource
 from defectd.pipeline.sources.base import EventKind, ReplaySourceConfig, SourceState
-from defectd.training.data import IMAGE_SUFFIXES, Dataset, open_dataset, read_image
 
 
 @dataclass(frozen=True, slots=True)

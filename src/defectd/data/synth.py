@@ -12,7 +12,7 @@ Defects: ``scratch`` (thin, long, slightly curved line), ``crack`` (branching ja
 ``pit`` (small dark round spot), ``stain`` (soft low-contrast blob), ``chip`` (missing chunk at
 an edge or corner). The mask marks exactly the pixels a defect changed.
 
-:func:`write_dataset` writes the manifest layout that :func:`defectd.training.data.open_dataset`
+:func:`write_dataset` writes the manifest layout that :func:`defectd.data.datasets.open_dataset`
 reads (``images/``, ``masks/``, ``manifest.csv``), like the shipped magnetic-tile set.
 """
 
@@ -38,9 +38,9 @@ from numpy.typing import NDArray
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
+from defectd.data.datasets import MANIFEST_COLUMNS
 from defectd.errors import ConfigError, DataError
 from defectd.log import get_logger
-from defectd.training.data import MANIFEST_COLUMNS
 
 log = get_logger(__name__)
 
