@@ -59,7 +59,8 @@ def synthetic_batches(card: Any, n_batches: int, batch: int, seed: int = 0) -> l
 
 def dataset_batches(data: Path, card: Any, split: str, limit: int | None = None) -> Any:
     """``(normalised (1, C, H, W) batch, original (H, W), mask (H, W) uint8)`` per sample."""
-    from defectd.data.datasets import fit_to_input, open_dataset
+    from defectd.data.datasets import open_dataset
+    from defectd.model.fit import fit_to_input
 
     ds = open_dataset(data)
     samples = ds.samples(split)[:limit] if limit else ds.samples(split)
@@ -459,10 +460,10 @@ def main() -> None:
 
 def dice_check(model: Path, data: Path, split: str, threads: int) -> dict[str, Any]:
     """Defect-pixel Dice on ``split`` for fp32 and every low-precision row (card threshold)."""
-    from defectd.data.datasets import restore_size
     from defectd.data.metrics import dice_score
     from defectd.engines import open_engine
     from defectd.model import load_card
+    from defectd.model.fit import restore_size
 
     card = load_card(model)
     result: dict[str, Any] = {"split": split, "threshold": card.threshold}

@@ -341,7 +341,7 @@ def direct_verdict(engine: Any, card: Any, result: Any) -> str:
     ``min_area_px`` fails (the pipeline's default rule)."""
     import cv2
 
-    from defectd.data.datasets import fit_to_input
+    from defectd.model.fit import fit_to_input
 
     image = result.frame.image
     h, w = card.input.height, card.input.width
@@ -350,7 +350,7 @@ def direct_verdict(engine: Any, card: Any, result: Any) -> str:
     prob = engine.infer(card.normalisation.apply(raw))[0, 0]
     mask = (prob > card.threshold).astype(np.uint8)
     if fitted.shape[:2] != image.shape[:2]:
-        from defectd.data.datasets import restore_size
+        from defectd.model.fit import restore_size
 
         mask = (restore_size(prob, image.shape[:2], card.input.resize) > card.threshold).astype(
             np.uint8

@@ -14,9 +14,7 @@ import pytest
 from defectd.data.datasets import (
     MVTEC_VAL_PERCENT,
     Sample,
-    fit_to_input,
     open_dataset,
-    restore_size,
 )
 from defectd.data.synth import write_dataset
 from defectd.errors import DataError
@@ -193,35 +191,3 @@ def test_fingerprint_follows_content_not_location(synth_root: Path, tmp_path: Pa
     sample: Sample = open_dataset(copy).samples("train")[0]
     sample.image.write_bytes(sample.image.read_bytes() + b"\0")
     assert open_dataset(copy).fingerprint("train") != original
-
-
-@pytest.mark.parametrize("shape", [(30, 50), (64, 64), (90, 70), (20, 100)])
-def test_pad_policy_round_trips_what_the_model_saw(shape: tuple[int, int]) -> None:
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, shape, dtype=np.uint8)
-    mask = (image > 128).astype(np.uint8)
-    fitted, fmask = fit_to_input(image, mask, 64, 64, "pad")
-    assert fitted.shape == (64, 64) and fmask is not None and fmask.shape == (64, 64)
-    assert np.array_equal(fmask, (fitted > 128).astype(np.uint8))  # mask follows content
-    back = restore_size(fitted.astype(np.float32), shape, "pad")
-    assert back.shape == shape and back.dtype == np.float32
-    # The model saw the centre rows/columns of a too-large image and all of a small one.
-    seen = np.zeros(shape, bool)
-    top, left = max(0, (shape[0] - 64) // 2), max(0, (shape[1] - 64) // 2)
-    seen[top : top + 64, left : left + 64] = True
-    assert np.array_equal(back[seen], image[seen].astype(np.float32))
-    assert not back[~seen].any()
-
-
-def test_resize_policy_round_trips_a_smooth_map_and_keeps_masks_binary() -> None:
-    yy, xx = np.mgrid[0:120, 0:200]
-    prob = ((yy / 120 + xx / 200) / 2).astype(np.float32)
-    image = (prob * 255).astype(np.uint8)
-    mask = (prob > 0.5).astype(np.uint8)
-    fitted, fmask = fit_to_input(image, mask, 64, 64, "resize")
-    assert fitted.shape == (64, 64) and fmask is not None
-    assert set(np.unique(fmask)) <= {0, 1}
-    small = fitted.astype(np.float32) / 255
-    back = restore_size(small, (120, 200), "resize")
-    assert back.shape == (120, 200)
-    assert np.abs(back - prob).max() < 0.03

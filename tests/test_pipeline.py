@@ -207,6 +207,20 @@ def test_a_frame_past_its_deadline_gets_an_error_verdict(run) -> None:
     assert "deadline 100 ms" in str(inspection.reason)
 
 
+def test_a_zero_deadline_means_none_a_late_frame_is_still_inspected(run) -> None:
+    pipe, _, sink = run(PipelineConfig(max_latency_ms=0))
+    pipe.submit(dark_frame(64, 64, t_host_ns=time.monotonic_ns() - 3_600_000_000_000))
+    assert pipe.wait_idle(10)
+    assert sink.results[0].inspection.verdict is Verdict.PASS
+
+
+def test_a_zero_deadline_is_accepted_from_the_station_config_and_a_negative_one_is_not() -> None:
+    assert PipelineConfig.model_validate({"max_latency_ms": 0}).deadline_ms is None
+    assert PipelineConfig().deadline_ms == 1000.0
+    with pytest.raises(ValueError, match="max_latency_ms"):
+        PipelineConfig.model_validate({"max_latency_ms": -1})
+
+
 def test_overload_gives_the_overflow_error_verdicts_never_none_with_bounded_memory(run) -> None:
     cfg = PipelineConfig(max_batch=2, frame_queue=4, job_queue=2, result_queue=4)
     pipe, engine, _ = run(cfg)

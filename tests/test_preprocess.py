@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from defectd.calibration.flatfield import FlatField
-from defectd.data.datasets import fit_to_input, restore_size
 from defectd.model.card import InputSpec, ModelCard, Normalisation
+from defectd.model.fit import fit_to_input
 from defectd.pipeline.buffers import BufferPool
 from defectd.pipeline.cameras import CameraSetup
 from defectd.pipeline.config import PipelineConfig, Rect
@@ -132,11 +132,23 @@ def test_a_small_frame_is_padded_for_tiling_when_the_card_says_tile() -> None:
     assert out.geometry.plan.count == 2
 
 
-def test_auto_fit_tiles_only_frames_larger_than_the_model_input() -> None:
-    assert choose_fit("auto", "resize", (100, 64), (64, 64)) == "tile"
-    assert choose_fit("auto", "resize", (64, 64), (64, 64)) == "resize"
-    assert choose_fit("auto", "pad", (10, 10), (64, 64)) == "pad"
-    assert choose_fit("resize", "tile", (1000, 1000), (64, 64)) == "resize"
+def test_auto_fit_follows_the_card_and_a_station_may_force_another() -> None:
+    assert choose_fit("auto", "resize") == "resize"
+    assert choose_fit("auto", "pad") == "pad"
+    assert choose_fit("auto", "tile") == "tile"
+    assert choose_fit("resize", "tile") == "resize"
+
+
+def test_a_frame_larger_than_the_input_is_resized_whole_when_the_card_says_resize() -> None:
+    img = np.random.default_rng(3).integers(0, 256, (300, 200), dtype=np.uint8)
+    out = prep(card(resize="resize"))(frame(img), CameraSetup())
+    assert (out.geometry.mode, out.geometry.plan.count, out.data.shape) == (
+        "resize",
+        1,
+        (1, 64, 64),
+    )
+    fitted, _ = fit_to_input(img, None, 64, 64, "resize")
+    np.testing.assert_allclose(out.data[0], (fitted / 255 - 0.5) / 0.25, atol=1e-6)
 
 
 def test_flatfield_correction_is_applied_to_the_full_frame_before_the_roi() -> None:
@@ -153,19 +165,6 @@ def test_a_failing_correction_is_a_preprocess_error_naming_it() -> None:
     with pytest.raises(FrameError, match="flatfield failed on a 64x64 frame") as err:
         prep(card())(frame(np.zeros((64, 64), np.uint8)), setup)
     assert err.value.code is ErrorReason.PREPROCESS
-
-
-@pytest.mark.parametrize("policy", ["resize", "pad"])
-@pytest.mark.parametrize("shape", [(40, 50), (64, 64), (70, 60), (50, 90)])
-def test_fitting_matches_the_training_data_policy(policy: str, shape: tuple[int, int]) -> None:
-    rng = np.random.default_rng(1)
-    img = rng.integers(0, 256, shape, dtype=np.uint8)
-    out = prep(card(resize=policy), fit=policy)(frame(img), CameraSetup())
-    fitted, _ = fit_to_input(img, None, 64, 64, policy)  # type: ignore[arg-type]
-    np.testing.assert_allclose(out.data[0], (fitted / 255 - 0.5) / 0.25, atol=1e-6)
-    prob = rng.random((64, 64), dtype=np.float32)
-    back = out.geometry.restore(prob, np.empty(shape, np.float32))
-    np.testing.assert_allclose(back, restore_size(prob, shape, policy), atol=1e-6)  # type: ignore[arg-type]
 
 
 def test_preprocessed_buffers_are_reused_once_given_back() -> None:

@@ -27,11 +27,11 @@ from onnxruntime.quantization import CalibrationMethod as OrtMethod
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from defectd.data.datasets import fit_to_input
 from defectd.data.metrics import MetricsAccumulator
 from defectd.errors import CalibrationError, ModelError
 from defectd.log import get_logger
 from defectd.model.card import ModelCard, card_path, file_sha256, load_card
+from defectd.model.fit import fit_to_input
 
 if TYPE_CHECKING:
     from defectd.data.datasets import Dataset

@@ -233,12 +233,21 @@ class Sweep:
                     )
         return out
 
-    def point(self, pixel_threshold: float, min_area_px: int, min_score: float) -> OperatingPoint:
-        """The operating point at a grid ``(t, a, s)``; ``CalibrationError`` off the grid."""
+    def rejected_at(
+        self, pixel_threshold: float, min_area_px: int, min_score: float
+    ) -> NDArray[np.bool_]:
+        """``(N,)`` bool: each image (in ``stems`` order) rejected at a grid ``(t, a, s)``,
+        the verdict the daemon gives it with that calibration; ``CalibrationError`` off the
+        grid."""
         i = _index(self.thresholds, pixel_threshold, "pixel threshold")
         j = _index(self.min_areas.astype(np.float64), float(min_area_px), "min area")
         k = _index(self.min_scores, min_score, "min score")
-        rej = self.rejected()[:, i, j, k]
+        rej: NDArray[np.bool_] = self.rejected()[:, i, j, k]
+        return rej
+
+    def point(self, pixel_threshold: float, min_area_px: int, min_score: float) -> OperatingPoint:
+        """The operating point at a grid ``(t, a, s)``; ``CalibrationError`` off the grid."""
+        rej = self.rejected_at(pixel_threshold, min_area_px, min_score)
         return OperatingPoint(
             pixel_threshold,
             min_area_px,

@@ -15,8 +15,8 @@ Layouts (detected by :func:`open_dataset`):
   rest stays ``test``. Good samples have ``cls = "good"`` as in MVTec.
 
 Images are read as ``(H, W)`` uint8 grey or ``(H, W, 3)`` uint8 RGB; masks as ``(H, W)``
-uint8 {0, 1}. :func:`fit_to_input` and :func:`restore_size` define the card's resize policy
-("resize" or "pad") once for training, evaluation and the pipeline.
+uint8 {0, 1}. How an image reaches the model input is the card's fit policy, defined once in
+:mod:`defectd.model.fit`.
 """
 
 from __future__ import annotations
@@ -54,7 +54,6 @@ MANIFEST_COLUMNS = (
 )
 
 Layout = Literal["manifest", "mvtec"]
-FitPolicy = Literal["resize", "pad"]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MVTEC_VAL_PERCENT = 20
 _TRUE = {"1", "true", "yes", "y", "t"}
@@ -350,102 +349,6 @@ def open_dataset(root: Path) -> Dataset:
     ds = Dataset(root, layout, samples)
     log.debug("dataset_opened", root=str(root), layout=layout, samples=len(ds), splits=ds.splits)
     return ds
-
-
-# ------------------------------------------------------------------------------ resize policy
-
-
-def _pad_or_crop(a: NDArray[Any], height: int, width: int, border: int) -> NDArray[Any]:
-    """Centre ``a`` in ``(height, width)``: reflect-pad where smaller, centre-crop where larger."""
-    h, w = a.shape[:2]
-    if h > height:
-        top = (h - height) // 2
-        a = a[top : top + height]
-    if w > width:
-        left = (w - width) // 2
-        a = a[:, left : left + width]
-    h, w = a.shape[:2]
-    if h < height or w < width:
-        top, left = (height - h) // 2, (width - w) // 2
-        a = cv2.copyMakeBorder(
-            np.ascontiguousarray(a), top, height - h - top, left, width - w - left, border
-        )
-    return np.ascontiguousarray(a)
-
-
-def fit_to_input(
-    image: NDArray[np.uint8],
-    mask: NDArray[np.uint8] | None,
-    height: int,
-    width: int,
-    policy: FitPolicy,
-) -> tuple[NDArray[np.uint8], NDArray[np.uint8] | None]:
-    """Bring an ``(H, W)`` / ``(H, W, 3)`` image and its ``(H, W)`` mask to ``(height, width)``.
-
-    ``resize`` scales the whole image (``INTER_AREA`` when shrinking both ways, bilinear
-    otherwise; masks nearest-neighbour). ``pad`` keeps the pixel scale: reflect-pads each
-    direction that is too small (image and mask alike, so padded content keeps its labels)
-    and centre-crops each that is too large. Returns new arrays of the input dtypes.
-    """
-    h, w = image.shape[:2]
-    if mask is not None and mask.shape[:2] != (h, w):
-        raise ValueError(f"mask shape {mask.shape} does not match image shape {image.shape}")
-    if policy == "resize":
-        if (h, w) == (height, width):
-            return image.copy(), None if mask is None else mask.copy()
-        interp = cv2.INTER_AREA if height <= h and width <= w else cv2.INTER_LINEAR
-        img = np.asarray(cv2.resize(image, (width, height), interpolation=interp), np.uint8)
-        msk = (
-            None
-            if mask is None
-            else np.asarray(
-                cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST), np.uint8
-            )
-        )
-        return img, msk
-    if policy == "pad":
-        img = np.asarray(_pad_or_crop(image, height, width, cv2.BORDER_REFLECT_101), np.uint8)
-        msk = (
-            None
-            if mask is None
-            else np.asarray(_pad_or_crop(mask, height, width, cv2.BORDER_REFLECT_101), np.uint8)
-        )
-        return img, msk
-    raise ValueError(f"unknown resize policy {policy!r}; expected 'resize' or 'pad'")
-
-
-def restore_size(
-    prob: NDArray[np.float32], original_shape: tuple[int, int], policy: FitPolicy
-) -> NDArray[np.float32]:
-    """Map a ``(h, w)`` float32 probability map back onto the original ``(H, W)`` image.
-
-    Inverse of :func:`fit_to_input`: ``resize`` scales bilinearly; ``pad`` crops the padding
-    away and, where the input had been centre-cropped, fills the uninspected border with 0.
-    """
-    height, width = int(original_shape[0]), int(original_shape[1])
-    h, w = prob.shape[:2]
-    if policy == "resize":
-        if (h, w) == (height, width):
-            return np.array(prob, np.float32)
-        return np.asarray(
-            cv2.resize(prob.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR),
-            np.float32,
-        )
-    if policy == "pad":
-        out = np.zeros((height, width), np.float32)
-        # Rows: the fitted map covers original rows [oy, oy + ch) from its rows [py, py + ch).
-        py, oy, ch = _overlap(height, h)
-        px, ox, cw = _overlap(width, w)
-        out[oy : oy + ch, ox : ox + cw] = prob[py : py + ch, px : px + cw]
-        return out
-    raise ValueError(f"unknown resize policy {policy!r}; expected 'resize' or 'pad'")
-
-
-def _overlap(original: int, fitted: int) -> tuple[int, int, int]:
-    """``(start in fitted, start in original, length)`` of the shared centre of one axis."""
-    if fitted >= original:  # the original was padded: take the centre of the fitted map
-        return (fitted - original) // 2, 0, original
-    return 0, (original - fitted) // 2, fitted  # the original was centre-cropped
 
 
 def class_counts(samples: Sequence[Sample]) -> dict[str, int]:

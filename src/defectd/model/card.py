@@ -17,10 +17,11 @@ from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from defectd.errors import ModelError
+from defectd.model.fit import FitPolicy
 
 CARD_SCHEMA_VERSION = 1
 
-ResizePolicy = Literal["resize", "pad", "tile"]
+ResizePolicy = FitPolicy  # the card's name for it
 Precision = Literal["fp32", "fp16", "bf16", "int8"]
 
 
@@ -34,8 +35,10 @@ class InputSpec(_Frozen):
     channels: Literal[1, 3] = 1
     height: Annotated[int, Field(gt=0)] = 256
     width: Annotated[int, Field(gt=0)] = 256
-    # How images of another size reach (height, width): "resize" scales the whole image,
-    # "pad" pads (or centre-crops) to size, "tile" cuts overlapping tiles at full resolution.
+    # The fit policy (defectd.model.fit): how images of another size reach (height, width).
+    # "resize" scales the whole image, "pad" pads (or centre-crops) to size; "tile" says the
+    # model works at native scale, so larger images are cut into overlapping tiles at full
+    # resolution. Training, evaluation, calibration and the daemon all follow it.
     resize: ResizePolicy = "resize"
 
 

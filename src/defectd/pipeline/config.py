@@ -40,8 +40,15 @@ class PipelineConfig(_Frozen):
     max_batch: Annotated[int, Field(ge=1, le=256)] = 8
     max_delay_ms: Annotated[float, Field(ge=0.0, le=10_000.0)] = 5.0
     # Deadline per frame, measured from grab (``Frame.t_host_ns``). A frame that cannot be
-    # inspected within it gets the verdict ``error``. ``None``: no deadline (offline replay).
-    max_latency_ms: Annotated[float, Field(gt=0.0)] | None = 1000.0
+    # inspected within it gets the verdict ``error``. ``0`` (in TOML; ``None`` from Python):
+    # no deadline, for offline replays that must inspect every part however long it takes.
+    max_latency_ms: Annotated[float, Field(ge=0.0)] | None = 1000.0
+
+    @property
+    def deadline_ms(self) -> float | None:
+        """The per-frame deadline in ms, or ``None`` when there is none."""
+        return self.max_latency_ms or None
+
     # Bounded queues between the stages, in frames.
     frame_queue: Annotated[int, Field(ge=1, le=4096)] = 16  # submitted, waiting to preprocess
     job_queue: Annotated[int, Field(ge=1, le=4096)] = 4  # preprocessed, waiting for the batcher
@@ -50,8 +57,9 @@ class PipelineConfig(_Frozen):
     # overlapping probabilities are blended (weights fall off towards tile edges) or maxed.
     tile_overlap_px: Annotated[int, Field(ge=0, le=1024)] = 32
     stitch: StitchMode = "blend"
-    # How frames reach the model input: "auto" tiles frames larger than the input and treats
-    # smaller ones as the model card says (resize or pad); "tile"/"resize"/"pad" force one way.
+    # How frames reach the model input: "auto" follows the model card's fit policy (resize,
+    # pad, or tile for a model that works at native scale), the policy the model was trained,
+    # evaluated and calibrated with; "tile"/"resize"/"pad" force one way.
     fit: FitMode = "auto"
     preprocess_workers: Annotated[int, Field(ge=1, le=32)] = 1
     workers: Annotated[int, Field(ge=1, le=32)] = 2  # post-processing threads

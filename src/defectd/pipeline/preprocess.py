@@ -2,22 +2,24 @@
 
 Per frame: check the buffer, convert the pixel format to the model's channels (uint16 Mono10/12/
 14/16 to 8 bit when the model reads 8-bit pixels), flat-field and undistort the full frame,
-cut the region of interest, fit it to the model input (tile / resize / pad), normalise into a
-pooled ``(C, Hf, Wf)`` float32 buffer. ``Geometry`` remembers how the ROI maps to that
-buffer so post-processing can bring the probability map back to ROI pixels (``restore``).
+cut the region of interest, fit it to the model input by the card's fit policy
+(``defectd.model.fit``: resize / pad / tile), normalise into a pooled ``(C, Hf, Wf)`` float32
+buffer. ``Geometry`` remembers how the ROI maps to that buffer so post-processing can bring
+the probability map back to ROI pixels (``restore``).
 All array work is OpenCV/numpy on preallocated buffers; nothing loops over pixels in Python.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import cv2
 import numpy as np
 from numpy.typing import NDArray
 
 from defectd.model.card import ModelCard
+from defectd.model.fit import FitGeometry, FitPolicy, fit_image, plan_fit, restore_map
 from defectd.pipeline.buffers import BufferPool, Scratch
 from defectd.pipeline.cameras import CameraSetup
 from defectd.pipeline.config import FitMode, PipelineConfig, StitchMode
@@ -25,7 +27,6 @@ from defectd.pipeline.failures import ErrorReason, FrameError
 from defectd.pipeline.frame import Frame
 from defectd.pipeline.tiling import TilePlan, plan_tiles
 
-Fit = Literal["tile", "resize", "pad"]
 MAX_SIDE = 65_535
 _BITS = {"Mono10": 10, "Mono12": 12, "Mono14": 14, "Mono16": 16}
 
@@ -34,19 +35,28 @@ _BITS = {"Mono10": 10, "Mono12": 12, "Mono14": 14, "Mono16": 16}
 class Geometry:
     """How the region of interest of a frame maps onto the model input and back.
 
-    ``roi`` is ``(x, y, width, height)`` in frame pixels. The ROI image is fitted to an image
-    of ``fitted`` = ``(Hf, Wf)`` pixels, which ``plan`` cuts into model-sized tiles:
-    ``tile`` pads the ROI at the bottom/right up to the model size where it is smaller;
-    ``resize`` scales it to the model size; ``pad`` centre-pads (reflect) or centre-crops
-    each axis to the model size (``offsets`` = (pad_top, pad_left, crop_top, crop_left)).
+    ``roi`` is ``(x, y, width, height)`` in frame pixels. ``fit`` (the card's fit policy,
+    :mod:`defectd.model.fit`) maps the ROI image onto an image of ``fitted`` = ``(Hf, Wf)``
+    pixels, which ``plan`` cuts into model-sized tiles (one tile unless the policy is ``tile``).
     """
 
     frame_shape: tuple[int, int]
     roi: tuple[int, int, int, int]
-    mode: Fit
-    fitted: tuple[int, int]
-    offsets: tuple[int, int, int, int]
+    fit: FitGeometry
     plan: TilePlan
+
+    @property
+    def mode(self) -> FitPolicy:
+        return self.fit.policy
+
+    @property
+    def fitted(self) -> tuple[int, int]:
+        return self.fit.fitted
+
+    @property
+    def offsets(self) -> tuple[int, int, int, int]:
+        """``(pad_top, pad_left, crop_top, crop_left)`` of the fit."""
+        return self.fit.pad[0], self.fit.pad[2], self.fit.crop[0], self.fit.crop[1]
 
     @property
     def roi_shape(self) -> tuple[int, int]:
@@ -57,24 +67,7 @@ class Geometry:
 
         Pixels the model never saw (centre-cropped away by ``pad``) get probability 0.
         """
-        h, w = self.roi_shape
-        if self.mode == "tile":
-            np.copyto(out, prob[:h, :w])
-        elif self.mode == "resize":
-            if prob.shape == (h, w):
-                np.copyto(out, prob)
-            else:
-                cv2.resize(prob, (w, h), dst=out, interpolation=cv2.INTER_LINEAR)
-        else:
-            pad_top, pad_left, crop_top, crop_left = self.offsets
-            mh, mw = self.fitted
-            vh, vw = min(h, mh), min(w, mw)
-            if vh < h or vw < w:
-                out.fill(0.0)
-            out[crop_top : crop_top + vh, crop_left : crop_left + vw] = prob[
-                pad_top : pad_top + vh, pad_left : pad_left + vw
-            ]
-        return out
+        return restore_map(prob, self.fit, out=out)
 
 
 @dataclass(slots=True, eq=False)
@@ -115,46 +108,31 @@ def check_image(image: Any) -> None:
         )
 
 
-def choose_fit(
-    fit: FitMode, card_policy: str, roi_hw: tuple[int, int], model_hw: tuple[int, int]
-) -> Fit:
-    """``auto``: tile when the ROI is larger than the model input in any axis, else the card's
-    resize policy (a ``tile`` card pads small frames)."""
-    if fit != "auto":
-        return fit
-    if roi_hw[0] > model_hw[0] or roi_hw[1] > model_hw[1]:
-        return "tile"
-    if card_policy == "resize":
-        return "resize"
-    return "pad" if card_policy == "pad" else "tile"
+def choose_fit(fit: FitMode, card_policy: FitPolicy) -> FitPolicy:
+    """The fit policy for frames: the card's (``auto``), or the one the station forces.
+
+    ``auto`` never tiles a model whose card says ``resize`` or ``pad``, however large the frame:
+    the model was trained, evaluated and calibrated on whole images fitted that way.
+    """
+    return card_policy if fit == "auto" else fit
 
 
 def make_geometry(
     frame_hw: tuple[int, int],
     roi: tuple[int, int, int, int],
     model_hw: tuple[int, int],
-    mode: Fit,
+    mode: FitPolicy,
     *,
     overlap: int,
     stitch: StitchMode,
 ) -> Geometry:
     """The geometry of a ROI of a ``frame_hw`` frame fitted to ``model_hw`` with ``mode``."""
     _, _, w, h = roi
-    mh, mw = model_hw
-    offsets = (0, 0, 0, 0)
-    if mode == "tile":
-        fitted = (max(h, mh), max(w, mw))
-    else:
-        fitted = (mh, mw)
-        if mode == "pad":
-            offsets = (
-                max(0, (mh - h) // 2),
-                max(0, (mw - w) // 2),
-                max(0, (h - mh) // 2),
-                max(0, (w - mw) // 2),
-            )
-    plan = plan_tiles(fitted[0], fitted[1], mh, mw, overlap=overlap, stitch=stitch)
-    return Geometry(frame_hw, roi, mode, fitted, offsets, plan)
+    fit = plan_fit((h, w), model_hw, mode)
+    plan = plan_tiles(
+        fit.fitted[0], fit.fitted[1], model_hw[0], model_hw[1], overlap=overlap, stitch=stitch
+    )
+    return Geometry(frame_hw, roi, fit, plan)
 
 
 class Preprocessor:
@@ -194,9 +172,7 @@ class Preprocessor:
         key = (frame_hw, roi)
         geo = self._geometries.get(key)
         if geo is None:
-            mode = choose_fit(
-                self.config.fit, self.card.input.resize, (roi[3], roi[2]), self._model_hw
-            )
+            mode = choose_fit(self.config.fit, self.card.input.resize)
             geo = make_geometry(
                 frame_hw,
                 roi,
@@ -259,29 +235,9 @@ class Preprocessor:
         return img
 
     def _fit(self, roi_img: NDArray[Any], geo: Geometry) -> NDArray[Any]:
-        h, w = roi_img.shape[:2]
-        fh, fw = geo.fitted
-        if (h, w) == (fh, fw):
+        if geo.fit.identity:
             return roi_img
+        fh, fw = geo.fitted
         shape = (fh, fw) if roi_img.ndim == 2 else (fh, fw, roi_img.shape[2])
         out = self._scratch.get("fitted", shape, roi_img.dtype)
-        if geo.mode == "resize":
-            # The same rule as ``data.datasets.fit_to_input``: the model sees what it saw.
-            interp = cv2.INTER_AREA if fh <= h and fw <= w else cv2.INTER_LINEAR
-            cv2.resize(roi_img, (fw, fh), dst=out, interpolation=interp)
-            return out
-        if geo.mode == "tile":
-            top, left = 0, 0
-            bottom, right = fh - h, fw - w
-            src = roi_img
-        else:
-            pad_top, pad_left, crop_top, crop_left = geo.offsets
-            vh, vw = min(h, fh), min(w, fw)
-            src = roi_img[crop_top : crop_top + vh, crop_left : crop_left + vw]
-            top, left = pad_top, pad_left
-            bottom, right = fh - vh - pad_top, fw - vw - pad_left
-        if top == bottom == left == right == 0:
-            np.copyto(out, src)
-        else:
-            cv2.copyMakeBorder(src, top, bottom, left, right, cv2.BORDER_REFLECT_101, dst=out)
-        return out
+        return fit_image(roi_img, geo.fit, out=out)

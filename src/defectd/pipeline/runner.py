@@ -7,9 +7,9 @@ engine.infer) --[results]--> post-processing threads --> decision rules --> on_r
 Every arrow is a bounded queue. ``submit`` is the ``on_frame`` callback of camera sources:
 with ``admission="reject"`` it never waits (a full queue gives the frame an ``error`` verdict
 at once); with ``"block"`` it waits for room (offline replay, benchmarks). Each frame has a
-deadline (``max_latency_ms`` after grab); a frame that misses it, or whose buffer is corrupt,
-whose engine call fails or returns NaN, still gets a verdict: ``error``, with the reason code
-in ``rule`` (``error:<code>``) and a one-line ``reason``. Each such event is counted
+deadline (``max_latency_ms`` after grab; none when 0); a frame that misses it, or whose buffer
+is corrupt, whose engine call fails or returns NaN, still gets a verdict: ``error``, with the
+reason code in ``rule`` (``error:<code>``) and a one-line ``reason``. Each such event is counted
 (``stats().errors``) and logged (rate-limited). A frame never leaves without a verdict: stop
 gives whatever is still in flight the verdict ``error:stopped``.
 
@@ -222,7 +222,7 @@ class Pipeline:
             engine=self.engine.name,
             max_batch=min(cfg.max_batch, self.engine.spec.max_batch),
             max_delay_ms=cfg.max_delay_ms,
-            max_latency_ms=cfg.max_latency_ms,
+            max_latency_ms=cfg.deadline_ms,
             admission=cfg.admission,
             config_hash=self.config_hash,
         )
@@ -232,9 +232,8 @@ class Pipeline:
         frame gets exactly one verdict through ``on_result``."""
         cfg = self.config
         now = time.monotonic_ns()
-        deadline = (
-            None if cfg.max_latency_ms is None else frame.t_host_ns + int(cfg.max_latency_ms * 1e6)
-        )
+        limit_ms = cfg.deadline_ms
+        deadline = None if limit_ms is None else frame.t_host_ns + int(limit_ms * 1e6)
         job = Job(frame, self._cameras.get(frame.camera, DEFAULT_SETUP), now, deadline)
         limit = cfg.max_in_flight
         block = cfg.admission == "block"

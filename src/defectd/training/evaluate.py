@@ -19,12 +19,13 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from defectd.data.datasets import Dataset, FitPolicy, Sample, fit_to_input, restore_size
+from defectd.data.datasets import Dataset, Sample
 from defectd.data.metrics import ImageScore, ImageStats, MetricsAccumulator, Report
 from defectd.engines import open_engine
 from defectd.errors import ModelError
 from defectd.model.card import ModelCard, load_card
 from defectd.model.checkpoint import load_checkpoint
+from defectd.model.fit import FitPolicy, fit_to_input, restore_size
 from defectd.model.unet import UNet
 from defectd.training.torchdata import to_chw
 

@@ -21,8 +21,9 @@ from numpy.typing import NDArray
 from torch.utils.data import DataLoader, Sampler
 from torch.utils.data import Dataset as TorchDataset
 
-from defectd.data.datasets import Dataset, FitPolicy, Sample, fit_to_input
+from defectd.data.datasets import Dataset, Sample
 from defectd.model.card import Normalisation
+from defectd.model.fit import FitPolicy, fit_to_input
 from defectd.training.augment import Augment
 
 
