@@ -101,6 +101,10 @@ def test_a_broker_down_at_start_is_not_fatal_and_results_arrive_in_order_once_it
     try:
         for i in range(50):
             pub.submit(insp(i))
+        # The 50 commits can beat the publisher thread's first connection attempt.
+        give_up = time.monotonic() + 5
+        while pub.stats().last_error is None and time.monotonic() < give_up:
+            time.sleep(0.01)
         stats = pub.stats()
         assert (stats.connected, stats.outbox_depth) == (False, 50)
         assert stats.last_error is not None
