@@ -13,6 +13,7 @@ write them, under its lock.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -143,9 +144,13 @@ class ResultRouter:
         self.publisher: Publisher | None = None
         self.ledger: Ledger | None = None
         self.archive: Archive | None = None
+        # The line contract (``daemon.line``): adds each verdict's part gate and correlation.
+        self.stamp: Callable[[PipelineResult], Inspection] | None = None
         self._observers = tuple(observers)
 
     def __call__(self, result: PipelineResult) -> None:
+        if self.stamp is not None:
+            result = dataclasses.replace(result, inspection=self.stamp(result))
         ins = result.inspection
         commit_ms: float | None = None
         if self.publisher is not None:
@@ -175,6 +180,26 @@ class ResultRouter:
                 observer(result)
             except Exception as exc:  # an observer must not cost a verdict
                 log.warning("result_observer_failed", error=repr(exc))
+
+    def no_frame(self, ins: Inspection) -> None:
+        """A part the line announced but no frame showed (``error:no_frame``): stored,
+        published, counted and logged like any verdict. Not a pipeline result, so the
+        progress counters (frames in flight) leave it out."""
+        commit_ms: float | None = None
+        if self.publisher is not None:
+            t0 = time.perf_counter_ns()
+            try:
+                self.publisher.submit(ins)
+                commit_ms = (time.perf_counter_ns() - t0) / 1e6
+            except DefectdError as exc:
+                self.metrics.errors.inc(reason="publish")
+                log.error(
+                    "result_not_stored", camera=ins.camera, part_id=ins.part_id, error=str(exc)
+                )
+            else:
+                self._append_ledger(ins)
+        self.metrics.observe(ins, commit_ms)
+        log_result(ins)
 
     def _append_ledger(self, ins: Inspection) -> None:
         if self.ledger is None:

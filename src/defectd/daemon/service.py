@@ -39,6 +39,7 @@ from defectd.daemon.archive import Archive
 from defectd.daemon.config import StationConfig
 from defectd.daemon.health import HealthReport, HealthServer
 from defectd.daemon.health_report import HealthInputs, check_progress, health_report
+from defectd.daemon.line import LineIntake
 from defectd.daemon.logs import RateLimit, install_rate_limit
 from defectd.daemon.reload import Intake, Reloader
 from defectd.daemon.routing import Ledger, Progress, ResultObserver, ResultRouter
@@ -53,6 +54,7 @@ from defectd.pipeline.sources import Source, SourceEvent, SourceHealth, SourceSt
 from defectd.pipeline.stats import PipelineStats
 from defectd.publish.messages import StatusInfo
 from defectd.publish.mqtt import Publisher
+from defectd.publish.triggers import TriggerListener
 
 log = get_logger(__name__)
 
@@ -114,6 +116,8 @@ class Service:
         self._archive: Archive | None = None
         self._health: HealthServer | None = None
         self._sources: list[Source] = []
+        self._line: LineIntake | None = None
+        self._triggers: TriggerListener | None = None
 
         self._t_start = time.monotonic()
         self._ready = False
@@ -196,10 +200,26 @@ class Service:
             return
 
         self.notifier.status("opening cameras")
+        # Part identity from the line (docs/plc.md): pairing, no_frame verdicts, gate deadlines.
+        line = self._line = LineIntake(
+            cfg.station,
+            cfg.cameras,
+            submit=self._on_frame,
+            on_no_frame=self._router.no_frame,
+            publish_event=lambda kind, fields: self._publish_event(kind, **fields),
+        )
+        self._router.stamp = line.stamp
         # GenICam cameras of one station share one producer hub.
         for source in make_sources([c.source for c in cfg.cameras], cfg.station):
-            source.start(self._on_frame, self._on_event)
+            source.start(line.on_frame, self._on_event)
             self._sources.append(source)
+        line.attach(self._sources)
+        line.start()
+        if line.cameras_with_triggers:
+            self._triggers = TriggerListener(
+                cfg.mqtt, cfg.station, line.cameras_with_triggers, line.on_trigger
+            )
+            self._triggers.start()
         self._progress.restart_epoch()
         self.notifier.status("waiting for the first frame")
         log.info("started", model=gen.model.card.name, engine=gen.model.engine.name)
@@ -227,6 +247,8 @@ class Service:
             log.info(
                 "stopping", in_flight=self.in_flight, drain_timeout_s=cfg.daemon.drain_timeout_s
             )
+        if self._triggers is not None:
+            self._triggers.stop(timeout=min(2.0, max(left(), 0.5)))
         for source in self._sources:
             source.stop(timeout=min(5.0, max(left(), 0.5)))
         self._reloader.join(left())
@@ -238,6 +260,8 @@ class Service:
                 self.final_stats = gen.pipeline.stats()
                 gen.pipeline.stop(timeout=max(left(), 0.5))
             gen.model.engine.close()
+        if self._line is not None:
+            self._line.stop()  # parts still waiting for a frame get error:no_frame
         if self._archive is not None:
             self._archive.stop(timeout=min(max(left(), 0.5), 5.0))
         depth: int | None = None
@@ -303,6 +327,16 @@ class Service:
         """The current pipeline's counters, queue depths, fps and latency percentiles."""
         gen = self._intake.current
         return gen.pipeline.stats() if gen is not None else None
+
+    @property
+    def line(self) -> LineIntake | None:
+        """Part pairing per camera (``stats()``), once the cameras are open."""
+        return self._line
+
+    @property
+    def trigger_listener(self) -> TriggerListener | None:
+        """The subscriber of the PLC's triggers, when a camera has a line mode."""
+        return self._triggers
 
     @property
     def in_flight(self) -> int:

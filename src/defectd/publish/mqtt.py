@@ -23,6 +23,7 @@ never a log field, never in ``stats()`` and never in a repr.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import random
 import select
@@ -32,7 +33,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -46,6 +47,7 @@ from defectd import __version__
 from defectd.errors import ConfigError, PublishError
 from defectd.log import get_logger
 from defectd.pipeline.inspection import Inspection
+from defectd.pipeline.parts import expiry_interval_s, is_late
 from defectd.publish import messages as m
 from defectd.publish.config import MqttConfig, OutboxConfig, check_topic_level
 from defectd.publish.outbox import (
@@ -177,6 +179,10 @@ class PublisherStats:
     outbox_fault: str | None = None  # "disk_full", "damaged", "io" (see Outbox.fault)
     outbox_fault_detail: str | None = None
     outbox_free_bytes: int | None = None  # free space on the outbox's file system
+    # Verdicts that missed their part's gate: results sent to the late topic instead, and
+    # their rejects (and response-topic copies), which are then not sent at all.
+    late: int = 0
+    late_withheld: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -262,6 +268,8 @@ class Publisher:
         self._published = 0
         self._acked = 0
         self._refused = 0
+        self._late = 0
+        self._late_withheld = 0
         self._connects = 0
         self._connect_failures = 0
         self._last_error: str | None = None
@@ -339,6 +347,9 @@ class Publisher:
                     inspection.result_id,
                 )
             )
+        if inspection.response_topic is not None:
+            # MQTT 5 request/response: the trigger named where its answer goes.
+            rows.append(replace(rows[0], topic=inspection.response_topic, qos=max(qos, 1)))
         outbox.put_many(rows)
         with self._lock:
             self._submitted += 1
@@ -420,6 +431,8 @@ class Publisher:
             outbox_fault=ob.fault.kind if ob and ob.fault else None,
             outbox_fault_detail=ob.fault.detail if ob and ob.fault else None,
             outbox_free_bytes=ob.free_bytes if ob else None,
+            late=self._late,
+            late_withheld=self._late_withheld,
         )
 
     # -- helpers for callers' threads --------------------------------------------------------
@@ -725,13 +738,36 @@ class Publisher:
             free = self._config.max_inflight - len(self._inflight)
 
     def _publish_row(self, client: mqtt.Client, outbox: Outbox, row: OutboxRow) -> bool:
+        topic, payload = row.topic, row.payload
+        gate_expiry: int | None = None
+        correlation: str | None = None
+        if row.kind in _RESULT_KINDS:
+            deadline, correlation, camera = _gate_of(payload)
+            now = self._clock()
+            if is_late(deadline, now):
+                if row.kind == m.Kind.RESULT.value and topic == self._topics.result(camera):
+                    # Missed its gate: for reconciliation only, never on result or reject.
+                    topic, payload = self._topics.late(camera), m.mark_late(payload)
+                    self._late += 1
+                else:
+                    self._late_withheld += 1
+                    log.warning("late_verdict_withheld", topic=topic, result_id=row.message_id)
+                    self._acked += outbox.ack([row.id])
+                    return True
+            else:
+                gate_expiry = expiry_interval_s(deadline, now)
         props = self._props(row.kind, row.message_id)
         if props is not None and self._config.message_expiry_s is not None and not row.retain:
             left = self._config.message_expiry_s - (self._clock() - row.created)
             props.MessageExpiryInterval = max(1, math.ceil(left))
-        info = client.publish(
-            row.topic, row.payload, qos=row.qos, retain=row.retain, properties=props
-        )
+        if props is not None and gate_expiry is not None:
+            # The verdict is worthless once its part has passed the gate.
+            props.MessageExpiryInterval = min(
+                gate_expiry, getattr(props, "MessageExpiryInterval", gate_expiry)
+            )
+        if props is not None and correlation:
+            props.CorrelationData = bytes.fromhex(correlation)
+        info = client.publish(topic, payload, qos=row.qos, retain=row.retain, properties=props)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             # NO_CONN: paho keeps the message and sends it after the reconnect.
             log.error("publish_failed", topic=row.topic, reason=describe_reason(info.rc))
@@ -841,6 +877,21 @@ class Publisher:
             client.loop_read()
         if client.socket() is sock and (writable or client.want_write()):
             client.loop_write()
+
+
+def _gate_of(payload: bytes) -> tuple[float | None, str | None, str]:
+    """Gate deadline (epoch s), correlation (hex) and camera of a result or reject payload.
+
+    Read from the stored payload, so rows written before a restart are judged the same way.
+    """
+    try:
+        message = json.loads(payload)
+        gate = message.get("gate_deadline")
+        deadline = float(gate["epoch"]) if isinstance(gate, dict) else None
+        correlation = message.get("correlation")
+        return deadline, correlation if isinstance(correlation, str) else None, message["camera"]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None, None, ""
 
 
 def _describe_exc(exc: BaseException) -> str:
