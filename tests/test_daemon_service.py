@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from defectd.cli import main
 from defectd.daemon.config import load_station_config
@@ -167,3 +170,78 @@ def test_batch_run_exits_when_its_source_ends_with_every_result_in_the_ledger(
     assert service.serve() == 0  # returns by itself once the 12 parts are inspected
     ledger = (tmp_path / "state" / "ledger.txt").read_text().split()
     assert len(ledger) == len(set(ledger)) == 12
+
+
+# Every family the station exposed before /metrics moved to prometheus-client, with its type:
+# dashboards and alerts are written against these names.
+METRIC_FAMILIES = {
+    "defectd_frames_total": "counter",
+    "defectd_verdicts_total": "counter",
+    "defectd_errors_total": "counter",
+    "defectd_stage_latency_ms": "histogram",
+    "defectd_outbox_commit_ms": "histogram",
+    "defectd_queue_depth": "gauge",
+    "defectd_queue_capacity": "gauge",
+    "defectd_frames_in_flight": "gauge",
+    "defectd_fps": "gauge",
+    "defectd_outbox_depth": "gauge",
+    "defectd_outbox_oldest_age_seconds": "gauge",
+    "defectd_outbox_near_bound": "gauge",
+    "defectd_broker_connected": "gauge",
+    "defectd_published_total": "counter",
+    "defectd_acked_total": "counter",
+    "defectd_outbox_dropped_total": "counter",
+    "defectd_ack_latency_ms": "gauge",
+    "defectd_camera_state": "gauge",
+    "defectd_camera_fps": "gauge",
+    "defectd_camera_frames_lost_total": "counter",
+    "defectd_camera_reconnects_total": "counter",
+    "defectd_camera_events_total": "counter",
+    "defectd_engine_info": "gauge",
+    "defectd_reloads_total": "counter",
+    "defectd_archive_written_total": "counter",
+    "defectd_archive_skipped_total": "counter",
+    "defectd_archive_bytes": "gauge",
+    "defectd_ready": "gauge",
+    "defectd_last_progress_age_seconds": "gauge",
+    "defectd_log_suppressed_total": "counter",
+}
+
+
+def test_metrics_endpoint_keeps_every_metric_name_and_parses(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    text = _config_text(tiny_model, tmp_path / "state").replace(
+        "enabled = false", 'address = "127.0.0.1:0"'
+    )
+    service = Service(
+        load_station_config(_write(tmp_path / "s.toml", text)),
+        notifier=SdNotifier({}),
+        install_signals=False,
+    )
+    thread = threading.Thread(target=service.serve, name="test-service")
+    thread.start()
+    try:
+        _wait(lambda: service.ready, timeout=30)
+        assert service.http_url is not None
+        with urllib.request.urlopen(service.http_url + "/metrics", timeout=5) as resp:
+            assert resp.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+            body = resp.read().decode()
+        with urllib.request.urlopen(service.http_url + "/livez", timeout=5) as resp:
+            assert json.loads(resp.read()) == {"live": True}
+    finally:
+        service.should_exit = True
+        thread.join(20)
+    families = {
+        f.name + ("_total" if f.type == "counter" else ""): f
+        for f in text_string_to_metric_families(body)
+    }
+    assert {name: f.type for name, f in families.items()} == METRIC_FAMILIES
+    verdicts = families["defectd_verdicts_total"].samples
+    assert sum(s.value for s in verdicts if s.labels["camera"] == "cam0") > 0
+    engine = families["defectd_engine_info"].samples
+    assert [s.labels["model"] for s in engine] == ["tiny"]
+    buckets = [
+        s for s in families["defectd_stage_latency_ms"].samples if s.name.endswith("_bucket")
+    ]
+    assert {s.labels["stage"] for s in buckets} >= {"total"}

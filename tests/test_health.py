@@ -8,6 +8,7 @@ import urllib.request
 from collections.abc import Iterator
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from defectd.daemon.health import HealthReport, HealthServer, parse_address
 from defectd.daemon.metrics import CONTENT_TYPE, Registry
@@ -22,6 +23,15 @@ def _get(url: str) -> tuple[int, str, str]:
             return resp.status, resp.headers["Content-Type"], resp.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.headers["Content-Type"], exc.read().decode()
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of an exposition, as the Prometheus text parser reads it."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 @pytest.fixture
@@ -61,7 +71,7 @@ def test_metrics_endpoint_serves_prometheus_text(served: Served) -> None:
     status, ctype, body = _get(f"http://{host}:{port}/metrics")
     assert status == 200
     assert ctype == CONTENT_TYPE
-    assert 'defectd_frames_total{camera="cam0"} 3\n' in body
+    assert _samples(body)[("defectd_frames_total", (("camera", "cam0"),))] == 3
     assert "# TYPE defectd_frames_total counter" in body
 
 
@@ -76,12 +86,12 @@ def test_histogram_buckets_are_cumulative_with_sum_and_count() -> None:
     hist = registry.histogram("lat_ms", "Latency.", ["stage"], buckets=(1, 10))
     for value in (0.5, 5, 50):
         hist.observe(value, stage="infer")
-    text = registry.render()
-    assert 'lat_ms_bucket{stage="infer",le="1"} 1' in text
-    assert 'lat_ms_bucket{stage="infer",le="10"} 2' in text
-    assert 'lat_ms_bucket{stage="infer",le="+Inf"} 3' in text
-    assert 'lat_ms_sum{stage="infer"} 55.5' in text
-    assert 'lat_ms_count{stage="infer"} 3' in text
+    samples = _samples(registry.render())
+    assert samples[("lat_ms_bucket", (("le", "1.0"), ("stage", "infer")))] == 1
+    assert samples[("lat_ms_bucket", (("le", "10.0"), ("stage", "infer")))] == 2
+    assert samples[("lat_ms_bucket", (("le", "+Inf"), ("stage", "infer")))] == 3
+    assert samples[("lat_ms_sum", (("stage", "infer"),))] == 55.5
+    assert samples[("lat_ms_count", (("stage", "infer"),))] == 3
 
 
 def test_label_values_are_escaped() -> None:
@@ -95,9 +105,9 @@ def test_collectors_refresh_gauges_at_scrape_time() -> None:
     depth = registry.gauge("depth", "Queue depth.")
     source = {"depth": 3}
     registry.add_collector(lambda: depth.set(source["depth"]))
-    assert "depth 3\n" in registry.render()
+    assert _samples(registry.render())[("depth", ())] == 3
     source["depth"] = 7
-    assert "depth 7\n" in registry.render()
+    assert _samples(registry.render())[("depth", ())] == 7
 
 
 def test_wrong_labels_are_refused() -> None:

@@ -1,25 +1,35 @@
-"""HTTP endpoints for orchestration and monitoring: ``/healthz`` (JSON) and ``/metrics``.
+"""The daemon's HTTP endpoint: ``/healthz`` and ``/livez`` (JSON), ``/metrics`` (Prometheus).
 
-A stdlib ``ThreadingHTTPServer`` on a named thread: scrapes are rare and small, and keeping it
-off the inspection threads means a slow scraper can never delay a verdict.
+An ASGI app (Starlette) served by uvicorn on its own named thread with its own event loop, in
+the daemon's process: probes and scrapes never run on an inspection thread, so a slow client
+can never delay a verdict. Other parts (the operator view) add their routes to the same app.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import BaseRoute, Route
 
 from defectd.daemon.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from defectd.errors import ConfigError
 from defectd.log import get_logger
 
 log = get_logger(__name__)
+
+START_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,65 +61,79 @@ def parse_address(address: str, key: str = "health.address") -> tuple[str, int]:
     return host or "0.0.0.0", int(port_text)  # ":PORT": every interface
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(
-        self,
-        address: tuple[str, int],
-        report: Callable[[], HealthReport],
-        metrics: Callable[[], str],
-    ) -> None:
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        self.report = report
-        self.metrics = metrics
-        super().__init__(address, _Handler)
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address as bound) only accepts connections from this machine."""
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    server_version = "defectd"
-    protocol_version = "HTTP/1.1"
+def _json(status: HTTPStatus, payload: Any) -> Response:
+    body = json.dumps(payload, default=str).encode()
+    return Response(body, status_code=status, headers=_headers("application/json"))
 
-    def do_GET(self) -> None:
-        path = self.path.split("?", 1)[0]
-        try:
-            if path in ("/healthz", "/health"):
-                report = self.server.report()
-                status = HTTPStatus.OK if report.ready else HTTPStatus.SERVICE_UNAVAILABLE
-                body = json.dumps(report.to_dict(), default=str).encode()
-                self._send(status, "application/json", body)
-            elif path == "/livez":
-                report = self.server.report()
-                status = HTTPStatus.OK if report.live else HTTPStatus.SERVICE_UNAVAILABLE
-                self._send(status, "application/json", json.dumps({"live": report.live}).encode())
-            elif path == "/metrics":
-                self._send(HTTPStatus.OK, METRICS_CONTENT_TYPE, self.server.metrics().encode())
-            else:
-                self._send(HTTPStatus.NOT_FOUND, "text/plain", b"try /healthz or /metrics\n")
-        except Exception as exc:  # answer 500 rather than drop the connection
-            log.warning("health_request_failed", path=path, error=repr(exc))
-            self._send(HTTPStatus.INTERNAL_SERVER_ERROR, "text/plain", b"internal error\n")
 
-    def _send(self, status: HTTPStatus, content_type: str, body: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(body)
+def _headers(content_type: str) -> dict[str, str]:
+    return {"Content-Type": content_type, "Cache-Control": "no-store"}
 
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("health_request", request=format % args)
+
+def health_routes(
+    report: Callable[[], HealthReport], metrics: Callable[[], str]
+) -> list[BaseRoute]:
+    """``/healthz`` (alias ``/health``): 200 ready, 503 not, with reasons; ``/livez``: 200
+    while the process makes progress; ``/metrics``: the Prometheus text exposition.
+
+    The handlers are plain functions: Starlette runs them on its worker threads, so a report
+    that takes a lock never blocks the event loop.
+    """
+
+    def healthz(request: Request) -> Response:
+        r = report()
+        return _json(HTTPStatus.OK if r.ready else HTTPStatus.SERVICE_UNAVAILABLE, r.to_dict())
+
+    def livez(request: Request) -> Response:
+        r = report()
+        return _json(HTTPStatus.OK if r.live else HTTPStatus.SERVICE_UNAVAILABLE, {"live": r.live})
+
+    def scrape(request: Request) -> Response:
+        return Response(metrics().encode(), headers=_headers(METRICS_CONTENT_TYPE))
+
+    def guarded(endpoint: Callable[[Request], Response]) -> Callable[[Request], Response]:
+        def handle(request: Request) -> Response:
+            try:
+                return endpoint(request)
+            except Exception as exc:  # answer 500 and say why in the log, not to the client
+                log.warning("health_request_failed", path=request.url.path, error=repr(exc))
+                return PlainTextResponse("internal error\n", status_code=500)
+
+        return handle
+
+    return [
+        Route("/healthz", guarded(healthz)),
+        Route("/health", guarded(healthz)),
+        Route("/livez", guarded(livez)),
+        Route("/metrics", guarded(scrape)),
+    ]
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
 
 
 class HealthServer:
-    """Serves ``/healthz`` (200 ready, 503 not) and ``/metrics`` until ``stop()``.
+    """Serves ``/healthz``, ``/livez``, ``/metrics`` and any ``routes`` given until ``stop()``.
 
-    Port 0 binds a free port; ``address`` then tells which. Raises ``ConfigError`` naming the
-    address when it cannot be bound.
+    The socket is bound here, so port 0 gives a free port (``address`` then tells which) and a
+    busy or bad address is a ``ConfigError`` naming it before anything starts. ``middleware``
+    wraps the whole app (the operator view's access check uses it).
     """
 
     def __init__(
@@ -117,33 +141,68 @@ class HealthServer:
         address: str,
         report: Callable[[], HealthReport],
         metrics: Callable[[], str],
+        *,
+        routes: Sequence[BaseRoute] = (),
+        middleware: Sequence[Middleware] = (),
     ) -> None:
         host, port = parse_address(address)
         try:
-            self._server = _Server((host, port), report, metrics)
+            self._sock = _bind(host, port)
         except OSError as exc:
             raise ConfigError(f"health.address: cannot listen on {address}: {exc}") from exc
+        self.app = Starlette(
+            routes=[*health_routes(report, metrics), *routes], middleware=list(middleware)
+        )
+        config = uvicorn.Config(
+            self.app,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            http="h11",
+            ws="none",
+            # Streams (the operator view's live feed) end at shutdown instead of holding it.
+            timeout_graceful_shutdown=1,
+        )
+        self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 
     @property
     def address(self) -> tuple[str, int]:
-        host, port = self._server.server_address[:2]
+        host, port = self._sock.getsockname()[:2]
         return str(host), int(port)
 
-    def start(self) -> None:
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.2},
-            name="health-http",
-            daemon=True,
-        )
-        self._thread.start()
+    @property
+    def url(self) -> str:
         host, port = self.address
-        log.info("health_listening", url=f"http://{host}:{port}/healthz")
+        shown = "127.0.0.1" if host == "0.0.0.0" else f"[{host}]" if ":" in host else host
+        return f"http://{shown}:{port}"
 
-    def stop(self, timeout: float = 2.0) -> None:
+    def start(self) -> None:
+        """Start serving on thread ``health-http``; returns once it accepts connections.
+
+        Raises ``ConfigError`` when the server does not come up within ``START_TIMEOUT_S``.
+        """
+        self._thread = threading.Thread(target=self._run, name="health-http", daemon=True)
+        self._thread.start()
+        started = self._server.started
+        deadline = START_TIMEOUT_S
+        while not started and deadline > 0 and self._thread.is_alive():
+            self._thread.join(0.01)
+            deadline -= 0.01
+            started = self._server.started
+        if not started:
+            raise ConfigError(f"health.address: the server on {self.url} did not start")
+        log.info("health_listening", url=f"{self.url}/healthz")
+
+    def _run(self) -> None:
+        asyncio.run(self._server.serve(sockets=[self._sock]))
+
+    def stop(self, timeout: float = 3.0) -> None:
         if self._thread is not None:
-            self._server.shutdown()
+            self._server.should_exit = True
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                self._server.force_exit = True
+                self._thread.join(1.0)
             self._thread = None
-        self._server.server_close()
+        self._sock.close()

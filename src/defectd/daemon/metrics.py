@@ -1,21 +1,31 @@
-"""Prometheus text exposition (format 0.0.4), a small thread-safe implementation.
+"""The daemon's metrics on ``prometheus_client``, behind the small keyword-label API it uses.
 
-Counters and histograms are updated where things happen (one verdict, one reload); gauges
-that mirror another component's state (queue depths, outbox depth, camera state) are refreshed
-by collectors just before each scrape, so the hot path never pays for them.
+``Registry`` owns one ``prometheus_client.CollectorRegistry``; its counters, gauges and
+histograms are the library's own, so the library does the locking, the buckets and the text
+exposition (format 0.0.4, the one ``/metrics`` has always served). What this module adds:
+
+- labels as keywords (``verdicts.inc(camera="cam0", verdict="fail")``), checked against the
+  declared names with an error that names the metric;
+- ``Counter.set_total`` to mirror a total that another component counts (the library's counters
+  only go up by increments, so the mirror adds the difference);
+- ``value()``/``count()`` reads, for tests and the operator view;
+- collectors that refresh mirrored gauges just before each scrape, so the hot path never pays
+  for them.
 """
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Callable, Iterable, Sequence
+
+import prometheus_client
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
 from defectd.log import get_logger
 
 log = get_logger(__name__)
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 
 # Milliseconds: a CPU station runs tens of ms per stage, an overloaded one seconds.
 LATENCY_BUCKETS_MS: tuple[float, ...] = (
@@ -24,36 +34,15 @@ LATENCY_BUCKETS_MS: tuple[float, ...] = (
 
 LabelValues = tuple[str, ...]
 
-
-def _format_value(value: float) -> str:
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if value == int(value) and abs(value) < 1e15:
-        return str(int(value))
-    return repr(float(value))
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
-    parts = [f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True)]
-    if extra:
-        parts.append(extra)
-    return "{" + ",".join(parts) + "}" if parts else ""
+# The ``*_created`` series are OpenMetrics extras the station's dashboards never had; the
+# library switches them off only for the whole process.
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 class _Metric:
-    kind = "untyped"
-
-    def __init__(self, name: str, help_text: str, labelnames: Sequence[str]) -> None:
+    def __init__(self, name: str, labelnames: Sequence[str]) -> None:
         self.name = name
-        self.help = help_text
         self.labelnames = tuple(labelnames)
-        self._lock = threading.Lock()
 
     def _key(self, labels: dict[str, str]) -> LabelValues:
         if set(labels) != set(self.labelnames):
@@ -62,150 +51,123 @@ class _Metric:
             )
         return tuple(str(labels[n]) for n in self.labelnames)
 
-    def header(self) -> list[str]:
-        return [f"# HELP {self.name} {_escape(self.help)}", f"# TYPE {self.name} {self.kind}"]
 
-    def samples(self) -> list[str]:
-        raise NotImplementedError
+def _sample(
+    metric: prometheus_client.metrics.MetricWrapperBase,
+    sample_name: str,
+    names: Sequence[str],
+    key: LabelValues,
+) -> float | None:
+    wanted = dict(zip(names, key, strict=True))
+    for family in metric.collect():
+        for s in family.samples:
+            if s.name == sample_name and s.labels == wanted:
+                return float(s.value)
+    return None
 
 
 class Counter(_Metric):
-    """A value that only goes up (``_total`` is part of ``name`` by convention)."""
+    """A value that only goes up; ``name`` ends in ``_total`` as it is exposed."""
 
-    kind = "counter"
+    def __init__(
+        self, name: str, help_text: str, labelnames: Sequence[str], registry: Registry
+    ) -> None:
+        super().__init__(name, labelnames)
+        self._prom = prometheus_client.Counter(
+            name, help_text, self.labelnames, registry=registry.prometheus
+        )
+        self._mirrored: dict[LabelValues, float] = {}
+        self._lock = threading.Lock()
 
-    def __init__(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> None:
-        super().__init__(name, help_text, labelnames)
-        self._values: dict[LabelValues, float] = {}
+    def _child(self, key: LabelValues) -> prometheus_client.Counter:
+        return self._prom.labels(*key) if key else self._prom
 
     def inc(self, amount: float = 1.0, **labels: str) -> None:
         if amount < 0:
             raise ValueError("a counter cannot go down")
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + amount
+        self._child(self._key(labels)).inc(amount)
 
     def set_total(self, total: float, **labels: str) -> None:
-        """Mirror a total counted elsewhere (e.g. a component's own ``stats()``)."""
+        """Mirror a total counted elsewhere (e.g. a component's own ``stats()``); a smaller
+        total than the last one (the component restarted) leaves the counter where it is."""
         key = self._key(labels)
         with self._lock:
-            self._values[key] = max(total, self._values.get(key, 0.0))
+            last = self._mirrored.get(key, 0.0)
+            if total <= last:
+                return
+            self._mirrored[key] = total
+        self._child(key).inc(total - last)
 
     def value(self, **labels: str) -> float:
-        with self._lock:
-            return self._values.get(self._key(labels), 0.0)
-
-    def samples(self) -> list[str]:
-        with self._lock:
-            items = sorted(self._values.items())
-        return [f"{self.name}{_labels(self.labelnames, k)} {_format_value(v)}" for k, v in items]
+        found = _sample(self._prom, self.name, self.labelnames, self._key(labels))
+        return 0.0 if found is None else found
 
 
 class Gauge(_Metric):
     """A value that goes up and down; ``clear()`` forgets label sets that no longer exist."""
 
-    kind = "gauge"
-
-    def __init__(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> None:
-        super().__init__(name, help_text, labelnames)
-        self._values: dict[LabelValues, float] = {}
+    def __init__(
+        self, name: str, help_text: str, labelnames: Sequence[str], registry: Registry
+    ) -> None:
+        super().__init__(name, labelnames)
+        self._prom = prometheus_client.Gauge(
+            name, help_text, self.labelnames, registry=registry.prometheus
+        )
 
     def set(self, value: float, **labels: str) -> None:
         key = self._key(labels)
-        with self._lock:
-            self._values[key] = float(value)
+        (self._prom.labels(*key) if key else self._prom).set(float(value))
 
     def clear(self) -> None:
-        with self._lock:
-            self._values.clear()
+        if self.labelnames:
+            self._prom.clear()
 
     def value(self, **labels: str) -> float | None:
-        with self._lock:
-            return self._values.get(self._key(labels))
-
-    def samples(self) -> list[str]:
-        with self._lock:
-            items = sorted(self._values.items())
-        return [f"{self.name}{_labels(self.labelnames, k)} {_format_value(v)}" for k, v in items]
+        return _sample(self._prom, self.name, self.labelnames, self._key(labels))
 
 
 class Histogram(_Metric):
     """Cumulative buckets with ``_bucket{le=...}``, ``_sum`` and ``_count`` series."""
 
-    kind = "histogram"
-
     def __init__(
         self,
         name: str,
         help_text: str,
-        labelnames: Sequence[str] = (),
+        labelnames: Sequence[str],
+        registry: Registry,
         buckets: Iterable[float] = LATENCY_BUCKETS_MS,
     ) -> None:
-        super().__init__(name, help_text, labelnames)
-        self.buckets = tuple(sorted(float(b) for b in buckets))
-        if not self.buckets:
+        super().__init__(name, labelnames)
+        bounds = tuple(sorted(float(b) for b in buckets))
+        if not bounds:
             raise ValueError(f"histogram {name} needs at least one bucket")
-        # per label set: counts per bucket (not cumulative) + overflow, and the sum
-        self._counts: dict[LabelValues, list[int]] = {}
-        self._sums: dict[LabelValues, float] = {}
+        self._prom = prometheus_client.Histogram(
+            name, help_text, self.labelnames, registry=registry.prometheus, buckets=bounds
+        )
 
     def observe(self, value: float, **labels: str) -> None:
         key = self._key(labels)
-        index = len(self.buckets)
-        for i, bound in enumerate(self.buckets):
-            if value <= bound:
-                index = i
-                break
-        with self._lock:
-            counts = self._counts.get(key)
-            if counts is None:
-                counts = self._counts[key] = [0] * (len(self.buckets) + 1)
-                self._sums[key] = 0.0
-            counts[index] += 1
-            self._sums[key] += value
+        (self._prom.labels(*key) if key else self._prom).observe(value)
 
     def count(self, **labels: str) -> int:
-        with self._lock:
-            return sum(self._counts.get(self._key(labels), ()))
-
-    def samples(self) -> list[str]:
-        with self._lock:
-            items = sorted((k, list(c), self._sums[k]) for k, c in self._counts.items())
-        out: list[str] = []
-        for key, counts, total in items:
-            cumulative = 0
-            for bound, n in zip((*self.buckets, math.inf), counts, strict=True):
-                cumulative += n
-                le = f'le="{_format_value(bound)}"'
-                out.append(f"{self.name}_bucket{_labels(self.labelnames, key, le)} {cumulative}")
-            out.append(f"{self.name}_sum{_labels(self.labelnames, key)} {_format_value(total)}")
-            out.append(f"{self.name}_count{_labels(self.labelnames, key)} {cumulative}")
-        return out
+        found = _sample(self._prom, f"{self.name}_count", self.labelnames, self._key(labels))
+        return 0 if found is None else int(found)
 
 
 class Registry:
-    """Holds metrics in registration order and renders them for a scrape."""
+    """The metrics of one daemon and the collectors that refresh mirrored values."""
 
     def __init__(self) -> None:
-        self._metrics: dict[str, _Metric] = {}
+        self.prometheus = prometheus_client.CollectorRegistry(auto_describe=True)
         self._collectors: list[Callable[[], None]] = []
         self._lock = threading.Lock()
 
-    def _add(self, metric: _Metric) -> None:
-        with self._lock:
-            if metric.name in self._metrics:
-                raise ValueError(f"metric {metric.name} registered twice")
-            self._metrics[metric.name] = metric
-
     def counter(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> Counter:
-        metric = Counter(name, help_text, labelnames)
-        self._add(metric)
-        return metric
+        """Raises ``ValueError`` when ``name`` is registered already."""
+        return Counter(name, help_text, labelnames, self)
 
     def gauge(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> Gauge:
-        metric = Gauge(name, help_text, labelnames)
-        self._add(metric)
-        return metric
+        return Gauge(name, help_text, labelnames, self)
 
     def histogram(
         self,
@@ -214,27 +176,24 @@ class Registry:
         labelnames: Sequence[str] = (),
         buckets: Iterable[float] = LATENCY_BUCKETS_MS,
     ) -> Histogram:
-        metric = Histogram(name, help_text, labelnames, buckets)
-        self._add(metric)
-        return metric
+        return Histogram(name, help_text, labelnames, self, buckets)
 
     def add_collector(self, collect: Callable[[], None]) -> None:
         """``collect()`` runs before every render to refresh gauges from live components."""
         with self._lock:
             self._collectors.append(collect)
 
-    def render(self) -> str:
-        """The whole exposition; a failing collector leaves its gauges at their last values."""
+    def refresh(self) -> None:
+        """Run the collectors; a failing one leaves its gauges at their last values."""
         with self._lock:
             collectors = list(self._collectors)
-            metrics = list(self._metrics.values())
         for collect in collectors:
             try:
                 collect()
             except Exception as exc:  # a scrape must not fail because one component did
                 log.warning("metrics_collector_failed", error=repr(exc))
-        lines: list[str] = []
-        for metric in metrics:
-            lines += metric.header()
-            lines += metric.samples()
-        return "\n".join(lines) + "\n"
+
+    def render(self) -> str:
+        """The whole exposition in the Prometheus text format 0.0.4 (``CONTENT_TYPE``)."""
+        self.refresh()
+        return generate_latest(self.prometheus).decode()

@@ -438,6 +438,11 @@ class Service:
             daemon=self.config.daemon,
         )
 
+    @property
+    def http_url(self) -> str | None:
+        """``http://host:port`` of the health/metrics endpoint while it serves, else None."""
+        return self._health.url if self._health is not None else None
+
     def health_report(self) -> HealthReport:
         """``/healthz``; see ``health_report.health_report``."""
         return health_report(self._health_inputs())
