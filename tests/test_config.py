@@ -61,6 +61,23 @@ def test_state_paths_default_under_state_directory(cfg_dir: Path) -> None:
     assert cfg.model.cache_dir == state / "cache"
 
 
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"CACHE_DIRECTORY": "/var/cache/defectd", "HOME": "/home/op"}, "/var/cache/defectd"),
+        ({"XDG_CACHE_HOME": "/home/op/.xdg", "HOME": "/home/op"}, "/home/op/.xdg/defectd"),
+        ({"HOME": "/home/op"}, "/home/op/.cache/defectd"),
+    ],
+)
+def test_engine_caches_default_outside_the_state_directory(
+    cfg_dir: Path, env: dict[str, str], expected: str
+) -> None:
+    env = {"STATE_DIRECTORY": str(cfg_dir / "state"), **env}
+    cfg = load_station_config(_write(cfg_dir, VALID), env=env)
+    assert cfg.model.cache_dir == Path(expected)
+    assert cfg.state_dir not in cfg.model.cache_dir.parents
+
+
 def test_bad_value_is_named_by_its_key_as_written(cfg_dir: Path) -> None:
     path = _write(cfg_dir, VALID.replace("rate_hz = 5", "rate_hz = 0"))
     with pytest.raises(ConfigError) as err:

@@ -182,6 +182,20 @@ def test_a_certificate_for_another_host_name_is_rejected(
     assert pub.stats().connects == 0
 
 
+def test_host_checking_off_delivers_to_an_address_and_warns_once(
+    tls_broker: Mosquitto, pki: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "pw").write_text(PASSWORD)
+    config = tls_config(tls_broker, pki, host="127.0.0.1", password_file=tmp_path / "pw")
+    tls = config.tls.model_copy(update={"check_hostname": False})  # type: ignore[union-attr]
+    config = config.model_copy(update={"tls": tls})
+    with structlog.testing.capture_logs() as logs:
+        pub = run_publisher(config, tmp_path, lambda p: p.stats().outbox_depth == 0)
+    assert pub.stats().outbox_depth == 0
+    warnings = [e for e in logs if e["event"] == "tls_hostname_check_off"]
+    assert [(w["log_level"], w["host"]) for w in warnings] == [("warning", "127.0.0.1")]
+
+
 def test_no_password_appears_in_logs_stats_or_reprs(
     tls_broker: Mosquitto,
     pki: Path,

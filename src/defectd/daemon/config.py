@@ -63,7 +63,9 @@ class ModelSection(_Frozen):
     )
     threads: Annotated[int, Field(ge=1, le=1024)] | None = None
     cache_dir: Path | None = Field(
-        default=None, description="compiled engines; default $CACHE_DIRECTORY or STATE/cache"
+        default=None,
+        description="compiled engines; default $CACHE_DIRECTORY, $XDG_CACHE_HOME/defectd or "
+        "~/.cache/defectd (outside the state directory)",
     )
     warmup: Annotated[int, Field(ge=0, le=100)] = Field(
         default=2, description="inferences at max batch before announcing ready"
@@ -338,6 +340,23 @@ def format_validation_error(where: str, exc: ValidationError, raw: Any) -> str:
     return f"{where}: " + "; ".join(seen)
 
 
+def default_cache_dir(environ: Mapping[str, str], state: Path) -> Path:
+    """Where compiled engines go unless ``model.cache_dir`` says: outside the state directory,
+    so that a cache filling its disk cannot cost the outbox its room. systemd's
+    ``$CACHE_DIRECTORY`` (``CacheDirectory=``), else ``$XDG_CACHE_HOME/defectd``, else
+    ``~/.cache/defectd``; ``STATE/cache`` only when none of them is known."""
+    cache = environ.get("CACHE_DIRECTORY", "").split(":")[0]
+    if cache:
+        return Path(cache)
+    xdg = environ.get("XDG_CACHE_HOME", "")
+    if xdg and Path(xdg).is_absolute():
+        return Path(xdg) / "defectd"
+    home = environ.get("HOME", "")
+    if home and Path(home).is_absolute():
+        return Path(home) / ".cache" / "defectd"
+    return state / "cache"
+
+
 def parse_station_config(
     raw: dict[str, Any], *, base: Path, where: str, env: Mapping[str, str] | None = None
 ) -> StationConfig:
@@ -359,8 +378,7 @@ def parse_station_config(
         data = _resolve(data, key, state)
     model = data.get("model")
     if isinstance(model, dict) and "cache_dir" not in model:
-        cache = environ.get("CACHE_DIRECTORY", "").split(":")[0]
-        data["model"] = {**model, "cache_dir": cache or str(state / "cache")}
+        data["model"] = {**model, "cache_dir": str(default_cache_dir(environ, state))}
     data["source_path"] = where
     data["state_dir"] = str(state)
     try:

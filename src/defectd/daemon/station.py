@@ -6,6 +6,7 @@ the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from defectd.log import get_logger
 from defectd.model.card import ModelCard, file_sha256, load_card
 from defectd.pipeline.cameras import CameraSetup, camera_setup_from_calibration
 from defectd.pipeline.runner import Pipeline, ResultSink
+from defectd.pipeline.sources import GenICamSourceConfig, SourceConfig, SyntheticSourceConfig
 
 log = get_logger(__name__)
 
@@ -154,11 +156,27 @@ def camera_setup(camera: StationCamera) -> CameraSetup:
 
     Raises ``ConfigError`` naming the calibration file and key when it is invalid.
     """
+    frame_size, channels = configured_format(camera.source)
     if camera.calibration is None:
-        return CameraSetup(roi=camera.roi, ignore_zones=camera.ignore_zones)
-    return camera_setup_from_calibration(
-        camera.calibration, roi=camera.roi, ignore_zones=camera.ignore_zones
-    )
+        setup = CameraSetup(roi=camera.roi, ignore_zones=camera.ignore_zones)
+    else:
+        setup = camera_setup_from_calibration(
+            camera.calibration, roi=camera.roi, ignore_zones=camera.ignore_zones
+        )
+    return dataclasses.replace(setup, frame_size=frame_size, channels=channels)
+
+
+def configured_format(source: SourceConfig) -> tuple[tuple[int, int] | None, int]:
+    """``((H, W) or None, channels)`` that a camera's frames must have, from its source config:
+    the synthetic line's size, a GenICam camera's ``Width``/``Height`` nodes when both are set
+    (its size otherwise comes from the device), every source's output channels."""
+    if isinstance(source, SyntheticSourceConfig):
+        return (source.height, source.width), source.channels
+    if isinstance(source, GenICamSourceConfig):
+        w, h = source.nodes.get("Width"), source.nodes.get("Height")
+        if type(w) is int and type(h) is int:  # not a bool, not a string node value
+            return (h, w), source.channels
+    return None, source.channels
 
 
 def camera_setups(config: StationConfig) -> dict[str, CameraSetup]:

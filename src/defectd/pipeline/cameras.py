@@ -47,7 +47,9 @@ class CameraSetup:
     ``undistort`` are applied to the full frame before the ROI is cut. ``threshold`` and
     ``min_area_px`` come from threshold calibration and are used only while the model's
     sha256 equals ``threshold_model_sha256`` (when that is set). ``ignore_zones`` add to the
-    post-processing config's zones for this camera.
+    post-processing config's zones for this camera. ``frame_size`` ``(H, W)`` and ``channels``
+    are what the camera is configured to deliver (None: not known); a frame that differs gets
+    the verdict ``error`` (``corrupt_frame``).
     """
 
     roi: Rect | None = None
@@ -58,6 +60,8 @@ class CameraSetup:
     min_area_px: int | None = None
     threshold_model_sha256: str = ""
     ignore_zones: tuple[Zone, ...] = ()
+    frame_size: tuple[int, int] | None = None
+    channels: int | None = None
 
     def calibrated_for(self, model_sha256: str) -> bool:
         """Whether the calibrated threshold applies to the model with this sha256."""

@@ -61,6 +61,7 @@ from defectd.pipeline.preprocess import Geometry, Preprocessor
 from defectd.pipeline.rules import build_rules, decide
 from defectd.pipeline.stats import Counters, LatencyWindow, PipelineStats
 from defectd.pipeline.tiling import stitch
+from defectd.pipeline.validate import frame_problem, usable_frame
 
 log = get_logger(__name__)
 
@@ -232,9 +233,17 @@ class Pipeline:
         frame gets exactly one verdict through ``on_result``."""
         cfg = self.config
         now = time.monotonic_ns()
+        camera = getattr(frame, "camera", None)
+        setup = DEFAULT_SETUP
+        if isinstance(camera, str):
+            setup = self._cameras.get(camera, DEFAULT_SETUP)
+        problem = frame_problem(frame, setup)
+        if problem is not None:
+            # Malformed fields must not raise here: a copy with safe values carries the verdict.
+            frame = usable_frame(frame)
         limit_ms = cfg.deadline_ms
         deadline = None if limit_ms is None else frame.t_host_ns + int(limit_ms * 1e6)
-        job = Job(frame, self._cameras.get(frame.camera, DEFAULT_SETUP), now, deadline)
+        job = Job(frame, setup, now, deadline)
         limit = cfg.max_in_flight
         block = cfg.admission == "block"
         with self._idle:
@@ -247,6 +256,9 @@ class Pipeline:
             over = limit is not None and len(self._inflight) > limit
         if not accepting:
             self._fail(job, ErrorReason.STOPPED, f"pipeline is {self._state}, not accepting")
+            return
+        if problem is not None:
+            self._fail(job, ErrorReason.CORRUPT_FRAME, problem)
             return
         if not block:
             if over:

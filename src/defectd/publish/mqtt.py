@@ -114,6 +114,16 @@ def make_client(
             tls_version=ssl.PROTOCOL_TLS_CLIENT,
         )
         client.tls_insecure_set(not tls.check_hostname)
+        if not tls.check_hostname:
+            # The chain is still verified, but any host holding a certificate of this CA
+            # could stand in for the broker.
+            log.warning(
+                "tls_hostname_check_off",
+                host=config.host,
+                key="mqtt.tls.check_hostname",
+                hint="the broker's certificate is not matched to its host name; turn it on "
+                "unless the broker is reached by IP address on a closed cell network",
+            )
     if config.username is not None:
         client.username_pw_set(
             config.username, None if password is None else password.get_secret_value()
