@@ -13,6 +13,7 @@
     [outbox]      defectd.publish.config.OutboxConfig        (path defaults to the state dir)
     [archive]     defectd.daemon.archive.ArchiveConfig
     [health]      address of /healthz and /metrics
+    [opcua]       defectd.opcua.config.OpcUaConfig           (OPC UA server; absent = off)
     [daemon]      state_dir, drain and watchdog bounds, log rate limit
 
 Paths: relative paths in the file are relative to the file's folder, except ``outbox.path`` and
@@ -37,6 +38,7 @@ from defectd.daemon.archive import ArchiveConfig
 from defectd.daemon.health import parse_address
 from defectd.engines.registry import BACKENDS
 from defectd.errors import ConfigError
+from defectd.opcua.config import OpcUaConfig
 from defectd.pipeline.config import (
     PipelineConfig,
     PostprocessConfig,
@@ -197,6 +199,7 @@ class StationConfig(_Frozen):
     archive: ArchiveConfig = ArchiveConfig()
     health: HealthSection = HealthSection()
     daemon: DaemonSection = DaemonSection()
+    opcua: OpcUaConfig | None = None
     # Set by the loader, not by the file.
     source_path: Path | None = Field(default=None, exclude=True)
     state_dir: Path = Field(default=Path("var"), exclude=True)
@@ -235,7 +238,16 @@ class StationConfig(_Frozen):
         anything else changed in the file is reported and keeps its old value.
         """
         changed: list[str] = []
-        for key in ("station", "pipeline", "mqtt", "outbox", "archive", "health", "daemon"):
+        for key in (
+            "station",
+            "pipeline",
+            "mqtt",
+            "outbox",
+            "archive",
+            "health",
+            "daemon",
+            "opcua",
+        ):
             if getattr(self, key) != getattr(other, key):
                 changed.append(key)
         if [c.source for c in self.cameras] != [c.source for c in other.cameras] or [
@@ -261,6 +273,10 @@ _FILE_RELATIVE: tuple[tuple[str, ...], ...] = (
     ("mqtt", "tls", "key_file"),
     ("mqtt", "password_file"),
     ("daemon", "state_dir"),
+    ("opcua", "certificate"),
+    ("opcua", "private_key"),
+    ("opcua", "trusted_clients"),
+    ("opcua", "users_file"),
 )
 # Keys whose values are paths relative to the state directory.
 _STATE_RELATIVE: tuple[tuple[str, ...], ...] = (

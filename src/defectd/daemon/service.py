@@ -41,6 +41,7 @@ from defectd.daemon.health import HealthReport, HealthServer
 from defectd.daemon.health_report import HealthInputs, check_progress, health_report
 from defectd.daemon.line import LineIntake
 from defectd.daemon.logs import RateLimit, install_rate_limit
+from defectd.daemon.opcua_link import OpcUaLink, station_state
 from defectd.daemon.reload import Intake, Reloader
 from defectd.daemon.routing import Ledger, Progress, ResultObserver, ResultRouter
 from defectd.daemon.sdnotify import SdNotifier
@@ -49,6 +50,7 @@ from defectd.daemon.telemetry import EngineInfo, StationMetrics
 from defectd.engines import open_engine
 from defectd.errors import ConfigError, DefectdError
 from defectd.log import get_logger
+from defectd.opcua.records import StationState
 from defectd.pipeline.frame import Frame
 from defectd.pipeline.sources import Source, SourceEvent, SourceHealth, SourceState, make_sources
 from defectd.pipeline.stats import PipelineStats
@@ -100,7 +102,8 @@ class Service:
         self._rate_limit = RateLimit(config.daemon.log_rate_limit_s, config.daemon.log_burst)
 
         self._progress = Progress()
-        self._router = ResultRouter(self.metrics, self._progress, observers)
+        self._opcua = OpcUaLink()
+        self._router = ResultRouter(self.metrics, self._progress, (*observers, self._opcua.observe))
         self._intake = Intake()
         self._reloader = Reloader(
             self._intake,
@@ -193,6 +196,9 @@ class Service:
             self._archive.start()
             self._router.archive = self._archive
         gen.pipeline.start()
+        self._opcua.start(
+            cfg.opcua, cfg.station, [c.camera for c in cfg.cameras], self._opcua_state
+        )
         if cfg.health.enabled:
             self._health = HealthServer(cfg.health.address, self.health_report, self.scrape)
             self._health.start()
@@ -268,6 +274,7 @@ class Service:
         if self._publisher is not None:
             self._publisher.stop(drain_timeout_s=max(left(), 1.0))
             depth = self.outbox_left = self._publisher.stats().outbox_depth
+        self._opcua.stop("offline", timeout=min(max(left(), 0.5), 5.0))
         if self._router.ledger is not None:
             self._router.ledger.close()
         if self._health is not None:
@@ -385,6 +392,7 @@ class Service:
         if self.config.daemon.exit_when_sources_end and self._sources_ended():
             log.info("sources_ended", results=results.results)
             self.should_exit = True
+        self._opcua.tick(now)
         if self._on_tick is not None:
             self._on_tick(self)
 
@@ -461,6 +469,17 @@ class Service:
             ready=self._ready,
             progress_age_s=time.monotonic() - last if last else None,
             log_suppressed=self._rate_limit.suppressed_total,
+        )
+
+    def _opcua_state(self) -> StationState:
+        gen = self._intake.current
+        return station_state(
+            started=self._ready,
+            stopping=self.should_exit,
+            report=self.health_report(),
+            engine=self.engine_info(),
+            publisher=self._publisher.stats() if self._publisher is not None else None,
+            config_hash=gen.pipeline.config_hash if gen is not None else "",
         )
 
     def _status_info(self) -> StatusInfo:
