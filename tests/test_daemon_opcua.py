@@ -185,3 +185,145 @@ def test_every_part_of_the_synthetic_line_is_seen_once_with_its_part_id(
     deadline = time.monotonic() + 30
     while service.outbox_left is None and time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+@pytest.fixture
+def triggered(tmp_path: Path, tiny_model: Path, pki: Pki) -> Iterator[tuple[Service, str]]:
+    """The daemon with a PLC-triggered synthetic camera (one part per trigger) and OPC UA."""
+    port = free_port()
+    camera = (
+        'type = "synthetic"\ncamera = "cam0"\ntrigger = "request"\nheight = 64\nwidth = 64\n'
+        'defect_rate = 0.5\nseed = 5\n[cameras.line]\nmode = "plc-trigger"\n'
+        "frame_timeout_ms = 2000"
+    )
+    extra = opcua_toml(pki, port)
+    text = station_text(tiny_model, tmp_path / "state", camera=camera, extra=extra)
+    text = text.replace("drain_timeout_s = 5\n", "drain_timeout_s = 5\ncamera_idle_ok = true\n")
+    (tmp_path / "s.toml").write_text(text)
+    service = Service(
+        load_station_config(tmp_path / "s.toml"), notifier=SdNotifier({}), install_signals=False
+    )
+    thread = threading.Thread(target=service.serve, name="test-service")
+    thread.start()
+    deadline = time.monotonic() + 60
+    while service.line is None:
+        assert thread.is_alive() and time.monotonic() < deadline
+        time.sleep(0.05)
+    yield service, f"opc.tcp://127.0.0.1:{port}/defectd/"
+    service.should_exit = True
+    thread.join(30)
+    assert not thread.is_alive()
+
+
+def test_the_trigger_method_pairs_parts_with_their_frames(
+    triggered: tuple[Service, str], pki: Pki
+) -> None:
+    """Parts announced with Trigger(PartId, GateDeadline, GateMs) are imaged one by one; each
+    verdict event names its part, carries its gate, and the line paired every frame."""
+    from asyncua import ua
+
+    service, url = triggered
+    parts = [f"P-{n:03d}" for n in range(30)]
+
+    async def go() -> tuple[list[Any], list[Any]]:
+        client = await connect(url, pki)
+        async with client:
+            station, ns = await station_node(client)
+            events = Events()
+            sub = await client.create_subscription(10, events)
+            await sub.subscribe_events(station, await verdict_type(client), queuesize=0)
+            cam0 = client.get_node(ua.NodeId(f"{STATION}/cam0", ns))
+            method = ua.NodeId(f"{STATION}/cam0/Trigger", ns)
+            answers = []
+            for part in parts:
+                answers.append(
+                    await cam0.call_method(
+                        method,
+                        ua.Variant(part, ua.VariantType.String),
+                        ua.Variant(ua.get_win_epoch(), ua.VariantType.DateTime),
+                        ua.Variant(20_000.0, ua.VariantType.Double),
+                    )
+                )
+            assert await wait_for(lambda: len(events.items) >= len(parts), 60)
+            await asyncio.sleep(0.3)
+            return answers, list(events.items)
+
+    answers, events = asyncio.run(asyncio.wait_for(go(), 120))
+    assert answers == [[True, "accepted"]] * len(parts)
+    assert sorted(e.PartId for e in events) == parts
+    for e in events:
+        assert e.Verdict in ("pass", "fail") and e.Camera == "cam0"
+        assert e.GateDeadline is not None and e.Late is False
+    assert service.line is not None
+    stats = service.line.stats()["cam0"]
+    assert (stats["paired"], stats["unpaired_frames"], stats["mispaired"]) == (30, 0, 0)
+
+
+class SilentCamera:
+    """A camera in request mode whose frames never come (a broken trigger line)."""
+
+    camera = "cam0"
+
+    def fire_trigger(self, world_key: str | None = None) -> None:
+        return None
+
+
+def test_a_triggered_part_without_a_frame_gets_an_error_no_frame_event(pki: Pki) -> None:
+    """The Trigger method goes through the line intake; when no frame comes in
+    ``frame_timeout_ms`` the part's verdict event is ``error:no_frame`` (code 3)."""
+    from asyncua import ua
+
+    from defectd.daemon.config import StationCamera
+    from defectd.daemon.line import LineIntake
+    from defectd.daemon.opcua_link import OpcUaLink
+    from defectd.opcua.records import StationState
+    from defectd.pipeline.parts import LineConfig
+    from defectd.pipeline.sources import SyntheticSourceConfig
+    from opcua_support import opcua_config
+
+    camera = StationCamera(
+        source=SyntheticSourceConfig(camera="cam0", trigger="request"),
+        line=LineConfig(mode="plc-trigger", frame_timeout_ms=100),
+    )
+    link = OpcUaLink()
+    link.start(opcua_config(pki), STATION, ["cam0"], StationState)
+    server = link.server
+    assert server is not None
+    line = LineIntake(
+        STATION,
+        [camera],
+        submit=lambda frame: None,
+        on_no_frame=link.submit,
+        publish_event=lambda kind, fields: None,
+    )
+    line.attach([SilentCamera()])  # type: ignore[list-item]
+    line.start()
+    link.set_trigger(["cam0"], line.on_trigger)
+
+    async def go() -> list[Any]:
+        client = await connect(server.endpoint_url, pki)
+        async with client:
+            station, ns = await station_node(client)
+            events = Events()
+            sub = await client.create_subscription(10, events)
+            await sub.subscribe_events(station, await verdict_type(client), queuesize=0)
+            answer = await client.get_node(ua.NodeId(f"{STATION}/cam0", ns)).call_method(
+                ua.NodeId(f"{STATION}/cam0/Trigger", ns),
+                ua.Variant("P-404", ua.VariantType.String),
+                ua.Variant(ua.get_win_epoch(), ua.VariantType.DateTime),
+                ua.Variant(5000.0, ua.VariantType.Double),
+            )
+            assert answer == [True, "accepted"]
+            assert await wait_for(lambda: len(events.items) >= 1, 10)
+            assert await read(client, ns, f"{STATION}/cam0/LastRule") == "error:no_frame"
+            return list(events.items)
+
+    try:
+        events = asyncio.run(asyncio.wait_for(go(), 60))
+    finally:
+        line.stop()
+        link.stop("offline", 5.0)
+    (event,) = events
+    assert (event.PartId, event.Verdict, event.VerdictCode) == ("P-404", "error", 3)
+    assert event.Rule == "error:no_frame" and "no frame in time" in event.Reason
+    assert line.stats()["cam0"]["no_frame"] == 1

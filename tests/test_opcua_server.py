@@ -232,7 +232,7 @@ def test_the_trigger_method_hands_the_part_to_the_line(
                 null_time,
                 ua.Variant(0.0, ua.VariantType.Double),
             )
-            assert free[0] is False and "takes no triggers" in free[1]
+            assert free[0] is False and "takes no triggers over OPC UA" in free[1]
 
     run(go())
     assert [(c, t["part_id"]) for c, t in triggers.calls] == [("cam1", "P-7"), ("cam1", "P-9")]

@@ -20,11 +20,12 @@ from defectd.opcua.config import OpcUaConfig
 from defectd.opcua.records import StationState
 from defectd.pipeline.inspection import Inspection
 from defectd.pipeline.runner import PipelineResult
+from defectd.publish.triggers import TriggerMessage
 
 if TYPE_CHECKING:
     from defectd.daemon.health import HealthReport
     from defectd.daemon.telemetry import EngineInfo
-    from defectd.opcua.server import OnTrigger, OpcUaServer, OpcUaStats
+    from defectd.opcua.server import OpcUaServer, OpcUaStats
     from defectd.publish.mqtt import PublisherStats
 
 log = get_logger(__name__)
@@ -68,10 +69,18 @@ class OpcUaLink:
         server.start()
         self._server = server
 
-    def set_trigger(self, cameras: Sequence[str], on_trigger: OnTrigger) -> None:
-        """Serve the ``Trigger`` method of ``cameras`` (their line mode takes triggers)."""
-        if self._server is not None:
-            self._server.set_trigger(cameras, on_trigger)
+    def set_trigger(
+        self, cameras: Sequence[str], on_trigger: Callable[[TriggerMessage], None]
+    ) -> None:
+        """Serve the ``Trigger`` method of ``cameras`` (line mode ``plc-trigger``): each call
+        becomes the trigger message the MQTT listener would hand to the line intake."""
+        if self._server is None or not cameras:
+            return
+
+        def trigger(camera: str, payload: bytes, t_wall: float, t_ns: int) -> None:
+            on_trigger(TriggerMessage(camera, payload, None, None, t_wall, t_ns))
+
+        self._server.set_trigger(cameras, trigger)
 
     def observe(self, result: PipelineResult) -> None:
         if self._server is not None:

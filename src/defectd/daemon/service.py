@@ -52,6 +52,7 @@ from defectd.errors import ConfigError, DefectdError
 from defectd.log import get_logger
 from defectd.opcua.records import StationState
 from defectd.pipeline.frame import Frame
+from defectd.pipeline.inspection import Inspection
 from defectd.pipeline.sources import Source, SourceEvent, SourceHealth, SourceState, make_sources
 from defectd.pipeline.stats import PipelineStats
 from defectd.publish.messages import StatusInfo
@@ -211,7 +212,7 @@ class Service:
             cfg.station,
             cfg.cameras,
             submit=self._on_frame,
-            on_no_frame=self._router.no_frame,
+            on_no_frame=self._no_frame,
             publish_event=lambda kind, fields: self._publish_event(kind, **fields),
         )
         self._router.stamp = line.stamp
@@ -226,6 +227,9 @@ class Service:
                 cfg.mqtt, cfg.station, line.cameras_with_triggers, line.on_trigger
             )
             self._triggers.start()
+        self._opcua.set_trigger(
+            [c.camera for c in cfg.cameras if c.line.mode == "plc-trigger"], line.on_trigger
+        )
         self._progress.restart_epoch()
         self.notifier.status("waiting for the first frame")
         log.info("started", model=gen.model.card.name, engine=gen.model.engine.name)
@@ -470,6 +474,10 @@ class Service:
             progress_age_s=time.monotonic() - last if last else None,
             log_suppressed=self._rate_limit.suppressed_total,
         )
+
+    def _no_frame(self, ins: Inspection) -> None:
+        self._router.no_frame(ins)
+        self._opcua.submit(ins)
 
     def _opcua_state(self) -> StationState:
         gen = self._intake.current

@@ -636,8 +636,8 @@ class OpcUaServer:
         if camera not in self._trigger_cameras or self._on_trigger is None:
             self._bad_triggers += 1
             return False, (
-                f"camera {camera!r} takes no triggers (cameras.line.mode is free-run; set "
-                "plc-trigger to fire the camera per part)"
+                f"camera {camera!r} takes no triggers over OPC UA (its cameras.line.mode is "
+                "not plc-trigger)"
             )
         if len(values) != 3:
             self._bad_triggers += 1
