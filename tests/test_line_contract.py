@@ -283,3 +283,23 @@ def test_plc_triggers_pair_with_frames_and_verdicts_echo_the_part(
     assert service.line is not None
     stats = service.line.stats()["cam0"]
     assert (stats["paired"], stats["unpaired_frames"], stats["mispaired"]) == (30, 0, 0)
+
+
+def test_plc_sim_against_the_daemon_passes_parts_only_on_their_own_pass_verdict(
+    station: tuple[Service, Mosquitto],
+) -> None:
+    from defectd.publish.plcsim import PlcSim, PlcSimConfig
+
+    _, broker = station
+    sim = PlcSim(
+        PlcSimConfig(
+            host=broker.host, port=broker.port, prefix=PREFIX, station="st1", camera="cam0",
+            rate_hz=20.0, parts=60, gate_ms=3000.0, seed=5, defect_rate=0.5,
+            client_id="plc-sim-test", settle_s=0.5,
+        )
+    )  # fmt: skip
+    report = sim.run()
+    assert (report.parts, report.system_escapes, report.unpaired, report.mispaired) == (60, 0, 0, 0)
+    assert report.in_time == 60 and report.outcomes["system_reject"] == 0
+    assert sum(report.outcomes.values()) == 60
+    assert report.latency_ms_p99 is not None and report.latency_ms_p99 < 3000.0

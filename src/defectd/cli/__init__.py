@@ -22,6 +22,7 @@ from defectd.cli import demo_cmd  # noqa: F401  # isort: skip
 from defectd.cli import engine_cmd  # noqa: F401  # isort: skip
 from defectd.cli import watch_cmd  # noqa: F401  # isort: skip
 from defectd.cli import opcua_cmd  # noqa: F401  # isort: skip
+from defectd.cli import plc_sim_cmd  # noqa: F401  # isort: skip
 
 EXIT_ERROR = 2
 

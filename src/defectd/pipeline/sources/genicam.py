@@ -306,7 +306,9 @@ class GenICamSource(ThreadedSource):
             waiting_since = t_host_ns
             trigger_pending = False
 
-            if last_id is not None and frame_id > last_id + 1:
+            # With the substitute the camera runs free and the frames between requests are
+            # skipped on purpose: a gap in its ids is no loss.
+            if not substitute and last_id is not None and frame_id > last_id + 1:
                 gap = frame_id - last_id - 1
                 self._count(lost=gap)
                 lost_pending += gap
