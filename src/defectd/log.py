@@ -1,9 +1,14 @@
-"""structlog configuration, done once at the edge of the program (the CLI), never at import."""
+"""structlog configuration, done once at the edge of the program (the CLI), never at import;
+and ``RateLimiter``, the one rule for repeated log events (the daemon's log processor, the
+pipeline's frame errors and the cameras' consumer errors all use it)."""
 
 from __future__ import annotations
 
 import logging
 import sys
+import threading
+import time
+from collections.abc import Callable, Hashable
 from typing import Any, Literal, TextIO, cast
 
 import structlog
@@ -65,3 +70,48 @@ class _LazyLogger:
 
     def __getattr__(self, attr: str) -> Any:
         return getattr(structlog.get_logger(self._name).bind(logger=self._name), attr)
+
+
+class RateLimiter:
+    """At most ``burst`` events per key in each ``interval_s`` window; the rest are counted.
+
+    ``admit(key)`` returns None for an event to drop, else how many events of that key were
+    dropped since the last one admitted (to log as ``suppressed=N``). Thread-safe; ``clock``
+    (seconds) is injectable for tests. Keys are bounded by code paths; past ``max_keys`` the
+    table is reset rather than grown.
+    """
+
+    def __init__(
+        self,
+        interval_s: float,
+        burst: int = 1,
+        clock: Callable[[], float] = time.monotonic,
+        max_keys: int = 10_000,
+    ) -> None:
+        if interval_s <= 0 or burst < 1:
+            raise ValueError("rate limit needs interval_s > 0 and burst >= 1")
+        self.interval_s = interval_s
+        self.burst = burst
+        self._clock = clock
+        self._max_keys = max_keys
+        self._lock = threading.Lock()
+        # key -> [window start, events admitted in the window, events dropped since the last]
+        self._state: dict[Hashable, list[float]] = {}
+        self.suppressed_total = 0
+
+    def admit(self, key: Hashable) -> int | None:
+        now = self._clock()
+        with self._lock:
+            state = self._state.get(key)
+            if state is None or now - state[0] >= self.interval_s:
+                if state is None and len(self._state) >= self._max_keys:
+                    self._state.clear()
+                self._state[key] = [now, 1.0, 0.0]
+                return int(state[2]) if state is not None else 0
+            if state[1] < self.burst:
+                state[1] += 1
+                suppressed, state[2] = int(state[2]), 0.0
+                return suppressed
+            state[2] += 1
+            self.suppressed_total += 1
+            return None

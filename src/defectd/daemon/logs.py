@@ -9,19 +9,21 @@ pass; the rest are dropped and counted, and the next event that passes carries
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import structlog
 
+from defectd.log import RateLimiter
+
 LIMITED_METHODS = frozenset({"warning", "warn", "error", "exception", "critical", "fatal"})
 _KEY_FIELDS = ("logger", "event", "camera", "reason", "kind")
 
 
 class RateLimit:
-    """A structlog processor; thread-safe; ``clock`` is injectable for tests."""
+    """A structlog processor applying a ``RateLimiter`` per (logger, event, camera, reason,
+    kind) to warnings and errors; thread-safe; ``clock`` is injectable for tests."""
 
     def __init__(
         self,
@@ -29,37 +31,22 @@ class RateLimit:
         burst: int = 5,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if interval_s <= 0 or burst < 1:
-            raise ValueError("rate limit needs interval_s > 0 and burst >= 1")
+        self._limiter = RateLimiter(interval_s, burst, clock)
         self.interval_s = interval_s
         self.burst = burst
-        self._clock = clock
-        self._lock = threading.Lock()
-        # key -> [window start, events passed in window, events suppressed since last pass]
-        self._state: dict[tuple[Any, ...], list[float]] = {}
-        self.suppressed_total = 0
+
+    @property
+    def suppressed_total(self) -> int:
+        return self._limiter.suppressed_total
 
     def __call__(
         self, logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
     ) -> MutableMapping[str, Any]:
         if method_name not in LIMITED_METHODS:
             return event_dict
-        key = tuple(str(event_dict.get(k, "")) for k in _KEY_FIELDS)
-        now = self._clock()
-        with self._lock:
-            state = self._state.get(key)
-            if state is None or now - state[0] >= self.interval_s:
-                suppressed = int(state[2]) if state is not None else 0
-                self._state[key] = [now, 1.0, 0.0]
-                if len(self._state) > 10_000:  # keys are bounded by code paths; be safe anyway
-                    self._state = {key: self._state[key]}
-            elif state[1] < self.burst:
-                state[1] += 1
-                suppressed, state[2] = int(state[2]), 0.0
-            else:
-                state[2] += 1
-                self.suppressed_total += 1
-                raise structlog.DropEvent
+        suppressed = self._limiter.admit(tuple(str(event_dict.get(k, "")) for k in _KEY_FIELDS))
+        if suppressed is None:
+            raise structlog.DropEvent
         if suppressed:
             event_dict["suppressed"] = suppressed
         return event_dict

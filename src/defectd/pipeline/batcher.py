@@ -5,19 +5,24 @@ first tile, whichever comes first. Tiles are copied into a preallocated
 ``(max_batch, C, H, W)`` float32 buffer per model; a batch holds tiles of one model only
 (after a hot swap the old model's tiles finish on the old engine). Runs on the inference
 thread, which owns the buffer and the cursor into a partly batched frame.
+
+Time comes from the ``Clock`` it is given: the batch's age is read from it, and the waits for
+the next job go through it (``clock.get``), so a fake clock drives the ``max_delay`` rule
+exactly. A wait lasts until the open batch is due, and ``POLL_S`` at most, so a stop is seen
+within that time.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
 
+from defectd.clock import SYSTEM_CLOCK, Clock
 from defectd.pipeline.buffers import Scratch
 from defectd.pipeline.job import Job, ModelSlot
 
@@ -49,8 +54,10 @@ class Batcher:
         max_batch: int,
         max_delay_s: float,
         admit: Callable[[Job], bool],
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._jobs = jobs
+        self._clock = clock
         self._max_batch = max_batch
         self._max_delay_ns = int(max_delay_s * 1e9)
         self._admit = admit
@@ -59,7 +66,7 @@ class Batcher:
 
     def _take(self, timeout: float) -> Job | None:
         try:
-            job = self._jobs.get(timeout=timeout) if timeout > 0 else self._jobs.get_nowait()
+            job = self._clock.get(self._jobs, timeout)
         except queue.Empty:
             return None
         if not self._admit(job):
@@ -83,12 +90,12 @@ class Batcher:
                 self._cursor = job = None
             if job is None:
                 if entries:
-                    remaining = (t_first + self._max_delay_ns - time.monotonic_ns()) / 1e9
+                    remaining = (t_first + self._max_delay_ns - self._clock.monotonic_ns()) / 1e9
                     if remaining <= 0 and self._jobs.empty():
                         break
                     job = self._take(min(max(remaining, 0.0), POLL_S))
                     if job is None:
-                        if time.monotonic_ns() >= t_first + self._max_delay_ns:
+                        if self._clock.monotonic_ns() >= t_first + self._max_delay_ns:
                             break
                         continue
                 else:
@@ -103,7 +110,7 @@ class Batcher:
                 limit = max(1, min(self._max_batch, spec.max_batch))
                 shape = (max(limit, spec.min_batch), spec.channels, spec.height, spec.width)
                 buf = self._buffers.get("batch", shape, np.float32)
-                t_first = time.monotonic_ns()
+                t_first = self._clock.monotonic_ns()
             elif job.slot is not slot:
                 break  # the next job is for another model: this batch leaves now
             assert buf is not None

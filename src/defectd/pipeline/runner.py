@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +31,10 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from defectd.clock import SYSTEM_CLOCK, Clock
 from defectd.engines.base import Engine
 from defectd.errors import ConfigError, ModelError
-from defectd.log import get_logger
+from defectd.log import RateLimiter, get_logger
 from defectd.model.card import ModelCard
 from defectd.pipeline.batcher import POLL_S, Batch, Batcher
 from defectd.pipeline.buffers import BufferPool, Scratch
@@ -82,26 +82,6 @@ class PipelineResult:
 ResultSink = Callable[[PipelineResult], None]
 
 
-class _Throttle:
-    """Rate-limited warnings: one event per (event, key) per ``interval_s``, with the number
-    suppressed since the last one."""
-
-    def __init__(self, interval_s: float = 5.0) -> None:
-        self._interval = interval_s
-        self._state: dict[tuple[str, str], tuple[float, int]] = {}
-        self._lock = threading.Lock()
-
-    def warning(self, event: str, key: str, **fields: Any) -> None:
-        now = time.monotonic()
-        with self._lock:
-            last, suppressed = self._state.get((event, key), (-self._interval - 1.0, 0))
-            if now - last < self._interval:
-                self._state[(event, key)] = (last, suppressed + 1)
-                return
-            self._state[(event, key)] = (now, 0)
-        log.warning(event, suppressed=suppressed, **fields)
-
-
 def _ms(ns: int) -> float:
     return round(ns / 1e6, 3)
 
@@ -139,8 +119,10 @@ class Pipeline:
         rules: RulesConfig | None = None,
         cameras: Mapping[str, CameraSetup] | None = None,
         config_hash: str | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.config = cfg = config or PipelineConfig()
+        self._clock = clock
         self.postprocess_config = post_cfg = postprocess or PostprocessConfig()
         self.rules_config = rules_cfg = rules or RulesConfig()
         _check_engine(engine, card)
@@ -175,7 +157,8 @@ class Pipeline:
         self._inflight: dict[int, Job] = {}
         self._counters = Counters()
         self._latency = LatencyWindow(cfg.stats_window)
-        self._throttle = _Throttle()
+        # Repeated frame errors and sink failures: one warning per (event, key) per 5 s.
+        self._warn_limit = RateLimiter(5.0, clock=clock.monotonic)
         self._state = "new"
         self._accepting = True  # frames submitted before start wait in the queue
         self._stop = threading.Event()
@@ -186,7 +169,9 @@ class Pipeline:
         self._params: dict[tuple[str, int], PostprocessParams] = {}
         self._keeps: dict[tuple[str, tuple[int, int], tuple[int, int, int, int]], Any] = {}
         self._threads: list[threading.Thread] = []
-        self._batcher = Batcher(self._jobs, cfg.max_batch, cfg.max_delay_ms / 1e3, self._admit)
+        self._batcher = Batcher(
+            self._jobs, cfg.max_batch, cfg.max_delay_ms / 1e3, self._admit, clock
+        )
         self._warn_foreign_thresholds(card)
 
     # ------------------------------------------------------------------ life cycle
@@ -232,7 +217,7 @@ class Pipeline:
         """Hand in one frame (the sources' ``on_frame``). Never raises for a bad frame: every
         frame gets exactly one verdict through ``on_result``."""
         cfg = self.config
-        now = time.monotonic_ns()
+        now = self._clock.monotonic_ns()
         camera = getattr(frame, "camera", None)
         setup = DEFAULT_SETUP
         if isinstance(camera, str):
@@ -291,10 +276,10 @@ class Pipeline:
     def wait_idle(self, timeout: float = 10.0) -> bool:
         """Wait up to ``timeout`` s until every frame submitted so far has its verdict, keeping
         intake open. True when nothing is left in flight."""
-        end = time.monotonic() + timeout
+        end = self._clock.monotonic() + timeout
         with self._idle:
             while self._inflight:
-                left = end - time.monotonic()
+                left = end - self._clock.monotonic()
                 if left <= 0:
                     break
                 self._idle.wait(min(left, 0.5))
@@ -303,13 +288,13 @@ class Pipeline:
     def drain(self, timeout: float = 10.0) -> bool:
         """Stop accepting frames and wait up to ``timeout`` s until every frame submitted so
         far has its verdict. True when nothing is left in flight. Intake stays closed."""
-        end = time.monotonic() + timeout
+        end = self._clock.monotonic() + timeout
         with self._idle:
             self._accepting = False
             if self._state == "running":
                 self._state = "draining"
             while self._inflight:
-                left = end - time.monotonic()
+                left = end - self._clock.monotonic()
                 if left <= 0 or self._state == "new":
                     break
                 self._idle.wait(min(left, 0.5))
@@ -423,7 +408,7 @@ class Pipeline:
             batches=batches,
             tiles=tiles,
             mean_batch=round(tiles / batches, 3) if batches else 0.0,
-            fps=round(self._latency.fps(time.monotonic()), 2),
+            fps=round(self._latency.fps(self._clock.monotonic()), 2),
             latency_ms=self._latency.percentiles(),
             sink_errors=sink,
             swaps=swaps,
@@ -461,7 +446,7 @@ class Pipeline:
             config_hash=self.config_hash,
             t_grab_wall=frame.t_wall,
             t_grab_ns=frame.t_host_ns,
-            latencies_ms=latencies or {"total": _ms(time.monotonic_ns() - frame.t_host_ns)},
+            latencies_ms=latencies or {"total": _ms(self._clock.monotonic_ns() - frame.t_host_ns)},
             image_shape=tuple(image.shape) if isinstance(image, np.ndarray) else (),
         )
 
@@ -470,7 +455,7 @@ class Pipeline:
             job, Verdict.ERROR, f"error:{code.value}", reason=f"{code.value}: {detail}"
         )
         if self._finish(job, inspection, None, code):
-            self._throttle.warning(
+            self._warning(
                 "frame_error",
                 code.value,
                 reason=code.value,
@@ -502,11 +487,16 @@ class Pipeline:
         except Exception as exc:  # a broken sink must not stop the line
             with self._lock:
                 self._counters.sink_errors += 1
-            self._throttle.warning("sink_failed", type(exc).__name__, error=str(exc))
+            self._warning("sink_failed", type(exc).__name__, error=str(exc))
         with self._idle:
             self._inflight.pop(id(job), None)
             self._idle.notify_all()  # drain/wait_idle and submit waiting for a free slot
         return True
+
+    def _warning(self, event: str, key: str, **fields: Any) -> None:
+        suppressed = self._warn_limit.admit((event, key))
+        if suppressed is not None:
+            log.warning(event, suppressed=suppressed, **fields)
 
     def _deadline_detail(self, job: Job, now_ns: int, where: str) -> str:
         age = (now_ns - job.frame.t_host_ns) / 1e6
@@ -537,7 +527,7 @@ class Pipeline:
                 continue
             if job.finished:
                 continue
-            now = job.t_pre_start_ns = time.monotonic_ns()
+            now = job.t_pre_start_ns = self._clock.monotonic_ns()
             if job.expired(now):
                 self._fail(job, ErrorReason.DEADLINE, self._deadline_detail(job, now, "in queue"))
                 continue
@@ -558,14 +548,14 @@ class Pipeline:
             job.prepared = prepared
             job.n_tiles = prepared.geometry.plan.count
             job.outputs = [None] * job.n_tiles
-            job.t_pre_end_ns = time.monotonic_ns()
+            job.t_pre_end_ns = self._clock.monotonic_ns()
             self._put(self._jobs, job)
 
     def _admit(self, job: Job) -> bool:
         if job.finished:
             job.release_slot()
             return False
-        now = time.monotonic_ns()
+        now = self._clock.monotonic_ns()
         if job.expired(now):
             job.release_slot()
             self._fail(
@@ -584,7 +574,7 @@ class Pipeline:
     def _run_batch(self, batch: Batch) -> None:
         slot = batch.slot
         spec = slot.engine.spec
-        t0 = time.monotonic_ns()
+        t0 = self._clock.monotonic_ns()
         try:
             out = slot.engine.infer(batch.data)
             want = (batch.data.shape[0], 1, spec.height, spec.width)
@@ -599,7 +589,7 @@ class Pipeline:
                     job.release_slot()
                     self._fail(job, ErrorReason.ENGINE, detail[:500])
             return
-        t1 = time.monotonic_ns()
+        t1 = self._clock.monotonic_ns()
         with self._lock:
             self._counters.batches += 1
             self._counters.tiles += len(batch.entries)
@@ -687,7 +677,7 @@ class Pipeline:
         return keep
 
     def _postprocess(self, job: Job, post: Postprocessor, scratch: Scratch) -> None:
-        t0 = job.t_post_start_ns = time.monotonic_ns()
+        t0 = job.t_post_start_ns = self._clock.monotonic_ns()
         if job.expired(t0):
             self._fail(job, ErrorReason.DEADLINE, self._deadline_detail(job, t0, "after inference"))
             return
@@ -724,7 +714,7 @@ class Pipeline:
         except Exception as exc:  # a bug must cost one verdict (error), not the line
             self._fail(job, ErrorReason.POSTPROCESS, f"{type(exc).__name__}: {exc}")
             return
-        t1 = time.monotonic_ns()
+        t1 = self._clock.monotonic_ns()
         if job.expired(t1):
             self._fail(job, ErrorReason.DEADLINE, self._deadline_detail(job, t1, "at verdict"))
             return

@@ -16,7 +16,7 @@ from typing import Any
 from structlog.typing import FilteringBoundLogger
 
 from defectd.errors import CameraError
-from defectd.log import get_logger
+from defectd.log import RateLimiter, get_logger
 from defectd.pipeline.frame import Frame
 from defectd.pipeline.sources.base import (
     EventKind,
@@ -31,7 +31,7 @@ from defectd.pipeline.sources.base import (
 _FPS_WINDOW = 128
 _FPS_MAX_AGE_NS = 5_000_000_000
 # A consumer failing on every frame is logged once per interval, not 200 times a second.
-_ERROR_LOG_INTERVAL_NS = 1_000_000_000
+_ERROR_LOG_INTERVAL_S = 1.0
 
 
 class ThreadedSource:
@@ -59,7 +59,7 @@ class ThreadedSource:
         self._arrivals: deque[int] = deque(maxlen=_FPS_WINDOW)
         self._last_frame_ns: int | None = None
         self._started = False
-        self._consumer_error_logged_ns = -_ERROR_LOG_INTERVAL_NS
+        self._consumer_errors = RateLimiter(_ERROR_LOG_INTERVAL_S)
 
     @property
     def _log(self) -> FilteringBoundLogger:
@@ -184,10 +184,9 @@ class ThreadedSource:
             self._on_frame(frame)
         except Exception:  # a failing consumer must not stop the camera; it is counted
             self._count(errors=1)
-            now = time.monotonic_ns()
-            if now - self._consumer_error_logged_ns >= _ERROR_LOG_INTERVAL_NS:
-                self._consumer_error_logged_ns = now
-                self._log.exception("on_frame_failed", seq=frame.seq)
+            suppressed = self._consumer_errors.admit("on_frame_failed")
+            if suppressed is not None:
+                self._log.exception("on_frame_failed", seq=frame.seq, suppressed=suppressed)
 
     def _emit_event(self, kind: EventKind, detail: str = "", **fields: Any) -> None:
         """Log ``kind`` with ``fields`` and hand the event to ``on_event`` when one is set."""
