@@ -77,7 +77,7 @@ def daemon_producer_command(broker: Mosquitto, work: Path, total: int, rate: flo
         f'[outbox]\npath = "{work / "outbox.sqlite"}"\n'
         f"[archive]\nenabled = false\n[health]\nenabled = false\n"
         f'[daemon]\nstate_dir = "{work / "state"}"\nexit_when_sources_end = true\n'
-        f'result_ledger = "{work / "ids.txt"}"\ndrain_timeout_s = 30\n'
+        f'result_ledger = "{work / "ids.txt"}"\ndrain_timeout_s = 30\nstop_timeout_s = 60\n'
     )
     return [sys.executable, "-m", "defectd", "--log-format", "json", "run", "--config", str(config)]
 

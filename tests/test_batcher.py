@@ -11,7 +11,6 @@ import threading
 from pathlib import Path
 
 import pytest
-from pipeline_support import OrtTestEngine, brightness_model, dark_frame
 
 from defectd.model.card import ModelCard
 from defectd.pipeline.batcher import POLL_S, Batcher
@@ -21,6 +20,7 @@ from defectd.pipeline.config import PipelineConfig
 from defectd.pipeline.job import Job, ModelSlot
 from defectd.pipeline.preprocess import Preprocessor
 from defectd.testing.clock import FakeClock
+from pipeline_support import OrtTestEngine, brightness_model, dark_frame
 
 MS = 1_000_000
 

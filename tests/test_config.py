@@ -98,6 +98,14 @@ def test_every_bad_key_is_named_in_one_line(cfg_dir: Path) -> None:
     assert "mqtt.port: Input should be greater than or equal to 1" in message
 
 
+def test_a_drain_longer_than_the_service_managers_stop_timeout_is_refused(cfg_dir: Path) -> None:
+    path = _write(cfg_dir, VALID + "\n[daemon]\ndrain_timeout_s = 60\n")
+    with pytest.raises(ConfigError, match=r"daemon\.drain_timeout_s: .*stop_timeout_s = 30 s"):
+        load_station_config(path, env={})
+    longer = VALID + "\n[daemon]\ndrain_timeout_s = 60\nstop_timeout_s = 90\n"
+    assert load_station_config(_write(cfg_dir, longer), env={}).daemon.drain_timeout_s == 60
+
+
 def test_missing_model_file_is_named(cfg_dir: Path) -> None:
     path = _write(cfg_dir, VALID.replace("tiny.onnx", "gone.onnx"))
     with pytest.raises(ConfigError, match=r"model\.path: model file not found: .*gone\.onnx"):

@@ -78,3 +78,15 @@ def test_unit_is_a_notify_service_with_watchdog_and_state_directory() -> None:
     assert settings["WatchdogSec"].endswith("s")
     assert settings["ProtectSystem"] == "strict"
     assert settings["CapabilityBoundingSet"] == ""
+
+
+def test_unit_stop_timeout_is_the_one_the_config_check_holds_the_drain_against() -> None:
+    from defectd.daemon.config import SHUTDOWN_GRACE_S, UNIT_STOP_TIMEOUT_S, DaemonSection
+
+    stop = next(
+        line.split("=", 1)[1]
+        for line in UNIT.read_text().splitlines()
+        if line.startswith("TimeoutStopSec=")
+    )
+    assert float(stop.removesuffix("s")) == UNIT_STOP_TIMEOUT_S
+    assert DaemonSection().drain_timeout_s + SHUTDOWN_GRACE_S <= UNIT_STOP_TIMEOUT_S

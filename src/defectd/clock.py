@@ -56,3 +56,27 @@ class SystemClock:
 
 
 SYSTEM_CLOCK: Clock = SystemClock()
+
+
+class Deadline:
+    """One point in time on a clock that several steps share: each asks ``left()``.
+
+    ``grace_s`` extends it for steps that must run even when the earlier ones used the whole
+    time (stop a thread, publish ``offline``): ``step(floor_s)`` is what is left, but at least
+    ``floor_s`` while the grace lasts, so the total never passes ``seconds + grace_s``.
+    """
+
+    def __init__(self, clock: Clock, seconds: float, grace_s: float = 0.0) -> None:
+        self._clock = clock
+        self._end = clock.monotonic() + max(0.0, seconds)
+        self._hard_end = self._end + max(0.0, grace_s)
+
+    def left(self) -> float:
+        return max(0.0, self._end - self._clock.monotonic())
+
+    def step(self, floor_s: float = 0.0, cap_s: float | None = None) -> float:
+        """Seconds for the next step: ``left()`` raised to ``floor_s`` within the grace, then
+        capped at ``cap_s``."""
+        now = self._clock.monotonic()
+        t = min(max(self._end - now, floor_s), max(0.0, self._hard_end - now))
+        return max(0.0, t if cap_s is None else min(t, cap_s))

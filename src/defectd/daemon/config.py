@@ -32,7 +32,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from defectd.daemon.archive import ArchiveConfig
 from defectd.daemon.health import parse_address
@@ -49,6 +57,11 @@ from defectd.pipeline.config import (
 from defectd.pipeline.parts import LineConfig
 from defectd.pipeline.sources import SourceConfig
 from defectd.publish.config import MqttConfig, OutboxConfig, check_topic_level
+
+# What a shutdown may take beyond daemon.drain_timeout_s (stopping threads, flushing the
+# outbox, publishing `offline`), and the stop timeout of the shipped systemd unit.
+SHUTDOWN_GRACE_S = 5.0
+UNIT_STOP_TIMEOUT_S = 30.0
 
 
 class _Frozen(BaseModel):
@@ -150,10 +163,20 @@ class HealthSection(_Frozen):
 
 
 class DaemonSection(_Frozen):
-    """``[daemon]``: where state lives, how long shutdown may take, what counts as progress."""
+    """``[daemon]``: where state lives, how long shutdown may take, what counts as progress.
+
+    A shutdown takes at most ``drain_timeout_s`` + ``SHUTDOWN_GRACE_S``; that must fit in
+    ``stop_timeout_s`` (systemd's ``TimeoutStopSec``), or the service manager kills the daemon
+    in the middle of its drain.
+    """
 
     state_dir: Path | None = Field(
         default=None, description="outbox and archive; default $STATE_DIRECTORY or ./var/STATION"
+    )
+    stop_timeout_s: Annotated[float, Field(gt=0)] = Field(
+        default=UNIT_STOP_TIMEOUT_S,
+        description="how long the service manager waits after SIGTERM before it kills the "
+        "daemon: systemd's TimeoutStopSec (30 s in systemd/defectd.service); keep them equal",
     )
     drain_timeout_s: Annotated[float, Field(gt=0, le=600)] = Field(
         default=10.0, description="on SIGTERM: time to finish frames in flight and flush"
@@ -183,6 +206,19 @@ class DaemonSection(_Frozen):
         description="append each result id, once durable in the outbox, to this file (one "
         "per line; relative to the state directory): a list to reconcile deliveries against",
     )
+
+    @field_validator("drain_timeout_s")
+    @classmethod
+    def _fits_the_stop_timeout(cls, value: float, info: ValidationInfo) -> float:
+        stop = info.data.get("stop_timeout_s")
+        if stop is not None and value + SHUTDOWN_GRACE_S > stop:
+            raise ValueError(
+                f"{value:g} s + {SHUTDOWN_GRACE_S:g} s to stop threads and publish offline "
+                f"exceeds stop_timeout_s = {stop:g} s (systemd TimeoutStopSec), which would "
+                f"kill the daemon mid-drain: lower drain_timeout_s to at most "
+                f"{stop - SHUTDOWN_GRACE_S:g}, or raise TimeoutStopSec and stop_timeout_s together"
+            )
+        return value
 
 
 class StationConfig(_Frozen):

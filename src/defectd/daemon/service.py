@@ -28,15 +28,15 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from defectd import __version__
+from defectd.clock import SYSTEM_CLOCK, Clock, Deadline
 from defectd.daemon.archive import Archive
-from defectd.daemon.config import StationConfig
+from defectd.daemon.config import SHUTDOWN_GRACE_S, StationConfig
 from defectd.daemon.health import HealthReport, HealthServer
 from defectd.daemon.health_report import HealthInputs, check_progress, health_report
 from defectd.daemon.line import LineIntake
@@ -87,8 +87,10 @@ class Service:
         max_runtime_s: float | None = None,
         stop_after_results: int | None = None,
         install_signals: bool = True,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._config = config
+        self._clock = clock
         self.config_path = config_path
         self.notifier = notifier if notifier is not None else SdNotifier()
         self.metrics = StationMetrics(config.station)
@@ -102,7 +104,7 @@ class Service:
         self._install_signals = install_signals
         self._rate_limit = RateLimit(config.daemon.log_rate_limit_s, config.daemon.log_burst)
 
-        self._progress = Progress()
+        self._progress = Progress(clock.monotonic)
         self._opcua = OpcUaLink()
         self._router = ResultRouter(self.metrics, self._progress, (*observers, self._opcua.observe))
         self._intake = Intake()
@@ -123,7 +125,7 @@ class Service:
         self._line: LineIntake | None = None
         self._triggers: TriggerListener | None = None
 
-        self._t_start = time.monotonic()
+        self._t_start = self._clock.monotonic()
         self._ready = False
         self._t_ready = 0.0
         self.outbox_left: int | None = None
@@ -166,7 +168,7 @@ class Service:
 
     def startup(self) -> None:
         cfg = self._config
-        self._t_start = time.monotonic()
+        self._t_start = self._clock.monotonic()
         self._progress.restart_epoch()
         install_rate_limit(self._rate_limit)
         log.info(
@@ -236,49 +238,52 @@ class Service:
 
     def main_loop(self) -> None:
         while not self.should_exit:
-            time.sleep(TICK_S)
+            self._clock.sleep(TICK_S)
             if self.reload_requested and not self._reloader.busy:
                 self.reload_requested = False
                 self.notifier.reloading()
                 self._reloader.start()
             self._reloader.poll()
-            self._tick(time.monotonic())
+            self._tick(self._clock.monotonic())
 
     def shutdown(self, *, startup_failed: bool = False) -> None:
-        """Stop intake, drain, flush, publish ``offline``; every step bounded in time."""
+        """Stop intake, drain, flush, publish ``offline``; every step bounded in time.
+
+        One deadline, ``daemon.drain_timeout_s`` from now, is shared by every step in turn;
+        the steps that must run even when the drain used it all (stopping threads, flushing
+        the outbox and publishing ``offline``) get a floor out of ``SHUTDOWN_GRACE_S`` more,
+        so the whole shutdown ends within ``drain_timeout_s + SHUTDOWN_GRACE_S`` (what the
+        config check holds against the service manager's stop timeout).
+        """
         cfg = self.config
-        end = time.monotonic() + cfg.daemon.drain_timeout_s
-
-        def left() -> float:
-            return max(0.0, end - time.monotonic())
-
+        deadline = Deadline(self._clock, cfg.daemon.drain_timeout_s, SHUTDOWN_GRACE_S)
         self.notifier.stopping("draining" if not startup_failed else "start failed")
         if not startup_failed:
             log.info(
                 "stopping", in_flight=self.in_flight, drain_timeout_s=cfg.daemon.drain_timeout_s
             )
         if self._triggers is not None:
-            self._triggers.stop(timeout=min(2.0, max(left(), 0.5)))
+            self._triggers.stop(timeout=deadline.step(0.5, cap_s=2.0))
         for source in self._sources:
-            source.stop(timeout=min(5.0, max(left(), 0.5)))
-        self._reloader.join(left())
+            source.stop(timeout=deadline.step(0.5, cap_s=5.0))
+        self._reloader.join(deadline.left())
         drained = True
         gen = self._intake.current
         if gen is not None:
             if gen.pipeline.stats().running:
-                drained = gen.pipeline.drain(left())
+                drained = gen.pipeline.drain(deadline.left())
                 self.final_stats = gen.pipeline.stats()
-                gen.pipeline.stop(timeout=max(left(), 0.5))
+                gen.pipeline.stop(timeout=deadline.step(0.5))
             gen.model.engine.close()
         if self._line is not None:
             self._line.stop()  # parts still waiting for a frame get error:no_frame
         if self._archive is not None:
-            self._archive.stop(timeout=min(max(left(), 0.5), 5.0))
+            self._archive.stop(timeout=deadline.step(0.5, cap_s=5.0))
         depth: int | None = None
         if self._publisher is not None:
-            self._publisher.stop(drain_timeout_s=max(left(), 1.0))
+            self._publisher.stop(drain_timeout_s=deadline.step(1.0))
             depth = self.outbox_left = self._publisher.stats().outbox_depth
-        self._opcua.stop("offline", timeout=min(max(left(), 0.5), 5.0))
+        self._opcua.stop("offline", timeout=deadline.step(0.5, cap_s=5.0))
         if self._router.ledger is not None:
             self._router.ledger.close()
         if self._health is not None:
@@ -295,7 +300,7 @@ class Service:
         self.notifier.close()
 
     def _build(self, cfg: StationConfig) -> Generation:
-        return build_generation(cfg, self._router, opener=self._engine_opener)
+        return build_generation(cfg, self._router, opener=self._engine_opener, clock=self._clock)
 
     # ------------------------------------------------------------------ signals
 
@@ -438,7 +443,7 @@ class Service:
 
     def _health_inputs(self, now: float | None = None) -> HealthInputs:
         return HealthInputs(
-            now=time.monotonic() if now is None else now,
+            now=self._clock.monotonic() if now is None else now,
             started=self._t_start,
             ready=self._ready,
             shutting_down=self.should_exit,
@@ -471,7 +476,7 @@ class Service:
             archive=self._archive.stats() if self._archive is not None else None,
             engine=self.engine_info(),
             ready=self._ready,
-            progress_age_s=time.monotonic() - last if last else None,
+            progress_age_s=self._clock.monotonic() - last if last else None,
             log_suppressed=self._rate_limit.suppressed_total,
         )
 

@@ -14,6 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
+from defectd.clock import SYSTEM_CLOCK, Clock
 from defectd.daemon.config import StationCamera, StationConfig
 from defectd.engines import open_engine
 from defectd.engines.base import Engine
@@ -64,7 +65,11 @@ class Generation:
 
 
 def build_generation(
-    config: StationConfig, on_result: ResultSink, *, opener: EngineOpener = open_engine
+    config: StationConfig,
+    on_result: ResultSink,
+    *,
+    opener: EngineOpener = open_engine,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> Generation:
     """Open and warm up the model, read the cameras' calibration and build (not start) the
     pipeline that calls ``on_result``. The engine is closed again when a later step fails."""
@@ -78,6 +83,7 @@ def build_generation(
             postprocess=config.postprocess,
             rules=config.rules,
             cameras=camera_setups(config),
+            clock=clock,
         )
     except BaseException:
         model.engine.close()

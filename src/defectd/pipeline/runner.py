@@ -303,14 +303,18 @@ class Pipeline:
     def stop(self, timeout: float = 5.0) -> bool:
         """Drain for up to ``timeout`` s, stop the threads, and give every frame still in
         flight the verdict ``error:stopped``. True when everything was inspected. Idempotent."""
+        end = self._clock.monotonic() + timeout
         drained = self.drain(timeout)
         with self._lock:
             if self._state == "stopped":
                 return drained
             self._state = "stopping"
         self._stop.set()
+        # Every thread sees the stop within POLL_S: they share what is left of ``timeout``
+        # (at least a few polls, however long the drain took).
+        join_end = max(end, self._clock.monotonic() + 4 * POLL_S)
         for thread in self._threads:
-            thread.join(timeout=max(1.0, timeout))
+            thread.join(timeout=max(0.0, join_end - self._clock.monotonic()))
             if thread.is_alive():
                 log.error("pipeline_thread_stuck", thread=thread.name)
         with self._lock:
