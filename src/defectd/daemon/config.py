@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -337,6 +337,60 @@ def _resolve(node: Any, key: tuple[str, ...], base: Path) -> Any:
     return node
 
 
+# Linux limits (``NAME_MAX``, ``PATH_MAX``): a longer path makes every file call fail with
+# ``OSError: File name too long``, so it is refused at load with the key that holds it.
+_NAME_MAX = 255
+_PATH_MAX = 4095
+
+
+def _items_at(
+    node: Any, key: tuple[str, ...], where: tuple[str, ...] = ()
+) -> Iterator[tuple[str, Any]]:
+    """Yield ``(dotted key as written, value)`` for every value at ``key`` (``*`` = each item)."""
+    if not key:
+        yield ".".join(where), node
+        return
+    head, rest = key[0], key[1:]
+    if head == "*" and isinstance(node, list):
+        for i, item in enumerate(node):
+            yield from _items_at(item, rest, (*where, str(i)))
+    elif isinstance(node, dict) and head in node:
+        yield from _items_at(node[head], rest, (*where, head))
+
+
+def path_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a file path on this system (NUL byte, too long), else None."""
+    if "\x00" in value:
+        return "the path contains a NUL byte"
+    try:
+        encoded = os.fsencode(value)
+    except UnicodeError:
+        return "the path cannot be encoded for the file system"
+    if len(encoded) > _PATH_MAX:
+        return f"the path is too long ({len(encoded)} bytes; at most {_PATH_MAX})"
+    longest = max((len(part) for part in encoded.split(b"/")), default=0)
+    if longest > _NAME_MAX:
+        return f"a path component is too long ({longest} bytes; at most {_NAME_MAX})"
+    return None
+
+
+def _path_problems(data: dict[str, Any], raw: dict[str, Any]) -> list[str]:
+    """``key: problem`` for every path value (resolved) that no file call could take.
+
+    Keys the file leaves out (defaults under a bad ``daemon.state_dir``) are named only when
+    no key the file sets is at fault.
+    """
+    keys = (*_FILE_RELATIVE, *_STATE_RELATIVE)
+    problems: list[tuple[str, str]] = []
+    for key in keys:
+        for dotted, value in _items_at(data, key):
+            if isinstance(value, str) and (problem := path_problem(value)) is not None:
+                problems.append((dotted, problem))
+    written = {dotted for key in keys for dotted, _ in _items_at(raw, key)}
+    named = [p for p in problems if p[0] in written] or problems
+    return [f"{dotted}: {problem}" for dotted, problem in named]
+
+
 def _state_dir(raw: dict[str, Any], env: Mapping[str, str]) -> Path:
     daemon = raw.get("daemon")
     if isinstance(daemon, dict) and isinstance(daemon.get("state_dir"), str):
@@ -370,7 +424,8 @@ def _loc(loc: tuple[int | str, ...], raw: Any) -> str:
             node = node[item]
         else:
             node = None
-        parts.append(str(item))
+        text = str(item)
+        parts.append(text if text.isprintable() else repr(text))  # keep the message one line
     return ".".join(parts) or "(top level)"
 
 
@@ -382,6 +437,14 @@ def _message(error: Mapping[str, Any]) -> str:
     return msg
 
 
+def one_line(text: str) -> str:
+    """``text`` with line breaks and other unprintable characters escaped (``\\n``): a config
+    error is one line even when a key or a path in the file holds such characters."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def format_validation_error(where: str, exc: ValidationError, raw: Any) -> str:
     """One line naming every bad key: ``where: key: message; key: message``."""
     seen: list[str] = []
@@ -389,7 +452,7 @@ def format_validation_error(where: str, exc: ValidationError, raw: Any) -> str:
         text = f"{_loc(tuple(error['loc']), raw)}: {_message(error)}"
         if text not in seen:
             seen.append(text)
-    return f"{where}: " + "; ".join(seen)
+    return one_line(f"{where}: " + "; ".join(seen))
 
 
 def default_cache_dir(environ: Mapping[str, str], state: Path) -> Path:
@@ -433,10 +496,15 @@ def parse_station_config(
         data["model"] = {**model, "cache_dir": str(default_cache_dir(environ, state))}
     data["source_path"] = where
     data["state_dir"] = str(state)
+    problems = _path_problems(data, raw)
+    if problems:
+        raise ConfigError(one_line(f"{where}: " + "; ".join(problems)))
     try:
         return StationConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(where, exc, raw)) from None
+    except OSError as exc:  # a file check in a validator met what the path check above missed
+        raise ConfigError(one_line(f"{where}: {exc.filename}: {exc.strerror}")) from None
 
 
 def load_station_config(path: Path, env: Mapping[str, str] | None = None) -> StationConfig:
@@ -465,5 +533,6 @@ __all__ = [
     "StationConfig",
     "format_validation_error",
     "load_station_config",
+    "one_line",
     "parse_station_config",
 ]
