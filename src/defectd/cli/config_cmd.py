@@ -28,23 +28,38 @@ def check(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object (summary) on stdout.")
     ] = False,
+    cameras: Annotated[
+        bool,
+        typer.Option(
+            "--cameras",
+            help="Also open each camera (GenICam: device found and configured) and close it "
+            "again; not while the daemon holds them.",
+        ),
+    ] = False,
 ) -> None:
     """Validate FILE as `defectd run` would: every bad key is named; exit 2 when invalid.
 
-    Also reads each camera's calibration file; does not open cameras or the broker.
+    Runs the same checks as `defectd run` before it starts: the model opens on its engine
+    with a valid card, and every referenced file (calibration, ignore zones, producers,
+    replay paths, password and TLS files) is usable; state folders can be created. Does not
+    connect to the broker; opens the cameras only with --cameras. Writes nothing.
     """
     from defectd.daemon.config import load_station_config
-    from defectd.daemon.station import camera_setups
+    from defectd.daemon.preflight import check_station
 
     cfg = load_station_config(file)
-    camera_setups(cfg)  # calibration files parse and fit
+    result = check_station(cfg, open_cameras=cameras)
     summary = {
         "ok": True,
         "file": str(file),
         "station": cfg.station,
         "model": str(cfg.model.path),
+        "model_name": result.model,
+        "model_sha256": result.model_sha256,
         "backend": cfg.model.backend,
+        "engine": result.engine,
         "cameras": {c.camera: c.source.type for c in cfg.cameras},
+        "cameras_opened": list(result.cameras_opened) if cameras else None,
         "broker": f"{cfg.mqtt.host}:{cfg.mqtt.port}",
         "topic_prefix": cfg.mqtt.topic_prefix,
         "state_dir": str(cfg.state_dir),

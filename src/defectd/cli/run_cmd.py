@@ -33,7 +33,8 @@ def run(
 ) -> None:
     r"""Run the inspection daemon for one station until SIGTERM or Ctrl-C.
 
-    Validates the whole config first: every bad key is named, exit 2.
+    Validates the whole config first, as `defectd config check` does (the same checks, the
+    same messages): every bad key is named, exit 2.
 
     Loads and warms up the model, connects to the broker, opens the cameras.
 
@@ -48,6 +49,7 @@ def run(
     /healthz and /metrics are served on the \[health] address (default 127.0.0.1:9464).
     """
     from defectd.daemon.config import load_station_config
+    from defectd.daemon.preflight import check_station
     from defectd.daemon.sdnotify import SdNotifier
     from defectd.daemon.service import Service
     from defectd.engines import open_engine
@@ -59,6 +61,7 @@ def run(
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--log-level") from exc
     station = load_station_config(config)
+    check_station(station)  # the same checks as `defectd config check`, same messages
     injected = ctx.find_object(Injected) or Injected()
     service = Service(
         station,

@@ -48,6 +48,15 @@ class ReplaySource(ThreadedSource):
         self._dataset: Dataset | None = None
         self._files: list[Path] = []
 
+    def probe(self) -> None:
+        """Open the path as ``start`` does (dataset, image folder or video) and play nothing.
+
+        Raises ``CameraError`` naming the path; ``defectd config check`` calls it.
+        """
+        self._open()
+        self._dataset = None
+        self._files = []
+
     def _open(self) -> None:
         path = self.config.path
         at = f"camera {self.camera!r}: replay path {path}"

@@ -50,14 +50,18 @@ class SyntheticSource(ThreadedSource):
     def _wake(self) -> None:
         self._requests.put(None)
 
-    def _open(self) -> None:
-        cfg = self.config
-        unknown = [s for s in cfg.surfaces if s not in SURFACES]
+    def probe(self) -> None:
+        """Check the settings as ``start`` does, without rendering; ``CameraError`` if wrong."""
+        unknown = [s for s in self.config.surfaces if s not in SURFACES]
         if unknown:
             raise CameraError(
                 f"camera {self.camera!r}: surfaces: unknown {', '.join(map(repr, unknown))}; "
                 f"choose from {', '.join(SURFACES)}"
             )
+
+    def _open(self) -> None:
+        cfg = self.config
+        self.probe()
         renderer = PartRenderer(cfg.height, cfg.width, cfg.channels)
         # Render the texture banks now, so the first parts come at the line's rate.
         warm = np.random.default_rng(0)
