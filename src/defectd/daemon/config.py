@@ -12,7 +12,7 @@
     [mqtt]        defectd.publish.config.MqttConfig
     [outbox]      defectd.publish.config.OutboxConfig        (path defaults to the state dir)
     [archive]     defectd.daemon.archive.ArchiveConfig
-    [health]      address of /healthz and /metrics
+    [health]      address of /healthz, /metrics and the operator view (token off loopback)
     [opcua]       defectd.opcua.config.OpcUaConfig           (OPC UA server; absent = off)
     [daemon]      state_dir, drain and watchdog bounds, log rate limit
 
@@ -36,6 +36,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -43,7 +44,7 @@ from pydantic import (
 )
 
 from defectd.daemon.archive import ArchiveConfig
-from defectd.daemon.health import parse_address
+from defectd.daemon.health import is_loopback, parse_address
 from defectd.engines.registry import BACKENDS
 from defectd.errors import ConfigError
 from defectd.opcua.config import OpcUaConfig
@@ -147,10 +148,23 @@ class StationCamera(_Frozen):
 
 
 class HealthSection(_Frozen):
-    """``[health]``: the HTTP endpoint for ``/healthz`` and ``/metrics``."""
+    """``[health]``: the HTTP endpoint for ``/healthz``, ``/metrics`` and the operator view.
+
+    The view (``/``) is read-only. Bound to a loopback address it is open to this machine;
+    bound to any other address it asks for an access token, read from ``token_file`` or the
+    environment variable ``token_env`` (never written in the config itself).
+    """
 
     enabled: bool = True
     address: str = Field(default="127.0.0.1:9464", description="HOST:PORT; port 0 = any free")
+    view: bool = Field(default=True, description="serve the operator view at /")
+    token_file: Path | None = None
+    token_env: str | None = Field(default=None, min_length=1)
+    view_fps: float = Field(
+        default=2.0, gt=0, le=30, description="at most this many images per camera and second"
+    )
+    view_width: int = Field(default=480, ge=64, le=4096, description="live images scaled to this")
+    gallery: int = Field(default=24, ge=1, le=500, description="rejects in the gallery")
 
     @field_validator("address")
     @classmethod
@@ -160,6 +174,51 @@ class HealthSection(_Frozen):
         except ConfigError as exc:
             raise ValueError(str(exc).split(": ", 1)[1]) from None
         return value
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> HealthSection:
+        if self.token_file is not None and self.token_env is not None:
+            raise ValueError("token_file and token_env: give one of them, not both")
+        if self.enabled and self.view and not self.view_is_local and not self.has_token:
+            raise ValueError(
+                f"token_file: the operator view on {self.address} is reachable from other "
+                "machines and needs an access token: set token_file or token_env "
+                "(or view = false)"
+            )
+        return self
+
+    @property
+    def view_is_local(self) -> bool:
+        """Whether the endpoint is bound to a loopback address only."""
+        return is_loopback(parse_address(self.address)[0])
+
+    @property
+    def has_token(self) -> bool:
+        return self.token_file is not None or self.token_env is not None
+
+    def read_token(self) -> SecretStr | None:
+        """The view's access token from ``token_file`` or ``token_env`` (None when neither).
+
+        Raises ``ConfigError`` naming the key when the file or variable is missing or empty.
+        """
+        if self.token_file is not None:
+            try:
+                value = self.token_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"health.token_file: cannot read {self.token_file}: {exc.strerror}"
+                ) from None
+            if not value:
+                raise ConfigError(f"health.token_file: {self.token_file} is empty")
+            return SecretStr(value)
+        if self.token_env is not None:
+            env = os.environ.get(self.token_env, "").strip()
+            if not env:
+                raise ConfigError(
+                    f"health.token_env: environment variable {self.token_env} is not set"
+                )
+            return SecretStr(env)
+        return None
 
 
 class DaemonSection(_Frozen):
@@ -308,6 +367,7 @@ _FILE_RELATIVE: tuple[tuple[str, ...], ...] = (
     ("mqtt", "tls", "cert_file"),
     ("mqtt", "tls", "key_file"),
     ("mqtt", "password_file"),
+    ("health", "token_file"),
     ("daemon", "state_dir"),
     ("opcua", "certificate"),
     ("opcua", "private_key"),

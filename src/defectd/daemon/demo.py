@@ -371,9 +371,12 @@ def run_demo(
         holder: dict[str, Any] = {}
 
         def tick(service: Service) -> None:
-            if on_ready is not None and service.ready and "ready" not in holder:
+            if service.ready and "ready" not in holder:
                 holder["ready"] = True
-                on_ready(service)
+                if service.http_url is not None:
+                    out.print(f"operator view: {service.http_url}/")
+                if on_ready is not None:
+                    on_ready(service)
             display = holder.get("live")
             now = time.monotonic()
             if display is not None and now - holder.get("drawn", 0.0) >= 0.25:

@@ -28,6 +28,8 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time  # wall time for the operator view's events
+from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
@@ -47,10 +49,12 @@ from defectd.daemon.routing import Ledger, Progress, ResultObserver, ResultRoute
 from defectd.daemon.sdnotify import SdNotifier
 from defectd.daemon.station import EngineOpener, Generation, build_generation
 from defectd.daemon.telemetry import EngineInfo, StationMetrics
+from defectd.daemon.view import OperatorView, station_panel
 from defectd.engines import open_engine
 from defectd.errors import ConfigError, DefectdError
 from defectd.log import get_logger
 from defectd.opcua.records import StationState
+from defectd.pipeline.cameras import DEFAULT_SETUP
 from defectd.pipeline.frame import Frame
 from defectd.pipeline.inspection import Inspection
 from defectd.pipeline.sources import Source, SourceEvent, SourceHealth, SourceState, make_sources
@@ -64,6 +68,7 @@ log = get_logger(__name__)
 EXIT_OK = 0
 EXIT_FORCED = 1
 TICK_S = 0.1
+RECENT_EVENTS = 50  # kept for the operator view
 
 
 class Service:
@@ -105,6 +110,12 @@ class Service:
         self._rate_limit = RateLimit(config.daemon.log_rate_limit_s, config.daemon.log_burst)
 
         self._progress = Progress(clock.monotonic)
+        self._view: OperatorView | None = None
+        if config.health.enabled and config.health.view:
+            archive_dir = config.archive.dir if config.archive.enabled else None
+            self._view = OperatorView(config.health, archive_dir)
+            observers = (*observers, self._view.feed)
+        self._events: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
         self._opcua = OpcUaLink()
         self._router = ResultRouter(self.metrics, self._progress, (*observers, self._opcua.observe))
         self._intake = Intake()
@@ -203,7 +214,14 @@ class Service:
             cfg.opcua, cfg.station, [c.camera for c in cfg.cameras], self._opcua_state
         )
         if cfg.health.enabled:
-            self._health = HealthServer(cfg.health.address, self.health_report, self.scrape)
+            routes, middleware = self._view.mount(self.view_state) if self._view else ([], [])
+            self._health = HealthServer(
+                cfg.health.address,
+                self.health_report,
+                self.scrape,
+                routes=routes,
+                middleware=middleware,
+            )
             self._health.start()
         if self.should_exit:
             return
@@ -286,6 +304,8 @@ class Service:
         self._opcua.stop("offline", timeout=deadline.step(0.5, cap_s=5.0))
         if self._router.ledger is not None:
             self._router.ledger.close()
+        if self._view is not None:
+            self._view.stop()
         if self._health is not None:
             self._health.stop()
         if not startup_failed:
@@ -460,6 +480,28 @@ class Service:
         """``http://host:port`` of the health/metrics endpoint while it serves, else None."""
         return self._health.url if self._health is not None else None
 
+    def view_state(self) -> dict[str, Any]:
+        """The operator view's station panel; see ``view.station_panel``."""
+        cfg = self.config
+        gen = self._intake.current
+        setups = gen.pipeline.cameras if gen is not None else {}
+        engine = self.engine_info()
+        stats = self.pipeline_stats()
+        return station_panel(
+            station=cfg.station,
+            version=__version__,
+            now_wall=time.time(),
+            report=self.health_report(),
+            progress=self._progress.snapshot(),
+            fps=stats.fps if stats is not None else 0.0,
+            broker_address=f"{cfg.mqtt.host}:{cfg.mqtt.port}",
+            calibration={
+                c.camera: (c.calibration, setups.get(c.camera, DEFAULT_SETUP)) for c in cfg.cameras
+            },
+            model_sha256=engine.sha256 if engine is not None else "",
+            events=list(self._events),
+        )
+
     def health_report(self) -> HealthReport:
         """``/healthz``; see ``health_report.health_report``."""
         return health_report(self._health_inputs())
@@ -541,6 +583,15 @@ class Service:
         self.notifier.ready(self.status_line())
 
     def _publish_event(self, kind: str, *, severity: str | None = None, **fields: Any) -> None:
+        self._events.append(
+            {
+                "time": time.time(),
+                "kind": kind,
+                "severity": severity,
+                "camera": fields.get("camera"),
+                "detail": fields.get("detail") or fields.get("error") or fields.get("model"),
+            }
+        )
         if self._publisher is None:
             return
         try:

@@ -26,6 +26,7 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -368,6 +369,11 @@ class Pipeline:
                     calibrated_for=setup.threshold_model_sha256,
                     reason="the threshold was calibrated for another model; using the card's",
                 )
+
+    @property
+    def cameras(self) -> Mapping[str, CameraSetup]:
+        """Each camera's setup (ROI, scale, corrections, calibrated threshold); read-only."""
+        return MappingProxyType(self._cameras)
 
     def stats(self) -> PipelineStats:
         """Counters since start, queue depths, fps and latency percentiles (thread-safe)."""
