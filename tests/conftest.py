@@ -221,3 +221,38 @@ def _structlog_to_this_tests_stderr() -> Iterator[None]:
     configure_logging("info", "console", sys.stderr)
     yield
     structlog.configure(**saved)
+
+
+# --- storage faults: a small tmpfs to fill (the outbox, the daemon's state directory) ---
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
+    """``tmpfs(size_bytes)`` mounts a tmpfs of that size and returns it; skips the test where
+    mounting is not allowed (not root, no CAP_SYS_ADMIN, no mount binary)."""
+    import os
+    import shutil
+    import subprocess
+    import uuid
+
+    mounts: list[Path] = []
+
+    def mount(size: int) -> Path:
+        where = tmp_path / f"tmpfs-{uuid.uuid4().hex[:6]}"
+        where.mkdir()
+        if shutil.which("mount") is None or os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs needs root and mount(8)")
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounts.append(where)
+        return where
+
+    yield mount
+    for where in mounts:
+        subprocess.run(["umount", "-l", str(where)], check=False)

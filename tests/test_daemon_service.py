@@ -205,6 +205,12 @@ METRIC_FAMILIES = {
     "defectd_ready": "gauge",
     "defectd_last_progress_age_seconds": "gauge",
     "defectd_log_suppressed_total": "counter",
+    # Added with the durability checks (docs/daemon.md, "When storage or the broker fails").
+    "defectd_results_not_durable_total": "counter",
+    "defectd_outbox_oldest_result_age_seconds": "gauge",
+    "defectd_outbox_store_failing": "gauge",
+    "defectd_outbox_fault": "gauge",
+    "defectd_disk_free_bytes": "gauge",
 }
 
 

@@ -7,12 +7,8 @@ logic is also driven through a connection class that injects SQLite errors, whic
 
 from __future__ import annotations
 
-import os
 import random
-import shutil
 import sqlite3
-import subprocess
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -302,33 +298,6 @@ def test_the_age_of_the_oldest_unacknowledged_result(tmp_path: Path) -> None:
 
 
 # -- a real full disk: a small tmpfs -----------------------------------------------------------
-
-
-@pytest.fixture
-def tmpfs(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
-    """``tmpfs(size_bytes)`` mounts a tmpfs of that size and returns it; skips the test where
-    mounting is not allowed (not root, no CAP_SYS_ADMIN, no mount binary)."""
-    mounts: list[Path] = []
-
-    def mount(size: int) -> Path:
-        where = tmp_path / f"tmpfs-{uuid.uuid4().hex[:6]}"
-        where.mkdir()
-        if shutil.which("mount") is None or os.geteuid() != 0:
-            pytest.skip("mounting a tmpfs needs root and mount(8)")
-        done = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-        mounts.append(where)
-        return where
-
-    yield mount
-    for where in mounts:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def _fill(where: Path) -> Path:

@@ -265,6 +265,16 @@ class DaemonSection(_Frozen):
         description="append each result id, once durable in the outbox, to this file (one "
         "per line; relative to the state directory): a list to reconcile deliveries against",
     )
+    max_result_age_s: Annotated[float, Field(gt=0)] = Field(
+        default=15.0,
+        description="a result waiting this long for its PUBACK makes the station not ready "
+        "(a hung or slow broker: connected, but not acknowledging)",
+    )
+    disk_warn_free_bytes: Annotated[int, Field(ge=0)] = Field(
+        default=256 * 1024 * 1024,
+        description="free space below this on the disk of the state, outbox, archive or "
+        "engine cache: a disk_space_low warning event (0: off)",
+    )
 
     @field_validator("drain_timeout_s")
     @classmethod

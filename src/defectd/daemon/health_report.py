@@ -8,8 +8,8 @@ socket, so every rule below is tested with plain values.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from defectd.daemon.config import DaemonSection
@@ -25,7 +25,8 @@ class HealthInputs:
     """Everything the health rules look at, taken at ``now`` (monotonic seconds).
 
     ``started`` is when the service started (a camera that never delivered a frame is
-    silent since then); ``publisher`` is None before the publisher starts.
+    silent since then); ``publisher`` is None before the publisher starts; ``disks`` maps the
+    directories the daemon writes (state, outbox, archive, cache) to their free bytes.
     """
 
     now: float
@@ -38,15 +39,33 @@ class HealthInputs:
     engine: EngineInfo | None
     reloads: int
     daemon: DaemonSection
+    disks: Mapping[str, int] = field(default_factory=dict)
+
+
+def durability_problem(p: PublisherStats) -> str | None:
+    """Why verdicts are not durable now (None when they are): the outbox cannot store them,
+    or it is damaged. The station then must not claim health: not ready, no watchdog."""
+    if p.store_failing:
+        return (
+            f"verdicts are not stored durably ({p.store_error}); {p.not_durable} were sent "
+            "directly as fail-safe rejects (not_durable)"
+        )
+    if p.outbox_fault == "damaged":
+        return f"the outbox is damaged: {p.outbox_fault_detail}"
+    return None
 
 
 def check_progress(inputs: HealthInputs) -> tuple[bool, str]:
     """Whether the pipeline makes progress (the watchdog condition), and if not, why.
 
-    Stuck: frames in flight while the model has inspected none for ``stall_timeout_s``;
-    a camera in ``failed`` state; a streaming camera silent for ``camera_stall_s``
-    (unless ``camera_idle_ok``).
+    Stuck: verdicts that cannot be stored durably (``durability_problem``); frames in flight
+    while the model has inspected none for ``stall_timeout_s``; a camera in ``failed`` state;
+    a streaming camera silent for ``camera_stall_s`` (unless ``camera_idle_ok``).
     """
+    if inputs.publisher is not None:
+        problem = durability_problem(inputs.publisher)
+        if problem is not None:
+            return False, problem
     d = inputs.daemon
     p = inputs.progress
     idle = inputs.now - max(p.last_inspected, p.epoch)
@@ -70,8 +89,10 @@ def check_progress(inputs: HealthInputs) -> tuple[bool, str]:
 
 
 def health_report(inputs: HealthInputs) -> HealthReport:
-    """``/healthz``: live = making progress; ready = live, frames flow, cameras streaming,
-    broker connected and outbox clear of its bound. ``reasons`` says what is missing."""
+    """``/healthz``: live = making progress and storing verdicts durably; ready = live, frames
+    flow, cameras streaming, broker connected and acknowledging (the oldest unacknowledged
+    result younger than ``daemon.max_result_age_s``), outbox without a fault and clear of its
+    bound. ``reasons`` says what is missing."""
     live, why = check_progress(inputs)
     reasons: list[str] = []
     if not inputs.ready:
@@ -100,8 +121,21 @@ def health_report(inputs: HealthInputs) -> HealthReport:
         broker = {"connected": p.connected, "last_error": p.last_error}
         outbox = {"depth": p.outbox_depth, "oldest_age_s": p.oldest_age_s}
         outbox["near_bound"] = p.near_bound
+        outbox["oldest_result_age_s"] = p.oldest_result_age_s
+        outbox["fault"] = p.outbox_fault
+        outbox["not_durable"] = p.not_durable
+        outbox["free_bytes"] = p.outbox_free_bytes
         if not p.connected:
             reasons.append("broker not connected (results wait in the outbox)")
+        age = p.oldest_result_age_s
+        limit = inputs.daemon.max_result_age_s
+        if p.connected and age is not None and age > limit:
+            reasons.append(
+                f"oldest unacknowledged result is {age:.0f} s old (limit {limit:g} s):"
+                " the broker is hung or slow"
+            )
+        if p.outbox_fault is not None and p.outbox_fault != "damaged" and not p.store_failing:
+            reasons.append(f"outbox fault {p.outbox_fault}: {p.outbox_fault_detail}")
         if p.near_bound:
             reasons.append("outbox near its bound")
     last = inputs.progress.last_inspected
@@ -116,5 +150,6 @@ def health_report(inputs: HealthInputs) -> HealthReport:
             "results": inputs.progress.results,
         },
         "reloads": inputs.reloads,
+        "disks": dict(inputs.disks),
     }
     return HealthReport(live=live, ready=not reasons, reasons=tuple(reasons), checks=checks)

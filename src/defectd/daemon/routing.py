@@ -28,6 +28,7 @@ from defectd.errors import ConfigError, DefectdError
 from defectd.log import get_logger
 from defectd.pipeline.inspection import Inspection, Verdict
 from defectd.pipeline.runner import PipelineResult
+from defectd.publish.failsafe import NotDurableError
 from defectd.publish.mqtt import Publisher
 
 log = get_logger(__name__)
@@ -159,8 +160,20 @@ class ResultRouter:
                 self.publisher.submit(ins)
                 commit_ms = (time.perf_counter_ns() - t0) / 1e6
             except DefectdError as exc:
+                # NotDurableError: the publisher already sent the fail-safe reject directly
+                # and raised the alarm; the health report and the watchdog now say so.
                 self.metrics.errors.inc(reason="publish")
-                log.error("result_not_stored", camera=ins.camera, seq=ins.seq, error=str(exc))
+                failsafe = isinstance(exc, NotDurableError)
+                if failsafe:
+                    self.metrics.not_durable.inc()
+                log.error(
+                    "result_not_stored",
+                    camera=ins.camera,
+                    seq=ins.seq,
+                    result_id=ins.result_id,
+                    failsafe_reject_sent=failsafe,
+                    error=str(exc),
+                )
             else:
                 self._append_ledger(ins)
         self.metrics.observe(ins, commit_ms)

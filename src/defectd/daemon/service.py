@@ -69,6 +69,7 @@ EXIT_OK = 0
 EXIT_FORCED = 1
 TICK_S = 0.1
 RECENT_EVENTS = 50  # kept for the operator view
+DISK_CHECK_S = 5.0
 
 
 class Service:
@@ -144,6 +145,9 @@ class Service:
         self._stalled = False
         self._next_ping = 0.0
         self._next_status = 0.0
+        self._next_disk_check = 0.0
+        self._disks: dict[str, int] = {}
+        self._disks_low: set[str] = set()
 
     @property
     def config(self) -> StationConfig:
@@ -402,10 +406,14 @@ class Service:
         elif not ok and not self._stalled:
             self._stalled = True
             log.error("watchdog_withheld", reason=why)
+            self._next_status = now  # say why in STATUS= at once
         interval = self.notifier.watchdog_interval_s
         if interval is not None and self._ready and ok and now >= self._next_ping:
             self.notifier.watchdog()
             self._next_ping = now + interval / 2
+        if now >= self._next_disk_check:
+            self._next_disk_check = now + DISK_CHECK_S
+            self._check_disks()
         if now >= self._next_status:
             self._next_status = now + self.config.daemon.status_interval_s
             line = self.status_line()
@@ -441,6 +449,33 @@ class Service:
 
     # ------------------------------------------------------------------ health and metrics
 
+    def _check_disks(self) -> None:
+        """Free space of each directory the daemon writes (the disk gauge), and a
+        ``disk_space_low`` warning event when one falls below ``daemon.disk_warn_free_bytes``
+        (again only after it recovered to 1.2 times that)."""
+        cfg = self.config
+        dirs = {"state": cfg.state_dir, "outbox": cfg.outbox.path.parent}
+        if cfg.archive.enabled:
+            dirs["archive"] = cfg.archive.dir
+        if cfg.model.cache_dir is not None:
+            dirs["cache"] = cfg.model.cache_dir
+        limit = cfg.daemon.disk_warn_free_bytes
+        for name, path in dirs.items():
+            try:
+                st = os.statvfs(path)
+            except OSError:
+                continue
+            free = self._disks[name] = st.f_bavail * st.f_frsize
+            if limit and free < limit and name not in self._disks_low:
+                self._disks_low.add(name)
+                log.warning("disk_space_low", dir=name, path=str(path), free_bytes=free)
+                self._publish_event(
+                    "disk_space_low", dir=name, path=str(path), free_bytes=free, limit=limit
+                )
+            elif name in self._disks_low and free >= limit * 1.2:
+                self._disks_low.discard(name)
+                log.info("disk_space_ok", dir=name, path=str(path), free_bytes=free)
+
     def _sources_ended(self) -> bool:
         health = self._source_health()
         return bool(health) and all(h.state is SourceState.STOPPED for h in health)
@@ -472,6 +507,7 @@ class Service:
             publisher=self._publisher.stats() if self._publisher is not None else None,
             engine=self.engine_info(),
             reloads=self._reloader.reloads,
+            disks=dict(self._disks),
             daemon=self.config.daemon,
         )
 
@@ -520,6 +556,7 @@ class Service:
             ready=self._ready,
             progress_age_s=self._clock.monotonic() - last if last else None,
             log_suppressed=self._rate_limit.suppressed_total,
+            disks=dict(self._disks),
         )
 
     def _no_frame(self, ins: Inspection) -> None:

@@ -8,7 +8,7 @@ the hot path.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from defectd.daemon.archive import ArchiveStats
@@ -118,6 +118,28 @@ class StationMetrics:
         self.progress_age = r.gauge(
             "defectd_last_progress_age_seconds", "Seconds since the model last inspected a frame."
         )
+        self.not_durable = r.counter(
+            "defectd_results_not_durable_total",
+            "Verdicts the outbox could not store; each was sent directly as a fail-safe reject "
+            "flagged not_durable.",
+        )
+        self.outbox_result_age = r.gauge(
+            "defectd_outbox_oldest_result_age_seconds",
+            "Age of the oldest result or reject waiting for its PUBACK (0: none waiting).",
+        )
+        self.store_failing = r.gauge(
+            "defectd_outbox_store_failing", "1 while verdicts cannot be stored in the outbox."
+        )
+        self.outbox_fault = r.gauge(
+            "defectd_outbox_fault",
+            "1 for the outbox's current storage fault (disk_full, io, damaged).",
+            ["kind"],
+        )
+        self.disk_free = r.gauge(
+            "defectd_disk_free_bytes",
+            "Free bytes on the disk of each directory the daemon writes.",
+            ["dir"],
+        )
         self.log_suppressed = r.counter(
             "defectd_log_suppressed_total", "Repeated warnings and errors not logged."
         )
@@ -148,6 +170,7 @@ class StationMetrics:
         ready: bool,
         progress_age_s: float | None,
         log_suppressed: int,
+        disks: Mapping[str, int] | None = None,
     ) -> None:
         if pipeline is not None:
             for name, depth in pipeline.queues.items():
@@ -164,6 +187,11 @@ class StationMetrics:
             self.published.set_total(publisher.published)
             self.acked.set_total(publisher.acked)
             self.outbox_dropped.set_total(publisher.dropped)
+            self.outbox_result_age.set(publisher.oldest_result_age_s or 0.0)
+            self.store_failing.set(int(publisher.store_failing))
+            self.outbox_fault.clear()
+            if publisher.outbox_fault is not None:
+                self.outbox_fault.set(1, kind=publisher.outbox_fault)
             for q, value in (
                 ("0.5", publisher.ack_latency_ms_p50),
                 ("0.99", publisher.ack_latency_ms_p99),
@@ -195,3 +223,5 @@ class StationMetrics:
         self.ready.set(int(ready))
         self.progress_age.set(progress_age_s if progress_age_s is not None else -1.0)
         self.log_suppressed.set_total(log_suppressed)
+        for name, free in (disks or {}).items():
+            self.disk_free.set(free, dir=name)

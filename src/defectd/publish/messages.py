@@ -55,6 +55,9 @@ EVENT_SEVERITY: dict[str, str] = {
     "broker_reconnected": "info",
     "broker_refused": "error",
     "publish_refused": "error",
+    "outbox_store_failed": "error",
+    "outbox_store_recovered": "info",
+    "disk_space_low": "warning",
 }
 
 

@@ -50,6 +50,13 @@ from defectd.pipeline.inspection import Inspection
 from defectd.pipeline.parts import expiry_interval_s, is_late
 from defectd.publish import messages as m
 from defectd.publish.config import MqttConfig, OutboxConfig, check_topic_level
+from defectd.publish.failsafe import (
+    DirectMessage,
+    DirectQueue,
+    NotDurableError,
+    failsafe_inspection,
+    failsafe_messages,
+)
 from defectd.publish.outbox import (
     PRIORITY_DROP_FIRST,
     PRIORITY_KEEP,
@@ -193,6 +200,14 @@ class PublisherStats:
     # their rejects (and response-topic copies), which are then not sent at all.
     late: int = 0
     late_withheld: int = 0
+    # The fail-safe path (``publish.failsafe``): verdicts the outbox could not store, whether
+    # storing fails now (until a store succeeds again) and the direct publishes it made.
+    not_durable: int = 0
+    store_failing: bool = False
+    store_error: str | None = None
+    direct_queued: int = 0
+    direct_acked: int = 0
+    direct_dropped: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -251,6 +266,11 @@ class Publisher:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._checked_cameras: set[str] = set()
+        self._direct = DirectQueue()
+        self._not_durable = 0
+        self._store_failing_since: float | None = None
+        self._store_error: str | None = None
+        self._last_alarm = 0.0
 
         # Publisher-thread state.
         self._state = "down"  # down | connecting | up
@@ -260,6 +280,8 @@ class Publisher:
         self._down_since: float | None = None
         self._cursor = 0
         self._inflight: dict[int, _Inflight] = {}
+        self._direct_inflight: dict[int, str] = {}
+        self._direct_acked = 0
         self._acks: list[int] = []
         self._refusals: list[tuple[_Inflight, ReasonCode]] = []
         self._parked: dict[int, float] = {}
@@ -319,8 +341,11 @@ class Publisher:
         """Commit the ``result`` (and for fail/error the ``reject``) to the outbox; returns once
         they are durable. Never waits for the network.
 
-        Raises ``PublishError`` when the publisher is not started or the outbox cannot store
-        the messages, ``ConfigError`` when the camera id cannot be a topic level.
+        Raises ``NotDurableError`` when the outbox cannot store them: the verdict's fail-safe
+        reject (a pass becomes ``error:not_durable``) is then queued for a direct, best-effort
+        publish flagged ``not_durable``, and an ``outbox_store_failed`` alarm event with it.
+        Raises ``PublishError`` when the publisher is not started, ``ConfigError`` when the
+        camera id cannot be a topic level.
         """
         outbox = self._require_outbox()
         camera = inspection.camera
@@ -360,10 +385,66 @@ class Publisher:
         if inspection.response_topic is not None:
             # MQTT 5 request/response: the trigger named where its answer goes.
             rows.append(replace(rows[0], topic=inspection.response_topic, qos=max(qos, 1)))
-        outbox.put_many(rows)
+        try:
+            outbox.put_many(rows)
+        except PublishError as exc:
+            self._failsafe(inspection, str(exc), now)
+            raise NotDurableError(
+                f"verdict {inspection.result_id} of camera {camera} is not stored durably; its"
+                f" reject was sent directly (not_durable): {exc}"
+            ) from exc
         with self._lock:
             self._submitted += 1
+            recovered = self._store_failing_since is not None
+        if recovered:
+            self._store_recovered()
         self._wake()
+
+    def _failsafe(self, inspection: Inspection, error: str, now: float) -> None:
+        """Queue the fail-safe reject of a verdict that could not be stored, and the alarm."""
+        safe = failsafe_inspection(inspection, error)
+        for topic, payload in failsafe_messages(safe, self._topics, now):
+            kind = m.Kind.REJECT.value if topic == self._topics.reject else m.Kind.RESULT.value
+            self._direct.put(DirectMessage(topic, payload, kind))
+        mono = time.monotonic()
+        with self._lock:
+            self._submitted += 1
+            self._not_durable += 1
+            first = self._store_failing_since is None
+            if first:
+                self._store_failing_since = mono
+            self._store_error = error
+            alarm = first or mono - self._last_alarm >= _EVENT_MIN_INTERVAL_S
+            if alarm:
+                self._last_alarm = mono
+            count = self._not_durable
+        if alarm:
+            log.error(
+                "outbox_store_failed",
+                camera=inspection.camera,
+                result_id=inspection.result_id,
+                not_durable=count,
+                error=error,
+            )
+            event = m.event_message(
+                self._station,
+                "outbox_store_failed",
+                "error",
+                {"error": error, "not_durable": count, "camera": inspection.camera},
+                now,
+            )
+            self._direct.put(DirectMessage(self._topics.events, m.encode(event), "event"))
+        self._wake()
+
+    def _store_recovered(self) -> None:
+        with self._lock:
+            since, self._store_failing_since = self._store_failing_since, None
+            count = self._not_durable
+        if since is None:
+            return
+        outage = round(time.monotonic() - since, 3)
+        log.info("outbox_store_recovered", outage_s=outage, not_durable=count)
+        self._event("outbox_store_recovered", outage_s=outage, not_durable=count)
 
     def publish_event(self, kind: str, *, severity: str | None = None, **fields: Any) -> None:
         """Queue an ``event`` (e.g. ``camera_lost``, camera="cam0") through the outbox.
@@ -442,6 +523,12 @@ class Publisher:
             outbox_fault_detail=ob.fault.detail if ob and ob.fault else None,
             outbox_free_bytes=ob.free_bytes if ob else None,
             late=self._late,
+            not_durable=self._not_durable,
+            store_failing=self._store_failing_since is not None,
+            store_error=self._store_error,
+            direct_queued=len(self._direct),
+            direct_acked=self._direct_acked,
+            direct_dropped=self._direct.dropped,
             late_withheld=self._late_withheld,
         )
 
@@ -522,6 +609,9 @@ class Publisher:
         if mid == self._offline_mid:
             self._offline_acked = True
             return
+        if self._direct_inflight.pop(mid, None) is not None:
+            self._direct_acked += int(not reason_code.is_failure)
+            return
         entry = self._inflight.pop(mid, None)
         if entry is None:  # the online status
             return
@@ -538,7 +628,12 @@ class Publisher:
             try:
                 if self._stopping.is_set() and (
                     time.monotonic() >= self._drain_deadline
-                    or (self._outbox.depth == 0 and not self._inflight)
+                    or (
+                        self._outbox.depth == 0
+                        and not self._inflight
+                        and not self._direct_inflight
+                        and not len(self._direct)
+                    )
                 ):
                     break
                 self._step(self._client, self._outbox)
@@ -564,6 +659,7 @@ class Publisher:
                 dirty, self._status_dirty = self._status_dirty, False
             if dirty:
                 self._publish_online(client)
+            self._pump_direct(client)
             self._pump(client, outbox)
 
         sock = client.socket() if self._state != "down" else None
@@ -746,6 +842,18 @@ class Publisher:
                     return
                 self._cursor = row.id
             free = self._config.max_inflight - len(self._inflight)
+
+    def _pump_direct(self, client: mqtt.Client) -> None:
+        """Publish the fail-safe messages (QoS 1, not in the outbox: best effort)."""
+        for msg in self._direct.take(100):
+            info = client.publish(
+                msg.topic, msg.payload, qos=1, retain=False, properties=self._props(msg.kind, None)
+            )
+            if info.rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+                self._direct_inflight[info.mid] = msg.kind
+                self._published += 1
+            else:
+                log.error("publish_failed", topic=msg.topic, reason=describe_reason(info.rc))
 
     def _publish_row(self, client: mqtt.Client, outbox: Outbox, row: OutboxRow) -> bool:
         topic, payload = row.topic, row.payload

@@ -1,0 +1,266 @@
+"""A station that cannot lie: a verdict that cannot be stored durably becomes a fail-safe
+reject sent directly (``not_durable``), raises an alarm, makes the station not ready and
+withholds the systemd watchdog; a hung broker shows as not ready."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from defectd.daemon.config import DaemonSection, load_station_config
+from defectd.daemon.health_report import HealthInputs, check_progress, health_report
+from defectd.daemon.routing import ProgressSnapshot
+from defectd.daemon.sdnotify import SdNotifier
+from defectd.daemon.service import Service
+from defectd.errors import PublishError
+from defectd.pipeline.inspection import Inspection, Verdict
+from defectd.publish import MqttConfig, OutboxConfig, Publisher
+from defectd.publish.failsafe import NotDurableError
+from defectd.publish.messages import schema_errors
+from defectd.publish.mosquitto import Mosquitto
+from defectd.publish.mqtt import PublisherStats
+
+# -- the health rules ----------------------------------------------------------------------
+
+
+def _stats(**changes: Any) -> PublisherStats:
+    base = PublisherStats(
+        connected=True, outbox_depth=0, oldest_age_s=None, submitted=10, published=10,
+        acked=10, dropped=0, dropped_rejects=0, refused=0, inflight=0, connects=1,
+        connect_failures=0, near_bound=False, near_bound_warnings=0, last_error=None,
+        ack_latency_ms_p50=1.0, ack_latency_ms_p99=2.0,
+    )  # fmt: skip
+    return replace(base, **changes)
+
+
+def _inputs(publisher: PublisherStats) -> HealthInputs:
+    return HealthInputs(
+        now=100.0,
+        started=0.0,
+        ready=True,
+        shutting_down=False,
+        progress=ProgressSnapshot(submitted=50, results=50, inspected=50, last_inspected=99.9),
+        sources=[],
+        publisher=publisher,
+        engine=None,
+        reloads=0,
+        daemon=DaemonSection(max_result_age_s=10.0),
+    )
+
+
+def test_verdicts_that_cannot_be_stored_stop_readiness_and_the_watchdog() -> None:
+    failing = _stats(store_failing=True, store_error="disk full", not_durable=3)
+    live, why = check_progress(_inputs(failing))
+    assert not live
+    assert "not stored durably (disk full); 3 were sent directly" in why
+    report = health_report(_inputs(failing))
+    assert not report.ready and why in report.reasons
+
+
+def test_a_damaged_outbox_stops_readiness_and_the_watchdog() -> None:
+    damaged = _stats(outbox_fault="damaged", outbox_fault_detail="row 7 fails its checksum")
+    assert check_progress(_inputs(damaged)) == (
+        False,
+        "the outbox is damaged: row 7 fails its checksum",
+    )
+
+
+def test_a_hung_broker_is_not_ready_once_the_oldest_result_waits_too_long() -> None:
+    assert health_report(_inputs(_stats(oldest_result_age_s=9.0))).ready
+    hung = health_report(_inputs(_stats(oldest_result_age_s=12.0, outbox_depth=540)))
+    assert hung.live and not hung.ready
+    assert hung.reasons == (
+        "oldest unacknowledged result is 12 s old (limit 10 s): the broker is hung or slow",
+    )
+    assert hung.checks["outbox"]["oldest_result_age_s"] == 12.0
+
+
+def test_an_outbox_fault_without_lost_verdicts_is_not_ready_but_live() -> None:
+    report = health_report(_inputs(_stats(outbox_fault="io", outbox_fault_detail="ack failed")))
+    assert report.live and not report.ready
+    assert report.reasons == ("outbox fault io: ack failed",)
+
+
+# -- the publisher's fail-safe path ----------------------------------------------------------
+
+
+def _insp(seq: int, verdict: Verdict) -> Inspection:
+    return Inspection("st1", "cam0", seq, verdict, rule=None, t_grab_wall=time.time())
+
+
+def test_a_verdict_the_outbox_refuses_is_sent_directly_as_a_not_durable_reject(
+    mosquitto: Callable[..., Mosquitto],
+    mqtt_collector: Callable[..., Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    broker = mosquitto()
+    sub = mqtt_collector(broker.host, broker.port, "fs/#")
+    config = MqttConfig(host=broker.host, port=broker.port, topic_prefix="fs")
+    pub = Publisher(config, OutboxConfig(path=tmp_path / "outbox.sqlite"), "st1")
+    pub.start()
+    try:
+        assert pub._outbox is not None
+        real_put = pub._outbox.put_many
+
+        def disk_full(rows: Any) -> Any:
+            raise PublishError("outbox x: cannot store a message: database or disk is full")
+
+        monkeypatch.setattr(pub._outbox, "put_many", disk_full)
+        passed = _insp(1, Verdict.PASS)
+        with pytest.raises(NotDurableError, match="not stored durably"):
+            pub.submit(passed)
+        assert sub.wait_for(lambda ms: len([m for m in ms if "/events" in m.topic]) >= 1)
+        assert sub.wait_for(lambda ms: len(ms) >= 3)
+        reject = sub.payloads("/reject")[0]
+        result = sub.payloads("/result")[0]
+        for kind, msg in (("reject", reject), ("result", result)):
+            assert schema_errors(kind, msg) == []
+            assert msg["not_durable"] is True
+            assert (msg["result_id"], msg["verdict"]) == (passed.result_id, "error")
+            assert msg["rule"] == "error:not_durable"
+        alarm = sub.payloads("/events")[0]
+        assert (alarm["event"], alarm["severity"]) == ("outbox_store_failed", "error")
+        stats = pub.stats()
+        assert (stats.store_failing, stats.not_durable) == (True, 1)
+        assert "disk is full" in (stats.store_error or "")
+
+        monkeypatch.setattr(pub._outbox, "put_many", real_put)
+        pub.submit(_insp(2, Verdict.PASS))
+        assert not pub.stats().store_failing
+        assert sub.wait_for(
+            lambda ms: any(b"outbox_store_recovered" in m.payload for m in ms), timeout=10
+        )
+    finally:
+        pub.stop(drain_timeout_s=2.0)
+
+
+# -- the daemon: a full state disk -----------------------------------------------------------
+
+
+class NotifySocket:
+    """A datagram socket standing in for systemd's notify socket: records every line."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lines: list[tuple[float, str]] = []
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(str(path))
+        self._sock.settimeout(0.2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="test-notify", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self._sock.recv(4096)
+            except TimeoutError:
+                continue
+            now = time.monotonic()
+            self.lines.extend((now, line) for line in data.decode().splitlines())
+
+    def pings_since(self, t: float) -> int:
+        return sum(1 for when, line in list(self.lines) if when >= t and line == "WATCHDOG=1")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self._sock.close()
+
+
+@pytest.fixture
+def notify(tmp_path: Path) -> Iterator[NotifySocket]:
+    sock = NotifySocket(tmp_path / "notify.sock")
+    yield sock
+    sock.close()
+
+
+def _wait(cond: Callable[[], bool], timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return cond()
+
+
+def test_a_full_state_disk_turns_the_station_not_ready_withholds_the_watchdog_and_heals(  # noqa: PLR0917
+    tmpfs: Callable[[int], Path],
+    mosquitto: Callable[..., Mosquitto],
+    mqtt_collector: Callable[..., Any],
+    notify: NotifySocket,
+    tiny_model: Path,
+    tmp_path: Path,
+) -> None:
+    state = tmpfs(2 * 1024 * 1024)
+    broker = mosquitto()
+    sub = mqtt_collector(broker.host, broker.port, "dur/#")
+    path = tmp_path / "station.toml"
+    path.write_text(
+        f'station = "st9"\n[model]\npath = "{tiny_model}"\nbackend = "ort"\nthreads = 1\n'
+        f'warmup = 1\ncache_dir = "{tmp_path / "cache"}"\n'
+        '[[cameras]]\ntype = "synthetic"\ncamera = "cam0"\nrate_hz = 20\nheight = 64\n'
+        "width = 64\n"
+        f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\ntopic_prefix = "dur"\n'
+        "reconnect_min_s = 0.1\nreconnect_max_s = 0.5\n"
+        "[outbox]\nreserve_bytes = 131072\n"
+        "[archive]\nenabled = false\n[health]\nenabled = false\n"
+        f'[daemon]\nstate_dir = "{state}"\ndrain_timeout_s = 2\n'
+    )
+    notifier = SdNotifier({"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "400000"})
+    service = Service(load_station_config(path), notifier=notifier, install_signals=False)
+    thread = threading.Thread(target=service.serve, name="test-service")
+    thread.start()
+    filler = state / "filler"
+    filling = threading.Event()
+    try:
+        assert _wait(lambda: service.ready and notify.pings_since(0) > 0, 60)
+        assert service.health_report().ready
+
+        filling = threading.Event()
+        filling.set()
+
+        def fill() -> None:  # the disk fills up and stays full: every freed byte is taken
+            with open(filler, "wb", buffering=0) as fh:
+                while filling.is_set():
+                    try:
+                        fh.write(bytes(4096))
+                    except OSError:
+                        time.sleep(0.01)
+
+        filler_thread = threading.Thread(target=fill, name="test-filler", daemon=True)
+        filler_thread.start()
+        assert _wait(lambda: not service.health_report().live)
+        report = service.health_report()
+        assert not report.ready
+        assert any("not stored durably" in r for r in report.reasons)
+        t_failed = time.monotonic()
+        time.sleep(1.0)  # two watchdog intervals
+        assert notify.pings_since(t_failed) == 0
+        assert _wait(lambda: any(p.get("not_durable") for p in sub.payloads("/reject")))
+        events = [p["event"] for p in sub.payloads("/events")]
+        assert "outbox_store_failed" in events
+        assert any("not stored durably" in line for _, line in notify.lines)  # STATUS=
+
+        filling.clear()
+        filler_thread.join(5)
+        filler.unlink()  # space is freed: no restart needed
+        assert _wait(lambda: service.health_report().live)
+        t_healed = time.monotonic()
+        assert _wait(lambda: notify.pings_since(t_healed) > 0)
+        assert _wait(
+            lambda: "outbox_store_recovered" in [p["event"] for p in sub.payloads("/events")]
+        )
+    finally:
+        filling.clear()
+        service.should_exit = True
+        thread.join(30)
+    assert not thread.is_alive()
