@@ -21,6 +21,8 @@ from defectd.cli import config_cmd  # noqa: F401  # isort: skip
 from defectd.cli import demo_cmd  # noqa: F401  # isort: skip
 from defectd.cli import engine_cmd  # noqa: F401  # isort: skip
 from defectd.cli import watch_cmd  # noqa: F401  # isort: skip
+from defectd.cli import dataset_cmd  # noqa: F401  # isort: skip
+from defectd.cli import card_cmd  # noqa: F401  # isort: skip
 from defectd.cli import opcua_cmd  # noqa: F401  # isort: skip
 from defectd.cli import plc_sim_cmd  # noqa: F401  # isort: skip
 
