@@ -23,6 +23,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from defectd.cli.app import app
+from defectd.cli.console import report_console
+from defectd.cli.guard import refuse_section_overwrite
 from defectd.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -169,7 +171,7 @@ def _print_table(title: str, rows: list[tuple[str, str]]) -> None:
     table.add_column("value")
     for key, value in rows:
         table.add_row(key, value)
-    Console().print(table)
+    report_console().print(table)
 
 
 # ----------------------------------------------------------------------------- camera
@@ -223,6 +225,9 @@ def camera(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object on stdout instead of a table.")
     ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace the sections --out already has.")
+    ] = False,
 ) -> None:
     """Calibrate camera geometry from views of a checkerboard or circle grid.
 
@@ -238,6 +243,9 @@ def camera(
     )
     from defectd.calibration.file import now_iso, update_calibration
 
+    refuse_section_overwrite(
+        out, ("camera", "flatfield") if flat is not None else ("camera",), force=force
+    )
     chosen = (
         CheckerboardPattern(cols, rows, square_mm)
         if pattern is PatternChoice.checkerboard
@@ -340,6 +348,9 @@ def flatfield(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object on stdout instead of a table.")
     ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace a flatfield section --out already has.")
+    ] = False,
 ) -> None:
     """Estimate a flat-field gain from frames of a blank reference under the station light.
 
@@ -349,6 +360,7 @@ def flatfield(
     """
     from defectd.calibration.file import update_calibration
 
+    refuse_section_overwrite(out, ("flatfield",), force=force)
     section = estimate_and_save_flat(
         images, out, method=method, degree=degree, sigma_frac=sigma_frac
     )

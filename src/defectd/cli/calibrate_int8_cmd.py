@@ -7,16 +7,18 @@ import json
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from defectd.cli.calibrate_cmd import calibrate_app, progress_bar
-from defectd.errors import ConfigError
+from defectd.cli.console import report_console
+from defectd.cli.guard import refuse_overwrite
+from defectd.errors import CalibrationError, ConfigError
 from defectd.log import get_logger
 
 if TYPE_CHECKING:
@@ -52,11 +54,21 @@ def predict_split(
     return out
 
 
-def _meets(a: Agreement) -> bool:
-    return abs(a.iou_delta) <= IOU_TOLERANCE and a.verdict_agreement >= AGREEMENT_TARGET
+@dataclass(frozen=True, slots=True)
+class Targets:
+    """What an INT8 model must keep against fp32: IoU change and verdict agreement."""
+
+    max_iou_delta: float = IOU_TOLERANCE
+    min_agreement: float = AGREEMENT_TARGET
+
+    def met_by(self, a: Agreement) -> bool:
+        return abs(a.iou_delta) <= self.max_iou_delta and a.verdict_agreement >= self.min_agreement
+
+    def describe(self) -> str:
+        return f"|dIoU| <= {self.max_iou_delta:g}, agreement >= {self.min_agreement * 100:g} %"
 
 
-def _print_table(rows: list[Agreement], chosen: str, out: Path) -> None:
+def _print_table(rows: list[Agreement], chosen: str, out: Path | None, targets: Targets) -> None:
     first = rows[0]
     table = Table(
         title=(
@@ -86,11 +98,12 @@ def _print_table(rows: list[Agreement], chosen: str, out: Path) -> None:
             f"{a.int8_dice:.4f}",
             f"{a.verdict_agreement * 100:.2f} %",
             f"{a.max_abs_diff:.3f}",
-            "yes" if _meets(a) else "NO",
+            "yes" if targets.met_by(a) else "NO",
         )
-    console = Console()
+    console = report_console()
     console.print(table)
-    console.print(f"* written to {out} (targets: |dIoU| <= {IOU_TOLERANCE}, agreement >= 99 %)")
+    where = f"written to {out}" if out is not None else "best method; nothing written"
+    console.print(f"* {where} (targets: {targets.describe()})")
 
 
 @calibrate_app.command("int8")
@@ -144,6 +157,23 @@ def int8(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object on stdout instead of a table.")
     ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing --out model (and its card).")
+    ] = False,
+    max_iou_delta: Annotated[
+        float, typer.Option("--max-iou-delta", help="Target: largest |IoU change| accepted.")
+    ] = IOU_TOLERANCE,
+    min_agreement: Annotated[
+        float,
+        typer.Option("--min-agreement", help="Target: smallest share of same verdicts (0..1)."),
+    ] = AGREEMENT_TARGET,
+    keep_failed: Annotated[
+        bool,
+        typer.Option(
+            "--keep-failed",
+            help="Write the best model even when it misses the targets (still exit 1).",
+        ),
+    ] = False,
 ) -> None:
     """Quantise a model to INT8 (QDQ ONNX, per-channel weights) and check it against fp32.
 
@@ -170,6 +200,10 @@ def int8(
     out = out or model.with_name(f"{model.stem}.int8.onnx")
     if out.resolve() == model.resolve():
         raise ConfigError(f"--out {out}: would overwrite the fp32 model")
+    refuse_overwrite(out, force=force)
+    if not (max_iou_delta >= 0 and 0 <= min_agreement <= 1):
+        raise ConfigError("--max-iou-delta >= 0 and --min-agreement within [0, 1]")
+    targets = Targets(max_iou_delta, min_agreement)
     threshold, min_area = card.threshold, card.min_area_px
     if calibration is not None:
         section = load_calibration(calibration).threshold
@@ -226,35 +260,47 @@ def int8(
         best = max(
             rows,
             key=lambda a: (
-                abs(a.iou_delta) <= IOU_TOLERANCE,
+                abs(a.iou_delta) <= targets.max_iou_delta,
                 a.verdict_agreement,
                 -abs(a.iou_delta),
             ),
         )
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(built[best.method], out)
-        shutil.copyfile(card_path(built[best.method]), card_path(out))
-    log.info(
+        meets = targets.met_by(best)
+        written = meets or keep_failed
+        if written:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(built[best.method], out)
+            shutil.copyfile(card_path(built[best.method]), card_path(out))
+    (log.info if meets else log.warning)(
         "int8_calibrated",
         model=str(model),
         out=str(out),
         method=best.method,
         iou_delta=best.iou_delta,
         verdict_agreement=best.verdict_agreement,
+        meets_targets=meets,
+        written=written,
     )
     if as_json:
         payload: dict[str, Any] = {
-            "out": str(out),
-            "card": str(card_path(out)),
-            "size_mb": round(out.stat().st_size / 1e6, 3),
+            "out": str(out) if written else None,
+            "card": str(card_path(out)) if written else None,
+            "size_mb": round(out.stat().st_size / 1e6, 3) if written else None,
             "method": best.method,
             "calibration_split": split,
             "calibration_images": sum(b.shape[0] for b in batches),
             "keep_float": list(floats),
-            "meets_targets": _meets(best),
+            "meets_targets": meets,
             "chosen": best.as_dict(),
             "methods": [a.as_dict() for a in rows],
         }
         typer.echo(json.dumps(payload))
-        return
-    _print_table(rows, best.method, out)
+    else:
+        _print_table(rows, best.method, out if written else None, targets)
+    if not meets:
+        raise CalibrationError(
+            f"int8 model misses its targets (best: {best.method}, dIoU {best.iou_delta:+.4f}, "
+            f"verdicts agree {best.verdict_agreement * 100:.2f} %; targets "
+            f"{targets.describe()}); "
+            + (f"written to {out} (--keep-failed)" if written else "nothing written")
+        )

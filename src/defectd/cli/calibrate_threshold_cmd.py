@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from defectd.cli.calibrate_cmd import calibrate_app, command_line, progress_bar
+from defectd.cli.console import report_console
+from defectd.cli.guard import refuse_section_overwrite
 from defectd.errors import ConfigError
 from defectd.log import get_logger
 
@@ -99,7 +100,7 @@ def _print_report(
         table.add_row("false-reject rate (eval split)", _rate_text(e["false_reject"]))
     for line in rows:
         table.add_row("", line)
-    Console().print(table)
+    report_console().print(table)
 
 
 @calibrate_app.command("threshold")
@@ -161,6 +162,9 @@ def threshold(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object on stdout instead of a table.")
     ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace a threshold section --out already has.")
+    ] = False,
 ) -> None:
     """Choose the decision threshold and minimum defect area from a labelled split.
 
@@ -191,6 +195,7 @@ def threshold(
         kind, rate = "escape", 0.01 if target_escape is None else target_escape
     if not 0.0 <= rate < 1.0:
         raise ConfigError(f"target rate {rate}: must be within [0, 1)")
+    refuse_section_overwrite(out, ("threshold",), force=force)
     grid_t = _floats(thresholds, "--thresholds") if thresholds else None
     grid_a = _ints(min_areas, "--min-areas") if min_areas else None
     grid_s = _floats(min_scores, "--min-scores") if min_scores else None

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from defectd.cli.app import app
+from defectd.cli.guard import refuse_overwrite
 
 PARITY_TOLERANCE = 1e-4
 
@@ -37,6 +38,9 @@ def export_command(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON summary object on stdout.")
     ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing --out model and its card.")
+    ] = False,
 ) -> None:
     """Export a checkpoint to ONNX, with the model card beside it.
 
@@ -53,6 +57,7 @@ def export_command(
 
     # The exporter logs a warning for each torchvision op it cannot register; none are used.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    refuse_overwrite(out, force=force)
     net, card = load_checkpoint(checkpoint)
     if name:
         card = card.model_copy(update={"name": name})
