@@ -1,8 +1,9 @@
 """Seeded fuzz of the station config, and agreement between ``config check`` and ``run``.
 
 A valid base config (tiny ONNX model on ONNX Runtime, synthetic camera, every section) is
-mutated with a seeded generator: values replaced by over-long paths, NUL bytes, unicode,
-wrong types, huge numbers; keys removed or added; the TOML text itself damaged. Loading and
+mutated with a seeded generator (10,000 configs in 4 chunks): values replaced by over-long
+paths, NUL bytes, unicode, wrong types, huge numbers; keys removed or added; the TOML text
+itself damaged. Loading and
 checking such a config may only ever fail with ``ConfigError``.
 
 Agreement: for a seeded sample of plausible edits, every config that ``config check``
@@ -33,6 +34,7 @@ from defectd.model.card import card_path
 pytestmark = pytest.mark.slow
 
 FUZZ_CONFIGS = 10_000
+FUZZ_CHUNKS = 4  # separate tests, so each stays well inside the per-test timeout
 AGREEMENT_STARTS = 50
 AGREEMENT_REJECTS = 50
 SEED = 20261202
@@ -253,14 +255,16 @@ def fuzz_dir(tmp_path: Path, tiny_model: Path) -> Path:
     return tmp_path
 
 
+@pytest.mark.parametrize("chunk", range(FUZZ_CHUNKS))
 def test_mutated_configs_only_ever_fail_with_a_config_error(
-    fuzz_dir: Path, capsys: pytest.CaptureFixture[str]
+    fuzz_dir: Path, capsys: pytest.CaptureFixture[str], chunk: int
 ) -> None:
-    rng = random.Random(SEED)
+    rng = random.Random(SEED + 100 * chunk)
     base = base_config("model.onnx")
     path = fuzz_dir / "station.toml"
     loaded = checked = 0
-    for n in range(FUZZ_CONFIGS):
+    count = FUZZ_CONFIGS // FUZZ_CHUNKS
+    for n in range(count):
         if n % 10 == 9:
             path.write_bytes(damage_text(to_toml(base), rng))
         else:
@@ -279,7 +283,7 @@ def test_mutated_configs_only_ever_fail_with_a_config_error(
             assert (code, bool(out)) in ((0, True), (2, False)), err
             assert code == 0 or err.strip().splitlines()[-1].startswith("error: ")
     # The mutations must reach every stage: loading, checking, acceptance.
-    assert loaded > FUZZ_CONFIGS // 10 and checked > FUZZ_CONFIGS // 50, (loaded, checked)
+    assert loaded > count // 10 and checked > count // 50, (loaded, checked)
 
 
 def plausible_edit(config: dict[str, Any], rng: random.Random, folder: Path) -> dict[str, Any]:

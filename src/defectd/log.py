@@ -27,7 +27,10 @@ def configure_logging(
     """
     if level.lower() not in LEVELS:
         raise ValueError(f"unknown log level {level!r}; choose one of {', '.join(LEVELS)}")
-    out = stream if stream is not None else sys.stderr
+    # Without a stream, every write looks up sys.stderr: while a rich progress bar runs on a
+    # terminal it replaces sys.stderr with a proxy that prints log lines above the bar (on
+    # the bar's console), so a log line never lands on the bar's line.
+    out: TextIO = stream if stream is not None else cast("TextIO", _CurrentStderr())
     use_json = fmt == "json" or (fmt == "auto" and not out.isatty())
     renderer: structlog.typing.Processor
     if use_json:
@@ -49,6 +52,19 @@ def configure_logging(
         logger_factory=structlog.PrintLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )
+
+
+class _CurrentStderr:
+    """A file whose writes go to whatever ``sys.stderr`` is at that moment."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
 
 
 def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:

@@ -6,6 +6,7 @@ import sys
 
 from defectd.cli.app import Injected, app
 from defectd.errors import DefectdError
+from defectd.log import get_logger
 
 # Subcommands register themselves on ``app`` when imported.
 from defectd.cli import synth_cmd  # noqa: F401  # isort: skip
@@ -35,18 +36,40 @@ def main(argv: list[str] | None = None, *, injected: Injected | None = None) -> 
     Usage errors are reported by the CLI library itself (also exit 2). ``injected`` hands the
     commands replacements for real parts (tests: an engine opener); None in production.
     """
+    args = sys.argv[1:] if argv is None else argv
     try:
-        app(args=argv, prog_name="defectd", obj=injected or Injected())
+        app(args=args, prog_name="defectd", obj=injected or Injected())
     except SystemExit as exc:
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 1)
     except DefectdError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _fatal(args, "error", f"error: {exc}", error=str(exc), exit_code=EXIT_ERROR)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        _fatal(args, "interrupted", "interrupted", exit_code=130)
         return 130
     return 0
+
+
+def _json_logs(args: list[str]) -> bool:
+    """Whether ``--log-format json`` was given (before the subcommand)."""
+    for i, arg in enumerate(args):
+        if arg == "--log-format":
+            return i + 1 < len(args) and args[i + 1] == "json"
+        if arg == "--log-format=json":
+            return True
+        if not arg.startswith("-"):
+            return False  # the subcommand: global options come before it
+    return False
+
+
+def _fatal(args: list[str], event: str, line: str, **fields: object) -> None:
+    """The last words of a failed command: ``line`` on stderr, or with ``--log-format json`` one
+    JSON log event (so a JSON log stays JSON to its end)."""
+    if _json_logs(args):
+        get_logger("defectd.cli").error(event, **fields)
+    else:
+        print(line, file=sys.stderr)
 
 
 if __name__ == "__main__":

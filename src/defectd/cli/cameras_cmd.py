@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from defectd.cli.app import app
+from defectd.cli.console import report_console
 
 
 @app.command("cameras")
@@ -47,7 +48,6 @@ def cameras(
     program holds open is listed without node values. Select a camera in the
     station config by serial or name: device = { serial = "..." }.
     """
-    from rich.console import Console
     from rich.table import Table
 
     from defectd.pipeline.sources.gentl import GenTLHub, bundled_producer, resolve_producers
@@ -69,7 +69,7 @@ def cameras(
         typer.echo(json.dumps(out))
         return
 
-    console = Console()
+    console = report_console()
     names = ", ".join(str(p) for p in producers)
     console.print(f"producers: {names}" + ("  (simulated cameras)" if simulated else ""))
     if not devices:

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from defectd.cli.app import app
-from defectd.cli.console import console
+from defectd.cli.console import report_console
 from defectd.errors import ConfigError
 
 card_app = typer.Typer(
@@ -97,7 +97,7 @@ def write(
         force=force,
     )
     spec = result.card.input
-    console().print(
+    report_console().print(
         f"wrote {path}: input {spec.channels}x{spec.height}x{spec.width} ({spec.resize}), "
         f"output {result.output_shape[1:]} probabilities "
         f"{result.prob_min:.3f}..{result.prob_max:.3f} on {result.engine}",
@@ -132,9 +132,9 @@ def check(
         typer.echo(json.dumps(summary))
         return
     for key, value in summary.items():
-        console().print(f"{key}: {value}", markup=False)
+        report_console().print(f"{key}: {value}", markup=False)
     if result.sha256_ok is False:
-        console(stderr=True).print(
+        report_console(stderr=True).print(
             "warning: the card's sha256 is not this file's (the model changed since the card "
             "was written)"
         )

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from defectd.cli.app import app
+from defectd.cli.console import report_console
 
 config_app = typer.Typer(
     help="Check or show a station config (TOML).",
@@ -75,7 +75,7 @@ def check(
     for key, value in summary.items():
         if key not in ("ok", "file"):
             table.add_row(key, str(value))
-    Console().print(table)
+    report_console().print(table)
 
 
 @config_app.command("show")

@@ -1,8 +1,9 @@
-"""The consoles the commands print with: tables whole when piped, one console per stream.
+"""The console the commands print tables and reports with: whole tables when piped.
 
 Rich sizes a console that is not a terminal at 80 columns and cuts wider tables; piped output
 (a log file, ``| less``, CI) gets a wide console instead, so tables keep every column. On a
-terminal the terminal's width is used.
+terminal the terminal's width is used. (Log lines and progress bars share the terminal
+through the bar's own console: see ``defectd.log.configure_logging``.)
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ PIPED_WIDTH = 200
 
 
 @cache
-def console(stderr: bool = False) -> Console:
-    """The shared console for stdout (or stderr): progress bars and log lines on a terminal
-    go through the same one, so a log line never lands on a progress bar's line."""
+def report_console(stderr: bool = False) -> Console:
+    """The console for stdout (or stderr), one per stream; wide when not a terminal."""
     stream = sys.stderr if stderr else sys.stdout
     is_tty = stream.isatty()
     return Console(stderr=stderr, width=None if is_tty else PIPED_WIDTH)

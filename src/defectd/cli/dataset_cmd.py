@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from defectd.cli.app import app
-from defectd.cli.console import console
+from defectd.cli.console import report_console
 from defectd.errors import ConfigError
 
 dataset_app = typer.Typer(
@@ -86,7 +86,7 @@ def import_(
     if as_json:
         typer.echo(json.dumps(report.as_dict()))
         return
-    con = console()
+    con = report_console()
     table = Table(title=f"{report.manifest}: {report.imported} samples", show_header=True)
     table.add_column("split")
     table.add_column("good", justify="right")

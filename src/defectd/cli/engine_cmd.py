@@ -12,6 +12,7 @@ import numpy as np
 import typer
 
 from defectd.cli.app import app
+from defectd.cli.console import report_console
 from defectd.errors import ConfigError
 
 
@@ -135,7 +136,7 @@ def build_engine(
     if as_json:
         typer.echo(json.dumps(summary))
         return
-    console = Console()  # the summary goes to stdout; progress went to stderr
+    console = report_console()  # the summary goes to stdout; progress went to stderr
     console.print(
         f"[bold]{engine.name}[/bold] {engine.version}: input (N, {', '.join(map(str, spec.chw))}), "
         f"batch {spec.min_batch}..{spec.max_batch}, opened in {build_s:.1f} s"
@@ -153,7 +154,6 @@ def engines(
     ] = False,
 ) -> None:
     """List the inference backends, whether they run on this machine, and their precisions."""
-    from rich.console import Console
     from rich.table import Table
 
     from defectd.engines import available_backends, choose_backend
@@ -187,6 +187,6 @@ def engines(
         table.add_row(
             i.name, "yes" if i.available else "no", i.version, " ".join(i.precisions), i.detail
         )
-    console = Console()
+    console = report_console()
     console.print(table)
     console.print(f"auto -> [bold]{auto}[/bold]: {reason}")

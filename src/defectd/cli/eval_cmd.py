@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from defectd.cli.app import app
+from defectd.cli.console import report_console
 from defectd.errors import ConfigError
 
 
@@ -136,7 +137,7 @@ def eval_command(
     if as_json:
         typer.echo(json.dumps(out))
         return
-    rich_out = Console()
+    rich_out = report_console()
     table = Table(title=f"{opened.card.name} on {data.name}/{split} ({opened.engine})")
     table.add_column("metric")
     table.add_column("value", justify="right")

@@ -166,7 +166,21 @@ def train_command(
                 )
             bar.update(task, status=f"epoch {rec.epoch} loss {rec.loss:.4f}{last_val}")
 
-        result = train(config, resume=resume, on_step=on_step, on_epoch=on_epoch)
+        def on_estimate(seconds: float, step_s: float, steps: int) -> None:
+            if as_json:
+                return
+            limited = config.time_limit_min is not None and seconds < step_s * steps - 1e-6
+            console.print(
+                f"estimated training time: ~{seconds / 60:.0f} min ({steps} steps x "
+                f"{step_s:.2f} s{', capped by --time-limit' if limited else ''}; "
+                "validation adds to it)",
+                markup=False,
+                highlight=False,
+            )
+
+        result = train(
+            config, resume=resume, on_step=on_step, on_epoch=on_epoch, on_estimate=on_estimate
+        )
     summary = {
         "best": str(result.best),
         "epochs": result.epochs,

@@ -57,7 +57,14 @@ from defectd.opcua.records import StationState
 from defectd.pipeline.cameras import DEFAULT_SETUP
 from defectd.pipeline.frame import Frame
 from defectd.pipeline.inspection import Inspection
-from defectd.pipeline.sources import Source, SourceEvent, SourceHealth, SourceState, make_sources
+from defectd.pipeline.sources import (
+    EventKind,
+    Source,
+    SourceEvent,
+    SourceHealth,
+    SourceState,
+    make_sources,
+)
 from defectd.pipeline.stats import PipelineStats
 from defectd.publish.messages import StatusInfo
 from defectd.publish.mqtt import Publisher
@@ -358,7 +365,9 @@ class Service:
 
     def _on_event(self, event: SourceEvent) -> None:
         self.metrics.camera_events.inc(camera=event.camera, kind=event.kind)
-        log.warning("camera_event", camera=event.camera, kind=event.kind, detail=event.detail)
+        # A finite source (replay, counted line) ending is the normal end, not a fault.
+        emit = log.info if event.kind == EventKind.END_OF_STREAM else log.warning
+        emit("camera_event", camera=event.camera, kind=event.kind, detail=event.detail)
         self._publish_event(event.kind, camera=event.camera, detail=event.detail)
 
     # ------------------------------------------------------------------ progress and systemd

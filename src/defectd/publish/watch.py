@@ -183,6 +183,7 @@ class Watcher:
                     connected = False
                     attempt = 0
         finally:
+            self._done.set()  # our own disconnect below is the normal end, not a loss
             if connected:
                 client.disconnect()
                 client.loop(timeout=0.2)
@@ -235,6 +236,8 @@ class Watcher:
         self._lost = True
         if not self._done.is_set():
             log.warning("watch_disconnected", reason=describe_reason(reason_code))
+        else:
+            log.info("watch_closed", reason=describe_reason(reason_code))
 
     def _handle(self, msg: mqtt.MQTTMessage, count: int | None) -> None:
         kind = "reject" if msg.topic.endswith("/reject") else "result"

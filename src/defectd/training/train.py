@@ -19,6 +19,7 @@ reproducible, since wall time decides when it stops).
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -254,12 +255,34 @@ def _merge_resume(config: TrainConfig, stored: TrainConfig) -> TrainConfig:
     )
 
 
+def time_one_step(net: torch.nn.Module, loss_fn: SegLoss, config: TrainConfig, bf16: bool) -> float:
+    """Seconds of one training step (forward, backward; no optimiser step), measured on a copy
+    of ``net`` with a random batch of the run's shape, so the run itself is untouched (same
+    weights, same random streams). The second of two steps is timed (the first warms up)."""
+    probe = copy.deepcopy(net).train()
+    gen = torch.Generator().manual_seed(0)
+    side_h = config.crop or config.height
+    side_w = config.crop or config.width
+    x = torch.rand((config.batch_size, config.channels, side_h, side_w), generator=gen)
+    y = (torch.rand((config.batch_size, 1, side_h, side_w), generator=gen) > 0.9).float()
+    elapsed = 0.0
+    for _ in range(2):
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = probe(x.contiguous(memory_format=torch.channels_last))
+        loss_fn(logits, y).backward()
+        elapsed = time.perf_counter() - t0
+    del probe
+    return elapsed
+
+
 def train(
     config: TrainConfig,
     *,
     resume: bool = False,
     on_step: Callable[[StepInfo], None] | None = None,
     on_epoch: Callable[[EpochRecord], None] | None = None,
+    on_estimate: Callable[[float, float, int], None] | None = None,
 ) -> TrainResult:
     """Train per ``config``; see the module docstring for what lands in ``config.out``.
 
@@ -389,6 +412,19 @@ def train(
         threads=torch.get_num_threads(),
         params=sum(p.numel() for p in net.parameters()),
     )
+    step_s = time_one_step(net, loss_fn, config, bf16)
+    estimate_s = step_s * (total_steps - step)
+    if limit_s is not None:
+        estimate_s = min(estimate_s, max(0.0, limit_s - spent))
+    log.info(
+        "train_estimate",
+        step_s=round(step_s, 4),
+        steps=total_steps - step,
+        estimate_min=round(estimate_s / 60, 1),
+        time_limit_min=config.time_limit_min,
+    )
+    if on_estimate is not None:
+        on_estimate(estimate_s, step_s, total_steps - step)
     epoch = start_epoch
     net.train()
     while epoch < config.epochs and progress_now() < 1.0:
