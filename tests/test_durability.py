@@ -4,6 +4,8 @@ withholds the systemd watchdog; a hung broker shows as not ready."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import threading
 import time
@@ -138,6 +140,39 @@ def test_a_verdict_the_outbox_refuses_is_sent_directly_as_a_not_durable_reject(
         assert sub.wait_for(
             lambda ms: any(b"outbox_store_recovered" in m.payload for m in ms), timeout=10
         )
+    finally:
+        pub.stop(drain_timeout_s=2.0)
+
+
+def test_a_frozen_broker_shows_as_the_age_of_the_oldest_unacknowledged_result(
+    mosquitto: Callable[..., Mosquitto], tmp_path: Path
+) -> None:
+    broker = mosquitto()
+    config = MqttConfig(host=broker.host, port=broker.port, topic_prefix="hung")
+    pub = Publisher(config, OutboxConfig(path=tmp_path / "outbox.sqlite"), "st1")
+    pub.start()
+    assert broker.pid is not None
+    try:
+        assert _wait(lambda: pub.stats().connected, 10)
+        pub.submit(_insp(0, Verdict.PASS))
+        assert _wait(lambda: pub.stats().outbox_depth == 0, 10)
+        assert pub.stats().oldest_result_age_s is None
+        os.kill(broker.pid, signal.SIGSTOP)  # accepts nothing, acknowledges nothing
+        for seq in range(1, 6):
+            pub.submit(_insp(seq, Verdict.FAIL))
+        time.sleep(2.5)
+        stats = pub.stats()
+        assert stats.connected  # the TCP connection looks fine
+        assert stats.oldest_result_age_s is not None and stats.oldest_result_age_s >= 2.0
+        inputs = replace(_inputs(stats), daemon=DaemonSection(max_result_age_s=2.0))
+        report = health_report(inputs)
+        assert report.live and not report.ready
+        assert any("broker is hung or slow" in r for r in report.reasons)
+    finally:
+        os.kill(broker.pid, signal.SIGCONT)
+    try:
+        assert _wait(lambda: pub.stats().outbox_depth == 0, 20)
+        assert pub.stats().oldest_result_age_s is None
     finally:
         pub.stop(drain_timeout_s=2.0)
 
