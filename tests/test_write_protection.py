@@ -76,3 +76,14 @@ def test_export_keeps_an_existing_model_without_force(
     code = main(["export", "--checkpoint", str(tmp_path / "best.pt"), "--out", str(out)])
     assert code == 2 and "exists; pass --force" in capsys.readouterr().err
     assert out.read_bytes() == b"shipped"
+
+
+def test_train_keeps_an_earlier_run_without_resume_or_force(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.pt").write_bytes(b"an earlier run")
+    code = main(["train", "--data", str(tmp_path / "data"), "--out", str(run)])
+    assert code == 2 and "holds an earlier run (best.pt)" in capsys.readouterr().err
+    assert (run / "best.pt").read_bytes() == b"an earlier run"

@@ -80,6 +80,10 @@ def train_command(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON summary object on stdout.")
     ] = False,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Start over in an --out that holds an earlier run."),
+    ] = False,
 ) -> None:
     """Train a U-Net that segments defects; keep the checkpoint with the best validation Dice.
 
@@ -99,6 +103,11 @@ def train_command(
     from defectd.training.losses import LOSS_KINDS
     from defectd.training.train import EpochRecord, StepInfo, TrainConfig, train
 
+    if not resume and not force and (out / "best.pt").exists():
+        raise ConfigError(
+            f"--out {out}: holds an earlier run (best.pt); pass --resume to continue it or "
+            "--force to start over (its checkpoints are replaced)"
+        )
     height, width = _parse_size(size)
     choices = {
         "--resize": (resize, ("resize", "pad")),
