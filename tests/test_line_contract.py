@@ -303,3 +303,55 @@ def test_plc_sim_against_the_daemon_passes_parts_only_on_their_own_pass_verdict(
     assert report.in_time == 60 and report.outcomes["system_reject"] == 0
     assert sum(report.outcomes.values()) == 60
     assert report.latency_ms_p99 is not None and report.latency_ms_p99 < 3000.0
+
+
+def test_hardware_triggered_parts_pair_by_counter_and_a_dropped_frame_gets_no_frame(
+    mosquitto: Callable[..., Mosquitto], mqtt_collector: Callable[..., Any], tmp_path: Path
+) -> None:
+    import numpy as np
+
+    from defectd.daemon.config import StationCamera
+    from defectd.pipeline.sources import DeviceSelector, GenICamSourceConfig
+
+    broker = mosquitto()
+    sub = mqtt_collector(broker.host, broker.port, f"{PREFIX}/#")
+    pub = make_publisher(broker, tmp_path)
+    pub.start()
+    camera = StationCamera(
+        source=GenICamSourceConfig(camera="cam0", device=DeviceSelector(index=0)),
+        line=LineConfig(mode="hw-counter", frame_timeout_ms=150),
+    )
+    paired: list[Frame] = []
+    line = LineIntake(
+        "st1", [camera], submit=paired.append, on_no_frame=pub.submit,
+        publish_event=lambda kind, fields: pub.publish_event(kind, **fields),
+    )  # fmt: skip
+    line.start()
+    try:
+        now = time.time()
+        for n in range(6):
+            body = {"part_id": f"P-{n}", "counter": 500 + n, "gate_ms": 5000}
+            line.on_trigger(
+                TriggerMessage("cam0", json.dumps(body).encode(), None, None, now,
+                               time.monotonic_ns())
+            )  # fmt: skip
+        for n in (0, 1, 2, 4, 5, 9):  # 503 was dropped on the way; 509 belongs to no part
+            line.on_frame(
+                Frame("st1", "cam0", n, np.zeros((8, 8), np.uint8), time.monotonic_ns(), now,
+                      meta={"frame_id": 500 + n})
+            )  # fmt: skip
+        assert sub.wait_for(lambda ms: any(m.topic.endswith("/reject") for m in ms))
+        assert sub.wait_for(lambda ms: any(b"unpaired_frames" in m.payload for m in ms), timeout=5)
+    finally:
+        line.stop()
+        pub.stop()
+    assert [(f.part_id, f.meta["frame_id"]) for f in paired] == [
+        ("P-0", 500), ("P-1", 501), ("P-2", 502), ("P-4", 504), ("P-5", 505),
+    ]  # fmt: skip
+    (reject,) = sub.payloads("/reject")
+    assert (reject["part_id"], reject["rule"]) == ("P-3", "error:no_frame")
+    events = {e["event"]: e["data"] for e in sub.payloads("/events")}
+    assert events["unpaired_frames"] == {"camera": "cam0", "count": 1}
+    assert events["unpaired_announcements"] == {"camera": "cam0", "count": 1}
+    stats = line.stats()["cam0"]
+    assert (stats["paired"], stats["no_frame"], stats["unpaired_frames"]) == (5, 1, 1)

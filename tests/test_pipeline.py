@@ -421,3 +421,16 @@ def test_repeated_errors_are_logged_once_per_interval_with_a_count(run) -> None:
     events = [e for e in logs if e["event"] == "frame_error"]
     assert len(sink.results) == 30 and pipe.stats().errors == {"corrupt_frame": 30}
     assert len(events) == 1 and events[0]["reason"] == "corrupt_frame"
+
+
+def test_a_frame_past_its_own_gate_deadline_gets_an_error_verdict_before_max_latency(
+    run,
+) -> None:
+    pipe, _, sink = run(PipelineConfig(max_latency_ms=60_000))
+    frame = dark_frame(64, 64, t_host_ns=time.monotonic_ns() - 500_000_000)
+    frame.deadline_ns = frame.t_host_ns + 200_000_000  # its reject gate: 200 ms after grab
+    pipe.submit(frame)
+    assert pipe.wait_idle(10)
+    inspection = sink.results[0].inspection
+    assert inspection.verdict is Verdict.ERROR and inspection.rule == "error:deadline"
+    assert "deadline 200 ms" in str(inspection.reason)

@@ -197,7 +197,7 @@ class LineIntake:
                 pushed = left.tickets
                 self._note_unpaired_frames(left.frames)
                 if pair is not None:
-                    frame = _paired(pair[1], pair[0])
+                    frame = self._paired(pair[1], pair[0])
         self._no_frames(pushed, msg.t_ns, "more parts waiting than line.max_pending")
         if frame is not None:
             self._submit(frame)
@@ -235,10 +235,13 @@ class LineIntake:
                         {"camera": camera, "part_id": ticket.part_id, "imaged": truth},
                     )
                 self._fire_next(camera, pairer)
-            self._submit(_paired(frame, ticket))
+            self._submit(self._paired(frame, ticket))
             return
         counted = self._counted.get(camera)
         if counted is None:
+            gate_ms = self._lines[camera].gate_ms if camera in self._lines else None
+            if gate_ms is not None:
+                frame.deadline_ns = frame.t_host_ns + round(gate_ms * 1e6)
             self._submit(frame)
             return
         counter = frame.meta.get("frame_id")
@@ -251,7 +254,7 @@ class LineIntake:
             self._note_unpaired_frames(left.frames)
         self._no_frames(left.tickets, time.monotonic_ns(), "more parts than line.max_pending")
         if pair is not None:
-            self._submit(_paired(pair[1], pair[0]))
+            self._submit(self._paired(pair[1], pair[0]))
 
     def stamp(self, result: PipelineResult) -> Inspection:
         """The verdict of ``result`` with its part's gate deadline and correlation data."""
@@ -270,6 +273,15 @@ class LineIntake:
             correlation=None if ticket is None else ticket.correlation_hex,
             response_topic=None if ticket is None else ticket.response_topic,
         )
+
+    def _paired(self, frame: Frame, ticket: PartTicket) -> Frame:
+        """``frame`` named for its part, with the part's gate as the pipeline's deadline."""
+        frame.part_id = ticket.part_id
+        frame.meta[PART_META] = ticket
+        gate = gate_deadline_for(ticket, frame.t_wall, self._lines[ticket.camera].gate_ms)
+        if gate is not None:
+            frame.deadline_ns = frame.t_host_ns + round((gate - frame.t_wall) * 1e9)
+        return frame
 
     # --- expiry and reports ---------------------------------------------------------------
 
@@ -333,9 +345,3 @@ class LineIntake:
         for (camera, kind), count in sorted(pending.items()):
             log.warning(kind, camera=camera, count=count)
             self._publish_event(kind, {"camera": camera, "count": count})
-
-
-def _paired(frame: Frame, ticket: PartTicket) -> Frame:
-    frame.part_id = ticket.part_id
-    frame.meta[PART_META] = ticket
-    return frame

@@ -18,7 +18,9 @@ class Frame:
     BGR, RGBa ...) before handing a frame on; ``pixel_format`` records what the camera sent.
     Times: ``t_host_ns`` is ``time.monotonic_ns()`` at grab (latencies are measured from it),
     ``t_wall`` is ``time.time()`` at grab (for humans and subscribers), ``t_camera_ns`` the
-    device timestamp when the device provides one.
+    device timestamp when the device provides one. ``deadline_ns`` (monotonic) is the part's
+    own deadline, e.g. its reject gate (``defectd.pipeline.parts``): the pipeline gives up on
+    the frame at the earlier of it and ``max_latency_ms`` after grab.
     """
 
     station: str
@@ -31,3 +33,4 @@ class Frame:
     t_camera_ns: int | None = None
     part_id: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    deadline_ns: int | None = None

@@ -229,6 +229,9 @@ class Pipeline:
             frame = usable_frame(frame)
         limit_ms = cfg.deadline_ms
         deadline = None if limit_ms is None else frame.t_host_ns + int(limit_ms * 1e6)
+        own = frame.deadline_ns  # the part's gate, when the line gave one
+        if own is not None:
+            deadline = own if deadline is None else min(deadline, own)
         job = Job(frame, setup, now, deadline)
         limit = cfg.max_in_flight
         block = cfg.admission == "block"
@@ -510,7 +513,10 @@ class Pipeline:
 
     def _deadline_detail(self, job: Job, now_ns: int, where: str) -> str:
         age = (now_ns - job.frame.t_host_ns) / 1e6
-        return f"{age:.1f} ms since grab {where}, deadline {self.config.max_latency_ms:g} ms"
+        limit = self.config.max_latency_ms
+        if job.deadline_ns is not None:
+            limit = (job.deadline_ns - job.frame.t_host_ns) / 1e6
+        return f"{age:.1f} ms since grab {where}, deadline {limit:g} ms"
 
     # ------------------------------------------------------------------ stages
 

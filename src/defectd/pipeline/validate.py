@@ -72,4 +72,5 @@ def usable_frame(frame: Any, station: str = "") -> Frame:
         t_camera_ns=field("t_camera_ns", int, None),
         part_id=field("part_id", str, None),
         meta=field("meta", dict, {}),
+        deadline_ns=field("deadline_ns", int, None),
     )
