@@ -64,3 +64,13 @@ def test_report_names_every_reason_it_is_not_ready() -> None:
         "in_flight": 0,
         "results": 50,
     }
+
+
+def test_a_station_whose_plc_triggers_cannot_arrive_is_not_ready() -> None:
+    counts = {"cam0": {"paired": 10, "no_frame": 1, "unpaired_frames": 0}}
+    up = health_report(_inputs(triggers_connected=True, line=counts))
+    assert up.ready and up.checks["line"] == {"triggers_connected": True, "cameras": counts}
+    down = health_report(_inputs(triggers_connected=False, line=counts))
+    assert not down.ready and down.live
+    assert "PLC trigger subscriber not connected (parts get no verdict)" in down.reasons
+    assert "line" not in health_report(_inputs()).checks  # no camera takes triggers

@@ -40,6 +40,10 @@ class HealthInputs:
     reloads: int
     daemon: DaemonSection
     disks: Mapping[str, int] = field(default_factory=dict)
+    # The line contract: pairing counters per camera with a line mode, and whether the PLC's
+    # triggers can arrive (None: no camera takes triggers).
+    line: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    triggers_connected: bool | None = None
 
 
 def durability_problem(p: PublisherStats) -> str | None:
@@ -152,4 +156,11 @@ def health_report(inputs: HealthInputs) -> HealthReport:
         "reloads": inputs.reloads,
         "disks": dict(inputs.disks),
     }
+    if inputs.triggers_connected is not None:
+        checks["line"] = {
+            "triggers_connected": inputs.triggers_connected,
+            "cameras": {camera: dict(counts) for camera, counts in inputs.line.items()},
+        }
+        if not inputs.triggers_connected:
+            reasons.append("PLC trigger subscriber not connected (parts get no verdict)")
     return HealthReport(live=live, ready=not reasons, reasons=tuple(reasons), checks=checks)

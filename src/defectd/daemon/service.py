@@ -518,6 +518,10 @@ class Service:
             reloads=self._reloader.reloads,
             disks=dict(self._disks),
             daemon=self.config.daemon,
+            line=self._line.stats() if self._line is not None else {},
+            triggers_connected=(
+                None if self._triggers is None else self._triggers.connected.is_set()
+            ),
         )
 
     @property
