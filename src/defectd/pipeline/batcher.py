@@ -85,7 +85,7 @@ class Batcher:
             if stop.is_set():
                 return None
             job = self._cursor
-            if job is not None and (job.failed or job.finished):
+            if job is not None and (job.dropped or job.finished):
                 job.release_data()
                 self._cursor = job = None
             if job is None:

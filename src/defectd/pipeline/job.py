@@ -4,12 +4,19 @@ A ``Job`` is created when a frame is submitted and handed from stage to stage th
 queues; each field is written by one stage at a time (the queue hand-off orders the writes).
 Only ``finished`` is shared between threads and is guarded by the pipeline's lock: it makes
 sure every frame gets exactly one verdict.
+
+A job's hold on its model (``ModelSlot``) is a ``SlotHold`` that only moves forward, moved by
+the one thread that holds the job: the preprocess thread takes the slot and gives it back if
+preprocessing fails; once the job is in the inference queue the inference thread owns it and
+gives it back when every tile is inferred or the job is dropped. ``leave_model`` is the only
+place a slot is released.
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from enum import Enum
 
 import numpy as np
 from numpy.typing import NDArray
@@ -54,6 +61,15 @@ class ModelSlot:
                 self.idle.set()
 
 
+class SlotHold(Enum):
+    """Where a job stands with its model slot."""
+
+    NONE = "none"  # not preprocessed yet
+    HOLDING = "holding"  # preprocessed for ``slot``: its engine must stay open
+    INFERRED = "inferred"  # every tile inferred; slot given back
+    DROPPED = "dropped"  # failed or refused before all tiles were inferred; slot given back
+
+
 @dataclass(eq=False, slots=True)
 class Job:
     """One submitted frame on its way to a verdict; times are ``time.monotonic_ns()``."""
@@ -73,19 +89,32 @@ class Job:
     t_infer_start_ns: int = 0
     t_infer_end_ns: int = 0
     t_post_start_ns: int = 0
-    failed: bool = False  # set by the inference thread: skip the remaining tiles
-    slot_released: bool = False
+    hold: SlotHold = SlotHold.NONE
     data_released: bool = False
     finished: bool = False  # guarded by the pipeline lock
 
     def expired(self, now_ns: int) -> bool:
         return self.deadline_ns is not None and now_ns > self.deadline_ns
 
-    def release_slot(self) -> None:
-        """Tell the slot this job no longer needs its engine (once)."""
-        if self.slot is not None and not self.slot_released:
-            self.slot_released = True
-            self.slot.release()
+    @property
+    def dropped(self) -> bool:
+        """Failed or refused on its way through the engine: skip its remaining tiles."""
+        return self.hold is SlotHold.DROPPED
+
+    def take_slot(self, slot: ModelSlot) -> None:
+        """Hold ``slot`` (already acquired) while the job is on its way through the engine."""
+        self.slot = slot
+        self.hold = SlotHold.HOLDING
+
+    def leave_model(self, outcome: SlotHold) -> bool:
+        """Give the slot back with ``outcome`` (``INFERRED`` or ``DROPPED``); False when the
+        job held none (it was already given back, or never taken)."""
+        if self.hold is not SlotHold.HOLDING:
+            return False
+        self.hold = outcome
+        assert self.slot is not None
+        self.slot.release()
+        return True
 
     def release_data(self) -> None:
         """Give the preprocessed buffer back to its pool (once; batcher thread only)."""

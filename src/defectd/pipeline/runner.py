@@ -17,6 +17,11 @@ gives whatever is still in flight the verdict ``error:stopped``.
 workers, or the submitting thread for admission errors): it must be thread-safe and quick
 (hand the result to the publisher's durable queue). Results of one camera can leave out of
 order when several post-processing workers run; ``seq`` and ``part_id`` identify them.
+
+The module is over 600 lines on purpose: the stages share one lock, one in-flight table and
+``_finish`` (the one place that gives a verdict), and splitting them would spread that
+invariant over files; the pieces that stand alone live beside it (``batcher``, ``job``,
+``preprocess``, ``postprocess``, ``rules``, ``tiling``, ``stats``).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import queue
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -50,7 +56,7 @@ from defectd.pipeline.config import config_hash as hash_configs
 from defectd.pipeline.failures import ErrorReason, FrameError
 from defectd.pipeline.frame import Frame
 from defectd.pipeline.inspection import Defect, Inspection, Verdict
-from defectd.pipeline.job import Job, ModelSlot
+from defectd.pipeline.job import Job, ModelSlot, SlotHold
 from defectd.pipeline.postprocess import (
     Postprocessor,
     PostprocessParams,
@@ -81,6 +87,27 @@ class PipelineResult:
 
 
 ResultSink = Callable[[PipelineResult], None]
+
+
+class PipelineState(Enum):
+    """The pipeline's life cycle; only forward: new -> running -> draining -> stopping ->
+    stopped (``drain``/``stop`` on a new pipeline go straight to draining)."""
+
+    NEW = "new"  # built; frames submitted now wait in the queue for start()
+    RUNNING = "running"
+    DRAINING = "draining"  # intake closed for good; frames in flight finish
+    STOPPING = "stopping"  # threads told to stop; what is left gets error:stopped
+    STOPPED = "stopped"
+
+    @property
+    def accepting(self) -> bool:
+        """Whether submitted frames are taken in (else they get ``error:stopped``)."""
+        return self in (PipelineState.NEW, PipelineState.RUNNING)
+
+    @property
+    def running(self) -> bool:
+        """Whether worker threads inspect frames."""
+        return self in (PipelineState.RUNNING, PipelineState.DRAINING)
 
 
 def _ms(ns: int) -> float:
@@ -160,8 +187,7 @@ class Pipeline:
         self._latency = LatencyWindow(cfg.stats_window)
         # Repeated frame errors and sink failures: one warning per (event, key) per 5 s.
         self._warn_limit = RateLimiter(5.0, clock=clock.monotonic)
-        self._state = "new"
-        self._accepting = True  # frames submitted before start wait in the queue
+        self._state = PipelineState.NEW  # frames submitted before start wait in the queue
         self._stop = threading.Event()
         self._frames: queue.Queue[Job] = queue.Queue(cfg.frame_queue)
         self._jobs: queue.Queue[Job] = queue.Queue(cfg.job_queue)
@@ -189,10 +215,9 @@ class Pipeline:
     def start(self) -> None:
         """Start the worker threads; frames submitted before are inspected from now on."""
         with self._lock:
-            if self._state != "new":
-                raise RuntimeError(f"pipeline is {self._state}; a pipeline starts once")
-            self._state = "running"
-            self._accepting = True
+            if self._state is not PipelineState.NEW:
+                raise RuntimeError(f"pipeline is {self._state.value}; a pipeline starts once")
+            self._state = PipelineState.RUNNING
         cfg = self.config
         targets: list[tuple[str, Callable[[], None]]] = [
             (f"defectd-pre-{i}", self._preprocess_loop) for i in range(cfg.preprocess_workers)
@@ -237,14 +262,15 @@ class Pipeline:
         block = cfg.admission == "block"
         with self._idle:
             # "block" waits here for a free slot; the frame counts as in flight only after.
-            while block and limit and self._accepting and len(self._inflight) >= limit:
+            while block and limit and self._state.accepting and len(self._inflight) >= limit:
                 self._idle.wait(POLL_S)
             self._counters.submitted += 1
             self._inflight[id(job)] = job
-            accepting = self._accepting
+            accepting = self._state.accepting
+            state = self._state
             over = limit is not None and len(self._inflight) > limit
         if not accepting:
-            self._fail(job, ErrorReason.STOPPED, f"pipeline is {self._state}, not accepting")
+            self._fail(job, ErrorReason.STOPPED, f"pipeline is {state.value}, not accepting")
             return
         if problem is not None:
             self._fail(job, ErrorReason.CORRUPT_FRAME, problem)
@@ -273,7 +299,7 @@ class Pipeline:
                 self._frames.put(job, timeout=POLL_S)
                 return
             except queue.Full:
-                if not self._accepting:
+                if not self._state.accepting:
                     self._fail(job, ErrorReason.STOPPED, "pipeline stopped while waiting")
                     return
 
@@ -294,12 +320,12 @@ class Pipeline:
         far has its verdict. True when nothing is left in flight. Intake stays closed."""
         end = self._clock.monotonic() + timeout
         with self._idle:
-            self._accepting = False
-            if self._state == "running":
-                self._state = "draining"
+            started = self._state is not PipelineState.NEW
+            if self._state.accepting:
+                self._state = PipelineState.DRAINING
             while self._inflight:
                 left = end - self._clock.monotonic()
-                if left <= 0 or self._state == "new":
+                if left <= 0 or not started:
                     break
                 self._idle.wait(min(left, 0.5))
             return not self._inflight
@@ -310,9 +336,9 @@ class Pipeline:
         end = self._clock.monotonic() + timeout
         drained = self.drain(timeout)
         with self._lock:
-            if self._state == "stopped":
+            if self._state is PipelineState.STOPPED:
                 return drained
-            self._state = "stopping"
+            self._state = PipelineState.STOPPING
         self._stop.set()
         # Every thread sees the stop within POLL_S: they share what is left of ``timeout``
         # (at least a few polls, however long the drain took).
@@ -326,7 +352,7 @@ class Pipeline:
         for job in leftover:
             self._fail(job, ErrorReason.STOPPED, "pipeline stopped before the frame was inspected")
         with self._lock:
-            self._state = "stopped"
+            self._state = PipelineState.STOPPED
             slot = self._slot
         slot.retire()
         c = self._counters
@@ -401,7 +427,7 @@ class Pipeline:
         )
         cfg = self.config
         return PipelineStats(
-            running=st in ("running", "draining"),
+            running=st.running,
             submitted=submitted,
             completed=completed,
             in_flight=inflight,
@@ -548,17 +574,17 @@ class Pipeline:
                 self._fail(job, ErrorReason.DEADLINE, self._deadline_detail(job, now, "in queue"))
                 continue
             slot = self._acquire_slot()
-            job.slot = slot
+            job.take_slot(slot)
             if pre is None or pre.card is not slot.card:
                 pre = Preprocessor(slot.card, self.config, self._pool)
             try:
                 prepared = pre(job.frame, job.setup)
             except FrameError as failure:
-                job.release_slot()
+                job.leave_model(SlotHold.DROPPED)
                 self._fail(job, failure.code, failure.detail)
                 continue
             except Exception as exc:  # a bug or an unexpected buffer must not stop the line
-                job.release_slot()
+                job.leave_model(SlotHold.DROPPED)
                 self._fail(job, ErrorReason.PREPROCESS, f"{type(exc).__name__}: {exc}")
                 continue
             job.prepared = prepared
@@ -568,15 +594,12 @@ class Pipeline:
             self._put(self._jobs, job)
 
     def _admit(self, job: Job) -> bool:
-        if job.finished:
-            job.release_slot()
-            return False
         now = self._clock.monotonic_ns()
-        if job.expired(now):
-            job.release_slot()
-            self._fail(
-                job, ErrorReason.DEADLINE, self._deadline_detail(job, now, "before inference")
-            )
+        if job.finished or job.expired(now):
+            job.leave_model(SlotHold.DROPPED)
+            if not job.finished:
+                where = self._deadline_detail(job, now, "before inference")
+                self._fail(job, ErrorReason.DEADLINE, where)
             return False
         return True
 
@@ -600,9 +623,7 @@ class Pipeline:
         except Exception as exc:  # the engine may raise anything; the frames still get verdicts
             detail = f"{slot.engine.name}: {type(exc).__name__}: {exc}".replace("\n", " ")
             for job, _ in batch.entries:
-                if not job.failed:
-                    job.failed = True
-                    job.release_slot()
+                if job.leave_model(SlotHold.DROPPED):
                     self._fail(job, ErrorReason.ENGINE, detail[:500])
             return
         t1 = self._clock.monotonic_ns()
@@ -610,7 +631,7 @@ class Pipeline:
             self._counters.batches += 1
             self._counters.tiles += len(batch.entries)
         for k, (job, tile) in enumerate(batch.entries):
-            if job.failed:
+            if job.dropped:
                 continue
             job.outputs[tile] = out[k, 0]
             if not job.t_infer_start_ns:
@@ -618,7 +639,7 @@ class Pipeline:
             job.t_infer_end_ns = t1
             job.tiles_done += 1
             if job.tiles_done == job.n_tiles:
-                job.release_slot()
+                job.leave_model(SlotHold.INFERRED)
                 if not job.finished:
                     self._put(self._results, job)
 

@@ -16,8 +16,20 @@ wakes that thread; it never waits for the network. The thread:
   code, e.g. an ACL denial) as an error log and an event naming the reason code; a refused row
   stays in the outbox and is tried again later.
 
+The thread runs paho's network loop by hand (``loop_read``/``loop_write``/``loop_misc`` on a
+``select`` over the client's socket and a wake-up socket) rather than ``loop_start``: the same
+thread then owns the outbox reads, the reconnect schedule and the drain deadline, so no lock
+is shared with a paho thread and ``submit`` wakes it at once.
+
 The broker password lives only in a ``SecretStr`` and is handed to paho at connect: it is
 never a log field, never in ``stats()`` and never in a repr.
+
+This module is over 600 lines on purpose: connection state, sending, acknowledgement and
+shutdown are steps of the one publisher thread and read best together; the message formats
+(``messages``), the outbox (``outbox``) and the settings (``config``) live apart.
+
+Times are read from the ``Clock`` it is given (``clock``, monotonic: backoff, deadlines) and
+``wall_clock`` (message timestamps, outbox row ages).
 """
 
 from __future__ import annotations
@@ -34,6 +46,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from enum import Enum
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -44,6 +57,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import SecretStr
 
 from defectd import __version__
+from defectd.clock import SYSTEM_CLOCK, Clock
 from defectd.errors import ConfigError, PublishError
 from defectd.log import get_logger
 from defectd.pipeline.inspection import Inspection
@@ -170,6 +184,14 @@ def describe_reason(rc: ReasonCode | MQTTErrorCode | int) -> str:
     return str(rc)
 
 
+class Link(Enum):
+    """The publisher thread's connection to the broker: down -> connecting -> up -> down."""
+
+    DOWN = "down"  # no connection; the next attempt is due at ``_next_attempt``
+    CONNECTING = "connecting"  # CONNECT sent, waiting for CONNACK (bounded)
+    UP = "up"  # CONNACK received: the outbox is being sent
+
+
 @dataclass(frozen=True, slots=True)
 class PublisherStats:
     """Counters of one publisher since ``start`` (depth and age are of the outbox file)."""
@@ -239,7 +261,8 @@ class Publisher:
         *,
         status: m.StatusInfo | None = None,
         rng: random.Random | None = None,
-        clock: Callable[[], float] = time.time,
+        wall_clock: Callable[[], float] = time.time,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         try:
             check_topic_level(station, "station")
@@ -252,7 +275,8 @@ class Publisher:
         self._client_id = config.client_id_for(station)
         self._password = config.read_password()
         self._rng = rng if rng is not None else random.Random()
-        self._clock = clock
+        self._clock = wall_clock
+        self._mono = clock
         self._status_info = status or m.StatusInfo(version=__version__)
         self._v5 = config.protocol == "5"
 
@@ -273,7 +297,7 @@ class Publisher:
         self._last_alarm = 0.0
 
         # Publisher-thread state.
-        self._state = "down"  # down | connecting | up
+        self._state = Link.DOWN  # owned by the publisher thread
         self._attempt = 0
         self._next_attempt = 0.0
         self._connecting_since = 0.0
@@ -406,7 +430,7 @@ class Publisher:
         for topic, payload in failsafe_messages(safe, self._topics, now):
             kind = m.Kind.REJECT.value if topic == self._topics.reject else m.Kind.RESULT.value
             self._direct.put(DirectMessage(topic, payload, kind))
-        mono = time.monotonic()
+        mono = self._mono.monotonic()
         with self._lock:
             self._submitted += 1
             self._not_durable += 1
@@ -442,7 +466,7 @@ class Publisher:
             count = self._not_durable
         if since is None:
             return
-        outage = round(time.monotonic() - since, 3)
+        outage = round(self._mono.monotonic() - since, 3)
         log.info("outbox_store_recovered", outage_s=outage, not_durable=count)
         self._event("outbox_store_recovered", outage_s=outage, not_durable=count)
 
@@ -480,7 +504,7 @@ class Publisher:
         outbox for the next start. Idempotent."""
         thread = self._thread
         if thread is not None and thread.is_alive():
-            self._drain_deadline = time.monotonic() + max(0.0, drain_timeout_s)
+            self._drain_deadline = self._mono.monotonic() + max(0.0, drain_timeout_s)
             self._stopping.set()
             self._wake()
             thread.join(drain_timeout_s + self._config.connect_timeout_s + 5.0)
@@ -499,7 +523,7 @@ class Publisher:
         p50 = lat[len(lat) // 2] if lat else None
         p99 = lat[min(len(lat) - 1, math.ceil(len(lat) * 0.99) - 1)] if lat else None
         return PublisherStats(
-            connected=self._state == "up",
+            connected=self._state is Link.UP,
             outbox_depth=ob.depth if ob else 0,
             oldest_age_s=ob.oldest_age_s if ob else None,
             submitted=self._submitted,
@@ -627,7 +651,7 @@ class Publisher:
         while True:
             try:
                 if self._stopping.is_set() and (
-                    time.monotonic() >= self._drain_deadline
+                    self._mono.monotonic() >= self._drain_deadline
                     or (
                         self._outbox.depth == 0
                         and not self._inflight
@@ -647,14 +671,14 @@ class Publisher:
         self._shutdown(self._client, self._outbox)
 
     def _step(self, client: mqtt.Client, outbox: Outbox) -> None:
-        now = time.monotonic()
-        if self._state == "down" and now >= self._next_attempt:
+        now = self._mono.monotonic()
+        if self._state is Link.DOWN and now >= self._next_attempt:
             self._try_connect(client, now)
-        elif self._state == "connecting" and now - self._connecting_since > (
+        elif self._state is Link.CONNECTING and now - self._connecting_since > (
             self._config.connect_timeout_s + 1.0
         ):
             self._connection_failed("no CONNACK from the broker in time", now)
-        if self._state == "up":
+        if self._state is Link.UP:
             with self._lock:
                 dirty, self._status_dirty = self._status_dirty, False
             if dirty:
@@ -662,11 +686,11 @@ class Publisher:
             self._pump_direct(client)
             self._pump(client, outbox)
 
-        sock = client.socket() if self._state != "down" else None
+        sock = client.socket() if self._state is not Link.DOWN else None
         rlist: list[Any] = [self._wake_r]
         wlist: list[Any] = []
         timeout = _HOUSEKEEPING_S
-        if self._state == "down":
+        if self._state is Link.DOWN:
             timeout = min(timeout, max(0.0, self._next_attempt - now))
         if self._stopping.is_set():
             timeout = min(timeout, 0.05)
@@ -692,8 +716,8 @@ class Publisher:
             if client.socket() is sock:
                 client.loop_misc()
         self._after_network(client, outbox)
-        if time.monotonic() - self._last_housekeeping >= _HOUSEKEEPING_S:
-            self._last_housekeeping = time.monotonic()
+        if self._mono.monotonic() - self._last_housekeeping >= _HOUSEKEEPING_S:
+            self._last_housekeeping = self._mono.monotonic()
             self._housekeeping(outbox)
 
     def _try_connect(self, client: mqtt.Client, now: float) -> None:
@@ -709,7 +733,7 @@ class Publisher:
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             self._connection_failed(describe_reason(rc), now)
             return
-        self._state = "connecting"
+        self._state = Link.CONNECTING
         self._connecting_since = now
 
     def _connection_failed(self, why: str, now: float, refused: bool = False) -> None:
@@ -720,7 +744,7 @@ class Publisher:
         )
         self._attempt += 1
         self._next_attempt = now + delay
-        self._state = "down"
+        self._state = Link.DOWN
         if self._down_since is None:
             self._down_since = now
         self._last_error = why
@@ -739,7 +763,7 @@ class Publisher:
             log.info("broker_unreachable", **fields)
 
     def _after_network(self, client: mqtt.Client, outbox: Outbox) -> None:
-        now = time.monotonic()
+        now = self._mono.monotonic()
         connack, self._connack = self._connack, None
         if connack is not None:
             ok, rc, session_present = connack
@@ -761,8 +785,8 @@ class Publisher:
                     )
                 self._disconnect_reason = None  # paho reports the refusal once more as a disconnect
         reason, self._disconnect_reason = self._disconnect_reason, None
-        if reason is not None and self._state != "down":
-            was_up = self._state == "up"
+        if reason is not None and self._state is not Link.DOWN:
+            was_up = self._state is Link.UP
             self._connection_failed(f"connection lost: {describe_reason(reason)}", now)
             if was_up:
                 log.warning(
@@ -787,7 +811,7 @@ class Publisher:
         self, client: mqtt.Client, outbox: Outbox, session_present: bool, now: float
     ) -> None:
         outage = None if self._down_since is None or self._connects == 0 else now - self._down_since
-        self._state = "up"
+        self._state = Link.UP
         self._attempt = 0
         self._down_since = None
         self._connects += 1
@@ -822,7 +846,7 @@ class Publisher:
         if free <= 0:
             return
         if self._parked:
-            now = time.monotonic()
+            now = self._mono.monotonic()
             due = [rid for rid, t in self._parked.items() if t <= now][:free]
             if due:
                 for rid in due:
@@ -955,7 +979,7 @@ class Publisher:
             log.error("event_not_stored", event_kind=kind, error=str(exc))
 
     def _shutdown(self, client: mqtt.Client, outbox: Outbox) -> None:
-        if self._state == "up":
+        if self._state is Link.UP:
             msg = m.status_message(
                 self._station, "offline", self._status_info, self._clock(), "stopped"
             )
@@ -967,15 +991,19 @@ class Publisher:
                 properties=self._props(m.Kind.STATUS.value, None),
             )
             self._offline_mid = info.mid
-            deadline = time.monotonic() + 2.0
-            while not self._offline_acked and time.monotonic() < deadline and self._state == "up":
+            deadline = self._mono.monotonic() + 2.0
+            while (
+                not self._offline_acked
+                and self._mono.monotonic() < deadline
+                and self._state is Link.UP
+            ):
                 self._network_once(client, 0.05)
                 self._after_network(client, outbox)
             client.disconnect()
-            deadline = time.monotonic() + 1.0
-            while client.socket() is not None and time.monotonic() < deadline:
+            deadline = self._mono.monotonic() + 1.0
+            while client.socket() is not None and self._mono.monotonic() < deadline:
                 self._network_once(client, 0.05)
-        self._state = "down"
+        self._state = Link.DOWN
         log.info(
             "publisher_stopped",
             station=self._station,
