@@ -40,7 +40,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from defectd.publish.mosquitto import Mosquitto
+from defectd.testing.mosquitto import Mosquitto
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFIX = "line"

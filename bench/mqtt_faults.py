@@ -1,6 +1,6 @@
 """Zero lost verdicts under faults: broker SIGKILLs and a producer SIGKILL, then count.
 
-Against a real Mosquitto started on a free port with persistence on (``defectd.publish.mosquitto``):
+Against a real Mosquitto started on a free port with persistence on (``defectd.testing.mosquitto``):
 
 1. ``latency``: at the steady rate, how long ``Publisher.submit`` blocks the caller and how long
    until the broker's PUBACK, next to a baseline measured in the same run: paho ``publish`` +
@@ -40,8 +40,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from defectd.publish.mosquitto import Mosquitto
 from defectd.publish.watch import Received, Watcher
+from defectd.testing.mosquitto import Mosquitto
 
 HERE = Path(__file__).resolve().parent
 PREFIX = "faults"

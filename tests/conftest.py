@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 if TYPE_CHECKING:
-    from defectd.publish.mosquitto import Mosquitto
+    from defectd.testing.mosquitto import Mosquitto
 
 # --- engines: a tiny trained U-Net exported to ONNX, its checkpoint and an INT8 QDQ copy ---
 
@@ -112,9 +112,9 @@ def mosquitto(tmp_path: Path) -> Iterator[Callable[..., Mosquitto]]:
     """Factory of local brokers: ``broker = mosquitto()`` starts one on a free port with
     persistence on (saved every second); ``broker.host``/``broker.port``, ``broker.kill()``
     (SIGKILL), ``broker.stop()``, ``broker.start()`` (same port), ``broker.restart()``.
-    Keyword arguments go to ``defectd.publish.mosquitto.Mosquitto`` (``listener_conf``,
+    Keyword arguments go to ``defectd.testing.mosquitto.Mosquitto`` (``listener_conf``,
     ``extra_conf``, ``allow_anonymous`` ...). Every broker is stopped at teardown."""
-    from defectd.publish.mosquitto import Mosquitto, find_mosquitto
+    from defectd.testing.mosquitto import Mosquitto, find_mosquitto
 
     if find_mosquitto() is None:
         pytest.skip("the mosquitto broker binary is not installed")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from defectd.daemon.demo import (
+from defectd.demo import (
     DEMO_STATION,
     EmbeddedBroker,
     broker_reachable,

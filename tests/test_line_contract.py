@@ -28,8 +28,8 @@ from defectd.pipeline.inspection import Inspection, Verdict
 from defectd.pipeline.parts import LineConfig
 from defectd.publish import MqttConfig, OutboxConfig, Publisher
 from defectd.publish.messages import schema_errors
-from defectd.publish.mosquitto import Mosquitto
 from defectd.publish.triggers import TriggerMessage
+from defectd.testing.mosquitto import Mosquitto
 
 PREFIX = "t"
 

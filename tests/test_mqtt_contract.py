@@ -14,7 +14,7 @@ import pytest
 from defectd.pipeline.inspection import Defect, Inspection, Verdict
 from defectd.publish import MqttConfig, OutboxConfig, Publisher, StatusInfo
 from defectd.publish.messages import encode, load_schema, schema_errors
-from defectd.publish.mosquitto import Mosquitto
+from defectd.testing.mosquitto import Mosquitto
 
 KIND_BY_TOPIC_END = {"result": "result", "reject": "reject", "status": "status", "events": "event"}
 

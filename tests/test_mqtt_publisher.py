@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 from defectd.pipeline.inspection import Defect, Inspection, Verdict
 from defectd.publish import MqttConfig, OutboxConfig, Publisher, StatusInfo
 from defectd.publish.messages import schema_errors
-from defectd.publish.mosquitto import Mosquitto
+from defectd.testing.mosquitto import Mosquitto
 
 PREFIX = "t"
 

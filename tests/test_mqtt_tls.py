@@ -20,7 +20,7 @@ import structlog
 from defectd.log import configure_logging
 from defectd.pipeline.inspection import Inspection, Verdict
 from defectd.publish import MqttConfig, OutboxConfig, Publisher, TlsConfig
-from defectd.publish.mosquitto import Mosquitto
+from defectd.testing.mosquitto import Mosquitto
 
 cryptography = pytest.importorskip("cryptography")
 from cryptography import x509  # noqa: E402

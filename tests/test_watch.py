@@ -17,8 +17,8 @@ from defectd.cli import main
 from defectd.pipeline.inspection import Inspection, Verdict
 from defectd.publish import MqttConfig, OutboxConfig, Publisher
 from defectd.publish.messages import encode, reject_message, result_message
-from defectd.publish.mosquitto import Mosquitto
 from defectd.publish.watch import Received, Watcher
+from defectd.testing.mosquitto import Mosquitto
 
 
 @pytest.fixture(autouse=True)

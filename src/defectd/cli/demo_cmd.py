@@ -51,7 +51,7 @@ def demo(
     """
     from rich.console import Console
 
-    from defectd.daemon.demo import run_demo, summary_table
+    from defectd.demo import run_demo, summary_table
 
     if not verbose:
         fmt = (ctx.parent.params.get("log_format") if ctx.parent else None) or "auto"

@@ -1,8 +1,9 @@
 """Camera sources: GenICam (harvesters), synthetic line, replay.
 
 Build a station's sources with ``make_sources(configs, station)`` (its GenICam cameras then
-share one producer hub) or one with ``make_source(config, station)``; the contract is in
-``sources.base``.
+share one producer hub) or one with ``make_source(config, station)`` (``sources.factory``);
+the contract and the config models are in ``sources.base``, the threaded base class of the
+backends in ``sources.threaded``.
 """
 
 from defectd.pipeline.sources.base import (
@@ -19,9 +20,8 @@ from defectd.pipeline.sources.base import (
     SourceState,
     SyntheticSourceConfig,
     TriggeredSource,
-    make_source,
-    make_sources,
 )
+from defectd.pipeline.sources.factory import make_source, make_sources
 
 __all__ = [
     "DeviceSelector",

@@ -25,7 +25,6 @@ from typing import Any
 from harvesters.core import ImageAcquirer
 
 from defectd.errors import CameraError
-from defectd.pipeline.sources._runner import ThreadedSource
 from defectd.pipeline.sources.base import (
     EventKind,
     GenICamSourceConfig,
@@ -33,6 +32,7 @@ from defectd.pipeline.sources.base import (
 )
 from defectd.pipeline.sources.convert import check_pixel_format, to_output
 from defectd.pipeline.sources.gentl import GenTLHub, apply_node, apply_nodes, resolve_producers
+from defectd.pipeline.sources.threaded import ThreadedSource
 
 # A fetch with this timeout makes one non-blocking check of the producer's queue.
 _POLL_FETCH_TIMEOUT_S = 1e-6

@@ -25,8 +25,8 @@ from numpy.typing import NDArray
 
 from defectd.data.datasets import IMAGE_SUFFIXES, Dataset, open_dataset, read_image
 from defectd.errors import CameraError, DataError
-from defectd.pipeline.sources._runner import Pacer, ThreadedSource
 from defectd.pipeline.sources.base import EventKind, ReplaySourceConfig, SourceState
+from defectd.pipeline.sources.threaded import Pacer, ThreadedSource
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,8 +22,8 @@ import numpy as np
 from defectd.data.synth import SURFACES, PartRenderer
 from defectd.errors import CameraError
 from defectd.pipeline.parts import synthetic_part_defective, synthetic_part_key
-from defectd.pipeline.sources._runner import Pacer, ThreadedSource
 from defectd.pipeline.sources.base import EventKind, SourceState, SyntheticSourceConfig
+from defectd.pipeline.sources.threaded import Pacer, ThreadedSource
 
 
 class SyntheticSource(ThreadedSource):
