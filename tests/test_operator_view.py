@@ -22,7 +22,7 @@ from defectd.daemon.config import load_station_config
 from defectd.daemon.sdnotify import SdNotifier
 from defectd.daemon.service import Service
 from defectd.log import configure_logging
-from defectd.publish.mosquitto import Mosquitto, find_mosquitto
+from defectd.testing.mosquitto import Mosquitto, find_mosquitto
 
 CHROMIUM = Path("/usr/bin/chromium")
 TOKEN = "s3cret-view-token-4711"
