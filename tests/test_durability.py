@@ -26,8 +26,8 @@ from defectd.pipeline.inspection import Inspection, Verdict
 from defectd.publish import MqttConfig, OutboxConfig, Publisher
 from defectd.publish.failsafe import NotDurableError
 from defectd.publish.messages import schema_errors
-from defectd.publish.mosquitto import Mosquitto
 from defectd.publish.mqtt import PublisherStats
+from defectd.testing.mosquitto import Mosquitto
 
 # -- the health rules ----------------------------------------------------------------------
 
