@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from defectd.publish.mosquitto import Mosquitto
+from defectd.testing.mosquitto import Mosquitto
 
 HERE = Path(__file__).resolve().parent
 ID_BYTES = 33  # a result id (32 hex digits) and a newline

@@ -19,7 +19,7 @@ import torch
 from defectd.cli import main
 from defectd.log import configure_logging, get_logger
 from defectd.model.card import card_path
-from defectd.publish.mosquitto import Mosquitto
+from defectd.testing.mosquitto import Mosquitto
 from defectd.training.train import time_one_step, train
 from test_train import tiny_config, write_chip_parts
 
