@@ -27,6 +27,7 @@ from defectd.publish import MqttConfig, OutboxConfig, Publisher
 from defectd.publish.failsafe import NotDurableError
 from defectd.publish.messages import schema_errors
 from defectd.publish.mqtt import PublisherStats
+from defectd.publish.outbox import OutboxDamagedError
 from defectd.testing.mosquitto import Mosquitto
 
 # -- the health rules ----------------------------------------------------------------------
@@ -299,3 +300,31 @@ def test_a_full_state_disk_turns_the_station_not_ready_withholds_the_watchdog_an
         service.should_exit = True
         thread.join(30)
     assert not thread.is_alive()
+
+
+def test_a_damaged_outbox_stops_the_daemon_before_its_model_loads(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "outbox.sqlite").write_bytes(b"")  # what a crash or a bad copy can leave
+    path = tmp_path / "station.toml"
+    path.write_text(
+        f'station = "st9"\n[model]\npath = "{tiny_model}"\nbackend = "ort"\n'
+        '[[cameras]]\ntype = "synthetic"\ncamera = "cam0"\n[mqtt]\nport = 1\n'
+        f'[archive]\nenabled = false\n[health]\nenabled = false\n[daemon]\nstate_dir = "{state}"\n'
+    )
+    opened: list[object] = []
+
+    def opener(*args: Any, **kwargs: Any) -> Any:
+        opened.append(args)
+        raise AssertionError("the model must not load on a damaged outbox")
+
+    service = Service(
+        load_station_config(path), notifier=SdNotifier({}), engine_opener=opener,
+        install_signals=False,
+    )  # fmt: skip
+    with pytest.raises(OutboxDamagedError, match=r"outbox .*outbox.sqlite is damaged"):
+        service.serve()
+    assert opened == []
+    assert (state / "outbox.sqlite").stat().st_size == 0  # kept as it was

@@ -68,6 +68,7 @@ from defectd.pipeline.sources import (
 from defectd.pipeline.stats import PipelineStats
 from defectd.publish.messages import StatusInfo
 from defectd.publish.mqtt import Publisher
+from defectd.publish.outbox import check_outbox_file
 from defectd.publish.triggers import TriggerListener
 
 log = get_logger(__name__)
@@ -205,6 +206,8 @@ class Service:
             cfg.state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"daemon.state_dir: cannot create {cfg.state_dir}: {exc}") from None
+        # A damaged outbox stops the start before the model loads (the publisher checks again).
+        check_outbox_file(cfg.outbox.path)
         self.notifier.status("loading the model")
         gen = self._build(cfg)
         self._intake.set_first(gen)
@@ -309,9 +312,12 @@ class Service:
         if self._archive is not None:
             self._archive.stop(timeout=deadline.step(0.5, cap_s=5.0))
         depth: int | None = None
+        not_durable = 0
         if self._publisher is not None:
             self._publisher.stop(drain_timeout_s=deadline.step(1.0))
-            depth = self.outbox_left = self._publisher.stats().outbox_depth
+            final = self._publisher.stats()
+            depth = self.outbox_left = final.outbox_depth
+            not_durable = final.not_durable
         self._opcua.stop("offline", timeout=deadline.step(0.5, cap_s=5.0))
         if self._router.ledger is not None:
             self._router.ledger.close()
@@ -326,6 +332,7 @@ class Service:
                 drained=drained,
                 results=snap.results,
                 outbox_left=depth,
+                not_durable=not_durable,  # verdicts sent only directly: not in the outbox
                 verdicts=snap.verdicts,
             )
         self.notifier.close()
