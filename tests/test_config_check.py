@@ -19,14 +19,11 @@ from defectd.daemon.preflight import check_station
 from defectd.errors import ConfigError
 from defectd.model.card import card_path
 from defectd.pipeline.sources.gentl import bundled_producer
+from station_support import model_section
 
-BASE = """
+BASE = f"""
 station = "chk"
-[model]
-path = "model.onnx"
-backend = "ort"
-threads = 1
-warmup = 1
+{model_section("model.onnx")}
 [[cameras]]
 type = "synthetic"
 camera = "cam0"

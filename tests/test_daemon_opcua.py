@@ -29,25 +29,16 @@ from opcua_support import (
     verdict_type,
     wait_for,
 )
+from station_support import NO_BROKER_NO_HEALTH, model_section
 
 
 def station_text(model: Path, state: Path, *, camera: str, extra: str = "") -> str:
     return f"""
 station = "{STATION}"
-[model]
-path = "{model}"
-backend = "ort"
-threads = 1
-warmup = 1
+{model_section(model)}
 [[cameras]]
 {camera}
-[mqtt]
-port = 1
-reconnect_min_s = 0.5
-reconnect_max_s = 1
-connect_timeout_s = 1
-[health]
-enabled = false
+{NO_BROKER_NO_HEALTH}
 [archive]
 enabled = false
 [daemon]

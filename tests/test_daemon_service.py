@@ -20,16 +20,13 @@ from defectd.daemon.reload import merge_reload
 from defectd.daemon.sdnotify import SdNotifier
 from defectd.daemon.service import Service
 from defectd.model.card import card_path
+from station_support import NO_BROKER_NO_HEALTH, model_section
 
 
 def _config_text(model: Path, state: Path, *, rate: str = "20", extra: str = "") -> str:
     return f"""
 station = "st2"
-[model]
-path = "{model}"
-backend = "ort"
-threads = 1
-warmup = 1
+{model_section(model)}
 [[cameras]]
 type = "synthetic"
 camera = "cam0"
@@ -37,13 +34,7 @@ rate_hz = {rate}
 height = 64
 width = 64
 defect_rate = 0.5
-[mqtt]
-port = 1
-reconnect_min_s = 0.5
-reconnect_max_s = 1
-connect_timeout_s = 1
-[health]
-enabled = false
+{NO_BROKER_NO_HEALTH}
 [archive]
 pass_sample = 1.0
 [daemon]

@@ -30,6 +30,7 @@ from defectd.publish import MqttConfig, OutboxConfig, Publisher
 from defectd.publish.messages import schema_errors
 from defectd.publish.triggers import TriggerMessage
 from defectd.testing.mosquitto import Mosquitto
+from station_support import model_section
 
 PREFIX = "t"
 
@@ -196,11 +197,7 @@ def test_a_trigger_without_a_frame_gets_error_no_frame(
 def _station(model: Path, state: Path, port: int) -> str:
     return f"""
 station = "st1"
-[model]
-path = "{model}"
-backend = "ort"
-threads = 1
-warmup = 1
+{model_section(model)}
 [[cameras]]
 type = "synthetic"
 camera = "cam0"

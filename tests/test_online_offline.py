@@ -24,6 +24,7 @@ from defectd.daemon.sdnotify import SdNotifier
 from defectd.daemon.service import Service
 from defectd.data.datasets import open_dataset
 from defectd.training.evaluate import open_model
+from station_support import model_section
 
 pytestmark = pytest.mark.slow
 
@@ -70,11 +71,7 @@ def station_toml(tmp: Path, model: Path, data: Path, calibration: Path, port: in
     path = tmp / "station.toml"
     path.write_text(
         f"""station = "oo"
-[model]
-path = "{model}"
-backend = "ort"
-threads = 1
-warmup = 1
+{model_section(model)}
 [[cameras]]
 type = "replay"
 camera = "cam0"

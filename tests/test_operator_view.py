@@ -23,6 +23,7 @@ from defectd.daemon.sdnotify import SdNotifier
 from defectd.daemon.service import Service
 from defectd.log import configure_logging
 from defectd.testing.mosquitto import Mosquitto, find_mosquitto
+from station_support import model_section
 
 CHROMIUM = Path("/usr/bin/chromium")
 TOKEN = "s3cret-view-token-4711"
@@ -40,11 +41,7 @@ pytestmark = [
 def _config(tmp: Path, model: Path, broker_port: int, health: str) -> Path:
     text = f"""
 station = "web"
-[model]
-path = "{model}"
-backend = "ort"
-threads = 1
-warmup = 1
+{model_section(model)}
 [[cameras]]
 type = "synthetic"
 camera = "cam0"

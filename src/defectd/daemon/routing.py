@@ -153,29 +153,7 @@ class ResultRouter:
         if self.stamp is not None:
             result = dataclasses.replace(result, inspection=self.stamp(result))
         ins = result.inspection
-        commit_ms: float | None = None
-        if self.publisher is not None:
-            t0 = time.perf_counter_ns()
-            try:
-                self.publisher.submit(ins)
-                commit_ms = (time.perf_counter_ns() - t0) / 1e6
-            except DefectdError as exc:
-                # NotDurableError: the publisher already sent the fail-safe reject directly
-                # and raised the alarm; the health report and the watchdog now say so.
-                self.metrics.errors.inc(reason="publish")
-                failsafe = isinstance(exc, NotDurableError)
-                if failsafe:
-                    self.metrics.not_durable.inc()
-                log.error(
-                    "result_not_stored",
-                    camera=ins.camera,
-                    seq=ins.seq,
-                    result_id=ins.result_id,
-                    failsafe_reject_sent=failsafe,
-                    error=str(exc),
-                )
-            else:
-                self._append_ledger(ins)
+        commit_ms = self._store(ins)
         self.metrics.observe(ins, commit_ms)
         self.progress.result(ins)
         log_result(ins)
@@ -198,21 +176,37 @@ class ResultRouter:
         """A part the line announced but no frame showed (``error:no_frame``): stored,
         published, counted and logged like any verdict. Not a pipeline result, so the
         progress counters (frames in flight) leave it out."""
-        commit_ms: float | None = None
-        if self.publisher is not None:
-            t0 = time.perf_counter_ns()
-            try:
-                self.publisher.submit(ins)
-                commit_ms = (time.perf_counter_ns() - t0) / 1e6
-            except DefectdError as exc:
-                self.metrics.errors.inc(reason="publish")
-                log.error(
-                    "result_not_stored", camera=ins.camera, part_id=ins.part_id, error=str(exc)
-                )
-            else:
-                self._append_ledger(ins)
-        self.metrics.observe(ins, commit_ms)
+        self.metrics.observe(ins, self._store(ins))
         log_result(ins)
+
+    def _store(self, ins: Inspection) -> float | None:
+        """Commit ``ins`` to the outbox and append it to the ledger; the commit time in ms,
+        None when there is no publisher or the commit failed (counted and logged)."""
+        if self.publisher is None:
+            return None
+        t0 = time.perf_counter_ns()
+        try:
+            self.publisher.submit(ins)
+        except DefectdError as exc:
+            # NotDurableError: the publisher already sent the fail-safe reject directly
+            # and raised the alarm; the health report and the watchdog now say so.
+            self.metrics.errors.inc(reason="publish")
+            failsafe = isinstance(exc, NotDurableError)
+            if failsafe:
+                self.metrics.not_durable.inc()
+            log.error(
+                "result_not_stored",
+                camera=ins.camera,
+                seq=ins.seq,
+                part_id=ins.part_id,
+                result_id=ins.result_id,
+                failsafe_reject_sent=failsafe,
+                error=str(exc),
+            )
+            return None
+        commit_ms = (time.perf_counter_ns() - t0) / 1e6
+        self._append_ledger(ins)
+        return commit_ms
 
     def _append_ledger(self, ins: Inspection) -> None:
         if self.ledger is None:
