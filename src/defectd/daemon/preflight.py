@@ -94,7 +94,9 @@ def creatable(path: Path, *, is_dir: bool) -> None:
             raise ConfigError(f"{path} exists and is not a folder")
         if not is_dir and path.is_dir():
             raise ConfigError(f"{path} is a folder, not a file")
-        if not os.access(path if is_dir else path.parent, os.W_OK):
+        # A file (the SQLite outbox, the ledger) needs its folder writable too (WAL, journal).
+        targets = (path,) if is_dir else (path, path.parent)
+        if not all(os.access(t, os.W_OK) for t in targets):
             raise ConfigError(f"{path} is not writable")
         return
     parent = path.parent
