@@ -170,6 +170,18 @@ class LineIntake:
             log.error("bad_trigger", camera=msg.camera, error=str(exc))
             self._publish_event("bad_trigger", {"camera": msg.camera, "error": str(exc)})
             return
+        log.debug(
+            "part_announced",
+            camera=msg.camera,
+            part_id=ticket.part_id,
+            recipe=ticket.recipe,
+            counter=ticket.counter,
+            gate_in_ms=(
+                None
+                if ticket.gate_deadline is None
+                else round((ticket.gate_deadline - msg.t_wall) * 1000, 1)
+            ),
+        )
         if ticket.gate_deadline is not None and ticket.gate_deadline <= msg.t_wall:
             # Its part is past the gate already: a verdict could only be late.
             with self._lock:
