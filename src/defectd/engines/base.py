@@ -111,3 +111,36 @@ class Engine(Protocol):
     def close(self) -> None:
         """Release the runtime's resources; the engine cannot be used afterwards."""
         ...
+
+
+class BackendEngine:
+    """What the in-process backends share: ``name`` (``<backend>-<precision>``),
+    ``precision``, ``spec``, and ``infer``, which checks the batch against the spec and hands a
+    C-contiguous ``(N, C, H, W)`` float32 array to the backend's ``_run``."""
+
+    backend = ""
+    _spec: EngineSpec
+    _precision: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.backend}-{self._precision}"
+
+    @property
+    def precision(self) -> str:
+        return self._precision
+
+    @property
+    def spec(self) -> EngineSpec:
+        return self._spec
+
+    def infer(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
+        """``(N, C, H, W)`` float32 -> ``(N, 1, H, W)`` float32 probabilities (new array).
+
+        Raises ``ValueError`` for a batch outside the spec, ``EngineError`` if the run fails.
+        """
+        self._spec.check(batch)
+        return self._run(np.ascontiguousarray(batch))
+
+    def _run(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
+        raise NotImplementedError

@@ -21,7 +21,7 @@ import openvino.properties as props
 import openvino.properties.hint as hints
 from numpy.typing import NDArray
 
-from defectd.engines.base import EngineSpec, OpenRequest
+from defectd.engines.base import BackendEngine, EngineSpec, OpenRequest
 from defectd.engines.model_file import OnnxIO, prepare_onnx
 from defectd.errors import EngineError, ModelError
 from defectd.log import get_logger
@@ -44,8 +44,10 @@ def cpu_capabilities(core: ov.Core | None = None) -> list[str]:
     return caps
 
 
-class OpenVinoEngine:
+class OpenVinoEngine(BackendEngine):
     """One compiled OpenVINO model on the CPU. Calls are serialised by a lock."""
+
+    backend = "openvino"
 
     def __init__(
         self,
@@ -154,28 +156,10 @@ class OpenVinoEngine:
             raise EngineError(f"{model_path}: OpenVINO cannot compile the model: {exc}") from exc
 
     @property
-    def name(self) -> str:
-        return f"openvino-{self._precision}"
-
-    @property
-    def precision(self) -> str:
-        return self._precision
-
-    @property
     def version(self) -> str:
         return str(ov.get_version()).split("-")[0]
 
-    @property
-    def spec(self) -> EngineSpec:
-        return self._spec
-
-    def infer(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
-        """``(N, C, H, W)`` float32 -> ``(N, 1, H, W)`` float32 probabilities (new array).
-
-        Raises ``ValueError`` for a batch outside the spec, ``EngineError`` if the run fails.
-        """
-        self._spec.check(batch)
-        batch = np.ascontiguousarray(batch)
+    def _run(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
         n = batch.shape[0]
         with self._lock:
             if self._request is None:

@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
 
-from defectd.engines.base import EngineSpec, OpenRequest
+from defectd.engines.base import BackendEngine, EngineSpec, OpenRequest
 from defectd.engines.model_file import OnnxIO, prepare_onnx
 from defectd.engines.probe import gpu_present
 from defectd.errors import EngineError, ModelError
@@ -64,8 +64,10 @@ def choose_providers(
     return providers
 
 
-class OrtEngine:
+class OrtEngine(BackendEngine):
     """One ONNX Runtime session behind the engine contract. Calls are serialised by a lock."""
+
+    backend = "ort"
 
     def __init__(
         self,
@@ -102,14 +104,6 @@ class OrtEngine:
         )
 
     @property
-    def name(self) -> str:
-        return f"ort-{self._precision}"
-
-    @property
-    def precision(self) -> str:
-        return self._precision
-
-    @property
     def version(self) -> str:
         return str(ort.__version__)
 
@@ -118,17 +112,7 @@ class OrtEngine:
         """Execution providers the session actually uses, in priority order."""
         return list(self._providers)
 
-    @property
-    def spec(self) -> EngineSpec:
-        return self._spec
-
-    def infer(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
-        """``(N, C, H, W)`` float32 -> ``(N, 1, H, W)`` float32 probabilities (new array).
-
-        Raises ``ValueError`` for a batch outside the spec, ``EngineError`` if the run fails.
-        """
-        self._spec.check(batch)
-        batch = np.ascontiguousarray(batch)
+    def _run(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
         n = batch.shape[0]
         out = np.empty((n, 1, self._spec.height, self._spec.width), np.float32)
         with self._lock:
