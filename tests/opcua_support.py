@@ -4,7 +4,9 @@ and an asyncua client that collects Verdict events, used by the OPC UA tests and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,6 +142,16 @@ async def connect(
         client.set_password(password)
     await client.connect()
     return client
+
+
+@contextlib.asynccontextmanager
+async def closing(client: Any) -> AsyncIterator[Any]:
+    """Disconnect a client from ``connect`` at the end (``async with client`` would connect it a
+    second time, on a new session, orphaning subscriptions made on the first)."""
+    try:
+        yield client
+    finally:
+        await client.disconnect()
 
 
 async def verdict_type(client: Any) -> Any:

@@ -20,6 +20,7 @@ from opcua_support import (
     STATION,
     Events,
     Pki,
+    closing,
     connect,
     free_port,
     make_pki,
@@ -138,7 +139,7 @@ def test_every_part_of_the_synthetic_line_is_seen_once_with_its_part_id(
             except (TimeoutError, OSError):
                 await asyncio.sleep(0.1)
         assert client is not None
-        async with client:
+        async with closing(client):
             station, ns = await station_node(client)
             etype = await verdict_type(client)
             events = Events()
@@ -218,7 +219,7 @@ def test_the_trigger_method_pairs_parts_with_their_frames(
 
     async def go() -> tuple[list[Any], list[Any]]:
         client = await connect(url, pki)
-        async with client:
+        async with closing(client):
             station, ns = await station_node(client)
             events = Events()
             sub = await client.create_subscription(10, events)
@@ -293,7 +294,7 @@ def test_a_triggered_part_without_a_frame_gets_an_error_no_frame_event(pki: Pki)
 
     async def go() -> list[Any]:
         client = await connect(server.endpoint_url, pki)
-        async with client:
+        async with closing(client):
             station, ns = await station_node(client)
             events = Events()
             sub = await client.create_subscription(10, events)

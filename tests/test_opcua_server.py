@@ -22,6 +22,7 @@ from opcua_support import (
     STATION,
     Events,
     Pki,
+    closing,
     connect,
     make_pki,
     opcua_config,
@@ -93,7 +94,7 @@ def test_a_subscriber_gets_one_verdict_event_per_part_and_the_last_verdict_nodes
 
     async def go() -> None:
         client = await connect(server.endpoint_url, pki)
-        async with client:
+        async with closing(client):
             station, ns = await station_node(client)
             events, changes = Events(), Events()
             sub = await client.create_subscription(10, events)
@@ -145,7 +146,7 @@ def test_station_status_and_health_are_nodes(
 
     async def go() -> None:
         client = await connect(server.endpoint_url, pki)
-        async with client:
+        async with closing(client):
             _, ns = await station_node(client)
             assert await wait_for(lambda: True)
             for _ in range(50):
@@ -173,7 +174,7 @@ def test_a_reconnecting_client_reads_the_verdicts_it_missed(
         for part in parts:
             server.submit(inspection(part, camera="cam1"))
         client = await connect(server.endpoint_url, pki)
-        async with client:
+        async with closing(client):
             station, ns = await station_node(client)
             assert await wait_for(lambda: server.stats().waiting == 0)
             await asyncio.sleep(0.1)
@@ -199,7 +200,7 @@ def test_the_trigger_method_hands_the_part_to_the_line(
 
     async def go() -> None:
         client = await connect(server.endpoint_url, pki)
-        async with client:
+        async with closing(client):
             _, ns = await station_node(client)
             cam1 = client.get_node(ua.NodeId(f"{STATION}/cam1", ns))
             method = ua.NodeId(f"{STATION}/cam1/Trigger", ns)
@@ -293,7 +294,7 @@ def test_anonymous_sessions_are_let_in_only_when_configured(pki: Pki) -> None:
 
         async def go() -> str:
             client = await connect(server.endpoint_url, pki, user=None, password=None)
-            async with client:
+            async with closing(client):
                 _, ns = await station_node(client)
                 value: str = await read(client, ns, f"{STATION}/cam0/LastVerdict")
                 return value
