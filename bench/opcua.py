@@ -113,7 +113,7 @@ def station_config(
         f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\ntopic_prefix = "{PREFIX}"\n'
         f"reconnect_min_s = 0.1\nreconnect_max_s = 1.0\n"
         f"[archive]\nenabled = false\n[health]\nenabled = false\n"
-        f'[daemon]\nstate_dir = "{work / "state"}"\ndrain_timeout_s = 30\n{daemon}{opcua}'
+        f'[daemon]\nstate_dir = "{work / "state"}"\ndrain_timeout_s = 20\n{daemon}{opcua}'
     )
     path = work / "station.toml"
     path.write_text(text)
@@ -316,6 +316,9 @@ async def run_throughput_once(
         if daemon.poll() is None:
             daemon.terminate()
             daemon.wait(60)
+    if daemon.returncode != 0:
+        tail = (run_dir / "daemon.log").read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"the daemon exited with {daemon.returncode}:\n{tail}")
     times = sorted(mqtt_side.times)
     lo, hi = int(len(times) * 0.1), int(len(times) * 0.9)
     fps = (hi - lo) / (times[hi - 1] - times[lo]) if hi - lo > 1 else 0.0

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from defectd.errors import ConfigError
 from defectd.log import get_logger
 from defectd.opcua.config import OpcUaConfig
-from defectd.opcua.records import StationState
+from defectd.opcua.records import OpcUaStats, StationState
 from defectd.pipeline.inspection import Inspection
 from defectd.pipeline.runner import PipelineResult
 from defectd.publish.triggers import TriggerMessage
@@ -25,7 +25,7 @@ from defectd.publish.triggers import TriggerMessage
 if TYPE_CHECKING:
     from defectd.daemon.health import HealthReport
     from defectd.daemon.telemetry import EngineInfo
-    from defectd.opcua.server import OpcUaServer, OpcUaStats
+    from defectd.opcua.server import OpcUaServer
     from defectd.publish.mqtt import PublisherStats
 
 log = get_logger(__name__)

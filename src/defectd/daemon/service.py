@@ -577,6 +577,7 @@ class Service:
             progress_age_s=self._clock.monotonic() - last if last else None,
             log_suppressed=self._rate_limit.suppressed_total,
             disks=dict(self._disks),
+            opcua=self._opcua.stats(),
         )
 
     def _no_frame(self, ins: Inspection) -> None:

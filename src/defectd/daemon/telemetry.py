@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from defectd.daemon.archive import ArchiveStats
 from defectd.daemon.metrics import Registry
+from defectd.opcua.records import OpcUaStats
 from defectd.pipeline.inspection import Inspection, Verdict
 from defectd.pipeline.sources import SourceHealth, SourceState
 from defectd.pipeline.stats import STAGES, PipelineStats
@@ -143,6 +144,17 @@ class StationMetrics:
         self.log_suppressed = r.counter(
             "defectd_log_suppressed_total", "Repeated warnings and errors not logged."
         )
+        self.opcua_events = r.counter(
+            "defectd_opcua_events_total", "Verdict events emitted by the OPC UA server."
+        )
+        self.opcua_dropped = r.counter(
+            "defectd_opcua_dropped_total",
+            "Verdicts the OPC UA server never emitted: its hand-over queue was full.",
+        )
+        self.opcua_refused = r.counter(
+            "defectd_opcua_refused_sessions_total",
+            "OPC UA sessions refused (untrusted certificate, wrong user or password, anonymous).",
+        )
 
     # -- hot path ---------------------------------------------------------------------------
 
@@ -171,6 +183,7 @@ class StationMetrics:
         progress_age_s: float | None,
         log_suppressed: int,
         disks: Mapping[str, int] | None = None,
+        opcua: OpcUaStats | None = None,
     ) -> None:
         if pipeline is not None:
             for name, depth in pipeline.queues.items():
@@ -225,3 +238,7 @@ class StationMetrics:
         self.log_suppressed.set_total(log_suppressed)
         for name, free in (disks or {}).items():
             self.disk_free.set(free, dir=name)
+        if opcua is not None:
+            self.opcua_events.set_total(opcua.events)
+            self.opcua_dropped.set_total(opcua.dropped)
+            self.opcua_refused.set_total(opcua.refused_sessions)

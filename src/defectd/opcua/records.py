@@ -107,6 +107,21 @@ class StationState:
     broker_connected: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class OpcUaStats:
+    """Counters of the server: verdicts queued, emitted as events, dropped (queue full),
+    waiting now, sessions refused, triggers accepted and refused."""
+
+    queued: int
+    events: int
+    dropped: int
+    waiting: int
+    refused_sessions: int
+    triggers: int
+    bad_triggers: int
+    running: bool
+
+
 class VerdictQueue:
     """Bounded hand-over of verdicts from pipeline threads to the server thread.
 

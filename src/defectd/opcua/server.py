@@ -40,7 +40,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -57,7 +56,13 @@ from defectd.errors import ConfigError, DefectdError
 from defectd.log import get_logger
 from defectd.opcua.certs import TrustedClients, UsersFile, certificate_uris
 from defectd.opcua.config import OpcUaConfig
-from defectd.opcua.records import RecentRing, StationState, VerdictQueue, VerdictRecord
+from defectd.opcua.records import (
+    OpcUaStats,
+    RecentRing,
+    StationState,
+    VerdictQueue,
+    VerdictRecord,
+)
 from defectd.pipeline.inspection import Inspection
 from defectd.pipeline.parts import TriggerError, parse_trigger
 from defectd.pipeline.runner import PipelineResult
@@ -98,21 +103,6 @@ _EVENT_FIELDS: tuple[tuple[str, ua.VariantType], ...] = (
 
 def _utc(t: float | None) -> dt.datetime | None:
     return None if t is None else _EPOCH + timedelta(seconds=t)
-
-
-@dataclass(frozen=True, slots=True)
-class OpcUaStats:
-    """Counters of the server: verdicts queued, emitted as events, dropped (queue full),
-    waiting now, sessions refused, triggers accepted and refused."""
-
-    queued: int
-    events: int
-    dropped: int
-    waiting: int
-    refused_sessions: int
-    triggers: int
-    bad_triggers: int
-    running: bool
 
 
 class _UserManager:
