@@ -284,6 +284,7 @@ class OpcUaServer:
         self._camera_ids: dict[str, ua.NodeId] = {}
         self._gen: EventGenerator | None = None
         self._last_state: StationState | None = None
+        self._written: dict[ua.NodeId, Any] = {}
 
     # ------------------------------------------------------------------ thread side API
 
@@ -689,7 +690,13 @@ class OpcUaServer:
         if state is not None and state != self._last_state:
             writes += self._state_writes(state)
             self._last_state = state
+        written = self._written
         for nodeid, vtype, value in writes:
+            # Only values that changed: a write costs an address-space update and a data
+            # change to every client monitoring the node.
+            if nodeid in written and written[nodeid] == value:
+                continue
+            written[nodeid] = value
             await server.write_attribute_value(nodeid, ua.DataValue(ua.Variant(value, vtype)))
 
     async def _emit(self, gen: EventGenerator, r: VerdictRecord) -> None:
@@ -716,8 +723,13 @@ class OpcUaServer:
         ev.SourceName = r.camera
         when = _utc(r.t_verdict)
         assert when is not None
-        message = f"{r.camera} part {r.part_id or '-'}: {r.verdict}"
-        await gen.trigger(time_attr=when, message=message)
+        # What EventGenerator.trigger does, without its per-event uuid, local-time lookup and
+        # browse-name read: the result id is already unique, LocalTime is optional.
+        ev.EventId = r.result_id.encode()
+        ev.Time = when
+        ev.ReceiveTime = when
+        ev.Message = ua.LocalizedText(f"{r.camera} part {r.part_id or '-'}: {r.verdict}")
+        await gen.isession.subscription_service.trigger_event(ev)
         assert self._station_node is not None
         self._history.add(self._station_node.nodeid, copy.copy(ev), when)
         self._events += 1
