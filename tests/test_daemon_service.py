@@ -202,6 +202,10 @@ METRIC_FAMILIES = {
     "defectd_outbox_store_failing": "gauge",
     "defectd_outbox_fault": "gauge",
     "defectd_disk_free_bytes": "gauge",
+    # Added with the OPC UA server (docs/opcua.md; zero while [opcua] is off).
+    "defectd_opcua_events_total": "counter",
+    "defectd_opcua_dropped_total": "counter",
+    "defectd_opcua_refused_sessions_total": "counter",
 }
 
 
