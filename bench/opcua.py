@@ -46,7 +46,7 @@ import psutil
 from paho.mqtt.enums import CallbackAPIVersion
 
 from defectd.opcua.certs import add_user, make_certificate
-from defectd.publish.mosquitto import Mosquitto, free_port
+from defectd.testing.mosquitto import Mosquitto, free_port
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
