@@ -22,6 +22,10 @@ Paths: relative paths in the file are relative to the file's folder, except ``ou
 
 ``load_station_config`` validates everything at once and raises one ``ConfigError`` that names
 the file and every bad key, e.g. ``x.toml: cameras.0.rate_hz: Input should be greater than 0``.
+
+Over 600 lines because it assembles every section of the station file and checks the keys
+that only make sense together (paths, stop timeout, line contract) where each error can be
+named by its key as written; the sections themselves live with the modules that use them.
 """
 
 from __future__ import annotations

@@ -21,6 +21,10 @@ The pieces it runs live beside it: ``station`` builds a generation (engine + pip
 ``routing`` fans each result out to outbox, ledger, metrics, logs, archive and observers,
 ``reload`` builds and switches a new generation on SIGHUP, and ``health_report`` turns a
 snapshot of the parts into the watchdog condition and the ``/healthz`` answer.
+
+This module is over 600 lines because the life cycle wires every part of the station (line
+contract, OPC UA, operator view, durability alarms) in one visible order; the parts themselves
+live beside it (``station``, ``routing``, ``reload``, ``health_report``, ``line``, ``live``).
 """
 
 from __future__ import annotations
