@@ -31,7 +31,7 @@ from defectd.data.metrics import MetricsAccumulator
 from defectd.errors import CalibrationError, ModelError
 from defectd.log import get_logger
 from defectd.model.card import ModelCard, card_path, file_sha256, load_card
-from defectd.model.fit import fit_to_input
+from defectd.model.fit import fit_to_input, to_chw
 
 if TYPE_CHECKING:
     from defectd.data.datasets import Dataset
@@ -220,9 +220,8 @@ def calibration_batches(
     """
     if samples < 1:
         raise CalibrationError(f"--samples {samples}: need at least one calibration image")
-    # Deferred: these import torch, which quantising alone does not need.
+    # Deferred: the evaluation module is needed only for this, not to quantise.
     from defectd.training.evaluate import fit_policy  # noqa: PLC0415
-    from defectd.training.torchdata import to_chw  # noqa: PLC0415
 
     pool = dataset.samples(split)
     step = max(1, len(pool) / samples)

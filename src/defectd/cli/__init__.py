@@ -6,6 +6,7 @@ import sys
 
 from defectd.cli.app import Injected, app
 from defectd.errors import DefectdError
+from defectd.extras import missing_extra_error
 from defectd.log import get_logger
 
 # Subcommands register themselves on ``app`` when imported.
@@ -33,8 +34,10 @@ EXIT_ERROR = 2
 def main(argv: list[str] | None = None, *, injected: Injected | None = None) -> int:
     """Run the CLI; a ``DefectdError`` prints ``error: <message>`` and exits 2.
 
-    Usage errors are reported by the CLI library itself (also exit 2). ``injected`` hands the
-    commands replacements for real parts (tests: an engine opener); None in production.
+    Usage errors are reported by the CLI library itself (also exit 2). A module of a pip extra
+    that is not installed (torch on a station install) is the same one line, naming the extra.
+    ``injected`` hands the commands replacements for real parts (tests: an engine opener);
+    None in production.
     """
     args = sys.argv[1:] if argv is None else argv
     try:
@@ -44,6 +47,14 @@ def main(argv: list[str] | None = None, *, injected: Injected | None = None) -> 
         return code if isinstance(code, int) else (0 if code is None else 1)
     except DefectdError as exc:
         _fatal(args, "error", f"error: {exc}", error=str(exc), exit_code=EXIT_ERROR)
+        return EXIT_ERROR
+    except ModuleNotFoundError as exc:
+        # Commands check their extra before they start (defectd.extras.require_extra); this
+        # catches an import of an extra's module on a path that did not.
+        missing = missing_extra_error(exc, "this command")
+        if missing is None:
+            raise
+        _fatal(args, "error", f"error: {missing}", error=str(missing), exit_code=EXIT_ERROR)
         return EXIT_ERROR
     except KeyboardInterrupt:
         _fatal(args, "interrupted", "interrupted", exit_code=130)

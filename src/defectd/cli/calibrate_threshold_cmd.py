@@ -13,6 +13,7 @@ from defectd.cli.calibrate_cmd import calibrate_app, command_line, progress_bar
 from defectd.cli.console import report_console
 from defectd.cli.guard import refuse_section_overwrite
 from defectd.errors import ConfigError
+from defectd.extras import require_extra
 from defectd.log import get_logger
 
 if TYPE_CHECKING:
@@ -142,7 +143,8 @@ def threshold(
         typer.Option(help="Also measure the chosen point's rates on this split (e.g. test)."),
     ] = None,
     report: Annotated[
-        Path | None, typer.Option(help="Folder for the PNG plots (precision-recall, ...).")
+        Path | None,
+        typer.Option(help="Folder for the PNG plots (precision-recall, ...); needs [plots]."),
     ] = None,
     thresholds: Annotated[
         str | None, typer.Option(help="Pixel thresholds to sweep, comma-separated.")
@@ -173,7 +175,11 @@ def threshold(
     Picks the point meeting the target escape rate with the fewest false rejects (or the
     target false-reject rate with the fewest escapes). Writes the threshold section of --out,
     which the daemon's post-processing reads, and keeps the file's other sections.
+
+    --report needs matplotlib (pip install defectd[plots]).
     """
+    if report is not None:
+        require_extra("plots", "calibrate threshold --report")
     from defectd.calibration.file import (
         RateEstimate,
         ThresholdSection,

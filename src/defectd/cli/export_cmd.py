@@ -11,6 +11,7 @@ import typer
 
 from defectd.cli.app import app
 from defectd.cli.guard import refuse_overwrite
+from defectd.extras import require_extra
 
 PARITY_TOLERANCE = 1e-4
 
@@ -51,6 +52,7 @@ def export_command(
     Parity: one random batch through torch and ONNX Runtime; a max abs difference above 1e-4
     is an error (the file is kept for inspection).
     """
+    require_extra("train", "defectd export")
     from defectd.model.checkpoint import load_checkpoint
     from defectd.model.export import export_onnx
     from defectd.training.evaluate import onnx_parity

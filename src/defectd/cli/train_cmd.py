@@ -13,6 +13,7 @@ import typer
 
 from defectd.cli.app import app
 from defectd.errors import ConfigError
+from defectd.extras import require_extra
 
 
 def command_line() -> str:
@@ -93,6 +94,7 @@ def train_command(
 
     Next: defectd export --checkpoint OUT/best.pt --out models/NAME/model.onnx
     """
+    require_extra("train", "defectd train", ("torch",))
     # Before torch loads: spinning OpenMP workers made each step 2-3x slower on a 2-core
     # machine shared with other processes; waiting passively costs little when it is not.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

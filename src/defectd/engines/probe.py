@@ -11,7 +11,9 @@ import importlib.metadata
 import importlib.util
 from pathlib import Path
 
-INSTALL_HINT = "pip install defectd[gpu]"
+from defectd.extras import install_hint
+
+INSTALL_HINT = install_hint("gpu")
 
 
 def gpu_present() -> bool:

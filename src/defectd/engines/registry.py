@@ -28,6 +28,7 @@ from typing import cast
 from defectd.engines.base import Engine, OpenRequest
 from defectd.engines.probe import INSTALL_HINT, gpu_present, installed, module_version, ort_cuda
 from defectd.errors import EngineError, ModelError
+from defectd.extras import install_hint, missing_extra_error
 from defectd.log import get_logger
 
 log = get_logger(__name__)
@@ -58,17 +59,28 @@ class Backend:
     pick: Callable[[], str | None]
 
     def load(self) -> OpenFn:
-        """Import the backend's module (and with it its runtime) and return its open function."""
+        """Import the backend's module (and with it its runtime) and return its open function.
+
+        ``MissingExtraError`` naming the pip extra when the runtime is one that is not
+        installed (torch on a station install).
+        """
         module, _, attr = self.entry_point.partition(":")
-        return cast(OpenFn, getattr(importlib.import_module(module), attr))
+        try:
+            return cast(OpenFn, getattr(importlib.import_module(module), attr))
+        except ModuleNotFoundError as exc:
+            missing = missing_extra_error(exc, f"the {self.name} backend")
+            if missing is None:
+                raise
+            raise missing from exc
 
 
 # ---------------------------------------------------------------------- probes
 
 
 def _probe_torch() -> BackendInfo:
-    version = module_version("torch") or ""
-    return BackendInfo("torch", True, version, PRECISIONS["torch"], "eager reference")
+    version = module_version("torch")
+    detail = "eager reference" if version else f"torch not installed ({install_hint('train')})"
+    return BackendInfo("torch", version is not None, version or "", PRECISIONS["torch"], detail)
 
 
 def _probe_ort() -> BackendInfo:

@@ -188,3 +188,9 @@ def restore_size(
             f"{original_shape} with {policy!r}"
         )
     return restore_map(np.asarray(prob, np.float32), geometry)
+
+
+def to_chw(image: NDArray[np.uint8]) -> NDArray[np.uint8]:
+    """A fitted image in the model's layout: ``(H, W)`` -> ``(1, H, W)``; ``(H, W, 3)`` ->
+    ``(3, H, W)`` (a view where possible)."""
+    return image[None] if image.ndim == 2 else np.transpose(image, (2, 0, 1))

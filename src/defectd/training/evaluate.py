@@ -5,6 +5,9 @@ probability map is brought back to the image's own size with ``restore_size`` be
 thresholded, so every metric is computed on the original masks. The model is anything with
 ``infer((N, C, H, W) float32) -> (N, 1, H, W) float32`` probabilities: an inference engine of
 ``defectd.engines`` or :class:`TorchPredictor` around a U-Net being trained.
+
+Evaluating an ONNX model needs no torch (a station install has none): torch is imported only
+for ``.pt`` checkpoints and the torch-side helpers, which check for the ``train`` extra.
 """
 
 from __future__ import annotations
@@ -13,21 +16,21 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import torch
 from numpy.typing import NDArray
 
 from defectd.data.datasets import Dataset, Sample
 from defectd.data.metrics import ImageScore, ImageStats, MetricsAccumulator, Report
 from defectd.engines import open_engine
 from defectd.errors import ModelError
+from defectd.extras import require_extra
 from defectd.model.card import ModelCard, load_card
-from defectd.model.checkpoint import load_checkpoint
-from defectd.model.fit import FitPolicy, fit_to_input, restore_size
-from defectd.model.unet import UNet
-from defectd.training.torchdata import to_chw
+from defectd.model.fit import FitPolicy, fit_to_input, restore_size, to_chw
+
+if TYPE_CHECKING:
+    from defectd.model.unet import UNet
 
 
 class Predictor(Protocol):
@@ -46,12 +49,13 @@ class TorchPredictor:
         self.net = net
         self.bf16 = bf16
 
-    @torch.no_grad()
     def infer(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
+        import torch  # noqa: PLC0415  (a UNet exists, so torch is loaded already)
+
         was_training = self.net.training
         self.net.eval()
         x = torch.from_numpy(batch).contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
             logits = self.net(x)
         self.net.train(was_training)
         out: NDArray[np.float32] = torch.sigmoid(logits.float()).numpy()
@@ -90,14 +94,21 @@ def open_model(
 
     A checkpoint runs on torch in float32; an ONNX model on the engine that ``backend`` names
     (``auto`` lets ``defectd.engines`` choose), at ``precision`` (default: the card's).
-    ``ModelError`` / ``EngineError`` naming the file when it cannot be opened.
+    ``ModelError`` / ``EngineError`` naming the file when it cannot be opened;
+    ``MissingExtraError`` for a checkpoint where torch is not installed.
     """
     path = Path(path)
-    if path.suffix == ".pt" and backend in ("auto", "torch") and precision in (None, "fp32"):
-        net, card = load_checkpoint(path)
-        if threads:
-            torch.set_num_threads(threads)
-        return OpenedModel(TorchPredictor(channels_last(net)), card, "torch-fp32", lambda: None)
+    if path.suffix == ".pt":
+        require_extra("train", f"a .pt checkpoint ({path.name})", ("torch",))
+        from defectd.model.checkpoint import load_checkpoint  # noqa: PLC0415  (loads torch)
+
+        if backend in ("auto", "torch") and precision in (None, "fp32"):
+            import torch  # noqa: PLC0415
+
+            net, card = load_checkpoint(path)
+            if threads:
+                torch.set_num_threads(threads)
+            return OpenedModel(TorchPredictor(channels_last(net)), card, "torch-fp32", lambda: None)
     engine = open_engine(
         path, backend=backend, precision=precision, threads=threads, max_batch=max_batch
     )
@@ -107,6 +118,8 @@ def open_model(
 
 def channels_last(net: UNet) -> UNet:
     """The same module with its weights in channels-last layout (oneDNN's fast path)."""
+    import torch  # noqa: PLC0415  (a UNet exists, so torch is loaded already)
+
     net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return net
 

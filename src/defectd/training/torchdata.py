@@ -23,7 +23,7 @@ from torch.utils.data import Dataset as TorchDataset
 
 from defectd.data.datasets import Dataset, Sample
 from defectd.model.card import Normalisation
-from defectd.model.fit import FitPolicy, fit_to_input
+from defectd.model.fit import FitPolicy, fit_to_input, to_chw
 from defectd.training.augment import Augment
 
 
@@ -35,11 +35,6 @@ class InputFit:
     height: int
     width: int
     policy: FitPolicy
-
-
-def to_chw(image: NDArray[np.uint8]) -> NDArray[np.uint8]:
-    """``(H, W)`` -> ``(1, H, W)``; ``(H, W, 3)`` -> ``(3, H, W)`` (a view where possible)."""
-    return image[None] if image.ndim == 2 else np.transpose(image, (2, 0, 1))
 
 
 class SegmentationSet(TorchDataset[tuple[torch.Tensor, torch.Tensor]]):
