@@ -1,10 +1,8 @@
 """defectd: real-time defect inspection for production lines."""
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("defectd")
-except PackageNotFoundError:  # running from a source tree without an install
-    __version__ = "0.0.0+src"
+# The one place the version is written: the wheel's metadata reads it from here
+# (pyproject.toml, dynamic version), and `defectd --version`, the daemon's status messages
+# and the producer field of every model card it writes report it.
+__version__ = "0.1.0"
 
 __all__ = ["__version__"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import sysconfig
 import threading
 import time
 from collections import deque
@@ -69,13 +70,30 @@ def repo_root() -> Path:
     return Path(defectd.__file__).resolve().parents[2]
 
 
+def installed_data_dirs() -> list[Path]:
+    """``<prefix>/share/defectd`` of this installation (and of a ``pip install --user``): where
+    a wheel puts the demo model, the example configs and the systemd unit."""
+    schemes = [sysconfig.get_default_scheme(), sysconfig.get_preferred_scheme("user")]
+    dirs = [Path(sysconfig.get_path("data", scheme)) / "share" / "defectd" for scheme in schemes]
+    return list(dict.fromkeys(dirs))
+
+
 def find_demo_model(explicit: Path | None = None) -> Path:
     """``explicit``, else ``models/demo/model.onnx`` of the repository the package was
-    installed from (``pip install -e .``), else of the current folder.
+    installed from (``pip install -e .``), else of the installation's data folder
+    (``<prefix>/share/defectd``, a wheel install), else of the current folder.
 
     Raises ``ModelError`` naming every place looked at.
     """
-    candidates = [explicit] if explicit is not None else [repo_root() / DEMO_MODEL, DEMO_MODEL]
+    candidates = (
+        [explicit]
+        if explicit is not None
+        else [
+            repo_root() / DEMO_MODEL,
+            *(data / DEMO_MODEL for data in installed_data_dirs()),
+            DEMO_MODEL,
+        ]
+    )
     for path in candidates:
         if path.is_file():
             return path.resolve()

@@ -16,10 +16,13 @@ import numpy as np
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from defectd import __version__
 from defectd.errors import ModelError
 from defectd.model.fit import FitPolicy
 
 CARD_SCHEMA_VERSION = 1
+# Who wrote a card: stamped by ``ModelCard.save`` (cards written before it carry "").
+PRODUCER = f"defectd {__version__}"
 
 ResizePolicy = FitPolicy  # the card's name for it
 Precision = Literal["fp32", "fp16", "bf16", "int8"]
@@ -91,10 +94,13 @@ class ModelCard(_Frozen):
     metrics: dict[str, float] = Field(default_factory=dict)
     created: str = ""
     notes: str = ""
+    producer: str = ""  # "defectd <version>" that wrote the card
 
     def save(self, path: Path) -> None:
+        """Write the card as JSON, its ``producer`` set to this defectd (``PRODUCER``)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.model_dump(mode="json"), indent=2) + "\n")
+        stamped = self.model_copy(update={"producer": PRODUCER})
+        path.write_text(json.dumps(stamped.model_dump(mode="json"), indent=2) + "\n")
 
 
 def card_path(model_path: Path) -> Path:
