@@ -22,7 +22,7 @@ import pytest
 
 import defectd
 from defectd.cli import main
-from defectd.model.card import PRODUCER, ModelCard, load_card
+from defectd.model.card import PRODUCER, ModelCard, card_path, load_card
 from defectd.publish import MqttConfig, OutboxConfig, Publisher
 from defectd.publish.mosquitto import Mosquitto
 
@@ -166,10 +166,16 @@ def test_the_version_is_one_number_in_the_cli_and_model_cards(
 ) -> None:
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"defectd {defectd.__version__}"
-    card_src = DEMO_MODEL.with_name("model.card.json")
-    model = tmp_path / "model.onnx"
-    ModelCard.model_validate_json(card_src.read_text()).save(tmp_path / "model.card.json")
-    assert load_card(model).producer == PRODUCER == f"defectd {defectd.__version__}"
+    made = tmp_path / "new" / "model.onnx"
+    ModelCard(name="m").save(card_path(made))
+    assert load_card(made).producer == PRODUCER == f"defectd {defectd.__version__}"
+    # A card written before the field existed does not claim this version.
+    older = tmp_path / "old" / "model.onnx"
+    stored = json.loads(DEMO_MODEL.with_name("model.card.json").read_text())
+    stored.pop("producer", None)
+    card_path(older).parent.mkdir()
+    card_path(older).write_text(json.dumps(stored))
+    assert load_card(older).producer == ""
 
 
 def test_the_status_message_carries_the_package_version(

@@ -30,7 +30,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from defectd.data.metrics import MetricsAccumulator
 from defectd.errors import CalibrationError, ModelError
 from defectd.log import get_logger
-from defectd.model.card import ModelCard, card_path, file_sha256, load_card
+from defectd.model.card import PRODUCER, ModelCard, card_path, file_sha256, load_card
 from defectd.model.fit import fit_to_input, to_chw
 
 if TYPE_CHECKING:
@@ -181,6 +181,7 @@ def quantize_qdq(
     )
     out_card = card.model_copy(
         update={
+            "producer": PRODUCER,
             "precision": "int8",
             "sha256": file_sha256(onnx_out),
             "notes": (card.notes + "\n" + notes).strip(),

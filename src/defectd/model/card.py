@@ -21,7 +21,8 @@ from defectd.errors import ModelError
 from defectd.model.fit import FitPolicy
 
 CARD_SCHEMA_VERSION = 1
-# Who wrote a card: stamped by ``ModelCard.save`` (cards written before it carry "").
+# Who made a model: the default of a new card (training, export and INT8 calibration make
+# them); a card read from a file that has no producer (written before it existed) reads "".
 PRODUCER = f"defectd {__version__}"
 
 ResizePolicy = FitPolicy  # the card's name for it
@@ -94,13 +95,17 @@ class ModelCard(_Frozen):
     metrics: dict[str, float] = Field(default_factory=dict)
     created: str = ""
     notes: str = ""
-    producer: str = ""  # "defectd <version>" that wrote the card
+    producer: str = PRODUCER  # "defectd <version>" that made the model
 
     def save(self, path: Path) -> None:
-        """Write the card as JSON, its ``producer`` set to this defectd (``PRODUCER``)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        stamped = self.model_copy(update={"producer": PRODUCER})
-        path.write_text(json.dumps(stamped.model_dump(mode="json"), indent=2) + "\n")
+        path.write_text(json.dumps(self.model_dump(mode="json"), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelCard:
+        """A card as stored (file or checkpoint); one without ``producer`` reads ``""``, not
+        this version. ``ValidationError`` for an invalid card."""
+        return cls.model_validate({"producer": "", **data})
 
 
 def card_path(model_path: Path) -> Path:
@@ -114,7 +119,10 @@ def load_card(model_path: Path) -> ModelCard:
     if not path.is_file():
         raise ModelError(f"{path}: model card not found (every model needs one beside it)")
     try:
-        return ModelCard.model_validate(json.loads(path.read_text()))
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ModelError(f"{path}: invalid model card: expected a JSON object")
+        return ModelCard.from_dict(data)
     except (json.JSONDecodeError, ValidationError) as exc:
         detail = (
             str(exc).splitlines()[0]

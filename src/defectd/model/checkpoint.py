@@ -51,7 +51,7 @@ def load_checkpoint(path: Path) -> tuple[UNet, ModelCard]:
     try:
         net = UNet(UNetConfig(**state["unet"]))
         net.load_state_dict(state["model"])
-        card = ModelCard.model_validate(state["card"])
+        card = ModelCard.from_dict(state["card"])
     except (TypeError, RuntimeError, ValidationError) as exc:
         raise ModelError(f"{path}: checkpoint does not match the U-Net: {exc}") from exc
     return net.eval(), card

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from defectd.errors import ModelError
-from defectd.model.card import ModelCard, card_path, file_sha256
+from defectd.model.card import PRODUCER, ModelCard, card_path, file_sha256
 from defectd.model.unet import UNet
 
 INPUT_NAME = "image"
@@ -66,6 +66,8 @@ def export_onnx(net: UNet, card: ModelCard, out: Path, *, opset: int = DEFAULT_O
             )
     except Exception as exc:  # the exporter raises many unrelated types
         raise ModelError(f"{out}: ONNX export failed: {exc}") from exc
-    final = card.model_copy(update={"sha256": file_sha256(out), "opset": opset})
+    final = card.model_copy(
+        update={"sha256": file_sha256(out), "opset": opset, "producer": PRODUCER}
+    )
     final.save(card_path(out))
     return final

@@ -37,7 +37,7 @@ from defectd.data.datasets import Dataset, open_dataset
 from defectd.data.metrics import ImageScore, MetricsAccumulator, Report
 from defectd.errors import ConfigError, DataError
 from defectd.log import get_logger
-from defectd.model.card import PRODUCER, InputSpec, ModelCard, Normalisation, TrainingInfo
+from defectd.model.card import InputSpec, ModelCard, Normalisation, TrainingInfo
 from defectd.model.checkpoint import read_checkpoint, save_checkpoint
 from defectd.model.unet import Norm, UNet, UNetConfig
 from defectd.training.augment import Augment, AugmentConfig
@@ -375,7 +375,6 @@ def train(
             command=config.command,
         ),
         created=datetime.now(UTC).isoformat(timespec="seconds"),
-        producer=PRODUCER,
     )
 
     # ---- resume
