@@ -106,6 +106,17 @@ def test_a_training_feature_without_torch_says_to_install_the_train_extra_in_one
     _assert_hint(_defectd_without(NO_TRAINING, *argv, cwd=tmp_path), "train")
 
 
+def test_opcua_certificates_without_asyncua_say_to_install_the_opcua_extra(
+    tmp_path: Path,
+) -> None:
+    out = _defectd_without(
+        "asyncua,cryptography",
+        *("opcua", "cert", "--cert", str(tmp_path / "c.der"), "--key", str(tmp_path / "k.pem")),
+    )
+    _assert_hint(out, "opcua")
+    assert not (tmp_path / "c.der").exists()
+
+
 def test_threshold_plots_without_matplotlib_say_to_install_the_plots_extra(
     parts: Path, tmp_path: Path
 ) -> None:

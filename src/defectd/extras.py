@@ -8,6 +8,7 @@ ONNX models. The rest comes with an extra (``pyproject.toml`` lists their packag
   (``eval``/``calibrate`` of a checkpoint, the ``torch`` engine backend);
 - ``plots``: matplotlib alone: ``calibrate threshold --report`` on a station;
 - ``gpu``: TensorRT (its wheels come from NVIDIA's index);
+- ``opcua``: asyncua and cryptography: the ``[opcua]`` station section, ``defectd opcua``;
 - ``dev``: everything above plus the test, lint and packaging tools.
 
 A command checks for its extra with ``require_extra`` before it starts work, so a missing one
@@ -26,6 +27,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "train": ("torch", "onnxscript"),
     "plots": ("matplotlib",),
     "gpu": ("tensorrt",),
+    "opcua": ("asyncua", "cryptography"),
 }
 
 # top-level module -> the extra that installs it (the first extra that lists it).

@@ -12,6 +12,7 @@ import typer
 
 from defectd.cli.app import app
 from defectd.errors import ConfigError
+from defectd.extras import require_extra
 
 if TYPE_CHECKING:
     from defectd.opcua.config import OpcUaConfig
@@ -65,6 +66,7 @@ def cert(
     With --config the files go where the opcua section (certificate, private_key) says, for the
     station's application URI; give the certificate (DER) to the PLC to trust.
     """
+    require_extra("opcua", "defectd opcua cert")
     from defectd.opcua.certs import make_certificate
 
     common = "defectd"
@@ -109,6 +111,7 @@ def user(
     ] = False,
 ) -> None:
     """Add (or replace) a user and its password, stored as an scrypt hash."""
+    require_extra("opcua", "defectd opcua user")
     from defectd.opcua.certs import add_user
 
     if users_file is None and config is not None:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from defectd.errors import ConfigError
+from defectd.extras import require_extra
 from defectd.log import get_logger
 from defectd.opcua.config import OpcUaConfig
 from defectd.opcua.records import OpcUaStats, StationState
@@ -52,17 +52,14 @@ class OpcUaLink:
         cameras: Sequence[str],
         state: Callable[[], StationState],
     ) -> None:
-        """Start the server when ``config`` enables it. Raises ``ConfigError`` (bad files,
-        asyncua missing) or ``DefectdError`` (endpoint cannot be bound)."""
+        """Start the server when ``config`` enables it. Raises ``ConfigError`` (bad files),
+        ``MissingExtraError`` (asyncua not installed: ``defectd[opcua]``) or ``DefectdError``
+        (endpoint cannot be bound)."""
         if config is None or not config.enabled:
             return
-        try:
-            from defectd.opcua.server import OpcUaServer  # noqa: PLC0415  (optional extra)
-        except ImportError as exc:
-            raise ConfigError(
-                f"opcua: the OPC UA server needs asyncua ({exc.name} is missing); install "
-                "defectd[opcua] or remove the [opcua] section"
-            ) from None
+        require_extra("opcua", "the [opcua] section (OPC UA server)")
+        from defectd.opcua.server import OpcUaServer  # noqa: PLC0415  (optional extra)
+
         server = OpcUaServer(config, station, cameras)
         self._state = state
         server.set_state(state())
