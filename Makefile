@@ -8,8 +8,11 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first, pinned: a range would pull the newest CUDA build (gigabytes).
+	# torch first, pinned: a range would pull the newest CUDA build (gigabytes). The [train]
+	# extra pins the same version, so this CPU wheel satisfies it.
 	$(PY) -m pip install -q torch==2.13.0
+	# [dev] = the station runtime + [train], [plots], [opcua] + test, lint and packaging tools.
+	# A station needs none of it: `pip install .` (README, "Station install").
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
