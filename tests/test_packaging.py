@@ -24,7 +24,7 @@ import defectd
 from defectd.cli import main
 from defectd.model.card import PRODUCER, ModelCard, card_path, load_card
 from defectd.publish import MqttConfig, OutboxConfig, Publisher
-from defectd.publish.mosquitto import Mosquitto
+from defectd.testing.mosquitto import Mosquitto
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL = ROOT / "models" / "demo" / "model.onnx"
