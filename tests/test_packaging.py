@@ -155,7 +155,7 @@ def test_the_station_start_up_imports_no_torch() -> None:
         "defectd.cli",
         "defectd.cli.run_cmd",
         "defectd.daemon.service",
-        "defectd.daemon.demo",
+        "defectd.demo",
         "defectd.engines.openvino_backend",
         "defectd.engines.ort_backend",
         "defectd.training.evaluate",
