@@ -41,6 +41,10 @@ class HangingEngine:
     def spec(self) -> EngineSpec:
         return self._engine.spec
 
+    @property
+    def model_file(self) -> Path:
+        return self._engine.model_file
+
     def infer(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
         while self._hang_file.exists():
             time.sleep(0.05)

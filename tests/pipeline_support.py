@@ -73,6 +73,7 @@ class OrtTestEngine:
         opts.intra_op_num_threads = 1
         opts.inter_op_num_threads = 1
         self._session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self._path = path
         i = card.input
         self._spec = EngineSpec(i.channels, i.height, i.width, 1, max_batch)
         self.delay_s = 0.0
@@ -91,6 +92,10 @@ class OrtTestEngine:
     @property
     def spec(self) -> EngineSpec:
         return self._spec
+
+    @property
+    def model_file(self) -> Path:
+        return self._path
 
     def infer(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
         self._spec.check(batch)

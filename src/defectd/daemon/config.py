@@ -48,6 +48,7 @@ from pydantic import (
 )
 
 from defectd.daemon.archive import ArchiveConfig
+from defectd.daemon.fingerprint import decision_fingerprint
 from defectd.daemon.health import is_loopback, parse_address
 from defectd.engines.registry import BACKENDS
 from defectd.errors import ConfigError
@@ -57,7 +58,6 @@ from defectd.pipeline.config import (
     PostprocessConfig,
     Rect,
     RulesConfig,
-    config_hash,
 )
 from defectd.pipeline.parts import LineConfig
 from defectd.pipeline.sources import SourceConfig
@@ -337,8 +337,9 @@ class StationConfig(_Frozen):
         raise KeyError(camera)
 
     def hash(self) -> str:
-        """Fingerprint of what decides a verdict (pipeline, post-processing, rules)."""
-        return config_hash(self.pipeline, self.postprocess, self.rules)
+        """Fingerprint of everything that decides a verdict, the files the config names
+        included (see ``defectd.daemon.fingerprint``): every verdict carries it."""
+        return decision_fingerprint(self)
 
     def reload_only_differences(self, other: StationConfig) -> list[str]:
         """Top-level keys that differ from ``other`` and need a restart to take effect.

@@ -510,7 +510,7 @@ class Service:
         m = gen.model
         return EngineInfo(
             model=m.card.name,
-            sha256=m.card.sha256 or m.file_sha256,
+            sha256=m.executed_sha256,
             engine=m.engine.name,
             version=m.engine.version,
             precision=m.engine.precision,
@@ -606,7 +606,7 @@ class Service:
         return StatusInfo(
             version=__version__,
             model_name=card.name if card is not None else "",
-            model_sha256=(card.sha256 if card is not None else ""),
+            model_sha256=gen.model.executed_sha256 if gen is not None else "",
             config_hash=gen.pipeline.config_hash if gen is not None else cfg.hash(),
             cameras=tuple(c.camera for c in cfg.cameras),
         )
@@ -619,21 +619,23 @@ class Service:
 
     def _reloaded(self, old: Generation, new: Generation, drained: bool, reload_s: float) -> None:
         model, previous = new.model, old.model
-        model_changed = model.file_sha256 != previous.file_sha256 or model.path != previous.path
+        model_changed = model.executed_sha256 != previous.executed_sha256 or (
+            model.path != previous.path
+        )
         if self._publisher is not None:
             self._publisher.set_status(self._status_info())
         self._publish_event(
             "model_reloaded" if model_changed else "config_reloaded",
             model=model.card.name,
-            sha256=model.card.sha256 or model.file_sha256,
+            sha256=model.executed_sha256,
             previous_model=previous.card.name,
-            previous_sha256=previous.card.sha256 or previous.file_sha256,
+            previous_sha256=previous.executed_sha256,
             config_hash=new.pipeline.config_hash,
         )
         log.info(
             "reloaded",
             model=model.card.name,
-            sha256=model.card.sha256 or model.file_sha256,
+            sha256=model.executed_sha256,
             model_changed=model_changed,
             old_drained=drained,
             reload_s=round(reload_s, 3),

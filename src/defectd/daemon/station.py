@@ -53,6 +53,8 @@ class LoadedModel:
     path: Path
     file_sha256: str
     load_s: float
+    executed: Path  # the file the engine runs: model.int8.onnx for int8, a TensorRT plan ...
+    executed_sha256: str  # what every verdict names as its model
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +86,8 @@ def build_generation(
             rules=config.rules,
             cameras=camera_setups(config),
             clock=clock,
+            config_hash=config.hash(),
+            model_sha256=model.executed_sha256,
         )
     except BaseException:
         model.engine.close()
@@ -129,17 +133,20 @@ def load_model(config: StationConfig, *, opener: EngineOpener = open_engine) -> 
     except Exception:
         engine.close()
         raise
+    executed = engine.model_file
+    executed_sha256 = digest if executed == m.path else file_sha256(executed)
     load_s = time.monotonic() - t0
     log.info(
         "model_loaded",
         model=card.name,
-        sha256=card.sha256 or digest,
+        sha256=executed_sha256,
         engine=engine.name,
         version=engine.version,
         path=str(m.path),
+        executed=str(executed),
         load_s=round(load_s, 3),
     )
-    return LoadedModel(engine, card, m.path, digest, load_s)
+    return LoadedModel(engine, card, m.path, digest, load_s, executed, executed_sha256)
 
 
 def warm_up(engine: Engine, rounds: int) -> None:

@@ -101,6 +101,12 @@ class Engine(Protocol):
     @property
     def spec(self) -> EngineSpec: ...
 
+    @property
+    def model_file(self) -> Path:
+        """The file this engine executes: the ONNX model it opened (``model.int8.onnx`` for
+        int8), the TensorRT plan, the ``.pt`` checkpoint. Verdicts name its sha256."""
+        ...
+
     def infer(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
         """``(N, C, H, W)`` normalised float32 -> ``(N, 1, H, W)`` probabilities, a new array.
 

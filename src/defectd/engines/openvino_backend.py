@@ -159,6 +159,10 @@ class OpenVinoEngine(BackendEngine):
     def version(self) -> str:
         return str(ov.get_version()).split("-")[0]
 
+    @property
+    def model_file(self) -> Path:
+        return self._path
+
     def _run(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
         n = batch.shape[0]
         with self._lock:

@@ -112,6 +112,10 @@ class OrtEngine(BackendEngine):
         """Execution providers the session actually uses, in priority order."""
         return list(self._providers)
 
+    @property
+    def model_file(self) -> Path:
+        return self._path
+
     def _run(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
         n = batch.shape[0]
         out = np.empty((n, 1, self._spec.height, self._spec.width), np.float32)

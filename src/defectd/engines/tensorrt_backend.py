@@ -306,6 +306,11 @@ class TensorRTEngine:
         """The cached (or given) plan file this engine was loaded from."""
         return self._source
 
+    @property
+    def model_file(self) -> Path:
+        """The plan: what TensorRT executes (built from the ONNX model, cached by its key)."""
+        return self._source
+
     def infer(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
         """``(N, C, H, W)`` float32 -> ``(N, 1, H, W)`` float32 probabilities (new array)."""
         import torch  # noqa: PLC0415  (loaded by __init__; deferred for a light module import)

@@ -29,7 +29,13 @@ class TorchEngine:
     """
 
     def __init__(
-        self, net: UNet, card: ModelCard, spec: EngineSpec, *, threads: int | None = None
+        self,
+        net: UNet,
+        card: ModelCard,
+        spec: EngineSpec,
+        *,
+        threads: int | None = None,
+        source: Path | None = None,
     ) -> None:
         if net.config.in_channels != spec.channels:
             raise EngineError(
@@ -40,6 +46,7 @@ class TorchEngine:
         self._module: torch.nn.Module | None = WithSigmoid(net).eval()
         self._card = card
         self._spec = spec
+        self._source = source or Path(f"{card.name}.pt")  # an in-memory net: its nominal file
         self._lock = threading.Lock()
 
     @classmethod
@@ -47,7 +54,7 @@ class TorchEngine:
         cls, path: Path, spec: EngineSpec, *, threads: int | None = None
     ) -> TorchEngine:
         net, card = load_checkpoint(path)
-        return cls(net, card, spec, threads=threads)
+        return cls(net, card, spec, threads=threads, source=path)
 
     @property
     def name(self) -> str:
@@ -64,6 +71,10 @@ class TorchEngine:
     @property
     def spec(self) -> EngineSpec:
         return self._spec
+
+    @property
+    def model_file(self) -> Path:
+        return self._source
 
     def infer(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
         """``(N, C, H, W)`` float32 -> ``(N, 1, H, W)`` float32 probabilities (new array)."""
@@ -90,4 +101,4 @@ def open_request(request: OpenRequest) -> TorchEngine:
     check_expected(request.model_path, card, request.expect)
     request.check_precision(request.precision or "fp32")
     spec = make_spec(request.model_path, card, None, request.min_batch, request.max_batch)
-    return TorchEngine(net, card, spec, threads=request.threads)
+    return TorchEngine(net, card, spec, threads=request.threads, source=request.model_path)

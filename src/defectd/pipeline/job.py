@@ -35,10 +35,14 @@ class ModelSlot:
     on its engine; ``idle`` is set once the last of them has left the engine.
     """
 
-    def __init__(self, engine: Engine, card: ModelCard, generation: int) -> None:
+    def __init__(
+        self, engine: Engine, card: ModelCard, generation: int, sha256: str | None = None
+    ) -> None:
         self.engine = engine
         self.card = card
         self.generation = generation
+        # Of the file the engine executes (what verdicts name); default the card's.
+        self.sha256 = card.sha256 if sha256 is None else sha256
         self.idle = threading.Event()
         self._pending = 0
         self._retired = False

@@ -131,7 +131,9 @@ class Pipeline:
     ``engine`` and ``card`` describe the model (the engine's input spec must match the card);
     the caller owns engines and closes them (after ``stop``, or once the event returned by
     ``swap_engine`` is set). ``cameras`` maps camera ids to their ROI/scale/corrections.
-    ``config_hash`` (default: a hash of the three config sections) is stamped on every verdict.
+    ``config_hash`` (default: a hash of the three config sections) and ``model_sha256`` (the
+    sha256 of the file the engine executes, e.g. ``model.int8.onnx`` or a TensorRT plan;
+    default: the card's) are stamped on every verdict.
     Raises ``ConfigError`` for settings that cannot work (naming the key) and ``ModelError``
     when engine and card disagree.
     """
@@ -148,6 +150,7 @@ class Pipeline:
         cameras: Mapping[str, CameraSetup] | None = None,
         config_hash: str | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        model_sha256: str | None = None,
     ) -> None:
         self.config = cfg = config or PipelineConfig()
         self._clock = clock
@@ -181,7 +184,7 @@ class Pipeline:
 
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
-        self._slot = ModelSlot(engine, card, 0)
+        self._slot = ModelSlot(engine, card, 0, model_sha256 or card.sha256)
         self._inflight: dict[int, Job] = {}
         self._counters = Counters()
         self._latency = LatencyWindow(cfg.stats_window)
@@ -365,24 +368,27 @@ class Pipeline:
         )
         return drained and not leftover
 
-    def swap_engine(self, engine: Engine, card: ModelCard) -> threading.Event:
-        """Inspect frames preprocessed from now on with ``engine``/``card``; frames already
-        preprocessed finish on the old engine. Returns an event set once the old engine is
-        no longer used (then the caller may close it). Raises ``ModelError`` when the engine
-        does not take the card's input."""
+    def swap_engine(
+        self, engine: Engine, card: ModelCard, model_sha256: str | None = None
+    ) -> threading.Event:
+        """Inspect frames preprocessed from now on with ``engine``/``card`` (``model_sha256``:
+        of the file the engine executes, default the card's); frames already preprocessed
+        finish on the old engine. Returns an event set once the old engine is no longer used
+        (then the caller may close it). Raises ``ModelError`` when the engine does not take
+        the card's input."""
         _check_engine(engine, card)
         self._warn_foreign_thresholds(card)
         with self._lock:
             old = self._slot
-            self._slot = ModelSlot(engine, card, old.generation + 1)
+            self._slot = ModelSlot(engine, card, old.generation + 1, model_sha256 or card.sha256)
             self._counters.swaps += 1
         old.retire()
         log.info(
             "model_swapped",
             old_model=old.card.name,
-            old_sha256=old.card.sha256,
+            old_sha256=old.sha256,
             model=card.name,
-            sha256=card.sha256,
+            sha256=model_sha256 or card.sha256,
             engine=engine.name,
         )
         return old.idle
@@ -452,7 +458,7 @@ class Pipeline:
             sink_errors=sink,
             swaps=swaps,
             model=slot.card.name,
-            model_sha256=slot.card.sha256,
+            model_sha256=slot.sha256,
             engine=slot.engine.name,
         )
 
@@ -469,7 +475,8 @@ class Pipeline:
         latencies: dict[str, float] | None = None,
     ) -> Inspection:
         frame = job.frame
-        card = job.slot.card if job.slot is not None else self._slot.card
+        slot = job.slot if job.slot is not None else self._slot
+        card = slot.card
         image = frame.image
         return Inspection(
             station=frame.station,
@@ -481,7 +488,7 @@ class Pipeline:
             reason=reason,
             part_id=frame.part_id,
             model_name=card.name,
-            model_sha256=card.sha256,
+            model_sha256=slot.sha256,
             config_hash=self.config_hash,
             t_grab_wall=frame.t_wall,
             t_grab_ns=frame.t_host_ns,
