@@ -113,8 +113,8 @@ def daemon_verdicts(
 ) -> tuple[dict[str, str], dict[str, Any]]:
     """``part_id -> verdict`` from ``defectd run`` over the replay, read off a real broker."""
     from defectd.publish import MqttConfig
-    from defectd.publish.mosquitto import Mosquitto
     from defectd.publish.watch import Received, Watcher
+    from defectd.testing.mosquitto import Mosquitto
 
     broker = Mosquitto(work / "broker", persistence=False)
     broker.start()
