@@ -23,12 +23,17 @@ the model and CPU offer: int8 when a QDQ model ``<stem>.int8.onnx`` lies beside 
 ``--quantize``), else bf16 where the CPU has it, else fp32. The naive loop runs the same
 architecture in torch eager fp32 (the checkpoint beside the model when there is one).
 
+``--viewers N`` runs the pipeline row twice per repeat, alternately without and with the operator
+view served from the worker (``LiveFeed`` observer, the view's ASGI app on uvicorn) and N viewer
+processes connected to its live stream, each fetching every image it is told of, as a browser
+does; the ratio ``viewers_vs_none`` compares their frames/s (medians).
+
 ``--truth N`` adds a run over a seeded synthetic line of N parts with known truth and prints
 the confusion matrix of part verdicts (fail and error count as rejects) against the truth.
 
     python bench/pipeline.py [--quick] [--json] [--batch 2] [--frames N] [--model M]
                              [--precision best|fp32|bf16|int8] [--quantize] [--mqtt HOST:PORT]
-                             [--no-mqtt] [--truth 2000] [--repeats 3]
+                             [--no-mqtt] [--truth 2000] [--repeats 3] [--viewers 2]
 """
 
 from __future__ import annotations
@@ -212,12 +217,15 @@ def work_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
     verdict_times: list[float] = []
     records: list[tuple[str | None, bool | None, str]] = []
     lock = threading.Lock()
+    view = OperatorViewForBench(spec) if spec.get("viewers") else None
 
     direct: list[tuple[str, str]] = []  # (pipeline verdict, the model run directly)
 
     def sink(result: PipelineResult) -> None:
         if publisher is not None:
             publisher.submit(result.inspection)
+        if view is not None:
+            view.feed(result)
         if spec.get("truth"):
             direct.append((result.inspection.verdict.value, direct_verdict(engine, card, result)))
         with lock:
@@ -260,6 +268,8 @@ def work_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
         ),
         spec["station"],
     )
+    if view is not None:
+        view.start(pipe)
     with Resources() as res:
         pipe.start()
         source.start(pipe.submit, on_event)
@@ -282,6 +292,7 @@ def work_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
         if spec.get("bracket_s")
         else None
     )
+    viewed = view.stop() if view is not None else None
     pub_stats = publisher.stats() if publisher is not None else None
     if publisher is not None:
         publisher.stop(drain_timeout_s=5.0)
@@ -324,6 +335,9 @@ def work_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
             ),
             "peak_rss_mb": before["peak_rss_mb"],
         }
+    if viewed is not None:
+        out["row"] = "pipeline-viewers"
+        out["view"] = viewed
     if pub_stats is not None:
         out["published_acked"] = pub_stats.acked
         out["publish_p99_ms"] = pub_stats.ack_latency_ms_p99
@@ -333,6 +347,104 @@ def work_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
         out["truth"]["agree_with_model_run_directly"] = sum(p == d for p, d in inspected)
         out["truth"]["compared_with_model_run_directly"] = len(inspected)
     return out
+
+
+class OperatorViewForBench:
+    """The daemon's operator view in the pipeline worker: the ``LiveFeed`` observer and the
+    view's routes on the health endpoint's server, with ``spec["viewers"]`` viewer processes
+    (``--worker viewer``) connected before the line starts."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        from defectd.daemon.config import HealthSection
+        from defectd.daemon.live import LiveFeed
+
+        section = HealthSection()  # the daemon's defaults: view_fps, view_width
+        self.count = int(spec["viewers"])
+        self.feed = LiveFeed(max_fps=section.view_fps, width=section.view_width)
+        self._procs: list[subprocess.Popen[str]] = []
+        self._server: Any = None
+
+    def start(self, pipe: Any) -> None:
+        from defectd.daemon.health import HealthReport, HealthServer
+        from defectd.daemon.view import RejectGallery, view_routes
+
+        def station() -> dict[str, Any]:
+            st = pipe.stats()
+            return {"fps": st.fps, "verdicts": st.verdicts, "queues": st.queues}
+
+        routes = view_routes(self.feed, station, RejectGallery(None, 24))
+        self._server = HealthServer(
+            "127.0.0.1:0", lambda: HealthReport(True, True), lambda: "", routes=routes
+        )
+        self._server.start()
+        for _ in range(self.count):
+            self._procs.append(
+                subprocess.Popen(
+                    [sys.executable, __file__, "--worker", "viewer", "--spec",
+                     json.dumps({"url": self._server.url})],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+            )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while self.feed.viewers < self.count:
+            if time.monotonic() > deadline:
+                raise SystemExit("error: the viewers did not connect to the operator view")
+            time.sleep(0.02)
+
+    def stop(self) -> dict[str, Any]:
+        """End the viewers; what they received and what the feed encoded."""
+        received = []
+        for proc in self._procs:
+            proc.terminate()
+            out, _ = proc.communicate(timeout=10)
+            lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+            received.append(json.loads(lines[-1]) if lines else {})
+        self.feed.stop()
+        if self._server is not None:
+            self._server.stop()
+        return {"viewers": self.count, "encoded": self.feed.encoded, "received": received}
+
+
+def work_viewer(spec: dict[str, Any]) -> dict[str, Any]:
+    """A browser's traffic without the browser: read the live stream and fetch every image it
+    announces, until SIGTERM; then the counts."""
+    import http.client
+    import signal
+    from urllib.parse import urlsplit
+
+    url = urlsplit(spec["url"])
+    counts = {"events": 0, "frames": 0, "images": 0, "image_bytes": 0}
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    stream = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    images = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    try:
+        stream.request("GET", "/api/live")
+        resp = stream.getresponse()
+        event = ""
+        while True:
+            line = resp.readline().decode().rstrip("\n")
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                counts["events"] += 1
+                if event == "frame":
+                    counts["frames"] += 1
+                    image = json.loads(line[6:]).get("image")
+                    if image:
+                        images.request("GET", image)
+                        body = images.getresponse().read()
+                        counts["images"] += 1
+                        counts["image_bytes"] += len(body)
+            elif not line and resp.isclosed():
+                break
+    except SystemExit:
+        pass
+    return counts
 
 
 def direct_verdict(engine: Any, card: Any, result: Any) -> str:
@@ -468,7 +580,7 @@ def work_naive(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-WORKERS = {"pipeline": work_pipeline, "naive": work_naive}
+WORKERS = {"pipeline": work_pipeline, "naive": work_naive, "viewer": work_viewer}
 
 
 # --- driver -----------------------------------------------------------------------------------
@@ -609,6 +721,7 @@ def median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
     ordered = sorted(runs, key=lambda r: r["fps"])
     row = dict(ordered[(len(ordered) - 1) // 2])  # the lower median for an even count
     row["fps_runs"] = [r["fps"] for r in runs]
+    row["cpu_ms_per_frame_runs"] = [r["cpu_ms_per_frame"] for r in runs]
     return row
 
 
@@ -652,7 +765,7 @@ def print_rows(console: Any, report: dict[str, Any], rows: dict[str, Any]) -> No
     )
     for col in cols:
         table.add_column(col, justify="right" if col != "row" else "left")
-    for name in ("engine-only", "pipeline", "naive"):
+    for name in ("engine-only", "pipeline", "pipeline-viewers", "naive"):
         if name not in rows:
             continue
         r = rows[name]
@@ -676,6 +789,16 @@ def print_rows(console: Any, report: dict[str, Any], rows: dict[str, Any]) -> No
             f"{rows['naive'].get('e2e_p99_ms')} ms"
         )
     console.print(line)
+    if "pipeline-viewers" in rows:
+        v = rows["pipeline-viewers"]
+        console.print(
+            f"with the operator view and {v['view']['viewers']} viewers / without = "
+            f"{ratios['viewers_vs_none']:.3f} (target >= 0.95); CPU ms/frame median "
+            f"{float(np.median(v['cpu_ms_per_frame_runs'])):.2f} vs "
+            f"{float(np.median(rows['pipeline']['cpu_ms_per_frame_runs'])):.2f}; images encoded "
+            f"{v['view']['encoded']}, received per viewer "
+            f"{[x.get('images') for x in v['view']['received']]}"
+        )
     console.print(f"pipeline stage p50 ms: {rows['pipeline']['stage_p50_ms']}")
     pipe = rows["pipeline"]
     console.print(
@@ -720,6 +843,12 @@ def main() -> None:
     parser.add_argument(
         "--frame",
         help="frame size WxH (e.g. 2448x2048): larger frames are tiled; no naive row then",
+    )
+    parser.add_argument(
+        "--viewers",
+        type=int,
+        default=0,
+        help="also run the pipeline with the operator view and N viewers connected (no naive row)",
     )
     parser.add_argument("--quick", action="store_true", help="fewer frames, one run (< 60 s)")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
@@ -778,27 +907,37 @@ def main() -> None:
             "workdir": str(workdir),
         }
         sub = Subscriber(mqtt[0], mqtt[1], station) if mqtt else None
-        runs: dict[str, list[dict[str, Any]]] = {"engine-only": [], "pipeline": [], "naive": []}
+        runs: dict[str, list[dict[str, Any]]] = {
+            "engine-only": [],
+            "pipeline": [],
+            "pipeline-viewers": [],
+            "naive": [],
+        }
         bracket_s = 2.0 if args.quick else 8.0
         naive_frames = 8 if args.quick else max(24, frames // 10)
         for r in range(repeats):
-            modes: list[tuple[str, dict[str, Any]]] = [
-                ("pipeline", {"frames": frames, "bracket_s": bracket_s})
+            modes: list[tuple[str, str, dict[str, Any]]] = [
+                ("pipeline", "pipeline", {"frames": frames, "bracket_s": bracket_s})
             ]
-            if tiles_per_frame == 1:
-                modes.append(("naive", {"frames": naive_frames}))
-            for mode, extra in modes:
+            if args.viewers:
+                # Same seed and frames with the view and its viewers; the order alternates so
+                # that a drift in the machine's load favours neither.
+                extra = {"frames": frames, "bracket_s": 0, "viewers": args.viewers}
+                modes.insert(r % 2, ("pipeline-viewers", "pipeline", extra))
+            elif tiles_per_frame == 1:
+                modes.append(("naive", "naive", {"frames": naive_frames}))
+            for row, mode, extra in modes:
                 if sub is not None:
-                    sub.row = f"{mode}-{r}"
+                    sub.row = f"{row}-{r}"
                 result = run_worker(mode, {**base, **extra, "seed": r})
                 if sub is not None:
                     time.sleep(0.5)  # the last deliveries
-                    result.update(sub.take(f"{mode}-{r}", result["frames"]))
-                runs[mode].append(result)
-                if mode == "pipeline":
+                    result.update(sub.take(f"{row}-{r}", result["frames"]))
+                runs[row].append(result)
+                if row == "pipeline":
                     runs["engine-only"].append(result.pop("engine_only"))
                 print(
-                    f"  {mode} run {r + 1}/{repeats}: {result['fps']:.2f} frames/s",
+                    f"  {row} run {r + 1}/{repeats}: {result['fps']:.2f} frames/s",
                     file=sys.stderr,
                 )
         truth = None
@@ -841,6 +980,10 @@ def main() -> None:
         }
         if "naive" in rows:
             ratios["pipeline_vs_naive"] = round(rows["pipeline"]["fps"] / rows["naive"]["fps"], 3)
+        if "pipeline-viewers" in rows:
+            ratios["viewers_vs_none"] = round(
+                rows["pipeline-viewers"]["fps"] / rows["pipeline"]["fps"], 3
+            )
         report["engine"] = rows["pipeline"]["engine"]
         report["rows"] = rows
         report["ratios"] = ratios

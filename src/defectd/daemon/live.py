@@ -142,6 +142,8 @@ class LiveFeed:
         self._wake = threading.Event()
         self._stopped = threading.Event()
         self._stopping = False
+        self._idle = False
+        self._arrivals = 0
         self._thread: threading.Thread | None = None
         self.encoded = 0
 
@@ -151,8 +153,9 @@ class LiveFeed:
         """A new result: remember it as its camera's newest (replacing an unencoded one)."""
         with self._lock:
             self._latest[result.inspection.camera] = result
-            watching = self._viewers > 0
-        if watching:
+            self._arrivals += 1
+            wake = self._viewers > 0 and self._idle
+        if wake:
             self._wake.set()
 
     # -- viewers --------------------------------------------------------------------------
@@ -199,13 +202,15 @@ class LiveFeed:
 
     # -- encoder thread -------------------------------------------------------------------
 
-    def _due(self, now: float) -> tuple[list[PipelineResult], float]:
-        """Results to encode now, and how long until the next one is due (or the idle wait)."""
+    def _due(self, now: float) -> tuple[list[PipelineResult], float, int]:
+        """Results to encode now, how long until the next one is due (or the idle wait), and
+        the arrival count they were chosen at."""
         due: list[PipelineResult] = []
         wait = IDLE_WAIT_S
         with self._lock:
+            arrivals = self._arrivals
             if self._viewers == 0:
-                return due, wait
+                return due, wait, arrivals
             for camera, result in self._latest.items():
                 last = self._frames.get(camera)
                 if last is not None and last.info["result_id"] == result.inspection.result_id:
@@ -215,7 +220,7 @@ class LiveFeed:
                     due.append(result)
                 else:
                     wait = min(wait, left)
-        return due, wait
+        return due, wait, arrivals
 
     def _run(self) -> None:
         while True:
@@ -223,7 +228,7 @@ class LiveFeed:
                 if self._stopping:
                     return
             self._wake.clear()  # before looking: a result arriving after the look wakes us
-            due, wait = self._due(self._clock())
+            due, wait, seen = self._due(self._clock())
             for result in due:
                 self._encode(result)
             if due:
@@ -233,7 +238,15 @@ class LiveFeed:
                 # results that keep arriving meanwhile (only a stop cuts it short).
                 self._stopped.wait(wait)
             else:
+                # Nothing new: the next result wakes us (results only signal an idle encoder,
+                # so one that came since the look is caught here instead).
+                with self._lock:
+                    if self._arrivals != seen:
+                        continue
+                    self._idle = True
                 self._wake.wait(wait)
+                with self._lock:
+                    self._idle = False
 
     def _encode(self, result: PipelineResult) -> None:
         ins = result.inspection

@@ -26,6 +26,7 @@ import hmac
 import json
 import re
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from importlib import resources
@@ -54,7 +55,9 @@ log = get_logger(__name__)
 OPEN_PATHS = frozenset({"/healthz", "/health", "/livez", "/metrics"})
 COOKIE = "defectd_view"
 STATION_EVERY_S = 1.0
-STREAM_TICK_S = 0.1
+# How often a stream looks for a newer image: well under the feed's 1 / view_fps, and few
+# enough wake-ups that the server's thread stays out of the inspection threads' way.
+STREAM_TICK_S = 0.2
 _STATIC = {"view.js": "text/javascript", "view.css": "text/css", "index.html": "text/html"}
 _STEM = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _NO_STORE = {"Cache-Control": "no-store"}
@@ -214,6 +217,25 @@ def _summary(result: dict[str, Any] | None) -> dict[str, Any] | None:
     }
 
 
+class _Cached:
+    """``fn()`` computed at most once per ``max_age_s`` (monotonic), shared by all callers."""
+
+    def __init__(self, fn: Callable[[], dict[str, Any]], max_age_s: float) -> None:
+        self._fn = fn
+        self._max_age_s = max_age_s
+        self._lock = threading.Lock()
+        self._value: dict[str, Any] | None = None
+        self._at = 0.0
+
+    def __call__(self) -> dict[str, Any]:
+        with self._lock:
+            now = time.monotonic()
+            if self._value is None or now - self._at >= self._max_age_s:
+                self._value = self._fn()
+                self._at = now
+            return self._value
+
+
 def _sse(event: str, data: Mapping[str, Any]) -> str:
     return f"event: {event}\ndata: {json.dumps(data, default=str)}\n\n"
 
@@ -228,7 +250,11 @@ def view_routes(
     station: Callable[[], dict[str, Any]],
     gallery: RejectGallery,
 ) -> list[BaseRoute]:
-    """The operator view's routes; ``station()`` gives the panel's numbers (thread-safe)."""
+    """The operator view's routes; ``station()`` gives the panel's numbers (thread-safe).
+
+    The panel is computed at most once per ``STATION_EVERY_S`` whatever the number of viewers.
+    """
+    station = _Cached(station, STATION_EVERY_S / 2)
 
     def static(request: Request) -> Response:
         name = request.path_params.get("name", "index.html")
