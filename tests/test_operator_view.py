@@ -175,8 +175,11 @@ def test_overlay_image_updates(station: Station, page: Any) -> None:
     loaded = f"(() => {{ const i = document.querySelector('{image}'); "
     loaded += "return i && i.complete && i.naturalWidth > 0 ? i.src : null; })()"
     first = page.wait_for_function(loaded).json_value()
-    page.wait_for_function(f"{loaded} !== null && {loaded} !== {json.dumps(first)}")
-    width = page.eval_on_selector(image, "i => i.naturalWidth")
+    # one look at a newer image that has loaded (the next one may replace it at any time)
+    newer = f"(() => {{ const i = document.querySelector('{image}'); "
+    newer += f"return i.complete && i.naturalWidth > 0 && i.src !== {json.dumps(first)} "
+    newer += "? i.naturalWidth : null; })()"
+    width = page.wait_for_function(newer).json_value()
     assert width == 128  # the camera's width: below view_width, so not scaled
     with urllib.request.urlopen(station.url + "/api/frame/cam0.jpg", timeout=5) as resp:
         assert resp.headers["Content-Type"] == "image/jpeg"
