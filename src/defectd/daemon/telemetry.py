@@ -84,6 +84,10 @@ class StationMetrics:
         self.outbox_dropped = r.counter(
             "defectd_outbox_dropped_total", "Messages dropped at the outbox bound or by age."
         )
+        self.client_id_clashes = r.counter(
+            "defectd_mqtt_client_id_clashes_total",
+            "Broker disconnects caused by another client using this station's client id.",
+        )
         self.ack_latency = r.gauge(
             "defectd_ack_latency_ms",
             "Submit to PUBACK latency over the last messages, milliseconds.",
@@ -205,6 +209,7 @@ class StationMetrics:
             self.outbox_fault.clear()
             if publisher.outbox_fault is not None:
                 self.outbox_fault.set(1, kind=publisher.outbox_fault)
+            self.client_id_clashes.set_total(publisher.client_id_clashes)
             for q, value in (
                 ("0.5", publisher.ack_latency_ms_p50),
                 ("0.99", publisher.ack_latency_ms_p99),

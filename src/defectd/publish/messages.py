@@ -58,6 +58,7 @@ EVENT_SEVERITY: dict[str, str] = {
     "outbox_store_failed": "error",
     "outbox_store_recovered": "info",
     "disk_space_low": "warning",
+    "client_id_clash": "error",
 }
 
 

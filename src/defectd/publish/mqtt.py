@@ -78,6 +78,7 @@ from defectd.publish.outbox import (
     OutboxMessage,
     OutboxRow,
 )
+from defectd.publish.takeover import TakeoverDetector
 
 log = get_logger(__name__)
 
@@ -230,6 +231,10 @@ class PublisherStats:
     direct_queued: int = 0
     direct_acked: int = 0
     direct_dropped: int = 0
+    # Another client is using this station's client id (see publish.takeover): disconnects
+    # attributed to it, and whether the clash is going on now.
+    client_id_clashes: int = 0
+    client_id_clash: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -313,6 +318,7 @@ class Publisher:
         self._disconnect_reason: ReasonCode | None = None
         self._status_dirty = False
         self._refused_streak: str | None = None
+        self._takeover = TakeoverDetector()
         self._last_refusal_event = 0.0
         self._last_housekeeping = 0.0
         self._latencies: deque[float] = deque(maxlen=_LATENCY_WINDOW)
@@ -554,6 +560,8 @@ class Publisher:
             direct_acked=self._direct_acked,
             direct_dropped=self._direct.dropped,
             late_withheld=self._late_withheld,
+            client_id_clashes=self._takeover.clashes,
+            client_id_clash=self._takeover.active,
         )
 
     # -- helpers for callers' threads --------------------------------------------------------
@@ -787,7 +795,10 @@ class Publisher:
         reason, self._disconnect_reason = self._disconnect_reason, None
         if reason is not None and self._state is not Link.DOWN:
             was_up = self._state is Link.UP
+            clash = self._takeover.disconnected(reason.value, now) if was_up else None
             self._connection_failed(f"connection lost: {describe_reason(reason)}", now)
+            if clash is not None:
+                self._report_clash(clash, describe_reason(reason))
             if was_up:
                 log.warning(
                     "broker_disconnected",
@@ -816,6 +827,7 @@ class Publisher:
         self._down_since = None
         self._connects += 1
         self._refused_streak = None
+        self._takeover.connected(now)
         log.info(
             "broker_connected",
             host=self._config.host,
@@ -952,6 +964,7 @@ class Publisher:
             )
 
     def _housekeeping(self, outbox: Outbox) -> None:
+        self._takeover.settled(time.monotonic())
         outbox.maintain()
         if outbox.check_near_bound():
             cfg = outbox.config
@@ -971,6 +984,20 @@ class Publisher:
                 expired=drops.expired,
                 result_ids=list(drops.keep_ids),
             )
+
+    def _report_clash(self, evidence: str, reason: str) -> None:
+        """Name a client-id clash once per streak: an error line and a ``client_id_clash``
+        event (published once a connection holds long enough)."""
+        log.error(
+            "client_id_clash",
+            client_id=self._client_id,
+            station=self._station,
+            evidence=evidence,
+            reason=reason,
+            fix="another client connects with this client id, e.g. a second station with the "
+            "same station id: give every station its own station id or mqtt.client_id",
+        )
+        self._event("client_id_clash", client_id=self._client_id, evidence=evidence, reason=reason)
 
     def _event(self, kind: str, **fields: Any) -> None:
         try:
