@@ -10,8 +10,8 @@ from typing import Any
 from structlog.testing import capture_logs
 
 from defectd.publish import MqttConfig, OutboxConfig, Publisher
-from defectd.publish.mosquitto import Mosquitto
 from defectd.publish.takeover import SESSION_TAKEN_OVER, TakeoverDetector
+from defectd.testing.mosquitto import Mosquitto
 
 
 def publisher(broker: Mosquitto, outbox: Path) -> Publisher:

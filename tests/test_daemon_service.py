@@ -182,6 +182,7 @@ METRIC_FAMILIES = {
     "defectd_published_total": "counter",
     "defectd_acked_total": "counter",
     "defectd_outbox_dropped_total": "counter",
+    "defectd_mqtt_client_id_clashes_total": "counter",
     "defectd_ack_latency_ms": "gauge",
     "defectd_camera_state": "gauge",
     "defectd_camera_fps": "gauge",
