@@ -51,6 +51,7 @@ from defectd.daemon.opcua_link import OpcUaLink, station_state
 from defectd.daemon.reload import Intake, Reloader
 from defectd.daemon.routing import Ledger, Progress, ResultObserver, ResultRouter
 from defectd.daemon.sdnotify import SdNotifier
+from defectd.daemon.sequence import SequenceStore
 from defectd.daemon.station import EngineOpener, Generation, build_generation
 from defectd.daemon.telemetry import EngineInfo, StationMetrics
 from defectd.daemon.view import OperatorView, station_panel
@@ -146,6 +147,7 @@ class Service:
         self._archive: Archive | None = None
         self._health: HealthServer | None = None
         self._sources: list[Source] = []
+        self._sequence: SequenceStore | None = None
         self._line: LineIntake | None = None
         self._triggers: TriggerListener | None = None
 
@@ -212,6 +214,7 @@ class Service:
             raise ConfigError(f"daemon.state_dir: cannot create {cfg.state_dir}: {exc}") from None
         # A damaged outbox stops the start before the model loads (the publisher checks again).
         check_outbox_file(cfg.outbox.path)
+        self._sequence = SequenceStore(cfg.state_dir)
         self.notifier.status("loading the model")
         gen = self._build(cfg)
         self._intake.set_first(gen)
@@ -256,6 +259,7 @@ class Service:
         self._router.stamp = line.stamp
         # GenICam cameras of one station share one producer hub.
         for source in make_sources([c.source for c in cfg.cameras], cfg.station):
+            source.number_from(self._sequence.start(source.camera))  # seq goes on after a restart
             source.start(line.on_frame, self._on_event)
             self._sources.append(source)
         line.attach(self._sources)
@@ -302,6 +306,8 @@ class Service:
             self._triggers.stop(timeout=deadline.step(0.5, cap_s=2.0))
         for source in self._sources:
             source.stop(timeout=deadline.step(0.5, cap_s=5.0))
+        if self._sequence is not None:
+            self._sequence.close()
         self._reloader.join(deadline.left())
         drained = True
         gen = self._intake.current
@@ -370,6 +376,8 @@ class Service:
     # ------------------------------------------------------------------ intake
 
     def _on_frame(self, frame: Frame) -> None:
+        if self._sequence is not None:
+            self._sequence.used(frame.camera, frame.seq)
         self.metrics.frames.inc(camera=frame.camera)
         self._progress.frame_submitted()
         self._intake.submit(frame)

@@ -107,6 +107,11 @@ class Source(Protocol):
 
     def health(self) -> SourceHealth: ...
 
+    def number_from(self, seq: int) -> None:
+        """Give the next frame the number ``seq`` (call before ``start``): a station continues
+        each camera's ``seq`` across restarts instead of starting again at 0."""
+        ...
+
 
 @runtime_checkable
 class TriggeredSource(Protocol):

@@ -110,6 +110,12 @@ class ThreadedSource:
             self._log.info("source_stopped", frames=self._frames, lost=self._lost)
         self._thread = None
 
+    def number_from(self, seq: int) -> None:
+        """Give the next frame the number ``seq`` (before ``start``)."""
+        if seq < 0:
+            raise ValueError(f"camera {self.camera!r}: frame numbers start at 0, not {seq}")
+        self._seq = seq
+
     def health(self) -> SourceHealth:
         now = time.monotonic_ns()
         with self._lock:
