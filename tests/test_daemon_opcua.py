@@ -108,7 +108,11 @@ def line(tmp_path: Path, tiny_model: Path, pki: Pki) -> Iterator[tuple[Service, 
         "defect_rate = 0.3\ncount = 1000"
     )
     text = station_text(
-        tiny_model, tmp_path / "state", camera=camera, extra=opcua_toml(pki, port, "")
+        tiny_model,
+        tmp_path / "state",
+        camera=camera,
+        # One post-processing worker, no admission errors: parts finish in frame order.
+        extra=opcua_toml(pki, port, "") + '\n[pipeline]\nworkers = 1\nadmission = "block"\n',
     )
     (tmp_path / "s.toml").write_text(text)
     service = Service(
