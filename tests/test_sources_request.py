@@ -92,7 +92,8 @@ def test_viky_takes_one_fresh_frame_per_request_without_a_trigger_node() -> None
         camera="viky",
         producers=(cti,),
         device=DeviceSelector(index=0),
-        nodes={"Width": 160, "Height": 120, "AcquisitionFrameRate": 200.0},
+        # 50 fps: the grab thread keeps up with the producer even on a loaded machine.
+        nodes={"Width": 160, "Height": 120, "AcquisitionFrameRate": 50.0},
         trigger="request",
         request_substitute=True,
     )
