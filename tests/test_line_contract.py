@@ -26,21 +26,11 @@ from defectd.model.card import card_path
 from defectd.pipeline.frame import Frame
 from defectd.pipeline.inspection import Inspection, Verdict
 from defectd.pipeline.parts import LineConfig
-from defectd.publish import MqttConfig, OutboxConfig, Publisher
 from defectd.publish.messages import schema_errors
 from defectd.publish.triggers import TriggerMessage
 from defectd.testing.mosquitto import Mosquitto
+from publisher_support import PREFIX, make_publisher, started_publisher
 from station_support import model_section
-
-PREFIX = "t"
-
-
-def make_publisher(broker: Mosquitto, tmp_path: Path) -> Publisher:
-    config = MqttConfig(
-        host=broker.host, port=broker.port, topic_prefix=PREFIX, reconnect_min_s=0.1,
-        reconnect_max_s=0.3,
-    )  # fmt: skip
-    return Publisher(config, OutboxConfig(path=tmp_path / "outbox.sqlite"), "st1")
 
 
 def verdict(v: Verdict, gate_in_s: float | None, **kw: Any) -> Inspection:
@@ -54,10 +44,7 @@ def verdict(v: Verdict, gate_in_s: float | None, **kw: Any) -> Inspection:
 def test_a_verdict_expires_when_its_part_reaches_the_gate(
     mosquitto: Callable[..., Mosquitto], mqtt_collector: Callable[..., Any], tmp_path: Path
 ) -> None:
-    broker = mosquitto()
-    sub = mqtt_collector(broker.host, broker.port, f"{PREFIX}/#")
-    pub = make_publisher(broker, tmp_path)
-    pub.start()
+    sub, pub = started_publisher(mosquitto, mqtt_collector, tmp_path, reconnect_max_s=0.3)
     try:
         item = verdict(Verdict.FAIL, 3.5, correlation="c0ffee")
         pub.submit(item)
@@ -79,10 +66,7 @@ def test_a_verdict_expires_when_its_part_reaches_the_gate(
 def test_a_verdict_without_a_gate_has_no_expiry(
     mosquitto: Callable[..., Mosquitto], mqtt_collector: Callable[..., Any], tmp_path: Path
 ) -> None:
-    broker = mosquitto()
-    sub = mqtt_collector(broker.host, broker.port, f"{PREFIX}/#")
-    pub = make_publisher(broker, tmp_path)
-    pub.start()
+    sub, pub = started_publisher(mosquitto, mqtt_collector, tmp_path, reconnect_max_s=0.3)
     try:
         pub.submit(verdict(Verdict.PASS, None))
         assert sub.wait_for(lambda ms: len(ms) >= 1)
@@ -102,7 +86,7 @@ def test_a_verdict_that_misses_its_gate_goes_to_late_and_never_to_reject(
         broker.host, broker.port, f"{PREFIX}/st1/reject", persistent=True, client_id="plc-2"
     )
     broker.stop()  # the broker is away while the part passes its gate
-    pub = make_publisher(broker, tmp_path)
+    pub = make_publisher(broker, tmp_path, reconnect_max_s=0.3)
     pub.start()
     try:
         late = verdict(Verdict.FAIL, 0.3, correlation="01")
@@ -153,10 +137,7 @@ def test_a_trigger_without_a_frame_gets_error_no_frame(
     from defectd.daemon.config import StationCamera
     from defectd.pipeline.sources import SyntheticSourceConfig
 
-    broker = mosquitto()
-    sub = mqtt_collector(broker.host, broker.port, f"{PREFIX}/#")
-    pub = make_publisher(broker, tmp_path)
-    pub.start()
+    sub, pub = started_publisher(mosquitto, mqtt_collector, tmp_path, reconnect_max_s=0.3)
     camera = StationCamera(
         source=SyntheticSourceConfig(camera="cam0", trigger="request"),
         line=LineConfig(mode="plc-trigger", frame_timeout_ms=100),
@@ -310,10 +291,7 @@ def test_hardware_triggered_parts_pair_by_counter_and_a_dropped_frame_gets_no_fr
     from defectd.daemon.config import StationCamera
     from defectd.pipeline.sources import DeviceSelector, GenICamSourceConfig
 
-    broker = mosquitto()
-    sub = mqtt_collector(broker.host, broker.port, f"{PREFIX}/#")
-    pub = make_publisher(broker, tmp_path)
-    pub.start()
+    sub, pub = started_publisher(mosquitto, mqtt_collector, tmp_path, reconnect_max_s=0.3)
     camera = StationCamera(
         source=GenICamSourceConfig(camera="cam0", device=DeviceSelector(index=0)),
         line=LineConfig(mode="hw-counter", frame_timeout_ms=150),

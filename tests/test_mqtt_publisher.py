@@ -19,8 +19,7 @@ from defectd.pipeline.inspection import Defect, Inspection, Verdict
 from defectd.publish import MqttConfig, OutboxConfig, Publisher, StatusInfo
 from defectd.publish.messages import schema_errors
 from defectd.testing.mosquitto import Mosquitto
-
-PREFIX = "t"
+from publisher_support import PREFIX, make_publisher, started_publisher
 
 
 def insp(seq: int, verdict: Verdict = Verdict.PASS, camera: str = "cam0") -> Inspection:
@@ -29,14 +28,6 @@ def insp(seq: int, verdict: Verdict = Verdict.PASS, camera: str = "cam0") -> Ins
         "st1", camera, seq, verdict, defects, rule="area>=0.1mm2" if defects else None,
         t_grab_wall=time.time(),
     )  # fmt: skip
-
-
-def make_publisher(broker: Mosquitto, tmp_path: Path, **mqtt: Any) -> Publisher:
-    config = MqttConfig(
-        host=broker.host, port=broker.port, topic_prefix=PREFIX, reconnect_min_s=0.1,
-        reconnect_max_s=0.5, **mqtt,
-    )  # fmt: skip
-    return Publisher(config, OutboxConfig(path=tmp_path / "outbox.sqlite"), "st1")
 
 
 def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
@@ -55,10 +46,7 @@ def seqs(collector: Any) -> list[int]:
 def test_a_fail_is_published_as_result_and_reject_with_mqtt5_properties(
     mosquitto: Callable[..., Mosquitto], mqtt_collector: Callable[..., Any], tmp_path: Path
 ) -> None:
-    broker = mosquitto()
-    sub = mqtt_collector(broker.host, broker.port, f"{PREFIX}/#")
-    pub = make_publisher(broker, tmp_path)
-    pub.start()
+    sub, pub = started_publisher(mosquitto, mqtt_collector, tmp_path)
     try:
         item = insp(7, Verdict.FAIL)
         pub.submit(item)
@@ -78,10 +66,7 @@ def test_a_fail_is_published_as_result_and_reject_with_mqtt5_properties(
 def test_a_pass_gets_a_result_and_no_reject(
     mosquitto: Callable[..., Mosquitto], mqtt_collector: Callable[..., Any], tmp_path: Path
 ) -> None:
-    broker = mosquitto()
-    sub = mqtt_collector(broker.host, broker.port, f"{PREFIX}/#")
-    pub = make_publisher(broker, tmp_path)
-    pub.start()
+    sub, pub = started_publisher(mosquitto, mqtt_collector, tmp_path)
     pub.submit(insp(1))
     pub.submit(insp(2, Verdict.ERROR))
     assert sub.wait_for(lambda ms: len([m for m in ms if m.topic.endswith("t")]) >= 3)
