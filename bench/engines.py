@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from _common import cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "models" / "magnetic_tile" / "model.onnx"
 ROWS = ("torch-fp32", "ort-fp32", "ort-int8", "openvino-fp32", "openvino-bf16", "openvino-int8")
@@ -434,7 +436,7 @@ def main() -> None:
         "model": info["source"],
         "input": info["input"],
         "threads": args.threads,
-        "cpu": cpu_name(),
+        "cpu": cpu_model("unknown"),
         "peak_gflops": {k: round(v, 1) for k, v in peak["gflops"].items()},
         "peak_probes": peak["probes"],
         "peak_by_library": {
@@ -483,16 +485,6 @@ def dice_check(model: Path, data: Path, split: str, threads: int) -> dict[str, A
     for name in ("ort-int8", "openvino-bf16", "openvino-int8"):
         result[f"{name}_minus_fp32"] = round(result[name] - result["openvino-fp32"], 4)
     return result
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def checks(rows: list[dict[str, Any]]) -> dict[str, Any]:

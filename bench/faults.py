@@ -54,6 +54,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from _common import cpu_model
 from defectd.testing.mosquitto import Mosquitto
 
 PREFIX = "faults"
@@ -569,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
         "health_reported_all": reported_all,
         "rate": rate,
         "wall_s": round(time.monotonic() - started, 1),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "load": os.getloadavg(),
     }
     if args.json:
@@ -585,16 +586,6 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     return 0 if lost == 0 and reported_all else 1
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _common import cpu_model
 from defectd.testing.mosquitto import Mosquitto
 
 HERE = Path(__file__).resolve().parent
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         end = samples[-1]
         growth = 100.0 * (end["rss"] - base["rss"]) / base["rss"]
         peak = 100.0 * (max(s["rss"] for s in after) - base["rss"]) / base["rss"]
-        cpu = _cpu_model()
+        cpu = cpu_model()
         title = (
             f"defectd soak: {total:,} frames in {elapsed / 60:.1f} min; RSS after warm-up "
             f"{growth:+.2f} % (end), {peak:+.2f} % (peak); {cpu}"
@@ -231,16 +232,6 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr if args.json else sys.stdout,
         )
         return 0 if ok else 1
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 if __name__ == "__main__":
