@@ -127,6 +127,21 @@ def _defect(d: Any) -> dict[str, Any]:
     }
 
 
+def _verdict_fields(insp: Inspection) -> dict[str, Any]:
+    """Which result this is, of which part, and its verdict: the fields that ``result`` and
+    ``reject`` payloads share, in their order."""
+    return {
+        "result_id": insp.result_id,
+        "station": insp.station,
+        "camera": insp.camera,
+        "seq": insp.seq,
+        "part_id": insp.part_id,
+        "verdict": insp.verdict.value,
+        "rule": insp.rule,
+        "reason": insp.reason,
+    }
+
+
 def _line_fields(insp: Inspection, late: bool) -> dict[str, Any]:
     return {
         "gate_deadline": None if insp.gate_deadline is None else timestamp(insp.gate_deadline),
@@ -145,14 +160,7 @@ def result_message(insp: Inspection, t_published: float, *, late: bool = False) 
     return {
         "schema_version": SCHEMA_VERSION,
         "kind": Kind.RESULT.value,
-        "result_id": insp.result_id,
-        "station": insp.station,
-        "camera": insp.camera,
-        "seq": insp.seq,
-        "part_id": insp.part_id,
-        "verdict": insp.verdict.value,
-        "rule": insp.rule,
-        "reason": insp.reason,
+        **_verdict_fields(insp),
         "defects": [_defect(d) for d in insp.defects],
         "model": {"name": insp.model_name, "sha256": insp.model_sha256},
         "config_hash": insp.config_hash,
@@ -169,14 +177,7 @@ def reject_message(insp: Inspection, t_published: float) -> dict[str, Any]:
     return {
         "schema_version": SCHEMA_VERSION,
         "kind": Kind.REJECT.value,
-        "result_id": insp.result_id,
-        "station": insp.station,
-        "camera": insp.camera,
-        "seq": insp.seq,
-        "part_id": insp.part_id,
-        "verdict": insp.verdict.value,
-        "rule": insp.rule,
-        "reason": insp.reason,
+        **_verdict_fields(insp),
         "t_grab": timestamp(insp.t_grab_wall),
         "t_published": timestamp(t_published),
         **_line_fields(insp, False),
