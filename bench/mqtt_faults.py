@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,8 +99,19 @@ def _pct(values: list[float], q: float) -> float:
 
 
 # -- 1. latency ------------------------------------------------------------------------------
-def latency_round_publisher(broker: Mosquitto, work: Path, n: int, rate: float) -> dict[str, float]:
+def _paced_passes(t0: float, n: int, rate: float) -> Iterator[Any]:
+    """``n`` pass verdicts of cam0 (seq 0 to n-1), the i-th made and handed out at
+    ``t0 + i / rate`` (sleeping until then), with the wall-clock time it was made."""
     from defectd.pipeline.inspection import Inspection, Verdict
+
+    for i in range(n):
+        delay = t0 + i / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        yield Inspection(STATION, "cam0", i, Verdict.PASS, t_grab_wall=time.time())
+
+
+def latency_round_publisher(broker: Mosquitto, work: Path, n: int, rate: float) -> dict[str, float]:
     from defectd.publish import MqttConfig, OutboxConfig, Publisher
 
     config = MqttConfig(host=broker.host, port=broker.port, topic_prefix="lat", client_id="lat-pub")
@@ -110,11 +122,7 @@ def latency_round_publisher(broker: Mosquitto, work: Path, n: int, rate: float) 
         time.sleep(0.01)
     blocked: list[float] = []
     t0 = time.monotonic()
-    for i in range(n):
-        delay = t0 + i / rate - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        item = Inspection(STATION, "cam0", i, Verdict.PASS, t_grab_wall=time.time())
+    for item in _paced_passes(t0, n, rate):
         s = time.perf_counter()
         pub.submit(item)
         blocked.append(time.perf_counter() - s)
@@ -134,7 +142,6 @@ def latency_round_paho(broker: Mosquitto, n: int, rate: float) -> dict[str, floa
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from defectd.pipeline.inspection import Inspection, Verdict
     from defectd.publish.messages import encode, result_message
 
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="lat-paho", protocol=mqtt.MQTTv5)
@@ -142,11 +149,7 @@ def latency_round_paho(broker: Mosquitto, n: int, rate: float) -> dict[str, floa
     client.loop_start()
     blocked: list[float] = []
     t0 = time.monotonic()
-    for i in range(n):
-        delay = t0 + i / rate - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        item = Inspection(STATION, "cam0", i, Verdict.PASS, t_grab_wall=time.time())
+    for item in _paced_passes(t0, n, rate):
         s = time.perf_counter()
         info = client.publish(
             f"lat/{STATION}/cam0/result", encode(result_message(item, time.time())), qos=1
