@@ -1,8 +1,17 @@
-"""Pieces of station configs (TOML text) that many daemon tests share."""
+"""Pieces of station configs (TOML text), model copies and a service on a thread: what many
+daemon tests share."""
 
 from __future__ import annotations
 
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from defectd.daemon.service import Service
+from defectd.model.card import card_path
 
 
 def model_section(model: Path | str) -> str:
@@ -20,3 +29,35 @@ reconnect_max_s = 1
 connect_timeout_s = 1
 [health]
 enabled = false"""
+
+
+def copy_model(model: Path, folder: Path) -> Path:
+    """A private copy of ``model`` and its card as ``folder/model.onnx`` (``folder`` is made),
+    so files a test writes beside the model stay in that test; returns the copy's path."""
+    folder.mkdir()
+    shutil.copyfile(model, folder / "model.onnx")
+    shutil.copyfile(card_path(model), folder / "model.card.json")
+    return folder / "model.onnx"
+
+
+@contextmanager
+def serving(
+    service: Service,
+    until: Callable[[], bool] = lambda: True,
+    *,
+    start_s: float = 30.0,
+    stop_s: float = 30.0,
+) -> Iterator[None]:
+    """Runs ``service.serve`` on a thread (``test-service``) and waits, at most ``start_s``
+    and while that thread lives, until ``until()`` holds; after the body the service is asked
+    to exit and its thread must end within ``stop_s``."""
+    thread = threading.Thread(target=service.serve, name="test-service")
+    thread.start()
+    deadline = time.monotonic() + start_s
+    while not until():
+        assert thread.is_alive() and time.monotonic() < deadline
+        time.sleep(0.05)
+    yield
+    service.should_exit = True
+    thread.join(stop_s)
+    assert not thread.is_alive()

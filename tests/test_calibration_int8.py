@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,17 +15,14 @@ from defectd.errors import CalibrationError
 from defectd.model import load_card
 from defectd.model.card import card_path
 from defectd.training.evaluate import Prediction
+from station_support import copy_model
 from test_calibration_threshold import write_blob_set
 
 
 @pytest.fixture
 def fp32_model(tiny_model: Path, tmp_path: Path) -> Path:
     """A private copy of the tiny model, so int8 files written beside it stay in this test."""
-    folder = tmp_path / "model"
-    folder.mkdir()
-    shutil.copyfile(tiny_model, folder / "model.onnx")
-    shutil.copyfile(card_path(tiny_model), folder / "model.card.json")
-    return folder / "model.onnx"
+    return copy_model(tiny_model, tmp_path / "model")
 
 
 def _pred(stem: str, prob: np.ndarray, mask: np.ndarray) -> Prediction:

@@ -4,7 +4,6 @@ client on loopback while MQTT runs beside it."""
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +29,7 @@ from opcua_support import (
     verdict_type,
     wait_for,
 )
-from station_support import NO_BROKER_NO_HEALTH, model_section
+from station_support import NO_BROKER_NO_HEALTH, model_section, serving
 
 
 def station_text(model: Path, state: Path, *, camera: str, extra: str = "") -> str:
@@ -118,12 +117,8 @@ def line(tmp_path: Path, tiny_model: Path, pki: Pki) -> Iterator[tuple[Service, 
     service = Service(
         load_station_config(tmp_path / "s.toml"), notifier=SdNotifier({}), install_signals=False
     )
-    thread = threading.Thread(target=service.serve, name="test-service")
-    thread.start()
-    yield service, f"opc.tcp://127.0.0.1:{port}/defectd/"
-    service.should_exit = True
-    thread.join(30)
-    assert not thread.is_alive()
+    with serving(service):
+        yield service, f"opc.tcp://127.0.0.1:{port}/defectd/"
 
 
 def test_every_part_of_the_synthetic_line_is_seen_once_with_its_part_id(
@@ -199,16 +194,8 @@ def triggered(tmp_path: Path, tiny_model: Path, pki: Pki) -> Iterator[tuple[Serv
     service = Service(
         load_station_config(tmp_path / "s.toml"), notifier=SdNotifier({}), install_signals=False
     )
-    thread = threading.Thread(target=service.serve, name="test-service")
-    thread.start()
-    deadline = time.monotonic() + 60
-    while service.line is None:
-        assert thread.is_alive() and time.monotonic() < deadline
-        time.sleep(0.05)
-    yield service, f"opc.tcp://127.0.0.1:{port}/defectd/"
-    service.should_exit = True
-    thread.join(30)
-    assert not thread.is_alive()
+    with serving(service, lambda: service.line is not None, start_s=60):
+        yield service, f"opc.tcp://127.0.0.1:{port}/defectd/"
 
 
 def test_the_trigger_method_pairs_parts_with_their_frames(

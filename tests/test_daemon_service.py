@@ -20,7 +20,7 @@ from defectd.daemon.reload import merge_reload
 from defectd.daemon.sdnotify import SdNotifier
 from defectd.daemon.service import Service
 from defectd.model.card import card_path
-from station_support import NO_BROKER_NO_HEALTH, model_section
+from station_support import NO_BROKER_NO_HEALTH, model_section, serving
 
 
 def _config_text(model: Path, state: Path, *, rate: str = "20", extra: str = "") -> str:
@@ -101,16 +101,8 @@ def running(tmp_path: Path, tiny_model: Path) -> Iterator[tuple[Service, Path]]:
     service = Service(
         load_station_config(path), config_path=path, notifier=SdNotifier({}), install_signals=False
     )
-    thread = threading.Thread(target=service.serve, name="test-service")
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not service.ready:
-        assert thread.is_alive() and time.monotonic() < deadline
-        time.sleep(0.05)
-    yield service, path
-    service.should_exit = True
-    thread.join(20)
-    assert not thread.is_alive()
+    with serving(service, lambda: service.ready, stop_s=20):
+        yield service, path
 
 
 def _wait(predicate: object, timeout: float = 10.0) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,7 +29,7 @@ from defectd.publish.messages import schema_errors
 from defectd.publish.triggers import TriggerMessage
 from defectd.testing.mosquitto import Mosquitto
 from publisher_support import PREFIX, make_publisher, started_publisher
-from station_support import model_section
+from station_support import model_section, serving
 
 
 def verdict(v: Verdict, gate_in_s: float | None, **kw: Any) -> Inspection:
@@ -217,16 +216,12 @@ def station(
     path = tmp_path / "station.toml"
     path.write_text(_station(model, tmp_path / "state", broker.port))
     service = Service(load_station_config(path), notifier=SdNotifier({}), install_signals=False)
-    thread = threading.Thread(target=service.serve, name="test-service")
-    thread.start()
-    deadline = time.monotonic() + 30
-    while (t := service.trigger_listener) is None or not t.connected.is_set():
-        assert thread.is_alive() and time.monotonic() < deadline
-        time.sleep(0.05)
-    yield service, broker
-    service.should_exit = True
-    thread.join(20)
-    assert not thread.is_alive()
+
+    def listening() -> bool:
+        return (t := service.trigger_listener) is not None and t.connected.is_set()
+
+    with serving(service, listening, stop_s=20):
+        yield service, broker
 
 
 def test_plc_triggers_pair_with_frames_and_verdicts_echo_the_part(

@@ -4,23 +4,19 @@ misses its targets is not written and the command exits non-zero."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
 from defectd.cli import main
 from defectd.model.card import card_path
+from station_support import copy_model
 from test_calibration_threshold import write_blob_set
 
 
 @pytest.fixture
 def model(tiny_model: Path, tmp_path: Path) -> Path:
-    folder = tmp_path / "model"
-    folder.mkdir()
-    shutil.copyfile(tiny_model, folder / "model.onnx")
-    shutil.copyfile(card_path(tiny_model), folder / "model.card.json")
-    return folder / "model.onnx"
+    return copy_model(tiny_model, tmp_path / "model")
 
 
 def test_calibrate_int8_keeps_an_existing_model_without_force(
