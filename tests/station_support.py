@@ -20,6 +20,13 @@ def model_section(model: Path | str) -> str:
     return f'[model]\npath = "{model}"\nbackend = "ort"\nthreads = 1\nwarmup = 1'
 
 
+def synthetic_station(station: str, model: Path | str) -> str:
+    """The head of a station config: its name, ``[model]`` (see ``model_section``) and a
+    synthetic camera ``cam0`` whose further keys the caller appends."""
+    camera = '[[cameras]]\ntype = "synthetic"\ncamera = "cam0"'
+    return f'station = "{station}"\n{model_section(model)}\n{camera}'
+
+
 # ``[mqtt]`` for a broker that never answers (port 1): results wait in the outbox, and the
 # publisher retries quickly; ``[health]`` off (no port to pick).
 NO_BROKER_NO_HEALTH = """[mqtt]

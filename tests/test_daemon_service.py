@@ -20,16 +20,12 @@ from defectd.daemon.reload import merge_reload
 from defectd.daemon.sdnotify import SdNotifier
 from defectd.daemon.service import Service
 from defectd.model.card import card_path
-from station_support import NO_BROKER_NO_HEALTH, model_section, serving
+from station_support import NO_BROKER_NO_HEALTH, serving, synthetic_station
 
 
 def _config_text(model: Path, state: Path, *, rate: str = "20", extra: str = "") -> str:
     return f"""
-station = "st2"
-{model_section(model)}
-[[cameras]]
-type = "synthetic"
-camera = "cam0"
+{synthetic_station("st2", model)}
 rate_hz = {rate}
 height = 64
 width = 64

@@ -25,11 +25,12 @@ from defectd.model.card import card_path
 from defectd.pipeline.frame import Frame
 from defectd.pipeline.inspection import Inspection, Verdict
 from defectd.pipeline.parts import LineConfig
+from defectd.publish import Publisher
 from defectd.publish.messages import schema_errors
 from defectd.publish.triggers import TriggerMessage
 from defectd.testing.mosquitto import Mosquitto
 from publisher_support import PREFIX, make_publisher, started_publisher
-from station_support import model_section, serving
+from station_support import serving, synthetic_station
 
 
 def verdict(v: Verdict, gate_in_s: float | None, **kw: Any) -> Inspection:
@@ -130,6 +131,15 @@ class SilentCamera:
         self.fired.append(world_key)
 
 
+def _intake(camera: Any, submit: Callable[[Frame], None], pub: Publisher) -> LineIntake:
+    """A line intake for station ``st1`` with one camera (a ``StationCamera``): frames go to
+    ``submit``; no-frame verdicts and line events go to ``pub``."""
+    return LineIntake(
+        "st1", [camera], submit=submit, on_no_frame=pub.submit,
+        publish_event=lambda kind, fields: pub.publish_event(kind, **fields),
+    )  # fmt: skip
+
+
 def test_a_trigger_without_a_frame_gets_error_no_frame(
     mosquitto: Callable[..., Mosquitto], mqtt_collector: Callable[..., Any], tmp_path: Path
 ) -> None:
@@ -137,15 +147,15 @@ def test_a_trigger_without_a_frame_gets_error_no_frame(
     from defectd.pipeline.sources import SyntheticSourceConfig
 
     sub, pub = started_publisher(mosquitto, mqtt_collector, tmp_path, reconnect_max_s=0.3)
-    camera = StationCamera(
-        source=SyntheticSourceConfig(camera="cam0", trigger="request"),
-        line=LineConfig(mode="plc-trigger", frame_timeout_ms=100),
-    )
     submitted: list[Frame] = []
-    line = LineIntake(
-        "st1", [camera], submit=submitted.append, on_no_frame=pub.submit,
-        publish_event=lambda kind, fields: pub.publish_event(kind, **fields),
-    )  # fmt: skip
+    line = _intake(
+        StationCamera(
+            source=SyntheticSourceConfig(camera="cam0", trigger="request"),
+            line=LineConfig(mode="plc-trigger", frame_timeout_ms=100),
+        ),
+        submitted.append,
+        pub,
+    )
     silent = SilentCamera()
     line.attach([silent])  # type: ignore[list-item]
     line.start()
@@ -176,11 +186,7 @@ def test_a_trigger_without_a_frame_gets_error_no_frame(
 
 def _station(model: Path, state: Path, port: int) -> str:
     return f"""
-station = "st1"
-{model_section(model)}
-[[cameras]]
-type = "synthetic"
-camera = "cam0"
+{synthetic_station("st1", model)}
 trigger = "request"
 height = 64
 width = 64
@@ -287,15 +293,12 @@ def test_hardware_triggered_parts_pair_by_counter_and_a_dropped_frame_gets_no_fr
     from defectd.pipeline.sources import DeviceSelector, GenICamSourceConfig
 
     sub, pub = started_publisher(mosquitto, mqtt_collector, tmp_path, reconnect_max_s=0.3)
+    paired: list[Frame] = []
     camera = StationCamera(
         source=GenICamSourceConfig(camera="cam0", device=DeviceSelector(index=0)),
         line=LineConfig(mode="hw-counter", frame_timeout_ms=150),
     )
-    paired: list[Frame] = []
-    line = LineIntake(
-        "st1", [camera], submit=paired.append, on_no_frame=pub.submit,
-        publish_event=lambda kind, fields: pub.publish_event(kind, **fields),
-    )  # fmt: skip
+    line = _intake(camera, paired.append, pub)
     line.start()
     try:
         now = time.time()
