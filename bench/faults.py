@@ -393,38 +393,43 @@ def scenario(
 
 
 # -- the faults ------------------------------------------------------------------------------
-def broker_sigkill(count: int, outage: float) -> Callable[[Station, Mosquitto, Path], dict]:
+def _broker_fault(
+    count: int, words: tuple[str, ...], disturb: Callable[[Mosquitto], None]
+) -> Callable[[Station, Mosquitto, Path], dict]:
+    """A fault on the broker: a tenth of ``count`` into the run, ``disturb`` it; the window is
+    how long that took, and the daemon's log must say one of ``words``."""
+
     def body(st: Station, broker: Mosquitto, work: Path) -> dict[str, Any]:
         st.start(count)
         st.wait_produced(count // 10)
         t0 = time.monotonic()
+        disturb(broker)
+        t1 = time.monotonic()
+        st.wait(300)
+        return {"stops_delivery": True, "window": (t0, t1), "words": words}
+
+    return body
+
+
+def broker_sigkill(count: int, outage: float) -> Callable[[Station, Mosquitto, Path], dict]:
+    def disturb(broker: Mosquitto) -> None:
         for _ in range(3):
             broker.kill()
             time.sleep(outage)
             broker.start()
             time.sleep(outage)
-        t1 = time.monotonic()
-        st.wait(300)
-        return {"stops_delivery": True, "window": (t0, t1), "words": ("broker not connected",)}
 
-    return body
+    return _broker_fault(count, ("broker not connected",), disturb)
 
 
 def broker_sigstop(count: int, frozen: float) -> Callable[[Station, Mosquitto, Path], dict]:
-    def body(st: Station, broker: Mosquitto, work: Path) -> dict[str, Any]:
-        st.start(count)
-        st.wait_produced(count // 10)
-        t0 = time.monotonic()
+    def disturb(broker: Mosquitto) -> None:
         assert broker.pid is not None
         os.kill(broker.pid, signal.SIGSTOP)
         time.sleep(frozen)
         os.kill(broker.pid, signal.SIGCONT)
-        t1 = time.monotonic()
-        st.wait(300)
-        words = ("broker is hung or slow", "broker not connected")
-        return {"stops_delivery": True, "window": (t0, t1), "words": words}
 
-    return body
+    return _broker_fault(count, ("broker is hung or slow", "broker not connected"), disturb)
 
 
 def daemon_sigkill(count: int) -> Callable[[Station, Mosquitto, Path], dict]:
