@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import json
 import os
 import random
@@ -56,6 +55,7 @@ from typing import Any
 
 from _common import cpu_model
 from defectd.testing.mosquitto import Mosquitto
+from defectd.testing.notify import NotifySocket
 
 PREFIX = "faults"
 STATION = "line1"
@@ -160,39 +160,6 @@ class Subscriber:
     def close(self) -> None:
         self._client.disconnect()
         self._client.loop_stop()
-
-
-class NotifySocket:
-    """systemd's notify socket, stood in for: the times of every ``WATCHDOG=1``."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.pings: list[float] = []
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._sock.bind(str(path))
-        self._sock.settimeout(0.2)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="notify", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self._sock.recv(4096)
-            except TimeoutError:
-                continue
-            if b"WATCHDOG=1" in data:
-                self.pings.append(time.monotonic())
-
-    def max_gap(self, t0: float, t1: float) -> float:
-        """The longest stretch without a ping within [t0, t1]."""
-        times = [t0] + [t for t in self.pings if t0 <= t <= t1] + [t1]
-        return max(b - a for a, b in itertools.pairwise(times))
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        self._sock.close()
 
 
 class HealthPoller:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +28,7 @@ from defectd.publish.messages import schema_errors
 from defectd.publish.mqtt import PublisherStats
 from defectd.publish.outbox import OutboxDamagedError
 from defectd.testing.mosquitto import Mosquitto
+from defectd.testing.notify import NotifySocket
 
 # -- the health rules ----------------------------------------------------------------------
 
@@ -179,37 +179,6 @@ def test_a_frozen_broker_shows_as_the_age_of_the_oldest_unacknowledged_result(
 
 
 # -- the daemon: a full state disk -----------------------------------------------------------
-
-
-class NotifySocket:
-    """A datagram socket standing in for systemd's notify socket: records every line."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.lines: list[tuple[float, str]] = []
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._sock.bind(str(path))
-        self._sock.settimeout(0.2)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="test-notify", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self._sock.recv(4096)
-            except TimeoutError:
-                continue
-            now = time.monotonic()
-            self.lines.extend((now, line) for line in data.decode().splitlines())
-
-    def pings_since(self, t: float) -> int:
-        return sum(1 for when, line in list(self.lines) if when >= t and line == "WATCHDOG=1")
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        self._sock.close()
 
 
 @pytest.fixture
