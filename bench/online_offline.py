@@ -14,7 +14,7 @@ For each split (default ``val`` and ``test`` of the magnetic-tile set):
 It prints escapes and false rejects per split for both as a table, and as the last line
 ``mismatches=N``: the number of images whose two verdicts differ (exit 1 when N > 0). With
 ``--json`` stdout is one JSON object (counts, mismatching stems, engines, CPU, load, seconds)
-and the table and the last line go to stderr.
+followed by the ``mismatches=N`` line, as the other benches end; the table goes to stderr.
 
     nice -n 10 python bench/online_offline.py [--json] [--data DIR] [--splits val,test]
         [--model models/magnetic_tile/model.onnx] [--calibration models/magnetic_tile/...json]
@@ -103,7 +103,7 @@ def station_config(
         f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\n'
         '[health]\naddress = "127.0.0.1:0"\n'
         f'[daemon]\nstate_dir = "{work / "state"}"\nexit_when_sources_end = true\n'
-        "drain_timeout_s = 60\n"
+        "drain_timeout_s = 60\nstop_timeout_s = 120\n"
     )
     return path
 
@@ -281,7 +281,7 @@ def main() -> int:
     }
     if args.json:
         print(json.dumps(result), flush=True)
-    out = sys.stderr if args.json else sys.stdout  # with --json, stdout is the one object
+    out = sys.stderr if args.json else sys.stdout  # with --json, stdout: the object, the count
     print(f"{'split':<6} {'who':<12} {'escapes':>12} {'false rejects':>15}", file=out)
     for split, row in per_split.items():
         for who, c in row.items():
@@ -298,7 +298,7 @@ def main() -> int:
         f"cpu: {result['cpu']}; load {result['load_avg_start']} -> {result['load_avg_end']}",
         file=out,
     )
-    print(f"mismatches={len(mismatched)}", file=out)
+    print(f"mismatches={len(mismatched)}", flush=True)  # stdout's last line, with --json too
     return 0 if not mismatched else 1
 
 
