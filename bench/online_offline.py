@@ -171,7 +171,7 @@ def calibration_verdicts(
 ) -> tuple[dict[str, bool], dict[str, Any]]:
     """``stem -> rejected`` by the ``calibrate threshold`` computation at the file's point."""
     from defectd.calibration.file import load_calibration
-    from defectd.cli.calibrate_threshold_cmd import run_sweep
+    from defectd.cli.calibrate_threshold_cmd import verdicts_at
     from defectd.data.datasets import open_dataset
     from defectd.training.evaluate import open_model
 
@@ -180,17 +180,9 @@ def calibration_verdicts(
         raise SystemExit(f"error: {calibration} has no threshold section")
     dataset = open_dataset(data)
     opened = open_model(model)
-    rejected: dict[str, bool] = {}
     t0 = time.perf_counter()
     try:
-        for split in splits:
-            sweep = run_sweep(
-                dataset, split, opened,
-                thresholds=(point.pixel_threshold,), min_areas=(point.min_area_px,),
-                min_scores=(point.min_score,),
-            )  # fmt: skip
-            flags = sweep.rejected_at(point.pixel_threshold, point.min_area_px, point.min_score)
-            rejected.update(zip(sweep.stems, (bool(f) for f in flags), strict=True))
+        rejected = verdicts_at(dataset, tuple(splits), opened, point)
     finally:
         opened.close()
     info = {

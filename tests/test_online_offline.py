@@ -18,7 +18,7 @@ import pytest
 
 from defectd.calibration.file import load_calibration
 from defectd.cli import main
-from defectd.cli.calibrate_threshold_cmd import run_sweep
+from defectd.cli.calibrate_threshold_cmd import verdicts_at
 from defectd.daemon.config import load_station_config
 from defectd.daemon.sdnotify import SdNotifier
 from defectd.daemon.service import Service
@@ -112,16 +112,8 @@ def test_daemon_verdicts_equal_the_calibrated_verdicts_image_by_image(
     # Offline: the calibration's own computation at the chosen operating point, per image.
     dataset = open_dataset(data)
     opened = open_model(tiny_model, backend="ort")
-    offline: dict[str, bool] = {}
     try:
-        for split in ("val", "test"):
-            sweep = run_sweep(
-                dataset, split, opened,
-                thresholds=(point.pixel_threshold,), min_areas=(point.min_area_px,),
-                min_scores=(point.min_score,),
-            )  # fmt: skip
-            rejected = sweep.rejected_at(point.pixel_threshold, point.min_area_px, point.min_score)
-            offline.update(zip(sweep.stems, (bool(r) for r in rejected), strict=True))
+        offline = verdicts_at(dataset, ("val", "test"), opened, point)
     finally:
         opened.close()
     assert set(offline.values()) == {True, False}  # both verdicts occur: the check has teeth

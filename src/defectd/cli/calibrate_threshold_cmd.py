@@ -17,6 +17,7 @@ from defectd.extras import require_extra
 from defectd.log import get_logger
 
 if TYPE_CHECKING:
+    from defectd.calibration.file import ThresholdSection
     from defectd.calibration.threshold import OperatingPoint, Sweep
     from defectd.data.datasets import Dataset
     from defectd.training.evaluate import OpenedModel
@@ -70,6 +71,23 @@ def run_sweep(
             collector.add(pred.prob, pred.mask, stem=pred.sample.stem)
             progress(n, len(samples))
     return collector.result()
+
+
+def verdicts_at(
+    dataset: Dataset, splits: tuple[str, ...], model: OpenedModel, point: ThresholdSection
+) -> dict[str, bool]:
+    """``stem -> rejected`` for every image of ``splits`` at the calibration file's operating
+    point, by the sweep's own rule: what calibration promises the station does per image."""
+    rejected: dict[str, bool] = {}
+    for split in splits:
+        sweep = run_sweep(
+            dataset, split, model,
+            thresholds=(point.pixel_threshold,), min_areas=(point.min_area_px,),
+            min_scores=(point.min_score,),
+        )  # fmt: skip
+        flags = sweep.rejected_at(point.pixel_threshold, point.min_area_px, point.min_score)
+        rejected.update(zip(sweep.stems, (bool(f) for f in flags), strict=True))
+    return rejected
 
 
 def _rate_text(r: dict[str, Any]) -> str:
