@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from defectd.cli import main
-from defectd.data.metrics import image_stats
+from defectd.data.metrics import image_stats, tolerant_scores
 from defectd.model.card import ModelCard
 from defectd.model.checkpoint import save_checkpoint
 from defectd.model.export import export_onnx
@@ -166,6 +166,75 @@ def test_worst_cases_are_missed_defects_and_false_alarms() -> None:
     worst, best = pick_cases(stats, 2)
     assert worst == ["missed", "alarm"]
     assert best == ["good_hit"]
+
+
+def strict_json(text: str) -> dict[str, object]:
+    """Parse JSON refusing NaN and Infinity (which ``json.loads`` accepts by default)."""
+
+    def refuse(token: str) -> None:
+        raise AssertionError(f"JSON holds {token}")
+
+    result: dict[str, object] = json.loads(text, parse_constant=refuse)
+    return result
+
+
+def test_masks_folder_gets_every_predicted_mask_at_native_size(
+    model_files: tuple[Path, Path], data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "pred"
+    args = ["--model", str(model_files[0]), "--data", str(data), "--threshold", "0.3"]
+    rc, out, _ = run_eval(capsys, *args, "--masks", str(folder), "--json")
+    assert rc == 0
+    assert strict_json(out)["mask_files"] == 8
+    for i in range(8):
+        written = cv2.imread(str(folder / f"p{i}.png"), cv2.IMREAD_GRAYSCALE)
+        source = cv2.imread(str(data / "images" / f"p{i}.png"), cv2.IMREAD_GRAYSCALE)
+        assert written is not None and source is not None
+        assert written.shape == source.shape
+        assert set(np.unique(written)) <= {0, 255}
+
+
+def test_tolerant_scores_forgive_a_one_pixel_offset() -> None:
+    truth = np.zeros((20, 20), np.uint8)
+    truth[5:15, 10] = 1  # a thin vertical crack
+    prob = np.zeros((20, 20), np.float32)
+    prob[5:15, 11] = 0.9  # found one pixel to the right
+    strict = image_stats(prob, truth, threshold=0.5)
+    tolerant = image_stats(prob, truth, threshold=0.5, tolerance_px=1)
+    assert strict.tp == 0
+    assert (tolerant.tol_pred_hit, tolerant.tol_truth_hit) == (10, 10)
+    scores = tolerant_scores([tolerant], 1)
+    assert scores["precision"] == scores["recall"] == scores["f1"] == 1.0
+    far = image_stats(prob, truth, threshold=0.5, tolerance_px=0)
+    assert tolerant_scores([far], 0)["f1"] == 0.0
+
+
+def test_tolerance_adds_tolerant_metrics_at_least_the_strict_ones(
+    model_files: tuple[Path, Path], data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--model", str(model_files[0]), "--data", str(data), "--threshold", "0.3"]
+    rc, out, _ = run_eval(capsys, *args, "--tolerance", "2", "--json")
+    result = strict_json(out)
+    assert rc == 0
+    assert result["tolerance_px"] == 2
+    assert result["tolerant_precision"] >= result["precision"]  # type: ignore[operator]
+    assert result["tolerant_recall"] >= result["recall"]  # type: ignore[operator]
+
+
+def test_json_of_an_all_defective_split_has_no_nan_and_says_why(
+    model_files: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = write_set(tmp_path / "data")
+    manifest = data / "manifest.csv"
+    rows = manifest.read_text().splitlines()
+    kept = [rows[0], *(r for r in rows[1:] if r.endswith(",1"))]
+    manifest.write_text("\n".join(kept) + "\n")
+    rc, out, _ = run_eval(capsys, "--model", str(model_files[0]), "--data", str(data), "--json")
+    result = strict_json(out)
+    assert rc == 0
+    assert result["images"] == result["defective"] == 4
+    assert result["auroc"] is None
+    assert "no good image" in result["undefined"]["auroc"]  # type: ignore[index]
 
 
 # ------------------------------------------------------------------- bad inputs: one line

@@ -57,6 +57,20 @@ def eval_command(
     overlay_count: Annotated[
         int, typer.Option("--overlay-count", help="Worst and best cases to draw, each.")
     ] = 8,
+    masks: Annotated[
+        Path | None,
+        typer.Option(
+            "--masks",
+            help="Write every predicted mask (PNG, native size, 255 = defect) into this folder.",
+        ),
+    ] = None,
+    tolerance: Annotated[
+        int | None,
+        typer.Option(
+            "--tolerance",
+            help="Also report precision, recall and F1 tolerant to PX pixels of boundary offset.",
+        ),
+    ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object on stdout, nothing else.")
     ] = False,
@@ -68,6 +82,12 @@ def eval_command(
     Image level: AUROC of the max probability, and accuracy (defective = any pixel left
     after the threshold and --min-area). Mean IoU over defective images; a per-class table.
 
+    --tolerance PX: a predicted pixel within PX of a true one counts as correct, a true pixel
+    within PX of a predicted one as found (thin structures: cracks, scratches).
+
+    Metrics without meaning on the split (AUROC without good images) are null in --json, with
+    the reason under "undefined".
+
     Overlays: image | truth (yellow) | prediction (green found, red false alarm, blue missed).
     """
     from rich.console import Console
@@ -76,7 +96,14 @@ def eval_command(
 
     from defectd.data.datasets import open_dataset
     from defectd.training.evaluate import evaluate, open_model, predict
-    from defectd.training.overlays import overlay, pick_cases, write_overlay
+    from defectd.training.evaluate import Prediction
+    from defectd.training.overlays import (
+        overlay,
+        pick_cases,
+        predicted_mask,
+        write_mask,
+        write_overlay,
+    )
 
     if image_score not in ("max", "area"):
         raise ConfigError(f"--image-score {image_score!r}: choose max or area")
@@ -84,6 +111,8 @@ def eval_command(
         raise ConfigError(f"--threshold {threshold}: expected a value in (0, 1)")
     if batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size}: must be positive")
+    if tolerance is not None and not 0 <= tolerance <= 64:
+        raise ConfigError(f"--tolerance {tolerance}: expected pixels in 0..64")
     dataset = open_dataset(data)
     samples = dataset.samples(split)
     opened = open_model(
@@ -100,6 +129,19 @@ def eval_command(
             transient=True,
         ) as bar:
             task = bar.add_task("eval", total=len(samples))
+            mask_files: list[str] = []
+
+            def on_image(pred: Prediction, _stats: object) -> None:
+                if masks is not None:
+                    point = (
+                        threshold if threshold is not None else opened.card.threshold,
+                        min_area if min_area is not None else opened.card.min_area_px,
+                    )
+                    path = masks / f"{pred.sample.stem}.png"
+                    write_mask(path, predicted_mask(pred, *point))
+                    mask_files.append(str(path))
+                bar.advance(task)
+
             result = evaluate(
                 dataset,
                 split,
@@ -109,7 +151,8 @@ def eval_command(
                 min_area_px=min_area,
                 score=image_score,  # type: ignore[arg-type]
                 batch_size=batch_size,
-                on_image=lambda _p, _s: bar.advance(task),
+                tolerance_px=tolerance,
+                on_image=on_image,
             )
         written: list[str] = []
         if overlays is not None:
@@ -133,9 +176,11 @@ def eval_command(
         "engine": opened.engine,
         "data": str(data),
         "overlays": written,
+        "masks": str(masks) if masks is not None else None,
+        "mask_files": len(mask_files),
     }
     if as_json:
-        typer.echo(json.dumps(out))
+        typer.echo(json.dumps(out, allow_nan=False))
         return
     rich_out = report_console()
     table = Table(title=f"{opened.card.name} on {data.name}/{split} ({opened.engine})")
@@ -147,7 +192,12 @@ def eval_command(
     table.add_row("accuracy (image)", _fmt(out["accuracy"]))
     table.add_row("threshold / min area px", f"{out['threshold']:.2f} / {out['min_area_px']}")
     table.add_row("best threshold on this split", f"{out['best_threshold']:.2f}")
+    if tolerance is not None:
+        for key in ("precision", "recall", "f1"):
+            table.add_row(f"{key} (±{tolerance} px)", _fmt(out[f"tolerant_{key}"]))
     rich_out.print(table)
+    for key, why in out.get("undefined", {}).items():
+        rich_out.print(f"{key}: {why}")
     if len(out["per_class"]) > 1:
         cls_table = Table(title="per class")
         cols = ("images", "dice", "iou", "recall", "precision", "mean_image_iou", "accuracy")
@@ -159,3 +209,5 @@ def eval_command(
         rich_out.print(cls_table)
     if written:
         rich_out.print(f"{len(written)} overlays in {overlays}")
+    if masks is not None:
+        rich_out.print(f"{len(mask_files)} predicted masks in {masks}")

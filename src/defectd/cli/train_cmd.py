@@ -171,9 +171,10 @@ def train_command(
         def on_epoch(rec: EpochRecord) -> None:
             nonlocal last_val
             if rec.val:
+                auroc = rec.val["auroc"]
                 last_val = (
                     f" | val dice {rec.val['dice']:.3f} iou@0.5 {rec.val['iou@0.5']:.3f}"
-                    f" auroc {rec.val['auroc']:.3f}"
+                    f" auroc {'-' if auroc is None else format(auroc, '.3f')}"
                 )
             bar.update(task, status=f"epoch {rec.epoch} loss {rec.loss:.4f}{last_val}")
 

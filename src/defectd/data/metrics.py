@@ -8,6 +8,14 @@ after removing connected components smaller than ``min_area_px``, has any defect
 
 Conventions for empty denominators (a ratio of 0/0): the value is 1.0 when there was nothing to
 find and nothing was found, 0.0 otherwise; so a perfect prediction scores 1.0 everywhere.
+A metric that has no meaning on a split (AUROC without good or without defective images, the
+mean image IoU without defective images) is NaN in Python and ``null`` in JSON, with the reason
+under ``undefined`` (:meth:`Report.as_dict`): the JSON never holds NaN.
+
+Tolerant precision and recall (``tolerance_px``, for thin structures such as cracks, where a
+mask one pixel off halves the strict Dice): a predicted pixel counts as correct when a true
+defect pixel lies within ``tolerance_px`` (Euclidean disc), a true pixel as found when a
+predicted pixel lies that close; both summed over the split, F1 their harmonic mean.
 """
 
 from __future__ import annotations
@@ -91,9 +99,33 @@ def remove_small(binary: NDArray[np.bool_], min_area_px: int) -> NDArray[np.bool
     return kept
 
 
+def disc(radius: int) -> NDArray[np.uint8]:
+    """A ``(2r+1, 2r+1)`` uint8 disc (elliptic structuring element) of ``radius`` px."""
+    size = 2 * radius + 1
+    return np.asarray(cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size)), np.uint8)
+
+
+def tolerant_hits(
+    pred: NDArray[np.bool_], truth: NDArray[np.bool_], radius: int
+) -> tuple[int, int]:
+    """``(predicted pixels within radius of a true pixel, true pixels within radius of a
+    predicted pixel)`` for ``(H, W)`` bool masks."""
+    if radius <= 0:
+        both = int(np.count_nonzero(pred & truth))
+        return both, both
+    kernel = disc(radius)
+    near_truth = cv2.dilate(truth.astype(np.uint8), kernel) > 0
+    near_pred = cv2.dilate(pred.astype(np.uint8), kernel) > 0
+    return int(np.count_nonzero(pred & near_truth)), int(np.count_nonzero(truth & near_pred))
+
+
 @dataclass(frozen=True)
 class ImageStats:
-    """What one image contributes: pixel counts at the threshold and its image-level score."""
+    """What one image contributes: pixel counts at the threshold and its image-level score.
+
+    ``tol_pred_hit`` / ``tol_truth_hit``: predicted pixels near a true one and true pixels near
+    a predicted one, at the accumulator's ``tolerance_px`` (0 when no tolerance is asked for).
+    """
 
     stem: str
     cls: str
@@ -103,6 +135,8 @@ class ImageStats:
     truth_px: int
     pred_px: int
     max_prob: float
+    tol_pred_hit: int = 0
+    tol_truth_hit: int = 0
 
     @property
     def has_defect(self) -> bool:
@@ -128,15 +162,23 @@ def image_stats(
     min_area_px: int = 0,
     stem: str = "",
     cls: str = "",
+    tolerance_px: int | None = None,
+    binary: NDArray[np.bool_] | None = None,
 ) -> ImageStats:
-    """Compare a ``(H, W)`` float32 probability map with its ``(H, W)`` uint8 {0,1} mask."""
+    """Compare a ``(H, W)`` float32 probability map with its ``(H, W)`` uint8 {0,1} mask.
+
+    ``binary``: the ``(H, W)`` bool prediction when it was decided elsewhere (a multi-class
+    model: the union of its classes, each at its own threshold and min area); ``prob`` then
+    only gives the image score.
+    """
     if prob.shape != truth.shape:
         raise ValueError(f"{stem or 'image'}: prediction {prob.shape} vs mask {truth.shape}")
-    pred = remove_small(prob > threshold, min_area_px)
+    pred = remove_small(prob > threshold, min_area_px) if binary is None else binary
     gt = truth > 0
     tp = int(np.count_nonzero(pred & gt))
     pred_px = int(np.count_nonzero(pred))
     truth_px = int(np.count_nonzero(gt))
+    hits = (0, 0) if tolerance_px is None else tolerant_hits(pred, gt, tolerance_px)
     return ImageStats(
         stem=stem,
         cls=cls,
@@ -146,6 +188,8 @@ def image_stats(
         truth_px=truth_px,
         pred_px=pred_px,
         max_prob=float(prob.max()) if prob.size else 0.0,
+        tol_pred_hit=hits[0],
+        tol_truth_hit=hits[1],
     )
 
 
@@ -167,9 +211,20 @@ class Scores:
 
 
 def _json_number(value: float | int) -> float | int | None:
-    if isinstance(value, float) and np.isnan(value):
+    if isinstance(value, float) and not np.isfinite(value):
         return None
     return round(value, 6) if isinstance(value, float) else value
+
+
+def undefined_reasons(report: dict[str, Any]) -> dict[str, str]:
+    """Why each ``null`` metric of an ``as_dict`` result has no value (JSON holds no NaN)."""
+    reasons: dict[str, str] = {}
+    if report.get("auroc", 0) is None:
+        which = "good" if report.get("defective") == report.get("images") else "defective"
+        reasons["auroc"] = f"undefined: the split has no {which} image to rank against"
+    if report.get("mean_image_iou", 0) is None:
+        reasons["mean_image_iou"] = "undefined: the split has no defective image"
+    return reasons
 
 
 def scores_of(stats: Sequence[ImageStats]) -> Scores:
@@ -201,10 +256,14 @@ class Report:
     threshold: float
     min_area_px: int
     per_class: dict[str, Scores]
+    # ``{"tolerance_px", "precision", "recall", "f1"}`` when a tolerance was asked for.
+    tolerant: dict[str, float] | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        """Flat JSON-able dict: ``dice``, ``iou``, ..., ``auroc``, ``per_class`` {cls: {...}}."""
-        return {
+        """Flat JSON-able dict: ``dice``, ``iou``, ..., ``auroc``, ``per_class`` {cls: {...}};
+        ``tolerance_px`` and ``tolerant_precision``/``_recall``/``_f1`` with a tolerance;
+        ``undefined`` {metric: reason} for each metric that is ``null``."""
+        out: dict[str, Any] = {
             **self.overall.as_dict(),
             "auroc": _json_number(self.auroc),
             "image_score": self.score,
@@ -212,6 +271,30 @@ class Report:
             "min_area_px": self.min_area_px,
             "per_class": {k: v.as_dict() for k, v in self.per_class.items()},
         }
+        if self.tolerant is not None:
+            out["tolerance_px"] = int(self.tolerant["tolerance_px"])
+            for key in ("precision", "recall", "f1"):
+                out[f"tolerant_{key}"] = _json_number(self.tolerant[key])
+        undefined = undefined_reasons(out)
+        for cls, row in out["per_class"].items():
+            for key, why in undefined_reasons(row).items():
+                if key != "auroc":
+                    undefined[f"per_class.{cls}.{key}"] = why
+        if undefined:
+            out["undefined"] = undefined
+        return out
+
+
+def tolerant_scores(stats: Sequence[ImageStats], tolerance_px: int) -> dict[str, float]:
+    """Boundary-tolerant precision, recall and F1 summed over ``stats`` (module docstring)."""
+    pred = sum(s.pred_px for s in stats)
+    truth = sum(s.truth_px for s in stats)
+    p_hit = sum(s.tol_pred_hit for s in stats)
+    t_hit = sum(s.tol_truth_hit for s in stats)
+    precision = _ratio(p_hit, pred, empty=1.0 if truth == 0 else 0.0)
+    recall = _ratio(t_hit, truth, empty=1.0 if pred == 0 else 0.0)
+    f1 = _ratio(2 * precision * recall, precision + recall, empty=0.0)
+    return {"tolerance_px": float(tolerance_px), "precision": precision, "recall": recall, "f1": f1}
 
 
 @dataclass
@@ -227,17 +310,32 @@ class MetricsAccumulator:
     min_area_px: int = 0
     score: ImageScore = "max"
     keep_sweep: bool = True  # False skips the per-threshold counts (faster)
+    tolerance_px: int | None = None  # also count boundary-tolerant hits (module docstring)
     stats: list[ImageStats] = field(default_factory=list)
     _sweep: NDArray[np.int64] = field(
         default_factory=lambda: np.zeros((3, THRESHOLD_GRID.size), np.int64)
     )
 
     def add(
-        self, prob: NDArray[np.float32], truth: NDArray[np.uint8], *, stem: str = "", cls: str = ""
+        self,
+        prob: NDArray[np.float32],
+        truth: NDArray[np.uint8],
+        *,
+        stem: str = "",
+        cls: str = "",
+        binary: NDArray[np.bool_] | None = None,
     ) -> ImageStats:
-        """Add one ``(H, W)`` float32 probability map and its ``(H, W)`` uint8 {0,1} mask."""
+        """Add one ``(H, W)`` float32 probability map and its ``(H, W)`` uint8 {0,1} mask
+        (``binary``: the decided prediction, see :func:`image_stats`)."""
         st = image_stats(
-            prob, truth, threshold=self.threshold, min_area_px=self.min_area_px, stem=stem, cls=cls
+            prob,
+            truth,
+            threshold=self.threshold,
+            min_area_px=self.min_area_px,
+            stem=stem,
+            cls=cls,
+            tolerance_px=self.tolerance_px,
+            binary=binary,
         )
         self.stats.append(st)
         if not self.keep_sweep:
@@ -282,4 +380,9 @@ class MetricsAccumulator:
             threshold=self.threshold,
             min_area_px=self.min_area_px,
             per_class={c: scores_of([s for s in self.stats if s.cls == c]) for c in classes},
+            tolerant=(
+                None
+                if self.tolerance_px is None
+                else tolerant_scores(self.stats, self.tolerance_px)
+            ),
         )

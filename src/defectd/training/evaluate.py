@@ -218,15 +218,18 @@ def evaluate(
     min_area_px: int | None = None,
     score: ImageScore = "max",
     batch_size: int = 8,
+    tolerance_px: int | None = None,
     on_image: Callable[[Prediction, ImageStats], None] | None = None,
 ) -> Evaluation:
     """Evaluate ``predictor`` on ``split`` at the card's threshold and min-area (or the given
-    ones). ``on_image`` is called after each image (progress bars, overlay selection)."""
+    ones); ``tolerance_px`` adds boundary-tolerant precision, recall and F1. ``on_image`` is
+    called after each image (progress bars, overlay selection, mask files)."""
     samples = dataset.samples(split)
     acc = MetricsAccumulator(
         threshold=card.threshold if threshold is None else threshold,
         min_area_px=card.min_area_px if min_area_px is None else min_area_px,
         score=score,
+        tolerance_px=tolerance_px,
     )
     t0 = time.perf_counter()
     for pred in predict(dataset, samples, predictor, card, batch_size=batch_size):

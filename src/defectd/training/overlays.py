@@ -82,6 +82,20 @@ def pick_cases(stats: Sequence[ImageStats], count: int) -> tuple[list[str], list
     return worst, [b for b in best if b not in worst]
 
 
+def predicted_mask(pred: Prediction, threshold: float, min_area_px: int = 0) -> NDArray[np.uint8]:
+    """The ``(H, W)`` uint8 prediction as eval scores it: 255 where ``prob > threshold`` in a
+    component of at least ``min_area_px`` pixels, else 0."""
+    found = remove_small(pred.prob > threshold, min_area_px)
+    return np.asarray(found, np.uint8) * np.uint8(255)
+
+
+def write_mask(path: Path, mask: NDArray[np.uint8]) -> None:
+    """Write a predicted ``(H, W)`` uint8 mask as PNG; ``DataError`` naming it when it fails."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), mask):
+        raise DataError(f"{path}: cannot write mask PNG")
+
+
 def write_overlay(path: Path, panel: NDArray[np.uint8]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(path), panel):

@@ -474,7 +474,8 @@ def train(
                 "threshold": ev.best_threshold,
                 "dice@0.5": round(ev.report.overall.dice, 5),
                 "iou@0.5": round(ev.report.overall.iou, 5),
-                "auroc": round(ev.report.auroc, 5),
+                # None on a split without good images (all-defective sets): JSON has no NaN.
+                "auroc": None if math.isnan(ev.report.auroc) else round(ev.report.auroc, 5),
             }
             score = _selection_score(ev, config.select_by)
             if score > best_score:
@@ -527,7 +528,8 @@ def finish_card(
         for k, v in report.overall.as_dict().items()
         if isinstance(v, float) and k not in ("images", "defective")
     }
-    metrics["val_auroc"] = float(report.auroc)
+    if math.isfinite(report.auroc):  # undefined on a split without good images: left out
+        metrics["val_auroc"] = float(report.auroc)
     training = card.training.model_copy(
         update={
             "data_hash": dataset.fingerprint(config.train_split),
@@ -539,7 +541,7 @@ def finish_card(
         update={
             "threshold": threshold,
             "min_area_px": min_area,
-            "metrics": {k: round(v, 5) for k, v in metrics.items()},
+            "metrics": {k: round(v, 5) for k, v in metrics.items() if math.isfinite(v)},
             "training": training,
             "notes": f"threshold (best Dice) and min_area_px (best image accuracy) chosen on "
             f"split {config.val_split!r}; image score for AUROC: {config.image_score}",
