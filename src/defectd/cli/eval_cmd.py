@@ -95,8 +95,7 @@ def eval_command(
     from rich.table import Table
 
     from defectd.data.datasets import open_dataset
-    from defectd.training.evaluate import evaluate, open_model, predict
-    from defectd.training.evaluate import Prediction
+    from defectd.training.evaluate import Prediction, evaluate, open_model, predict
     from defectd.training.overlays import (
         overlay,
         pick_cases,
