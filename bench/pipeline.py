@@ -134,6 +134,7 @@ def open_bench_engine(spec: dict[str, Any]) -> Any:
         backend=spec["backend"],
         precision=spec["precision"],
         max_batch=spec["batch"],
+        mode=spec["mode"],
     )
 
 
@@ -143,8 +144,10 @@ def open_bench_engine(spec: dict[str, Any]) -> Any:
 def engine_only(
     engine: Any, card: Any, batch_size: int, seconds: float, seed: int
 ) -> dict[str, Any]:
-    """``engine.infer`` on one ready batch of rendered parts, for ``seconds``."""
+    """``engine.infer`` on one ready batch of rendered parts, for ``seconds``, from as many
+    threads as the engine runs requests in parallel (its ceiling)."""
     from defectd.data.synth import PartRenderer
+    from defectd.engines.base import engine_concurrency
 
     c, h, w = card.input.channels, card.input.height, card.input.width
     renderer = PartRenderer(h, w, c)
@@ -155,14 +158,29 @@ def engine_only(
     for _ in range(2):
         engine.infer(batch)
     lat: list[float] = []
-    with Resources() as res:
-        end = time.perf_counter() + seconds
+    lock = threading.Lock()
+
+    def loop(end: float) -> None:
         while time.perf_counter() < end or len(lat) < 5:
             t0 = time.perf_counter()
             engine.infer(batch)
-            lat.append(time.perf_counter() - t0)
+            with lock:
+                lat.append(time.perf_counter() - t0)
+
+    with Resources() as res:
+        end = time.perf_counter() + seconds
+        threads = [
+            threading.Thread(target=loop, args=(end,)) for _ in range(engine_concurrency(engine))
+        ]
+        t_start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t_start
     return {
-        "fps": round(batch_size * len(lat) / sum(lat), 2),
+        "fps": round(batch_size * len(lat) / wall, 2),
+        "threads": len(threads),
         "frames": batch_size * len(lat),
         "batch_p50_ms": percentile([x * 1e3 for x in lat], 50),
         "batch_p99_ms": percentile([x * 1e3 for x in lat], 99),
@@ -252,14 +270,22 @@ def work_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
         if event.kind == EventKind.END_OF_STREAM:
             ended.set()
 
+    from defectd.engines.base import engine_concurrency
+
+    # Enough in flight to keep every request busy, and one more ready behind them; more only
+    # queues (latency) without adding frames per second.
+    in_flight = spec["max_in_flight"] or max(
+        2, -(-(engine_concurrency(engine) * b + 1) // spec["tiles_per_frame"])
+    )
     cfg = PipelineConfig(
+        mode=spec["mode"],
         max_batch=b,
         max_delay_ms=spec["max_delay_ms"],
         max_latency_ms=None,
         admission="block",
-        max_in_flight=spec["max_in_flight"],
-        frame_queue=max(1, spec["max_in_flight"]),
-        job_queue=max(1, spec["max_in_flight"]),
+        max_in_flight=in_flight,
+        frame_queue=max(1, in_flight),
+        job_queue=max(1, in_flight),
         workers=1,
     )
     pipe = Pipeline(engine, card, cfg, on_result=sink)
@@ -313,6 +339,8 @@ def work_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
         "frames": len(records),
         "fps": round(steady_fps(verdict_times), 2),
         "mean_batch": stats.mean_batch,
+        "max_in_flight": in_flight,
+        "infer_requests": engine_concurrency(engine),
         "stage_p50_ms": stages,
         "verdict_p50_ms": stats.latency_ms.get("total", {}).get("p50"),
         "verdict_p99_ms": stats.latency_ms.get("total", {}).get("p99"),
@@ -973,9 +1001,17 @@ def main() -> None:
     parser.add_argument("--backend", default="openvino", help="engine backend (default openvino)")
     parser.add_argument("--precision", default="best", help="best (default), fp32, bf16, int8")
     parser.add_argument("--quantize", action="store_true", help="make an int8 QDQ model for 'best'")
-    parser.add_argument("--batch", type=int, default=2, help="max batch, same for engine-only")
     parser.add_argument(
-        "--max-in-flight", type=int, default=None, help="default: two batches' worth of frames"
+        "--batch", type=int, default=1, help="max batch per request, same for engine-only"
+    )
+    parser.add_argument(
+        "--mode", default="throughput", choices=("throughput", "latency"), help="[pipeline] mode"
+    )
+    parser.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=None,
+        help="default: the engine's parallel requests x batch + 1 frames",
     )
     parser.add_argument("--max-delay-ms", type=float, default=5.0)
     parser.add_argument("--frames", type=int, default=None, help="frames per pipeline run")
@@ -1045,8 +1081,8 @@ def main() -> None:
             "backend": args.backend,
             "precision": precision,
             "batch": args.batch,
-            # Two batches' worth: one in the engine, the next ready (a tiled frame fills many).
-            "max_in_flight": args.max_in_flight or max(2, -(-2 * args.batch // tiles_per_frame)),
+            "max_in_flight": args.max_in_flight,
+            "mode": args.mode,
             "max_delay_ms": args.max_delay_ms,
             "height": height,
             "width": width,

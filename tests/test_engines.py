@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from structlog.testing import capture_logs
 
 from conftest import blob_batch
 from defectd.engines import Engine, available_backends, open_engine
+from defectd.engines.base import engine_concurrency
 from defectd.engines.openvino_backend import cpu_capabilities
 from defectd.errors import EngineError, ModelError
 from defectd.model import ModelCard, card_path, load_card
@@ -217,11 +219,41 @@ def test_backend_listing_marks_cpu_backends_available_and_tensorrt_not() -> None
         )
 
 
-def test_openvino_batch_split_over_streams_matches_single_images(
+def test_openvino_batch_of_any_size_matches_single_images(
     tiny_model: Path, batch: np.ndarray
 ) -> None:
-    engine = open_engine(tiny_model, backend="openvino", precision="fp32", threads=2)
-    together = engine.infer(batch[:3])  # 3 images over 2 parallel streams (2 + 1)
+    engine = open_engine(tiny_model, backend="openvino", precision="fp32", threads=2, max_batch=4)
+    assert engine.batch_sizes == (1, 2, 4)  # type: ignore[attr-defined]
+    together = engine.infer(batch[:3])  # runs on the batch-4 model, zero-padded
     alone = np.concatenate([engine.infer(batch[i : i + 1]) for i in range(3)])
     engine.close()
+    assert together.shape == (3, 1, *batch.shape[2:])
     assert float(np.abs(together - alone).max()) <= 1e-5
+
+
+def test_openvino_throughput_mode_runs_calls_in_parallel_and_agrees_with_latency_mode(
+    tiny_model: Path, batch: np.ndarray
+) -> None:
+    fast = open_engine(tiny_model, backend="openvino", precision="fp32", threads=2, max_batch=2)
+    solo = open_engine(
+        tiny_model, backend="openvino", precision="fp32", threads=2, max_batch=2, mode="latency"
+    )
+    assert engine_concurrency(solo) == 1
+    assert engine_concurrency(fast) == fast.concurrency >= 1  # type: ignore[attr-defined]
+    want = solo.infer(batch[:2])
+    results: list[np.ndarray] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(fast.infer(batch[:2])))
+        for _ in range(2 * engine_concurrency(fast))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    fast.close()
+    solo.close()
+    assert len(results) == len(threads)
+    for got in results:
+        assert float(np.abs(got - want).max()) <= 1e-5
+    with pytest.raises(EngineError, match="closed"):
+        fast.infer(batch[:1])

@@ -176,6 +176,7 @@ def _open_model(config: StationConfig) -> _Model:
         max_batch=config.pipeline.max_batch,
         threads=m.threads,
         cache_dir=None,  # the check writes nothing
+        mode=config.pipeline.mode,
     )
     try:
         warm_up(engine, 1)

@@ -41,6 +41,7 @@ class EngineOpener(Protocol):
         max_batch: int,
         threads: int | None,
         cache_dir: Path | None,
+        mode: str,
     ) -> Engine: ...
 
 
@@ -127,6 +128,7 @@ def load_model(config: StationConfig, *, opener: EngineOpener = open_engine) -> 
         max_batch=config.pipeline.max_batch,
         threads=m.threads,
         cache_dir=m.cache_dir,
+        mode=config.pipeline.mode,
     )
     try:
         warm_up(engine, m.warmup)

@@ -55,7 +55,9 @@ class OpenRequest:
 
     ``precision`` None means the card's; ``precisions`` are what this backend runs;
     ``expect`` is the caller's ``(channels, height, width)``; ``build_progress(phase, done,
-    total)`` is called while a TensorRT plan is built.
+    total)`` is called while a TensorRT plan is built; ``mode`` is ``throughput`` (parallel
+    infer requests, see ``engine_concurrency``) or ``latency`` (one request on every core),
+    for backends that have the choice.
     """
 
     model_path: Path
@@ -69,6 +71,7 @@ class OpenRequest:
     opt_batch: int | None = None
     expect: tuple[int, int, int] | None = None
     build_progress: Callable[[str, int, int], None] | None = None
+    mode: str = "throughput"
 
     def check_precision(self, precision: str) -> None:
         """``EngineError`` naming what the backend runs when ``precision`` is not one of them."""
@@ -150,3 +153,10 @@ class BackendEngine:
 
     def _run(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
         raise NotImplementedError
+
+
+def engine_concurrency(engine: Engine) -> int:
+    """How many ``infer`` calls ``engine`` runs in parallel: its ``concurrency`` attribute
+    (OpenVINO in throughput mode: one per stream), else 1 (calls are serialised)."""
+    value = getattr(engine, "concurrency", 1)
+    return value if isinstance(value, int) and value >= 1 else 1

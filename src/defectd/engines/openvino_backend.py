@@ -3,14 +3,29 @@
 The inference precision is always pinned (``INFERENCE_PRECISION_HINT``): OpenVINO would
 otherwise pick bf16 by itself on CPUs with AMX, and results would silently change with the
 machine. For a QDQ model the quantised convolutions run in int8 and the few operators left
-in float run in f32. The model is reshaped to the engine's batch range and compiled twice, with
-infer requests created up front: in latency mode (one stream, every thread) for single images,
-and in throughput mode (parallel streams) for batches, which are split across the streams.
+in float run in f32.
+
+Two modes (``mode``, the station's ``[pipeline] mode``):
+
+- ``throughput`` (default): compiled with the THROUGHPUT hint, so the CPU is split into
+  parallel streams (on 2 cores: two single-threaded streams), with one infer request per
+  stream. ``infer`` is thread-safe and runs each whole batch on one free request; callers keep
+  every request busy by calling from ``concurrency`` threads at once (the pipeline runs that
+  many inference threads). No batch is split over streams: a split batch waits for its slowest
+  half and leaves the other stream idle meanwhile.
+- ``latency``: compiled with the LATENCY hint, one stream using every thread, one request;
+  each batch finishes as soon as the whole CPU can make it (``concurrency`` 1).
+
+Shapes are static: the model is compiled once per batch size it will see (1, 2, 4, ... up to
+``max_batch``, and ``max_batch`` itself); a batch of another size runs on the next larger
+one, zero-padded. A static shape lets OpenVINO plan memory and pick kernels once (on a
+Zen 4 the int8 magnetic-tile model spends ~20% less CPU per frame than with a dynamic batch
+axis). ``sizes`` picks the compiled batch sizes explicitly.
 """
 
 from __future__ import annotations
 
-import contextlib
+import queue
 import threading
 from pathlib import Path
 from typing import Any
@@ -44,8 +59,24 @@ def cpu_capabilities(core: ov.Core | None = None) -> list[str]:
     return caps
 
 
+MODES = ("throughput", "latency")
+
+
+def batch_sizes(min_batch: int, max_batch: int) -> tuple[int, ...]:
+    """The batch sizes compiled for ``min_batch..max_batch``: powers of two in the range and
+    both ends, e.g. ``1..8`` -> ``(1, 2, 4, 8)``, ``1..6`` -> ``(1, 2, 4, 6)``."""
+    sizes = {min_batch, max_batch}
+    k = 1
+    while k < max_batch:
+        if k >= min_batch:
+            sizes.add(k)
+        k *= 2
+    return tuple(sorted(sizes))
+
+
 class OpenVinoEngine(BackendEngine):
-    """One compiled OpenVINO model on the CPU. Calls are serialised by a lock."""
+    """One OpenVINO model on the CPU, compiled per batch size, with ``concurrency`` infer
+    requests; ``infer`` may be called from that many threads at once."""
 
     backend = "openvino"
 
@@ -58,12 +89,15 @@ class OpenVinoEngine(BackendEngine):
         precision: str,
         threads: int | None = None,
         cache_dir: Path | None = None,
-        streams: bool = True,
+        mode: str = "throughput",
+        sizes: tuple[int, ...] | None = None,
     ) -> None:
         if precision not in _PRECISIONS:
             raise EngineError(
                 f"{model_path}: OpenVINO runs {', '.join(PRECISIONS)}; asked for {precision}"
             )
+        if mode not in MODES:
+            raise EngineError(f"{model_path}: OpenVINO mode {mode!r}: choose {' or '.join(MODES)}")
         ov_type, capability = _PRECISIONS[precision]
         core = ov.Core()
         caps = cpu_capabilities(core)
@@ -79,71 +113,63 @@ class OpenVinoEngine(BackendEngine):
             model = core.read_model(str(model_path))
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own
             raise ModelError(f"{model_path}: OpenVINO cannot read the model: {exc}") from exc
-        model.reshape(
-            {
-                model.input(0): ov.PartialShape(
-                    [ov.Dimension(spec.min_batch, spec.max_batch), *map(int, spec.chw)]
-                )
-            }
-        )
-        base: dict[Any, Any] = {hints.inference_precision: ov_type}
+        sizes = tuple(sorted(set(sizes or batch_sizes(spec.min_batch, spec.max_batch))))
+        if sizes[0] < spec.min_batch or sizes[-1] != spec.max_batch:
+            raise EngineError(
+                f"{model_path}: compiled batch sizes {sizes} must lie in "
+                f"{spec.min_batch}..{spec.max_batch} and include {spec.max_batch}"
+            )
+        config: dict[Any, Any] = {
+            hints.inference_precision: ov_type,
+            hints.performance_mode: (
+                hints.PerformanceMode.THROUGHPUT
+                if mode == "throughput"
+                else hints.PerformanceMode.LATENCY
+            ),
+        }
         if threads is not None:
-            base[props.inference_num_threads] = threads
-        latency = self._compile(
-            core, model, model_path, {**base, hints.performance_mode: hints.PerformanceMode.LATENCY}
-        )
-        effective = latency.get_property(hints.inference_precision)
+            config[props.inference_num_threads] = threads
+        compiled: dict[int, ov.CompiledModel] = {}
+        for n in sizes:
+            shaped = model.clone()
+            shaped.reshape({shaped.input(0): ov.PartialShape([n, *map(int, spec.chw)])})
+            compiled[n] = self._compile(core, shaped, model_path, config)
+        first = compiled[sizes[0]]
+        effective = first.get_property(hints.inference_precision)
         if effective != ov_type:
             raise EngineError(
                 f"{model_path}: OpenVINO compiled with {effective}, asked for {ov_type}"
             )
-        n_threads = int(latency.get_property(props.inference_num_threads))
-        # A batch of two or more is split over parallel streams (one per thread pair or
-        # thread): independent single-threaded streams keep the cores busy where one
-        # multi-threaded stream waits at every layer for its slowest thread (worst on a
-        # CPU shared with other work). A single image goes to the latency model.
-        self._streams: list[ov.InferRequest] = []
-        self._throughput: ov.CompiledModel | None = None
-        if streams and spec.max_batch >= 2 and n_threads >= 2:
-            # Slices can be smaller than min_batch: this model takes 1..max_batch.
-            sliced = model.clone()
-            sliced.reshape(
-                {
-                    sliced.input(0): ov.PartialShape(
-                        [ov.Dimension(1, spec.max_batch), *map(int, spec.chw)]
-                    )
-                }
-            )
-            throughput = self._compile(
-                core,
-                sliced,
-                model_path,
-                {
-                    **base,
-                    hints.performance_mode: hints.PerformanceMode.THROUGHPUT,
-                    props.inference_num_threads: n_threads,
-                },
-            )
-            n_requests = int(throughput.get_property(props.optimal_number_of_infer_requests))
-            self._throughput = throughput
-            self._streams = [throughput.create_infer_request() for _ in range(max(1, n_requests))]
-            if len(self._streams) < 2:
-                self._streams = []
-        self._latency = latency
-        self._request: ov.InferRequest | None = latency.create_infer_request()
+        n_threads = int(first.get_property(props.inference_num_threads))
+        streams = int(first.get_property(props.num_streams))
+        # One request per stream: more would only queue inside OpenVINO, fewer leaves a
+        # stream idle. The same number for every size; each size has its own requests.
+        self._concurrency = max(1, streams) if mode == "throughput" else 1
+        self._free: dict[int, queue.SimpleQueue[ov.InferRequest]] = {}
+        for n, cm in compiled.items():
+            free: queue.SimpleQueue[ov.InferRequest] = queue.SimpleQueue()
+            for _ in range(self._concurrency):
+                free.put(cm.create_infer_request())
+            self._free[n] = free
+        self._compiled = compiled
+        self._sizes = sizes
+        self._slots = threading.BoundedSemaphore(self._concurrency)
+        self._closed = False
         self._path = model_path
         self._io = io
         self._spec = spec
         self._precision = precision
-        self._lock = threading.Lock()
+        self._mode = mode
         log.info(
             "openvino_compiled",
             model=str(model_path),
             precision=precision,
             inference_precision=effective.get_type_name(),
+            mode=mode,
             threads=n_threads,
-            streams_for_batches=len(self._streams) or 1,
-            batch_range=f"{spec.min_batch}..{spec.max_batch}",
+            streams=streams,
+            infer_requests=self._concurrency,
+            batch_sizes=list(sizes),
         )
 
     @staticmethod
@@ -163,48 +189,55 @@ class OpenVinoEngine(BackendEngine):
     def model_file(self) -> Path:
         return self._path
 
+    @property
+    def concurrency(self) -> int:
+        """How many ``infer`` calls run in parallel (one per infer request)."""
+        return self._concurrency
+
+    @property
+    def mode(self) -> str:
+        """``throughput`` or ``latency``."""
+        return self._mode
+
+    @property
+    def batch_sizes(self) -> tuple[int, ...]:
+        """The batch sizes compiled with a static shape."""
+        return self._sizes
+
     def _run(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
         n = batch.shape[0]
-        with self._lock:
-            if self._request is None:
+        size = next(s for s in self._sizes if s >= n)
+        if size > n:
+            padded = np.zeros((size, *batch.shape[1:]), np.float32)
+            padded[:n] = batch
+            batch = padded
+        with self._slots:
+            if self._closed:
                 raise EngineError(f"{self._path}: OpenVINO engine is closed")
+            free = self._free[size]
+            request = free.get_nowait()  # never empty: the semaphore counts the requests
             try:
-                if n < 2 or not self._streams:
-                    # share_inputs: OpenVINO reads the caller's array in place. Outputs are
-                    # copied out of the request (share_outputs=False), so the result is ours.
-                    result = self._request.infer({0: batch}, share_inputs=True, share_outputs=False)
-                    out: NDArray[np.float32] = result[0]
-                    return out
-                return self._infer_split(batch)
+                # share_inputs: OpenVINO reads the caller's array in place (the GIL is released
+                # while it runs). Outputs are copied out (share_outputs=False): ours to keep.
+                result = request.infer({0: batch}, share_inputs=True, share_outputs=False)
+                out: NDArray[np.float32] = result[0]
             except Exception as exc:
                 raise EngineError(f"{self._path}: OpenVINO inference failed: {exc}") from exc
-
-    def _infer_split(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
-        """Run contiguous slices of ``batch`` on the parallel streams; gather into one array."""
-        n = batch.shape[0]
-        k = min(n, len(self._streams))
-        bounds = [round(i * n / k) for i in range(k + 1)]
-        requests = self._streams[:k]
-        out = np.empty((n, 1, self._spec.height, self._spec.width), np.float32)
-        started = []
-        try:
-            for request, lo, hi in zip(requests, bounds, bounds[1:], strict=False):
-                request.start_async({0: batch[lo:hi]}, share_inputs=True)
-                started.append(request)
-            for request, lo, hi in zip(requests, bounds, bounds[1:], strict=False):
-                request.wait()
-                out[lo:hi] = request.get_output_tensor(0).data
-        except Exception:
-            for request in started:  # never leave a request running on the caller's array
-                with contextlib.suppress(Exception):
-                    request.wait()
-            raise
-        return out
+            finally:
+                free.put(request)
+        return out[:n] if size > n else out
 
     def close(self) -> None:
-        with self._lock:
-            self._request = None
-            self._streams = []
+        """Wait for running calls to finish, then refuse new ones and drop the requests."""
+        for _ in range(self._concurrency):
+            self._slots.acquire()
+        try:
+            self._closed = True
+            self._free = {}
+            self._compiled = {}
+        finally:
+            for _ in range(self._concurrency):
+                self._slots.release()
 
 
 def open_request(request: OpenRequest) -> OpenVinoEngine:
@@ -217,4 +250,5 @@ def open_request(request: OpenRequest) -> OpenVinoEngine:
         precision=model.precision,
         threads=request.threads,
         cache_dir=request.cache_dir,
+        mode=request.mode,
     )

@@ -207,6 +207,7 @@ def open_engine(
     opt_batch: int | None = None,
     expect: tuple[int, int, int] | None = None,
     build_progress: Callable[[str, int, int], None] | None = None,
+    mode: str = "throughput",
 ) -> Engine:
     """Open ``model_path`` (``.onnx`` with its card, ``.pt`` checkpoint or TensorRT ``.plan``).
 
@@ -217,7 +218,9 @@ def open_engine(
     ``cache_dir`` holds TensorRT plans and timing caches and OpenVINO's compiled blobs.
     ``expect`` is the ``(channels, height, width)`` the caller will feed (e.g. the station
     config); a model that takes something else is refused. ``build_progress(phase, done,
-    total)`` is called while a TensorRT plan is built (from TensorRT's threads).
+    total)`` is called while a TensorRT plan is built (from TensorRT's threads). ``mode``:
+    ``throughput`` (OpenVINO: parallel infer requests, one whole batch each; call ``infer``
+    from ``engine_concurrency(engine)`` threads) or ``latency`` (one request on every core).
 
     Raises ``ModelError`` for a missing/unreadable model or card or a spec mismatch and
     ``EngineError`` when the backend or precision cannot run here.
@@ -252,6 +255,7 @@ def open_engine(
         opt_batch=opt_batch,
         expect=expect,
         build_progress=build_progress,
+        mode=mode,
     )
     engine = entry.load()(request)
     log.info(

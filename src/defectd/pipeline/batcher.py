@@ -1,10 +1,15 @@
 """The dynamic batcher: tiles of frames from all cameras into one engine batch.
 
 A batch leaves when it holds ``max_batch`` tiles or when ``max_delay_s`` has passed since its
-first tile, whichever comes first. Tiles are copied into a preallocated
-``(max_batch, C, H, W)`` float32 buffer per model; a batch holds tiles of one model only
-(after a hot swap the old model's tiles finish on the old engine). Runs on the inference
-thread, which owns the buffer and the cursor into a partly batched frame.
+first tile, whichever comes first. With ``wait_for_more=False`` (an engine that runs several
+requests in parallel, one inference thread each) a batch also leaves as soon as no more tiles
+are queued: the thread asking for it has a free request, and a tile arriving a moment later
+goes to the next free one, so waiting would leave a core idle and only add latency. Several
+inference threads may call ``next_batch``; it serves them one at a time, each with its own
+batch buffer (``buffers``). Tiles are copied into a preallocated
+``(max_batch, C, H, W)`` float32 buffer per model and calling thread; a batch holds tiles of one
+model only (after a hot swap the old model's tiles finish on the old engine). The batcher owns
+the cursor into a partly batched frame.
 
 Time comes from the ``Clock`` it is given: the batch's age is read from it, and the waits for
 the next job go through it (``clock.get``), so a fake clock drives the ``max_delay`` rule
@@ -55,8 +60,12 @@ class Batcher:
         max_delay_s: float,
         admit: Callable[[Job], bool],
         clock: Clock = SYSTEM_CLOCK,
+        *,
+        wait_for_more: bool = True,
     ) -> None:
         self._jobs = jobs
+        self._wait_for_more = wait_for_more
+        self._lock = threading.Lock()
         self._clock = clock
         self._max_batch = max_batch
         self._max_delay_ns = int(max_delay_s * 1e9)
@@ -74,8 +83,13 @@ class Batcher:
             return None
         return job
 
-    def next_batch(self, stop: threading.Event) -> Batch | None:
-        """Block until a batch is ready; ``None`` once ``stop`` is set."""
+    def next_batch(self, stop: threading.Event, buffers: Scratch | None = None) -> Batch | None:
+        """Block until a batch is ready; ``None`` once ``stop`` is set. The batch's data lies
+        in ``buffers`` (the caller's, reused by its next call; default the batcher's own)."""
+        with self._lock:
+            return self._next_batch(stop, buffers if buffers is not None else self._buffers)
+
+    def _next_batch(self, stop: threading.Event, buffers: Scratch) -> Batch | None:
         entries: list[tuple[Job, int]] = []
         slot: ModelSlot | None = None
         buf: NDArray[np.float32] | None = None
@@ -90,6 +104,8 @@ class Batcher:
                 self._cursor = job = None
             if job is None:
                 if entries:
+                    if not self._wait_for_more and self._jobs.empty():
+                        break
                     remaining = (t_first + self._max_delay_ns - self._clock.monotonic_ns()) / 1e9
                     if remaining <= 0 and self._jobs.empty():
                         break
@@ -109,7 +125,7 @@ class Batcher:
                 spec = slot.engine.spec
                 limit = max(1, min(self._max_batch, spec.max_batch))
                 shape = (max(limit, spec.min_batch), spec.channels, spec.height, spec.width)
-                buf = self._buffers.get("batch", shape, np.float32)
+                buf = buffers.get("batch", shape, np.float32)
                 t_first = self._clock.monotonic_ns()
             elif job.slot is not slot:
                 break  # the next job is for another model: this batch leaves now

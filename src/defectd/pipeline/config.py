@@ -32,8 +32,17 @@ class Rect(_Frozen):
     height: Annotated[int, Field(gt=0)]
 
 
+PipelineMode = Literal["throughput", "latency"]
+
+
 class PipelineConfig(_Frozen):
     """How frames flow: queues, dynamic batching, deadlines, tiling and worker threads."""
+
+    # "throughput": the engine runs several requests in parallel (OpenVINO: one per CPU
+    # stream), each a whole batch, with one inference thread per request: most frames per
+    # second, each frame on one core. "latency": one request on every core: each frame done
+    # soonest, fewer frames per second when the line is saturated. See docs/engines.md.
+    mode: PipelineMode = "throughput"
 
     # Dynamic batching: a batch leaves when it holds ``max_batch`` tiles or when its first tile
     # has waited ``max_delay_ms``, whichever comes first. Capped by the engine's own max batch.

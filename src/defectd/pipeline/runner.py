@@ -39,7 +39,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from defectd.clock import SYSTEM_CLOCK, Clock
-from defectd.engines.base import Engine
+from defectd.engines.base import Engine, engine_concurrency
 from defectd.errors import ConfigError, ModelError
 from defectd.log import RateLimiter, get_logger
 from defectd.model.card import ModelCard
@@ -199,8 +199,17 @@ class Pipeline:
         self._params: dict[tuple[str, int], PostprocessParams] = {}
         self._keeps: dict[tuple[str, tuple[int, int], tuple[int, int, int, int]], Any] = {}
         self._threads: list[threading.Thread] = []
+        # One inference thread per request the engine runs in parallel, so that every request
+        # is kept busy; with several, a batch leaves as soon as nothing more is queued (the
+        # next frame finds another free request, so waiting for it would only add latency).
+        self._infer_threads = engine_concurrency(engine)
         self._batcher = Batcher(
-            self._jobs, cfg.max_batch, cfg.max_delay_ms / 1e3, self._admit, clock
+            self._jobs,
+            cfg.max_batch,
+            cfg.max_delay_ms / 1e3,
+            self._admit,
+            clock,
+            wait_for_more=self._infer_threads == 1,
         )
         self._warn_foreign_thresholds(card)
 
@@ -225,7 +234,7 @@ class Pipeline:
         targets: list[tuple[str, Callable[[], None]]] = [
             (f"defectd-pre-{i}", self._preprocess_loop) for i in range(cfg.preprocess_workers)
         ]
-        targets.append(("defectd-infer", self._infer_loop))
+        targets += [(f"defectd-infer-{i}", self._infer_loop) for i in range(self._infer_threads)]
         targets += [(f"defectd-post-{i}", self._post_loop) for i in range(cfg.workers)]
         for name, target in targets:
             thread = threading.Thread(target=target, name=name, daemon=True)
@@ -235,6 +244,8 @@ class Pipeline:
             "pipeline_started",
             model=self.card.name,
             engine=self.engine.name,
+            mode=cfg.mode,
+            inference_threads=self._infer_threads,
             max_batch=min(cfg.max_batch, self.engine.spec.max_batch),
             max_delay_ms=cfg.max_delay_ms,
             max_latency_ms=cfg.deadline_ms,
@@ -611,13 +622,16 @@ class Pipeline:
         return True
 
     def _infer_loop(self) -> None:
+        buffers = Scratch()  # this thread's batch buffer: batches of other threads may be running
         while True:
-            batch = self._batcher.next_batch(self._stop)
+            batch = self._batcher.next_batch(self._stop, buffers)
             if batch is None:
                 return
             self._run_batch(batch)
 
     def _run_batch(self, batch: Batch) -> None:
+        # Several inference threads may run batches holding tiles of one frame: the per-job
+        # bookkeeping below is done under the pipeline lock, verdicts and queueing after it.
         slot = batch.slot
         spec = slot.engine.spec
         t0 = self._clock.monotonic_ns()
@@ -629,26 +643,30 @@ class Pipeline:
                 raise ValueError(f"engine returned {got}, expected float32 {want}")
         except Exception as exc:  # the engine may raise anything; the frames still get verdicts
             detail = f"{slot.engine.name}: {type(exc).__name__}: {exc}".replace("\n", " ")
-            for job, _ in batch.entries:
-                if job.leave_model(SlotHold.DROPPED):
-                    self._fail(job, ErrorReason.ENGINE, detail[:500])
+            with self._lock:
+                failed = [job for job, _ in batch.entries if job.leave_model(SlotHold.DROPPED)]
+            for job in failed:
+                self._fail(job, ErrorReason.ENGINE, detail[:500])
             return
         t1 = self._clock.monotonic_ns()
+        complete: list[Job] = []
         with self._lock:
             self._counters.batches += 1
             self._counters.tiles += len(batch.entries)
-        for k, (job, tile) in enumerate(batch.entries):
-            if job.dropped:
-                continue
-            job.outputs[tile] = out[k, 0]
-            if not job.t_infer_start_ns:
-                job.t_infer_start_ns = t0
-            job.t_infer_end_ns = t1
-            job.tiles_done += 1
-            if job.tiles_done == job.n_tiles:
-                job.leave_model(SlotHold.INFERRED)
-                if not job.finished:
-                    self._put(self._results, job)
+            for k, (job, tile) in enumerate(batch.entries):
+                if job.dropped:
+                    continue
+                job.outputs[tile] = out[k, 0]
+                if not job.t_infer_start_ns or t0 < job.t_infer_start_ns:
+                    job.t_infer_start_ns = t0
+                job.t_infer_end_ns = max(job.t_infer_end_ns, t1)
+                job.tiles_done += 1
+                if job.tiles_done == job.n_tiles:
+                    job.leave_model(SlotHold.INFERRED)
+                    if not job.finished:
+                        complete.append(job)
+        for job in complete:
+            self._put(self._results, job)
 
     def _post_loop(self) -> None:
         post = Postprocessor()
