@@ -18,13 +18,13 @@ says how close each row gets to what the cores can do.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from _common import cpu_model
+from peak import PeakProbe, merge_peaks
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "models" / "magnetic_tile" / "model.onnx"
@@ -111,10 +112,19 @@ def prepare_models(
     net = UNet(UNetConfig(**arch))
     gflops = net.gflops(card.input.height, card.input.width)
     t0 = time.perf_counter()
-    calibration: Any = synthetic_batches(card, 4, 2)
-    if calibration_data is not None:
-        calibration = (b for b, _, _ in dataset_batches(calibration_data, card, "train", 128))
-    quantize_qdq(fp32, workdir / "model.int8.onnx", calibration)
+    shipped = model.with_name(model.stem + ".int8.onnx") if model is not None else None
+    if shipped is not None and shipped.is_file() and calibration_data is None:
+        # The INT8 model the station runs (calibrated on real images), not a stand-in.
+        (workdir / "model.int8.onnx").write_bytes(shipped.read_bytes())
+        shipped_card = shipped.with_name(shipped.stem + ".card.json")
+        if shipped_card.is_file():
+            (workdir / "model.int8.card.json").write_bytes(shipped_card.read_bytes())
+        source += f" (int8: {shipped.name})"
+    else:
+        calibration: Any = synthetic_batches(card, 4, 2)
+        if calibration_data is not None:
+            calibration = (b for b, _, _ in dataset_batches(calibration_data, card, "train", 128))
+        quantize_qdq(fp32, workdir / "model.int8.onnx", calibration)
     return {
         "model": fp32,
         "source": source,
@@ -123,84 +133,6 @@ def prepare_models(
         "gflops_per_frame": gflops,
         "quantize_s": time.perf_counter() - t0,
     }
-
-
-# --- peak FLOP/s (worker process) ---------------------------------------------------------
-
-
-def _best(fn: Any, seconds: float) -> float:
-    """Shortest of at least two calls (the first warms caches) within about ``seconds``."""
-    fn()
-    best = float("inf")
-    end = time.perf_counter() + seconds
-    while best == float("inf") or time.perf_counter() < end:
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
-def _ov_matmul(n: int, precision: str, threads: int) -> Any:
-    import openvino as ov
-    import openvino.properties as props
-    import openvino.properties.hint as hints
-    from openvino import opset13 as ops
-
-    x = ops.parameter([n, n], ov.Type.f32, name="x")
-    w = ops.constant(np.random.default_rng(0).normal(size=(n, n)).astype(np.float32))
-    if precision == "int8":
-        lo, hi = ops.constant(np.float32(-4.0)), ops.constant(np.float32(4.0))
-        x_q = ops.fake_quantize(x, lo, hi, lo, hi, 256)
-        w_q = ops.fake_quantize(w, lo, hi, lo, hi, 255)
-        y = ops.matmul(x_q, w_q, False, False)
-    else:
-        y = ops.matmul(x, w, False, False)
-    model = ov.Model([y], [x])
-    hint = ov.Type.bf16 if precision == "bf16" else ov.Type.f32
-    compiled = ov.Core().compile_model(
-        model,
-        "CPU",
-        {
-            hints.inference_precision: hint,
-            hints.performance_mode: hints.PerformanceMode.LATENCY,
-            props.inference_num_threads: threads,
-        },
-    )
-    request = compiled.create_infer_request()
-    data = np.random.default_rng(1).uniform(-3, 3, size=(n, n)).astype(np.float32)
-    return lambda: request.infer({0: data}, share_inputs=True, share_outputs=True)
-
-
-class PeakProbe:
-    """Large matrix products per precision and library; runners are built once."""
-
-    def __init__(self, threads: int, n: int = 2048) -> None:
-        import torch
-
-        torch.set_num_threads(threads)
-        self.flop = 2.0 * n**3 / 1e9
-        a = np.random.default_rng(0).random((n, n), dtype=np.float32)
-        t32 = torch.from_numpy(a)
-        t16 = t32.to(torch.bfloat16)
-        i8 = torch.randint(-128, 127, (n, n), dtype=torch.int8)
-        self.runners: dict[str, dict[str, Any]] = {
-            "fp32": {"numpy": lambda: a @ a, "torch": lambda: t32 @ t32},
-            "bf16": {"torch": lambda: t16 @ t16},
-            "int8": {},
-        }
-        with contextlib.suppress(RuntimeError):  # no int8 matmul kernel in this torch build
-            torch._int_mm(i8, i8)
-            self.runners["int8"]["torch_int_mm"] = lambda: torch._int_mm(i8, i8)
-        for precision in ("fp32", "bf16", "int8"):
-            with contextlib.suppress(Exception):  # a precision this CPU cannot run
-                self.runners[precision]["openvino"] = _ov_matmul(n, precision, threads)
-
-    def measure(self, seconds: float) -> dict[str, Any]:
-        found = {
-            precision: {lib: self.flop / _best(fn, seconds) for lib, fn in libs.items()}
-            for precision, libs in self.runners.items()
-        }
-        return {"by_library": found}
 
 
 # --- backend worker ----------------------------------------------------------------------------
@@ -244,7 +176,13 @@ def worker(args: argparse.Namespace) -> None:
     rng = np.random.default_rng(0)
     chw = engine.spec.chw
     inputs: dict[int, np.ndarray] = {}
-    print(json.dumps({"ready": engine.name, "open_s": open_s}), flush=True)
+    # As many callers as the engine runs requests in parallel (OpenVINO in throughput mode:
+    # one per CPU stream), as the pipeline's inference threads call it: its ceiling.
+    from defectd.engines.base import engine_concurrency
+
+    callers = engine_concurrency(engine)
+    lock = threading.Lock()
+    print(json.dumps({"ready": engine.name, "open_s": open_s, "callers": callers}), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd.get("quit"):
@@ -253,11 +191,23 @@ def worker(args: argparse.Namespace) -> None:
         if n not in inputs:
             inputs[n] = rng.normal(size=(n, *chw)).astype(np.float32)
             engine.infer(inputs[n])  # first call at a new shape: kernels, caches
-        times = []
-        for _ in range(int(cmd["iters"])):
-            t = time.perf_counter()
-            engine.infer(inputs[n])
-            times.append(time.perf_counter() - t)
+        times: list[float] = []
+
+        def calls(k: int, x: np.ndarray, out: list[float]) -> None:
+            for _ in range(k):
+                t = time.perf_counter()
+                engine.infer(x)
+                with lock:
+                    out.append(time.perf_counter() - t)
+
+        threads = [
+            threading.Thread(target=calls, args=(int(cmd["iters"]), inputs[n], times))
+            for _ in range(callers)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
         print(json.dumps({"times": times}), flush=True)
     engine.close()
     print(json.dumps({"rss_mb": peak_rss_mb()}), flush=True)
@@ -326,18 +276,6 @@ class Worker:
         return rss
 
 
-def merge_peaks(probes: list[dict[str, Any]]) -> dict[str, Any]:
-    """Best GFLOP/s per precision and library over all probes."""
-    by_library: dict[str, dict[str, float]] = {}
-    for probe in probes:
-        for precision, libs in probe["by_library"].items():
-            slot = by_library.setdefault(precision, {})
-            for lib, value in libs.items():
-                slot[lib] = max(slot.get(lib, 0.0), value)
-    gflops = {p: max(libs.values(), default=0.0) for p, libs in by_library.items()}
-    return {"gflops": gflops, "by_library": by_library, "probes": len(probes)}
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", type=Path, help="fp32 ONNX with its card (default: magnetic_tile)")
@@ -374,6 +312,7 @@ def main() -> None:
     args.batch_list = [int(b) for b in args.batches.split(",")]
     rows = [r for r in args.rows.split(",") if r]
     t_start = time.perf_counter()
+    load_start = round(os.getloadavg()[0], 2)
     with tempfile.TemporaryDirectory(prefix="defectd-bench-") as tmp:
         info = prepare_models(args.model, Path(tmp), args.dice)
         t_prepared = time.perf_counter()
@@ -411,7 +350,7 @@ def main() -> None:
             for batch in args.batch_list:
                 times = np.asarray(w.times[batch])
                 p50 = float(np.median(times))
-                fps = batch / p50
+                fps = batch * w.ready.get("callers", 1) / p50  # callers in parallel
                 gflops_s = fps * info["gflops_per_frame"]
                 results.append(
                     {
@@ -451,6 +390,8 @@ def main() -> None:
             "measure": round(time.perf_counter() - t_started, 1),
         },
         "rows": results,
+        "best_of_peak": best_of_peak(results),
+        "load_avg_1m": [load_start, round(os.getloadavg()[0], 2)],
         "checks": checks(results),
         "dice": dice,
     }
@@ -485,6 +426,21 @@ def dice_check(model: Path, data: Path, split: str, threads: int) -> dict[str, A
     for name in ("ort-int8", "openvino-bf16", "openvino-int8"):
         result[f"{name}_minus_fp32"] = round(result[name] - result["openvino-fp32"], 4)
     return result
+
+
+def best_of_peak(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per row name, the batch size that came closest to its precision's measured peak."""
+    best: dict[str, Any] = {}
+    for r in rows:
+        if r["name"] not in best or r["fraction_of_peak"] > best[r["name"]]["fraction_of_peak"]:
+            best[r["name"]] = {
+                "precision": r["name"].split("-")[1],
+                "batch": r["batch"],
+                "fraction_of_peak": r["fraction_of_peak"],
+                "gflops_s": r["gflops_s"],
+                "peak_gflops": r["peak_gflops"],
+            }
+    return best
 
 
 def checks(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -529,6 +485,12 @@ def print_table(summary: dict[str, Any]) -> None:
             f"{r['p50_ms']:>10.1f}{r['p99_ms']:>10.1f}{r['rss_mb']:>9.0f}"
             f"{r['gflops_per_frame']:>10.2f}{r['gflops_s']:>9.1f}{r['fraction_of_peak']:>9.0%}"
         )
+    for name, best in summary["best_of_peak"].items():
+        print(
+            f"{name}: best {best['fraction_of_peak']:.0%} of the measured {best['precision']} "
+            f"peak ({best['gflops_s']} of {best['peak_gflops']} G(FL)OP/s, batch {best['batch']})"
+        )
+    print(f"load average (1 min) at start / end: {summary['load_avg_1m']}")
     print(f"checks: {json.dumps(summary['checks'])}")
     if summary["dice"]:
         print(f"dice: {json.dumps(summary['dice'])}")

@@ -160,6 +160,8 @@ class OpenVinoEngine(BackendEngine):
         self._spec = spec
         self._precision = precision
         self._mode = mode
+        self._threads = threads
+        self._cache_dir = cache_dir
         log.info(
             "openvino_compiled",
             model=str(model_path),
@@ -203,6 +205,22 @@ class OpenVinoEngine(BackendEngine):
     def batch_sizes(self) -> tuple[int, ...]:
         """The batch sizes compiled with a static shape."""
         return self._sizes
+
+    def at_size(self, height: int, width: int) -> OpenVinoEngine:
+        """The same model and precision compiled for single ``(C, height, width)`` images (a
+        fully convolutional model inspecting a large frame in a few large windows), in latency
+        mode: one window at a time on every core, so the activations of only one are held.
+        The caller closes it. ``EngineError`` when the model cannot take that size."""
+        spec = EngineSpec(self._spec.channels, height, width, 1, 1, self._spec.dtype)
+        return OpenVinoEngine(
+            self._path,
+            self._io,
+            spec,
+            precision=self._precision,
+            threads=self._threads,
+            cache_dir=self._cache_dir,
+            mode="latency",
+        )
 
     def _run(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
         n = batch.shape[0]

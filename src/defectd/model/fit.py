@@ -194,3 +194,64 @@ def to_chw(image: NDArray[np.uint8]) -> NDArray[np.uint8]:
     """A fitted image in the model's layout: ``(H, W)`` -> ``(1, H, W)``; ``(H, W, 3)`` ->
     ``(3, H, W)`` (a view where possible)."""
     return image[None] if image.ndim == 2 else np.transpose(image, (2, 0, 1))
+
+
+# --- full-frame inference ---------------------------------------------------------------------
+
+# Norms whose output at a pixel does not depend on the image size (batch norm in eval is a
+# fixed affine map); group and instance norm average over the whole input, so a model with them
+# gives other results on other sizes.
+_SIZE_FREE_NORMS = ("batch", "none")
+
+
+def fully_convolutional(architecture: dict[str, Any]) -> int | None:
+    """The size multiple (``2 ** depth``) when a model of this card ``architecture`` computes
+    each output pixel from its neighbourhood alone, so it may run on an input of any size
+    that is a multiple of it (a U-Net with batch norm or none); else ``None``."""
+    if architecture.get("type") != "unet":
+        return None
+    if architecture.get("norm", "batch") not in _SIZE_FREE_NORMS:
+        return None
+    return int(2 ** int(architecture.get("depth", 4)))
+
+
+def _axis_window(length: int, limit: int, model: int, multiple: int, overlap: int) -> int:
+    """The longest window side (a multiple of ``multiple``, at least ``model``, at most
+    ``limit`` and ``length``) that covers ``length`` with the fewest windows overlapping by
+    ``overlap``, the windows of one axis equal in size."""
+    longest = max(model, min(limit, length) // multiple * multiple)
+    if length <= longest:
+        return longest
+    count = -(-(length - overlap) // (longest - overlap))
+    while True:
+        side = -(-(length + (count - 1) * overlap) // count)  # the shortest that still covers
+        side = -(-side // multiple) * multiple
+        if side <= longest:
+            return max(side, model)
+        count += 1
+
+
+def window_size(
+    fitted_hw: tuple[int, int],
+    model_hw: tuple[int, int],
+    *,
+    multiple: int,
+    overlap: int,
+    max_pixels: int,
+) -> tuple[int, int]:
+    """The window a fully convolutional model (``tile`` policy) runs on for a ``fitted_hw``
+    image: the whole image when it is a multiple of ``multiple`` and at most ``max_pixels``,
+    else as few equal windows as cover it with ``overlap`` pixels shared (full-width strips
+    first), each a multiple of ``multiple``, at least ``model_hw`` and at most ``max_pixels``.
+
+    Fewer, larger windows repeat less of the image in overlaps than model-sized tiles (a
+    2448x2048 frame in 256-px tiles with 32 px overlap is 1.29x the pixels; in 4 strips 1.06x);
+    ``max_pixels`` bounds the activations one inference holds.
+    """
+    fh, fw = fitted_hw
+    mh, mw = model_hw
+    if fh < mh or fw < mw:
+        raise ValueError(f"a {fh}x{fw} image is smaller than the {mh}x{mw} model input")
+    w = _axis_window(fw, max(mw, max_pixels // mh), mw, multiple, overlap)
+    h = _axis_window(fh, max(mh, max_pixels // w), mh, multiple, overlap)
+    return h, w

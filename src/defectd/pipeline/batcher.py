@@ -44,6 +44,7 @@ class Batch:
     data: NDArray[np.float32]
     entries: list[tuple[Job, int]]
     t_first_ns: int
+    tile_hw: tuple[int, int] = (0, 0)  # (height, width) of the tiles: the engine to run on
 
 
 class Batcher:
@@ -95,6 +96,7 @@ class Batcher:
         buf: NDArray[np.float32] | None = None
         t_first = 0
         limit = self._max_batch
+        tile_hw = (0, 0)
         while len(entries) < limit:
             if stop.is_set():
                 return None
@@ -120,15 +122,21 @@ class Batcher:
                         continue
                 self._cursor = job
             assert job.slot is not None and job.prepared is not None
+            plan = job.prepared.geometry.plan
             if slot is None:
                 slot = job.slot
                 spec = slot.engine.spec
-                limit = max(1, min(self._max_batch, spec.max_batch))
-                shape = (max(limit, spec.min_batch), spec.channels, spec.height, spec.width)
-                buf = buffers.get("batch", shape, np.float32)
+                tile_hw = (plan.tile_h, plan.tile_w)
+                if tile_hw == (spec.height, spec.width):
+                    limit = max(1, min(self._max_batch, spec.max_batch))
+                    n_buf = max(limit, spec.min_batch)
+                else:
+                    limit = n_buf = 1  # a full-frame window: one at a time (bounded memory)
+                shape = (n_buf, spec.channels, *tile_hw)
+                buf = buffers.get(f"batch{tile_hw}", shape, np.float32)
                 t_first = self._clock.monotonic_ns()
-            elif job.slot is not slot:
-                break  # the next job is for another model: this batch leaves now
+            elif job.slot is not slot or (plan.tile_h, plan.tile_w) != tile_hw:
+                break  # the next job is for another model or size: this batch leaves now
             assert buf is not None
             idx = job.next_tile
             np.copyto(buf[len(entries)], job.prepared.geometry.plan.tile(job.prepared.data, idx))
@@ -139,7 +147,7 @@ class Batcher:
                 self._cursor = None
         if slot is None or buf is None:
             return None
-        n_run = max(len(entries), slot.engine.spec.min_batch)
+        n_run = max(len(entries), min(slot.engine.spec.min_batch, buf.shape[0]))
         if n_run > len(entries):
             buf[len(entries) : n_run] = 0.0
-        return Batch(slot, buf[:n_run], entries, t_first)
+        return Batch(slot, buf[:n_run], entries, t_first, tile_hw)

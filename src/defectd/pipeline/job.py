@@ -47,6 +47,33 @@ class ModelSlot:
         self._pending = 0
         self._retired = False
         self._lock = threading.Lock()
+        self._sized: dict[tuple[int, int], Engine] = {}
+
+    def engine_for(self, height: int, width: int) -> Engine:
+        """The engine for tiles of ``height`` x ``width``: ``engine`` for its own input size,
+        else the same model compiled for that size (``at_size``, made on first use, kept for
+        the slot's life; full-frame windows of a fully convolutional model)."""
+        spec = self.engine.spec
+        if (height, width) == (spec.height, spec.width):
+            return self.engine
+        with self._lock:
+            sized = self._sized.get((height, width))
+            if sized is None:
+                make = getattr(self.engine, "at_size", None)
+                if make is None:
+                    raise ValueError(
+                        f"engine {self.engine.name} runs {spec.height}x{spec.width} only, "
+                        f"not {height}x{width} windows"
+                    )
+                sized = self._sized[(height, width)] = make(height, width)
+            return sized
+
+    def close_sized(self) -> None:
+        """Close the engines made by ``engine_for`` (not ``engine``, which the caller owns)."""
+        with self._lock:
+            sized, self._sized = list(self._sized.values()), {}
+        for engine in sized:
+            engine.close()
 
     def acquire(self) -> None:
         with self._lock:

@@ -19,7 +19,15 @@ import numpy as np
 from numpy.typing import NDArray
 
 from defectd.model.card import ModelCard
-from defectd.model.fit import FitGeometry, FitPolicy, fit_image, plan_fit, restore_map
+from defectd.model.fit import (
+    FitGeometry,
+    FitPolicy,
+    fit_image,
+    fully_convolutional,
+    plan_fit,
+    restore_map,
+    window_size,
+)
 from defectd.pipeline.buffers import BufferPool, Scratch
 from defectd.pipeline.cameras import CameraSetup
 from defectd.pipeline.config import FitMode, PipelineConfig, StitchMode
@@ -125,14 +133,38 @@ def make_geometry(
     *,
     overlap: int,
     stitch: StitchMode,
+    window: tuple[int, int] | None = None,
 ) -> Geometry:
-    """The geometry of a ROI of a ``frame_hw`` frame fitted to ``model_hw`` with ``mode``."""
+    """The geometry of a ROI of a ``frame_hw`` frame fitted to ``model_hw`` with ``mode``,
+    cut into tiles of ``model_hw`` (or of ``window`` for full-frame inference: see
+    ``full_frame_window``)."""
     _, _, w, h = roi
     fit = plan_fit((h, w), model_hw, mode)
-    plan = plan_tiles(
-        fit.fitted[0], fit.fitted[1], model_hw[0], model_hw[1], overlap=overlap, stitch=stitch
-    )
+    th, tw = window or model_hw
+    plan = plan_tiles(fit.fitted[0], fit.fitted[1], th, tw, overlap=overlap, stitch=stitch)
     return Geometry(frame_hw, roi, fit, plan)
+
+
+def full_frame_window(
+    card: ModelCard, config: PipelineConfig, mode: FitPolicy, fitted_hw: tuple[int, int]
+) -> tuple[int, int] | None:
+    """The window a ``fitted_hw`` image is inspected in when the station allows full-frame
+    inference (``[pipeline] full_frame``), the policy is ``tile`` and the card's model is
+    fully convolutional (``defectd.model.fit.window_size``); ``None``: model-sized tiles."""
+    multiple = fully_convolutional(card.architecture)
+    model_hw = (card.input.height, card.input.width)
+    if not config.full_frame or mode != "tile" or multiple is None or fitted_hw == model_hw:
+        return None
+    if model_hw[0] % multiple or model_hw[1] % multiple:
+        return None
+    window = window_size(
+        fitted_hw,
+        model_hw,
+        multiple=multiple,
+        overlap=config.tile_overlap_px,
+        max_pixels=config.full_frame_max_px,
+    )
+    return None if window == model_hw else window
 
 
 class Preprocessor:
@@ -143,8 +175,11 @@ class Preprocessor:
     back.
     """
 
-    def __init__(self, card: ModelCard, config: PipelineConfig, pool: BufferPool) -> None:
+    def __init__(
+        self, card: ModelCard, config: PipelineConfig, pool: BufferPool, *, windows: bool = False
+    ) -> None:
         self.card = card
+        self._windows = windows  # the engine can run full-frame windows (``at_size``)
         self.config = config
         self.pool = pool
         self._channels = card.input.channels
@@ -173,6 +208,10 @@ class Preprocessor:
         geo = self._geometries.get(key)
         if geo is None:
             mode = choose_fit(self.config.fit, self.card.input.resize)
+            window = None
+            if self._windows:
+                fitted = plan_fit((roi[3], roi[2]), self._model_hw, mode).fitted
+                window = full_frame_window(self.card, self.config, mode, fitted)
             geo = make_geometry(
                 frame_hw,
                 roi,
@@ -180,6 +219,7 @@ class Preprocessor:
                 mode,
                 overlap=self.config.tile_overlap_px,
                 stitch=self.config.stitch,
+                window=window,
             )
             if len(self._geometries) >= 16:
                 self._geometries.clear()

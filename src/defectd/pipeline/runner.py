@@ -185,6 +185,7 @@ class Pipeline:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._slot = ModelSlot(engine, card, 0, model_sha256 or card.sha256)
+        self._retired: list[ModelSlot] = []
         self._inflight: dict[int, Job] = {}
         self._counters = Counters()
         self._latency = LatencyWindow(cfg.stats_window)
@@ -368,7 +369,10 @@ class Pipeline:
         with self._lock:
             self._state = PipelineState.STOPPED
             slot = self._slot
+            retired, self._retired = self._retired, []
         slot.retire()
+        for old in (*retired, slot):
+            old.close_sized()
         c = self._counters
         log.info(
             "pipeline_stopped",
@@ -393,6 +397,11 @@ class Pipeline:
             old = self._slot
             self._slot = ModelSlot(engine, card, old.generation + 1, model_sha256 or card.sha256)
             self._counters.swaps += 1
+            # Engines the old slot made for full-frame windows: closed once it is idle.
+            idle = [s for s in self._retired if s.idle.is_set()]
+            self._retired = [s for s in self._retired if not s.idle.is_set()] + [old]
+        for done in idle:
+            done.close_sized()
         old.retire()
         log.info(
             "model_swapped",
@@ -594,7 +603,8 @@ class Pipeline:
             slot = self._acquire_slot()
             job.take_slot(slot)
             if pre is None or pre.card is not slot.card:
-                pre = Preprocessor(slot.card, self.config, self._pool)
+                windows = hasattr(slot.engine, "at_size")
+                pre = Preprocessor(slot.card, self.config, self._pool, windows=windows)
             try:
                 prepared = pre(job.frame, job.setup)
             except FrameError as failure:
@@ -633,16 +643,17 @@ class Pipeline:
         # Several inference threads may run batches holding tiles of one frame: the per-job
         # bookkeeping below is done under the pipeline lock, verdicts and queueing after it.
         slot = batch.slot
-        spec = slot.engine.spec
         t0 = self._clock.monotonic_ns()
+        engine = slot.engine
         try:
-            out = slot.engine.infer(batch.data)
-            want = (batch.data.shape[0], 1, spec.height, spec.width)
+            engine = slot.engine_for(*batch.data.shape[2:])
+            out = engine.infer(batch.data)
+            want = (batch.data.shape[0], 1, *batch.data.shape[2:])
             if not isinstance(out, np.ndarray) or out.shape != want or out.dtype != np.float32:
                 got = (out.shape, out.dtype) if isinstance(out, np.ndarray) else type(out)
                 raise ValueError(f"engine returned {got}, expected float32 {want}")
         except Exception as exc:  # the engine may raise anything; the frames still get verdicts
-            detail = f"{slot.engine.name}: {type(exc).__name__}: {exc}".replace("\n", " ")
+            detail = f"{engine.name}: {type(exc).__name__}: {exc}".replace("\n", " ")
             with self._lock:
                 failed = [job for job, _ in batch.entries if job.leave_model(SlotHold.DROPPED)]
             for job in failed:
