@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from defectd.errors import ConfigError
 from defectd.publish import MqttConfig, OutboxConfig, Publisher
-from defectd.publish.mqtt import backoff_delay
+from defectd.publish.connection import backoff_delay
 
 
 def test_a_password_literal_is_refused_with_a_pointer_to_the_alternatives() -> None:

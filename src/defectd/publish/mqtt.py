@@ -50,11 +50,10 @@ from enum import Enum
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
-from pydantic import SecretStr
 
 from defectd import __version__
 from defectd.clock import SYSTEM_CLOCK, Clock
@@ -64,6 +63,8 @@ from defectd.pipeline.inspection import Inspection
 from defectd.pipeline.parts import expiry_interval_s, is_late
 from defectd.publish import messages as m
 from defectd.publish.config import MqttConfig, OutboxConfig, check_topic_level
+from defectd.publish.connection import backoff_delay, connect_options, describe_reason, make_client
+from defectd.publish.connection import properties as _properties
 from defectd.publish.failsafe import (
     DirectMessage,
     DirectQueue,
@@ -87,102 +88,6 @@ _REFUSED_RETRY_S = 30.0
 _EVENT_MIN_INTERVAL_S = 10.0
 _LATENCY_WINDOW = 10_000
 _RESULT_KINDS = (m.Kind.RESULT.value, m.Kind.REJECT.value)
-
-
-def _properties(packet_type: int) -> Properties:
-    return Properties(packet_type)  # type: ignore[no-untyped-call]
-
-
-def backoff_delay(attempt: int, min_s: float, max_s: float, rng: random.Random) -> float:
-    """Seconds to wait before reconnect attempt ``attempt + 1`` (``attempt`` counts failures).
-
-    Exponential: the cap doubles from ``min_s`` up to ``max_s``; the delay is drawn from
-    ``[cap/2, cap]`` (never below ``min_s``) so that stations that lost the same broker do not
-    reconnect in lockstep.
-    """
-    cap = min(max_s, min_s * 2.0 ** min(attempt, 32))
-    return max(min_s, rng.uniform(cap / 2.0, cap))
-
-
-def make_client(
-    config: MqttConfig,
-    client_id: str,
-    *,
-    password: SecretStr | None,
-    persistent: bool = True,
-) -> mqtt.Client:
-    """A paho client set up from ``config``: protocol, TLS, credentials, session, timeouts.
-
-    ``persistent`` asks the broker to keep the session (clean start/session off). Call
-    ``connect_options`` for the matching ``connect_async`` arguments.
-    """
-    v5 = config.protocol == "5"
-    client = mqtt.Client(
-        CallbackAPIVersion.VERSION2,
-        client_id=client_id,
-        protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
-        clean_session=None if v5 else not persistent,
-        reconnect_on_failure=False,
-    )
-    client.connect_timeout = config.connect_timeout_s
-    client.on_socket_open = _no_delay
-    if config.tls is not None:
-        tls = config.tls
-        client.tls_set(
-            ca_certs=str(tls.ca_file),
-            certfile=None if tls.cert_file is None else str(tls.cert_file),
-            keyfile=None if tls.key_file is None else str(tls.key_file),
-            cert_reqs=ssl.CERT_REQUIRED,
-            tls_version=ssl.PROTOCOL_TLS_CLIENT,
-        )
-        client.tls_insecure_set(not tls.check_hostname)
-        if not tls.check_hostname:
-            # The chain is still verified, but any host holding a certificate of this CA
-            # could stand in for the broker.
-            log.warning(
-                "tls_hostname_check_off",
-                host=config.host,
-                key="mqtt.tls.check_hostname",
-                hint="the broker's certificate is not matched to its host name; turn it on "
-                "unless the broker is reached by IP address on a closed cell network",
-            )
-    if config.username is not None:
-        client.username_pw_set(
-            config.username, None if password is None else password.get_secret_value()
-        )
-    return client
-
-
-def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
-    # Small packets (PUBLISH, PUBACK) must not wait for Nagle's algorithm: without this a
-    # result waits for the next one before it leaves, and latency tracks the part rate.
-    with contextlib.suppress(OSError, AttributeError):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def connect_options(config: MqttConfig, *, persistent: bool = True) -> dict[str, Any]:
-    """Keyword arguments for ``Client.connect_async``/``connect`` matching ``make_client``."""
-    opts: dict[str, Any] = {
-        "host": config.host,
-        "port": config.port,
-        "keepalive": config.keepalive_s,
-    }
-    if config.protocol == "5":
-        opts["clean_start"] = not persistent
-        if persistent:
-            props = _properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = config.session_expiry_s
-            opts["properties"] = props
-    return opts
-
-
-def describe_reason(rc: ReasonCode | MQTTErrorCode | int) -> str:
-    """``"Not authorized (135)"``: the name and number of an MQTT reason or paho error code."""
-    if isinstance(rc, ReasonCode):
-        return f"{rc.getName()} ({rc.value})"
-    if isinstance(rc, MQTTErrorCode):
-        return f"{mqtt.error_string(rc)} ({rc.value})"
-    return str(rc)
 
 
 class Link(Enum):
@@ -576,7 +481,13 @@ class Publisher:
 
     # -- the publisher thread ----------------------------------------------------------------
     def _make_client(self) -> mqtt.Client:
-        client = make_client(self._config, self._client_id, password=self._password)
+        client = make_client(
+            self._config,
+            self._client_id,
+            password=self._password,
+            on_connect=self._on_connect,
+            on_disconnect=self._on_disconnect,
+        )
         client.max_inflight_messages_set(self._config.max_inflight + 16)
         client.max_queued_messages_set(0)
         will = m.status_message(
@@ -589,8 +500,6 @@ class Publisher:
             retain=True,
             properties=self._props(m.Kind.STATUS.value, None, will_message=True),
         )
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.connect_async(**connect_options(self._config))
         return client
@@ -610,24 +519,10 @@ class Publisher:
         return props
 
     # paho callbacks run inside loop_read/loop_write on the publisher thread: record only.
-    def _on_connect(
-        self,
-        client: mqtt.Client,
-        userdata: Any,
-        flags: mqtt.ConnectFlags,
-        reason_code: ReasonCode,
-        properties: Properties | None,
-    ) -> None:
-        self._connack = (not reason_code.is_failure, reason_code, flags.session_present)
+    def _on_connect(self, client: mqtt.Client, reason_code: ReasonCode, session: bool) -> None:
+        self._connack = (not reason_code.is_failure, reason_code, session)
 
-    def _on_disconnect(
-        self,
-        client: mqtt.Client,
-        userdata: Any,
-        flags: mqtt.DisconnectFlags,
-        reason_code: ReasonCode,
-        properties: Properties | None,
-    ) -> None:
+    def _on_disconnect(self, reason_code: ReasonCode) -> None:
         self._disconnect_reason = reason_code
 
     def _on_publish(

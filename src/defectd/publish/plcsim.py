@@ -35,11 +35,11 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from defectd.log import get_logger
 from defectd.pipeline.parts import synthetic_part_defective
+from defectd.publish.connection import on_connection, properties
 from defectd.publish.messages import Topics
 
 log = get_logger(__name__)
@@ -240,10 +240,9 @@ class PlcSim:
             reconnect_on_failure=True,
         )
         client.reconnect_delay_set(1, 2)
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
+        on_connection(client, self._on_connect, self._on_disconnect)
         client.on_message = self._on_message
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props = properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 3600
         client.connect_async(cfg.host, cfg.port, keepalive=5, clean_start=False, properties=props)
         client.loop_start()
@@ -278,7 +277,7 @@ class PlcSim:
             with self._lock:
                 self._parts[part_id] = part
             if client.is_connected():
-                props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+                props = properties(PacketTypes.PUBLISH)
                 props.CorrelationData = i.to_bytes(4, "big")
                 payload = json.dumps({"part_id": part_id, "gate_deadline": part.deadline})
                 info = client.publish(topic, payload, qos=1, properties=props)
@@ -289,14 +288,7 @@ class PlcSim:
 
     # --- what comes back ------------------------------------------------------------------
 
-    def _on_connect(
-        self,
-        client: mqtt.Client,
-        userdata: Any,
-        flags: mqtt.ConnectFlags,
-        reason_code: ReasonCode,
-        properties: Properties | None,
-    ) -> None:
+    def _on_connect(self, client: mqtt.Client, reason_code: ReasonCode, session: bool) -> None:
         if reason_code.is_failure:
             log.error("plc_sim_refused", reason=str(reason_code))
             return
@@ -310,14 +302,7 @@ class PlcSim:
         )
         self.connected.set()
 
-    def _on_disconnect(
-        self,
-        client: mqtt.Client,
-        userdata: Any,
-        flags: mqtt.DisconnectFlags,
-        reason_code: ReasonCode,
-        properties: Properties | None,
-    ) -> None:
+    def _on_disconnect(self, reason_code: ReasonCode) -> None:
         self.connected.clear()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:

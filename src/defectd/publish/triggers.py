@@ -20,14 +20,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from defectd.errors import ConfigError, PublishError
 from defectd.log import get_logger
 from defectd.publish.config import MqttConfig, check_topic_level
+from defectd.publish.connection import backoff_delay, connect_options, describe_reason, make_client
 from defectd.publish.messages import Topics
-from defectd.publish.mqtt import backoff_delay, connect_options, describe_reason, make_client
 
 log = get_logger(__name__)
 
@@ -93,10 +92,13 @@ class TriggerListener:
         if self._thread is not None:
             raise PublishError("trigger listener already started")
         client = make_client(
-            self._config, self._client_id, password=self._password, persistent=False
+            self._config,
+            self._client_id,
+            password=self._password,
+            persistent=False,
+            on_connect=self._on_connect,
+            on_disconnect=self._on_disconnect,
         )
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         self._client = client
         self._thread = threading.Thread(
@@ -140,14 +142,7 @@ class TriggerListener:
             if not self._stopping.is_set():
                 self._stopping.wait(self._config.reconnect_min_s)
 
-    def _on_connect(
-        self,
-        client: mqtt.Client,
-        userdata: Any,
-        flags: mqtt.ConnectFlags,
-        reason_code: ReasonCode,
-        properties: Properties | None,
-    ) -> None:
+    def _on_connect(self, client: mqtt.Client, reason_code: ReasonCode, session: bool) -> None:
         if reason_code.is_failure:
             log.error("trigger_broker_refused", reason=describe_reason(reason_code))
             return
@@ -156,14 +151,7 @@ class TriggerListener:
         self.connected.set()
         log.info("trigger_listener_connected", cameras=list(self._cameras))
 
-    def _on_disconnect(
-        self,
-        client: mqtt.Client,
-        userdata: Any,
-        flags: mqtt.DisconnectFlags,
-        reason_code: ReasonCode,
-        properties: Properties | None,
-    ) -> None:
+    def _on_disconnect(self, reason_code: ReasonCode) -> None:
         self.connected.clear()
         if not self._stopping.is_set():
             log.warning("trigger_listener_disconnected", reason=describe_reason(reason_code))

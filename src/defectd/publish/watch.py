@@ -26,7 +26,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from defectd.errors import ConfigError, PublishError
 from defectd.log import get_logger
 from defectd.publish.config import MqttConfig, check_topic_level
-from defectd.publish.mqtt import backoff_delay, connect_options, describe_reason, make_client
+from defectd.publish.connection import backoff_delay, connect_options, describe_reason, make_client
 
 log = get_logger(__name__)
 
@@ -139,9 +139,9 @@ class Watcher:
             self._client_id,
             password=self._config.read_password(),
             persistent=self._persistent,
+            on_connect=self._on_connect,
+            on_disconnect=self._on_disconnect,
         )
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
         client.on_message = lambda c, u, msg: self._handle(msg, count)
         client.connect_async(**connect_options(self._config, persistent=self._persistent))
@@ -189,14 +189,7 @@ class Watcher:
                 client.loop(timeout=0.2)
         return self.summary
 
-    def _on_connect(
-        self,
-        client: mqtt.Client,
-        userdata: Any,
-        flags: mqtt.ConnectFlags,
-        reason_code: ReasonCode,
-        properties: Properties | None,
-    ) -> None:
+    def _on_connect(self, client: mqtt.Client, reason_code: ReasonCode, session: bool) -> None:
         if reason_code.is_failure:
             self._refused = describe_reason(reason_code)
             return
@@ -207,7 +200,7 @@ class Watcher:
             "watch_connected",
             host=self._config.host,
             port=self._config.port,
-            session_present=flags.session_present,
+            session_present=session,
             topics=self.topics,
         )
 
@@ -225,14 +218,7 @@ class Watcher:
             return
         self._subscribed.set()
 
-    def _on_disconnect(
-        self,
-        client: mqtt.Client,
-        userdata: Any,
-        flags: mqtt.DisconnectFlags,
-        reason_code: ReasonCode,
-        properties: Properties | None,
-    ) -> None:
+    def _on_disconnect(self, reason_code: ReasonCode) -> None:
         self._lost = True
         if not self._done.is_set():
             log.warning("watch_disconnected", reason=describe_reason(reason_code))
