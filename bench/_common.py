@@ -1,11 +1,17 @@
-"""What several benches share: the CPU's name for the machine header of a report.
+"""What several benches share: the CPU's name for the machine header of a report, and the
+fixed-width table they print their rows in.
 
 Benches run as scripts (``python bench/x.py``), so this folder is on ``sys.path`` and they
 import it as ``_common``."""
 
 from __future__ import annotations
 
+import re
+import string
+import sys
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any, TextIO
 
 
 def cpu_model(unknown: str = "unknown CPU") -> str:
@@ -17,3 +23,32 @@ def cpu_model(unknown: str = "unknown CPU") -> str:
     except OSError:
         pass
     return unknown
+
+
+def print_rows(
+    headings: Sequence[str],
+    row: str,
+    rows: Iterable[Mapping[str, Any]],
+    *,
+    rule: bool = False,
+    file: TextIO | None = None,
+) -> None:
+    """Print a heading line, then each of ``rows`` through the ``str.format`` template ``row``.
+
+    ``row`` names each column's key and format (``"{name:<15}{fps:>9.2f}"``); ``headings`` (one
+    a column) are set in the alignment and width of that format, with the template's text
+    between columns kept. ``rule`` prints a line of dashes under the headings.
+    """
+    out = sys.stdout if file is None else file
+    titles = iter(headings)
+    head = ""
+    for text, key, spec, _ in string.Formatter().parse(row):
+        head += text
+        if key is not None:
+            m = re.match(r"[<>^]?\d*", spec or "")
+            head += format(next(titles), m.group(0) if m else "")
+    print(head, file=out)
+    if rule:
+        print("-" * len(head), file=out)
+    for r in rows:
+        print(row.format(**r), file=out)

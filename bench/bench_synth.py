@@ -19,6 +19,7 @@ from collections.abc import Callable
 import cv2
 import numpy as np
 
+from _common import print_rows
 from defectd.data.synth import SURFACES, PartRenderer, render_texture
 from defectd.log import configure_logging
 from defectd.training.augment import Augment
@@ -78,9 +79,11 @@ def main() -> None:
     if args.json:
         print(json.dumps({"bench": "synth", "quick": args.quick, "rows": rows}))
         return
-    print(f"{'what':<24} {'size':>5} {'ms/call':>9} {'x baseline':>11}")
-    for r in rows:
-        print(f"{r['what']:<24} {r['size']:>5} {r['ms']:>9.3f} {r['ratio']:>11.3f}")
+    print_rows(
+        ["what", "size", "ms/call", "x baseline"],
+        "{what:<24} {size:>5} {ms:>9.3f} {ratio:>11.3f}",
+        rows,
+    )
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from _common import cpu_model
+from _common import cpu_model, print_rows
 from peak import PeakProbe, merge_peaks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -473,18 +473,14 @@ def print_table(summary: dict[str, Any]) -> None:
     print(f"cpu: {summary['cpu']}")
     pk = summary["peak_gflops"]
     print(f"measured peak GFLOP/s: fp32 {pk['fp32']}, bf16 {pk['bf16']}, int8 {pk['int8']} (GOP/s)")
-    head = (
-        f"{'name':<15}{'batch':>6}{'fps':>9}{'x torch':>9}{'p50 ms':>10}{'p99 ms':>10}"
-        f"{'RSS MB':>9}{'GF/frame':>10}{'GFLOP/s':>9}{'of peak':>9}"
+    heads = ["name", "batch", "fps", "x torch", "p50 ms", "p99 ms", "RSS MB", "GF/frame"]
+    print_rows(
+        [*heads, "GFLOP/s", "of peak"],
+        "{name:<15}{batch:>6}{fps:>9.2f}{x_torch:>9.2f}{p50_ms:>10.1f}{p99_ms:>10.1f}{rss_mb:>9.0f}"
+        "{gflops_per_frame:>10.2f}{gflops_s:>9.1f}{fraction_of_peak:>9.0%}",
+        [{**r, "x_torch": r["x_torch"] or 0} for r in summary["rows"]],
+        rule=True,
     )
-    print(head)
-    print("-" * len(head))
-    for r in summary["rows"]:
-        print(
-            f"{r['name']:<15}{r['batch']:>6}{r['fps']:>9.2f}{r['x_torch'] or 0:>9.2f}"
-            f"{r['p50_ms']:>10.1f}{r['p99_ms']:>10.1f}{r['rss_mb']:>9.0f}"
-            f"{r['gflops_per_frame']:>10.2f}{r['gflops_s']:>9.1f}{r['fraction_of_peak']:>9.0%}"
-        )
     for name, best in summary["best_of_peak"].items():
         print(
             f"{name}: best {best['fraction_of_peak']:.0%} of the measured {best['precision']} "

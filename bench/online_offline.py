@@ -27,7 +27,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from _common import cpu_model, print_rows
 
 REPO = Path(__file__).resolve().parent.parent
 STATION = "replay"
@@ -50,17 +51,6 @@ def default_data() -> Path:
         if (path / "manifest.csv").is_file():
             return path
     return DEFAULT_DATA_CANDIDATES[-1]
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    except OSError:
-        return platform.processor() or "unknown"
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def _log(msg: str) -> None:
@@ -267,19 +257,28 @@ def main() -> int:
         "daemon_missing": len(missing),
         "daemon": daemon_info,
         "calibrate": cal_info,
-        "cpu": cpu_name(),
+        "cpu": cpu_model("unknown"),
         "load_avg_start": [round(v, 2) for v in load_start],
         "load_avg_end": [round(v, 2) for v in os.getloadavg()],
     }
     if args.json:
         print(json.dumps(result), flush=True)
     out = sys.stderr if args.json else sys.stdout  # with --json, stdout: the object, the count
-    print(f"{'split':<6} {'who':<12} {'escapes':>12} {'false rejects':>15}", file=out)
-    for split, row in per_split.items():
-        for who, c in row.items():
-            esc = f"{c['escapes']}/{c['defective']}"
-            fr = f"{c['false_rejects']}/{c['good']}"
-            print(f"{split:<6} {who:<12} {esc:>12} {fr:>15}", file=out)
+    print_rows(
+        ["split", "who", "escapes", "false rejects"],
+        "{split:<6} {who:<12} {escapes:>12} {false_rejects:>15}",
+        [
+            {
+                "split": split,
+                "who": who,
+                "escapes": f"{c['escapes']}/{c['defective']}",
+                "false_rejects": f"{c['false_rejects']}/{c['good']}",
+            }
+            for split, row in per_split.items()
+            for who, c in row.items()
+        ],
+        file=out,
+    )
     print(
         f"engines: daemon {daemon_info.get('engine')}, calibrate {cal_info['engine']}; "
         f"point t={cal_info['pixel_threshold']} min_area={cal_info['min_area_px']}; "

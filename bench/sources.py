@@ -27,6 +27,7 @@ from typing import Any
 
 import psutil
 
+from _common import print_rows
 from defectd.log import configure_logging
 from defectd.pipeline.frame import Frame
 from defectd.pipeline.sources import DeviceSelector, GenICamSourceConfig, SyntheticSourceConfig
@@ -252,18 +253,13 @@ def print_table(result: dict[str, Any]) -> None:
         f"viky.cti, 640x480, set rate {result['set_rate_fps']:.0f} fps; "
         f"load {result['load_avg_1m']:.2f} on {result['cpu_count']} CPUs"
     )
-    head = (
-        f"{'what':<24}{'format':<13}{'fps':>7}{'of set':>8}"
-        f"{'thread ms/f':>13}{'process ms/f':>14}{'bystander':>11}"
+    print_rows(
+        ["what", "format", "fps", "of set", "thread ms/f", "process ms/f", "bystander"],
+        "{what:<24}{format:<13}{fps:>7.1f}{fps_vs_set_rate:>8.0%}{thread_cpu_ms_per_frame:>13.3f}"
+        "{process_cpu_ms_per_frame:>14.3f}{bystander_share:>11.0%}",
+        result["genicam"],
+        rule=True,
     )
-    print(head)
-    print("-" * len(head))
-    for r in result["genicam"]:
-        print(
-            f"{r['what']:<24}{r['format']:<13}{r['fps']:>7.1f}{r['fps_vs_set_rate']:>8.0%}"
-            f"{r['thread_cpu_ms_per_frame']:>13.3f}{r['process_cpu_ms_per_frame']:>14.3f}"
-            f"{r['bystander_share']:>11.0%}"
-        )
     print()
     print("synthetic line, unthrottled (grey, 30% defective)")
     for s in result["synthetic"]:

@@ -23,6 +23,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
+from _common import print_rows
 from defectd.model.unet import UNet, UNetConfig
 from defectd.training.losses import SegLoss
 from defectd.training.train import bf16_supported, channels_last
@@ -98,12 +99,11 @@ def main() -> None:
         f"U-Net base {args.base}, 1x{args.size}x{args.size}, batch {args.batch}, "
         f"{args.threads} threads, median of {args.rounds} rounds"
     )
-    print(f"{'mode':<22}{'s/step':>10}{'img/s':>10}{'x fp32':>10}")
-    for r in rows:
-        print(
-            f"{r['mode']:<22}{r['s_per_step']:>10.3f}{r['images_per_s']:>10.1f}"
-            f"{r['speedup_vs_fp32']:>10.2f}"
-        )
+    print_rows(
+        ["mode", "s/step", "img/s", "x fp32"],
+        "{mode:<22}{s_per_step:>10.3f}{images_per_s:>10.1f}{speedup_vs_fp32:>10.2f}",
+        rows,
+    )
 
 
 if __name__ == "__main__":
