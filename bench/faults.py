@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import cpu_model
+from defectd.testing.disk import FullDisk
 from defectd.testing.mosquitto import Mosquitto
 from defectd.testing.notify import NotifySocket
 
@@ -420,25 +421,11 @@ def disk_full(count: int, full_s: float) -> Callable[[Station, Mosquitto, Path],
     def body(st: Station, broker: Mosquitto, work: Path) -> dict[str, Any]:
         st.start(count)
         st.wait_produced(count // 5)
-        filler = st.state / "filler"
-        filling = threading.Event()
-        filling.set()
-
-        def fill() -> None:  # the disk fills and stays full: every freed byte is taken
-            with open(filler, "wb", buffering=0) as fh:
-                while filling.is_set():
-                    try:
-                        fh.write(bytes(4096))
-                    except OSError:
-                        time.sleep(0.005)
-
+        disk = FullDisk(st.state / "filler")
         t0 = time.monotonic()
-        thread = threading.Thread(target=fill, name="filler", daemon=True)
-        thread.start()
+        disk.start()
         time.sleep(full_s)
-        filling.clear()
-        thread.join(5)
-        filler.unlink()
+        disk.stop()
         t1 = time.monotonic() + 1.0
         st.wait(300)
         return {"stops_delivery": True, "window": (t0, t1), "words": ("not stored durably",)}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from structlog.testing import capture_logs
 from defectd.publish import MqttConfig, OutboxConfig, Publisher
 from defectd.publish.takeover import SESSION_TAKEN_OVER, TakeoverDetector
 from defectd.testing.mosquitto import Mosquitto
+from defectd.testing.wait import wait_until
 
 
 def publisher(broker: Mosquitto, outbox: Path) -> Publisher:
@@ -20,15 +20,6 @@ def publisher(broker: Mosquitto, outbox: Path) -> Publisher:
         reconnect_max_s=0.3,
     )  # fmt: skip
     return Publisher(config, OutboxConfig(path=outbox), "st1")  # client id defectd-st1
-
-
-def wait_until(cond: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
 
 
 def test_two_publishers_with_one_client_id_are_told_they_clash(

@@ -27,8 +27,10 @@ from defectd.publish.failsafe import NotDurableError
 from defectd.publish.messages import schema_errors
 from defectd.publish.mqtt import PublisherStats
 from defectd.publish.outbox import OutboxDamagedError
+from defectd.testing.disk import FullDisk
 from defectd.testing.mosquitto import Mosquitto
 from defectd.testing.notify import NotifySocket
+from defectd.testing.wait import wait_until
 
 # -- the health rules ----------------------------------------------------------------------
 
@@ -154,9 +156,9 @@ def test_a_frozen_broker_shows_as_the_age_of_the_oldest_unacknowledged_result(
     pub.start()
     assert broker.pid is not None
     try:
-        assert _wait(lambda: pub.stats().connected, 10)
+        assert wait_until(lambda: pub.stats().connected, 10)
         pub.submit(_insp(0, Verdict.PASS))
-        assert _wait(lambda: pub.stats().outbox_depth == 0, 10)
+        assert wait_until(lambda: pub.stats().outbox_depth == 0, 10)
         assert pub.stats().oldest_result_age_s is None
         os.kill(broker.pid, signal.SIGSTOP)  # accepts nothing, acknowledges nothing
         for seq in range(1, 6):
@@ -172,7 +174,7 @@ def test_a_frozen_broker_shows_as_the_age_of_the_oldest_unacknowledged_result(
     finally:
         os.kill(broker.pid, signal.SIGCONT)
     try:
-        assert _wait(lambda: pub.stats().outbox_depth == 0, 20)
+        assert wait_until(lambda: pub.stats().outbox_depth == 0, 20)
         assert pub.stats().oldest_result_age_s is None
     finally:
         pub.stop(drain_timeout_s=2.0)
@@ -186,15 +188,6 @@ def notify(tmp_path: Path) -> Iterator[NotifySocket]:
     sock = NotifySocket(tmp_path / "notify.sock")
     yield sock
     sock.close()
-
-
-def _wait(cond: Callable[[], bool], timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
 
 
 def test_a_full_state_disk_turns_the_station_not_ready_withholds_the_watchdog_and_heals(  # noqa: PLR0917
@@ -224,48 +217,33 @@ def test_a_full_state_disk_turns_the_station_not_ready_withholds_the_watchdog_an
     service = Service(load_station_config(path), notifier=notifier, install_signals=False)
     thread = threading.Thread(target=service.serve, name="test-service")
     thread.start()
-    filler = state / "filler"
-    filling = threading.Event()
+    disk = FullDisk(state / "filler", retry_s=0.01, name="test-filler")
     try:
-        assert _wait(lambda: service.ready and notify.pings_since(0) > 0, 60)
+        assert wait_until(lambda: service.ready and notify.pings_since(0) > 0, 60)
         assert service.health_report().ready
 
-        filling = threading.Event()
-        filling.set()
-
-        def fill() -> None:  # the disk fills up and stays full: every freed byte is taken
-            with open(filler, "wb", buffering=0) as fh:
-                while filling.is_set():
-                    try:
-                        fh.write(bytes(4096))
-                    except OSError:
-                        time.sleep(0.01)
-
-        filler_thread = threading.Thread(target=fill, name="test-filler", daemon=True)
-        filler_thread.start()
-        assert _wait(lambda: not service.health_report().live)
+        disk.start()
+        assert wait_until(lambda: not service.health_report().live, 20)
         report = service.health_report()
         assert not report.ready
         assert any("not stored durably" in r for r in report.reasons)
         t_failed = time.monotonic()
         time.sleep(1.0)  # two watchdog intervals
         assert notify.pings_since(t_failed) == 0
-        assert _wait(lambda: any(p.get("not_durable") for p in sub.payloads("/reject")))
+        assert wait_until(lambda: any(p.get("not_durable") for p in sub.payloads("/reject")), 20)
         events = [p["event"] for p in sub.payloads("/events")]
         assert "outbox_store_failed" in events
         assert any("not stored durably" in line for _, line in notify.lines)  # STATUS=
 
-        filling.clear()
-        filler_thread.join(5)
-        filler.unlink()  # space is freed: no restart needed
-        assert _wait(lambda: service.health_report().live)
+        disk.stop()  # space is freed: no restart needed
+        assert wait_until(lambda: service.health_report().live, 20)
         t_healed = time.monotonic()
-        assert _wait(lambda: notify.pings_since(t_healed) > 0)
-        assert _wait(
-            lambda: "outbox_store_recovered" in [p["event"] for p in sub.payloads("/events")]
+        assert wait_until(lambda: notify.pings_since(t_healed) > 0, 20)
+        assert wait_until(
+            lambda: "outbox_store_recovered" in [p["event"] for p in sub.payloads("/events")], 20
         )
     finally:
-        filling.clear()
+        disk.stop()
         service.should_exit = True
         thread.join(30)
     assert not thread.is_alive()

@@ -19,6 +19,7 @@ from defectd.pipeline.inspection import Defect, Inspection, Verdict
 from defectd.publish import MqttConfig, OutboxConfig, Publisher, StatusInfo
 from defectd.publish.messages import schema_errors
 from defectd.testing.mosquitto import Mosquitto
+from defectd.testing.wait import wait_until
 from publisher_support import PREFIX, make_publisher, started_publisher
 
 
@@ -28,15 +29,6 @@ def insp(seq: int, verdict: Verdict = Verdict.PASS, camera: str = "cam0") -> Ins
         "st1", camera, seq, verdict, defects, rule="area>=0.1mm2" if defects else None,
         t_grab_wall=time.time(),
     )  # fmt: skip
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return cond()
 
 
 def seqs(collector: Any) -> list[int]:
