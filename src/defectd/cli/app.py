@@ -60,3 +60,16 @@ def main_options(
         configure_logging(log_level, log_format)  # type: ignore[arg-type]
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--log-level") from exc
+
+
+def sub_app(name: str, summary: str) -> typer.Typer:
+    """A group of subcommands, ``defectd NAME ...``, registered on ``app``: it shows its help
+    when called without a subcommand and takes ``-h`` as ``--help``, like ``app``."""
+    group = typer.Typer(
+        name=name,
+        help=summary,
+        no_args_is_help=True,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+    app.add_typer(group, name=name)
+    return group

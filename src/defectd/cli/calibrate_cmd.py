@@ -22,9 +22,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from defectd.cli.app import app
+from defectd.cli.app import sub_app
 from defectd.cli.console import report_console
 from defectd.cli.guard import refuse_section_overwrite
+from defectd.cli.options import CalibrationOut, JsonTable
 from defectd.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -33,13 +34,9 @@ if TYPE_CHECKING:
     from defectd.calibration.camera import CameraCalibration
     from defectd.calibration.file import FlatFieldSection
 
-calibrate_app = typer.Typer(
-    name="calibrate",
-    help="Calibrate a station camera: geometry, flat-field, decision thresholds.",
-    no_args_is_help=True,
-    context_settings={"help_option_names": ["-h", "--help"]},
+calibrate_app = sub_app(
+    "calibrate", "Calibrate a station camera: geometry, flat-field, decision thresholds."
 )
-app.add_typer(calibrate_app, name="calibrate")
 
 IMAGE_SUFFIXES = (".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg", ".pgm", ".ppm")
 GOOD_REPROJECTION_PX = 0.5  # above this, a calibration usually has a blurred or warped view
@@ -186,9 +183,7 @@ def camera(
             "--images", help="Folder of pattern views, or a glob (quote it), e.g. 'cal/*.png'."
         ),
     ],
-    out: Annotated[
-        Path, typer.Option("--out", "-o", help="Calibration file to create or update (JSON).")
-    ],
+    out: CalibrationOut,
     cols: Annotated[
         int, typer.Option(help="Inner corners (or circles) per row of the pattern.")
     ] = 9,
@@ -222,9 +217,7 @@ def camera(
         str | None,
         typer.Option(help="Also estimate a flat-field from blank reference frames here."),
     ] = None,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object on stdout instead of a table.")
-    ] = False,
+    as_json: JsonTable = False,
     force: Annotated[
         bool, typer.Option("--force", help="Replace the sections --out already has.")
     ] = False,
@@ -330,9 +323,7 @@ def flatfield(
     images: Annotated[
         str, typer.Option("--images", help="Folder (or glob) of frames of a blank reference.")
     ],
-    out: Annotated[
-        Path, typer.Option("--out", "-o", help="Calibration file to create or update (JSON).")
-    ],
+    out: CalibrationOut,
     method: Annotated[
         FlatMethod,
         typer.Option(
@@ -345,9 +336,7 @@ def flatfield(
         float,
         typer.Option(help="gaussian method: blur sigma as a fraction of the short image side."),
     ] = 0.1,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object on stdout instead of a table.")
-    ] = False,
+    as_json: JsonTable = False,
     force: Annotated[
         bool, typer.Option("--force", help="Replace a flatfield section --out already has.")
     ] = False,

@@ -18,6 +18,7 @@ from rich.table import Table
 from defectd.cli.calibrate_cmd import calibrate_app, progress_bar
 from defectd.cli.console import report_console
 from defectd.cli.guard import refuse_overwrite
+from defectd.cli.options import JsonTable, LabelledDataset
 from defectd.errors import CalibrationError, ConfigError
 from defectd.log import get_logger
 
@@ -110,7 +111,7 @@ def _print_table(rows: list[Agreement], chosen: str, out: Path | None, targets: 
 def int8(
     *,
     model: Annotated[Path, typer.Option("--model", "-m", help="fp32 ONNX model with its card.")],
-    data: Annotated[Path, typer.Option("--data", "-d", help="Labelled dataset folder.")],
+    data: LabelledDataset,
     split: Annotated[
         str, typer.Option(help="Split the calibration images are drawn from.")
     ] = "train",
@@ -154,9 +155,7 @@ def int8(
             "('' for none). The input layer is the one int8 hurts most.",
         ),
     ] = "first",
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object on stdout instead of a table.")
-    ] = False,
+    as_json: JsonTable = False,
     force: Annotated[
         bool, typer.Option("--force", help="Replace an existing --out model (and its card).")
     ] = False,

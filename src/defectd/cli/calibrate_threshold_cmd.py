@@ -12,6 +12,7 @@ from rich.table import Table
 from defectd.cli.calibrate_cmd import calibrate_app, command_line, progress_bar
 from defectd.cli.console import report_console
 from defectd.cli.guard import refuse_section_overwrite
+from defectd.cli.options import CalibrationOut, JsonTable, LabelledDataset
 from defectd.errors import ConfigError
 from defectd.extras import require_extra
 from defectd.log import get_logger
@@ -128,10 +129,8 @@ def threshold(
     model: Annotated[
         Path, typer.Option("--model", "-m", help="ONNX model (with its card) or .pt checkpoint.")
     ],
-    data: Annotated[Path, typer.Option("--data", "-d", help="Labelled dataset folder.")],
-    out: Annotated[
-        Path, typer.Option("--out", "-o", help="Calibration file to create or update (JSON).")
-    ],
+    data: LabelledDataset,
+    out: CalibrationOut,
     split: Annotated[str, typer.Option(help="Split the operating point is chosen on.")] = "val",
     target_escape: Annotated[
         float | None,
@@ -179,9 +178,7 @@ def threshold(
     ] = None,
     backend: Annotated[str, typer.Option(help="Engine backend: auto, ort, openvino.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per inference batch.")] = 8,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object on stdout instead of a table.")
-    ] = False,
+    as_json: JsonTable = False,
     force: Annotated[
         bool, typer.Option("--force", help="Replace a threshold section --out already has.")
     ] = False,

@@ -9,16 +9,14 @@ from typing import Annotated
 
 import typer
 
-from defectd.cli.app import app
+from defectd.cli.app import sub_app
 from defectd.cli.console import report_console
 from defectd.errors import ConfigError
 
-card_app = typer.Typer(
-    help="Write or check the card (model.card.json) of an ONNX model; format: docs/model-card.md.",
-    no_args_is_help=True,
-    context_settings={"help_option_names": ["-h", "--help"]},
+card_app = sub_app(
+    "card",
+    "Write or check the card (model.card.json) of an ONNX model; format: docs/model-card.md.",
 )
-app.add_typer(card_app, name="card")
 
 ModelArg = Annotated[Path, typer.Argument(help="The ONNX model file.", show_default=False)]
 

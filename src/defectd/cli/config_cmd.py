@@ -9,15 +9,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from defectd.cli.app import app
+from defectd.cli.app import sub_app
 from defectd.cli.console import report_console
 
-config_app = typer.Typer(
-    help="Check or show a station config (TOML).",
-    no_args_is_help=True,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-app.add_typer(config_app, name="config")
+config_app = sub_app("config", "Check or show a station config (TOML).")
 
 FileArg = Annotated[Path, typer.Argument(help="Station config file (TOML).", show_default=False)]
 

@@ -10,16 +10,11 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from defectd.cli.app import app
+from defectd.cli.app import sub_app
 from defectd.cli.console import report_console
 from defectd.errors import ConfigError
 
-dataset_app = typer.Typer(
-    help="Bring labelled data into the layout train/eval/calibrate read.",
-    no_args_is_help=True,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-app.add_typer(dataset_app, name="dataset")
+dataset_app = sub_app("dataset", "Bring labelled data into the layout train/eval/calibrate read.")
 
 
 @dataset_app.command("import")

@@ -13,6 +13,7 @@ import typer
 
 from defectd.cli.app import app
 from defectd.cli.console import report_console
+from defectd.cli.options import JsonSummary
 from defectd.errors import ConfigError
 
 
@@ -49,9 +50,7 @@ def build_engine(
             "(default $DEFECTD_CACHE_DIR or ~/.cache/defectd).",
         ),
     ] = None,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print one JSON summary object on stdout.")
-    ] = False,
+    as_json: JsonSummary = False,
 ) -> None:
     """Build (TensorRT) or compile (OpenVINO, ONNX Runtime) an engine and validate it.
 

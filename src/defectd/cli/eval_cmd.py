@@ -11,6 +11,7 @@ import typer
 
 from defectd.cli.app import app
 from defectd.cli.console import report_console
+from defectd.cli.options import DatasetIn
 from defectd.errors import ConfigError
 
 
@@ -26,9 +27,7 @@ def eval_command(
     model: Annotated[
         Path, typer.Option("--model", "-m", help="A .pt checkpoint or an .onnx model (with card).")
     ],
-    data: Annotated[
-        Path, typer.Option("--data", "-d", help="Dataset folder (manifest or MVTec AD layout).")
-    ],
+    data: DatasetIn,
     split: Annotated[str, typer.Option(help="Split to evaluate: train, val or test.")] = "test",
     threshold: Annotated[
         float | None,

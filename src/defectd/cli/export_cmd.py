@@ -11,6 +11,7 @@ import typer
 
 from defectd.cli.app import app
 from defectd.cli.guard import refuse_overwrite
+from defectd.cli.options import JsonSummary
 from defectd.extras import require_extra
 
 PARITY_TOLERANCE = 1e-4
@@ -36,9 +37,7 @@ def export_command(
     parity_batch: Annotated[
         int, typer.Option("--parity-batch", help="Random images in the parity check.")
     ] = 2,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print one JSON summary object on stdout.")
-    ] = False,
+    as_json: JsonSummary = False,
     force: Annotated[
         bool, typer.Option("--force", help="Replace an existing --out model and its card.")
     ] = False,

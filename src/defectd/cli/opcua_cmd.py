@@ -10,19 +10,14 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from defectd.cli.app import app
+from defectd.cli.app import sub_app
 from defectd.errors import ConfigError
 from defectd.extras import require_extra
 
 if TYPE_CHECKING:
     from defectd.opcua.config import OpcUaConfig
 
-opcua_app = typer.Typer(
-    help="Certificates and users of the station's OPC UA server.",
-    no_args_is_help=True,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-app.add_typer(opcua_app, name="opcua")
+opcua_app = sub_app("opcua", "Certificates and users of the station's OPC UA server.")
 
 ConfigOpt = Annotated[
     Path | None,

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from defectd.cli.app import app
+from defectd.cli.options import JsonSummary
 from defectd.errors import ConfigError
 
 
@@ -44,9 +45,7 @@ def synth(
     colour: Annotated[
         bool, typer.Option("--colour", "--color", help="Write RGB images instead of grey.")
     ] = False,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print one JSON summary object on stdout.")
-    ] = False,
+    as_json: JsonSummary = False,
 ) -> None:
     """Render synthetic parts with exact defect masks, as a dataset for training.
 

@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from defectd.cli.app import app
+from defectd.cli.options import DatasetIn, JsonSummary
 from defectd.errors import ConfigError
 from defectd.extras import require_extra
 
@@ -24,9 +25,7 @@ def command_line() -> str:
 @app.command("train")
 def train_command(
     *,
-    data: Annotated[
-        Path, typer.Option("--data", "-d", help="Dataset folder (manifest or MVTec AD layout).")
-    ],
+    data: DatasetIn,
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Run folder: best.pt, last.pt, history.jsonl.")
     ],
@@ -78,9 +77,7 @@ def train_command(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the run in --out from last.pt.")
     ] = False,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print one JSON summary object on stdout.")
-    ] = False,
+    as_json: JsonSummary = False,
     force: Annotated[
         bool,
         typer.Option("--force", help="Start over in an --out that holds an earlier run."),
