@@ -29,7 +29,7 @@ import json
 import math
 import re
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -301,7 +301,7 @@ class TriggerPairer:
         """Record when the camera was triggered for ``part_id`` (its frame cannot be older)."""
         for i, t in enumerate(self._pending):
             if t.part_id == part_id:
-                self._pending[i] = _with_fired(t, fired_ns)
+                self._pending[i] = replace(t, fired_ns=fired_ns)
                 return
 
     def claim(self, t_grab_ns: int) -> PartTicket | None:
@@ -337,21 +337,6 @@ class TriggerPairer:
         self._pending.clear()
         self.counts.no_frame += len(out)
         return out
-
-
-def _with_fired(t: PartTicket, fired_ns: int) -> PartTicket:
-    return PartTicket(
-        camera=t.camera,
-        part_id=t.part_id,
-        gate_deadline=t.gate_deadline,
-        recipe=t.recipe,
-        counter=t.counter,
-        correlation_data=t.correlation_data,
-        response_topic=t.response_topic,
-        t_received_wall=t.t_received_wall,
-        t_received_ns=t.t_received_ns,
-        fired_ns=fired_ns,
-    )
 
 
 F = TypeVar("F")
