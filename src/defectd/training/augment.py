@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import cv2
 import numpy as np
@@ -147,26 +148,8 @@ class Augment:
             cy = (h - 1) / 2 + rng.uniform(-room_y, room_y)
             m = cv2.getRotationMatrix2D((cx, cy), angle, zoom)
             m[:, 2] += ((w - 1) / 2 - cx, (h - 1) / 2 - cy)
-            img = np.asarray(
-                cv2.warpAffine(
-                    np.ascontiguousarray(img),
-                    m,
-                    (w, h),
-                    flags=cv2.INTER_LINEAR,
-                    borderMode=cv2.BORDER_REFLECT_101,
-                ),
-                np.uint8,
-            )
-            msk = np.asarray(
-                cv2.warpAffine(
-                    np.ascontiguousarray(msk),
-                    m,
-                    (w, h),
-                    flags=cv2.INTER_NEAREST,
-                    borderMode=cv2.BORDER_REFLECT_101,
-                ),
-                np.uint8,
-            )
+            img = _warp(img, m, (w, h), cv2.INTER_LINEAR)
+            msk = _warp(msk, m, (w, h), cv2.INTER_NEAREST)
         # Never hand back (a view of) the caller's arrays.
         img = img.copy() if np.may_share_memory(img, image) else np.ascontiguousarray(img)
         msk = msk.copy() if np.may_share_memory(msk, mask) else np.ascontiguousarray(msk)
@@ -205,3 +188,13 @@ class Augment:
         if blur > 0.0:
             img = np.asarray(cv2.GaussianBlur(img, (0, 0), blur), np.uint8)
         return img
+
+
+def _warp(
+    a: NDArray[np.uint8], m: NDArray[Any], size: tuple[int, int], interpolation: int
+) -> NDArray[np.uint8]:
+    """``a`` through the 2x3 affine ``m`` into ``size`` (width, height), edges reflected."""
+    warped = cv2.warpAffine(
+        np.ascontiguousarray(a), m, size, flags=interpolation, borderMode=cv2.BORDER_REFLECT_101
+    )
+    return np.asarray(warped, np.uint8)
