@@ -561,8 +561,24 @@ def load_torch_net(spec: dict[str, Any]) -> tuple[Any, str]:
     return UNet(UNetConfig(**arch)).eval(), "random weights of the card's architecture"
 
 
-def work_naive(spec: dict[str, Any]) -> dict[str, Any]:
+def results_client(spec: dict[str, Any], role: str) -> Any:
+    """A paho client of the ``role`` row (``naive``, ``simple``) connected to the run's broker
+    with its network loop started, or None when the run has no broker (``--no-mqtt``)."""
+    if not spec["mqtt"]:
+        return None
     import paho.mqtt.client as mqtt
+
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2,
+        client_id=f"{spec['station']}-{role}",
+        protocol=mqtt.MQTTv5,
+    )
+    client.connect(*spec["mqtt"])
+    client.loop_start()
+    return client
+
+
+def work_naive(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from defectd.data.synth import PartRenderer
@@ -574,16 +590,8 @@ def work_naive(spec: dict[str, Any]) -> dict[str, Any]:
     c, h, w = card.input.channels, card.input.height, card.input.width
     renderer = PartRenderer(h, w, c)
     rng = np.random.default_rng(spec["seed"])
-    client = None
+    client = results_client(spec, "naive")
     topic = f"{PREFIX}/{spec['station']}/cam0/result"
-    if spec["mqtt"]:
-        client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
-            client_id=f"{spec['station']}-naive",
-            protocol=mqtt.MQTTv5,
-        )
-        client.connect(*spec["mqtt"])
-        client.loop_start()
     renderer.render(rng)  # texture banks
     with torch.no_grad():  # the first forward allocates; a real loop has run many already
         net(torch.zeros(1, c, h, w))
@@ -638,7 +646,6 @@ def work_simple(spec: dict[str, Any]) -> dict[str, Any]:
     import cv2
     import openvino as ov
     import openvino.properties.hint as hints
-    import paho.mqtt.client as mqtt
 
     from defectd.model.card import load_card
     from defectd.pipeline.sources import EventKind, SourceEvent, SyntheticSourceConfig
@@ -662,16 +669,8 @@ def work_simple(spec: dict[str, Any]) -> dict[str, Any]:
         },
     )
     infer_queue = ov.AsyncInferQueue(compiled)  # jobs: the CPU's optimal number of requests
-    client = None
+    client = results_client(spec, "simple")
     topic = f"{PREFIX}/{spec['station']}/cam0/result"
-    if spec["mqtt"]:
-        client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
-            client_id=f"{spec['station']}-simple",
-            protocol=mqtt.MQTTv5,
-        )
-        client.connect(*spec["mqtt"])
-        client.loop_start()
     done: list[float] = []
     lat: list[float] = []
     published: list[Any] = []
