@@ -63,6 +63,13 @@ def _check_and_run(path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[str,
     return check_err, run_err
 
 
+def _refused_alike(path: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    """The ``error:`` line that ``config check`` and ``run`` both print for ``path``."""
+    check_err, run_err = _check_and_run(path, capsys)
+    assert check_err == run_err
+    return check_err
+
+
 def test_valid_config_passes_and_writes_nothing(
     station: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -78,8 +85,7 @@ def test_text_file_named_model_onnx_is_refused_by_check_and_run(
     station: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     (station.parent / "model.onnx").write_text("this is not a model\n")
-    check_err, run_err = _check_and_run(station, capsys)
-    assert check_err == run_err
+    check_err = _refused_alike(station, capsys)
     assert check_err.startswith(f"error: {station}: model.path: ")
     assert "not a readable ONNX model" in check_err
 
@@ -88,8 +94,7 @@ def test_model_without_card_is_refused_by_check(
     station: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     (station.parent / "model.card.json").unlink()
-    check_err, run_err = _check_and_run(station, capsys)
-    assert check_err == run_err
+    check_err = _refused_alike(station, capsys)
     assert "model.path: " in check_err and "model card not found" in check_err
 
 
@@ -107,8 +112,7 @@ def test_missing_producer_is_refused(station: Path, capsys: pytest.CaptureFixtur
             "rate_hz = 20\nheight = 64\nwidth = 64", "device = { serial = '0' }"
         )
     )
-    check_err, run_err = _check_and_run(station, capsys)
-    assert check_err == run_err
+    check_err = _refused_alike(station, capsys)
     assert "cameras.0.producers: " in check_err and "gone.cti does not exist" in check_err
 
 
@@ -120,8 +124,7 @@ def test_missing_referenced_files_are_each_named(
         '[mqtt]\nusername = "u"\npassword_file = "mqtt.password"\n'
     )
     station.write_text(text)
-    check_err, run_err = _check_and_run(station, capsys)
-    assert check_err == run_err
+    check_err = _refused_alike(station, capsys)
     assert "mqtt.password_file: cannot read" in check_err
     assert "cameras.0.ignore_zones.0: " in check_err and "zone.png" in check_err
     assert "cameras.1.path: " in check_err and "old_frames does not exist" in check_err
@@ -144,8 +147,7 @@ def test_tls_file_that_is_not_a_certificate_is_refused(
 ) -> None:
     (station.parent / "ca.pem").write_text("not a certificate\n")
     station.write_text(BASE + '[mqtt.tls]\nca_file = "ca.pem"\n')
-    check_err, run_err = _check_and_run(station, capsys)
-    assert check_err == run_err
+    check_err = _refused_alike(station, capsys)
     assert "mqtt.tls.ca_file: " in check_err
 
 
@@ -170,8 +172,7 @@ def test_over_long_path_is_a_config_error_naming_the_key(
         station.write_text(BASE + f'[mqtt.tls]\nca_file = "{long}"\n')
     else:
         _edit(station, line or "", f'state_dir = "/tmp/{long}"')
-    check_err, run_err = _check_and_run(station, capsys)
-    assert check_err == run_err
+    check_err = _refused_alike(station, capsys)
     assert check_err.startswith(f"error: {station}: {key}: the path is too long")
     assert "Traceback" not in check_err
 
@@ -201,8 +202,7 @@ def test_nul_byte_in_a_path_is_a_config_error_naming_the_key(
         _edit(station, 'path = "model.onnx"', f'path = "model.onnx"\n{line}')
     else:
         station.write_text(BASE + toml + "\n")
-    check_err, run_err = _check_and_run(station, capsys)
-    assert check_err == run_err
+    check_err = _refused_alike(station, capsys)
     assert check_err == f"error: {station}: {key}: the path contains a NUL byte"
 
 
@@ -211,8 +211,7 @@ def test_state_dir_under_a_file_is_refused_without_creating_anything(
 ) -> None:
     (station.parent / "blocker").write_text("a file, not a folder")
     _edit(station, 'state_dir = "state"', 'state_dir = "blocker/state"')
-    check_err, run_err = _check_and_run(station, capsys)
-    assert check_err == run_err
+    check_err = _refused_alike(station, capsys)
     assert "daemon.state_dir: cannot create " in check_err and "is not a folder" in check_err
 
 
@@ -220,8 +219,7 @@ def test_tile_overlap_that_does_not_fit_the_model_is_refused_by_check(
     station: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     station.write_text(BASE + "[pipeline]\ntile_overlap_px = 64\n")
-    check_err, run_err = _check_and_run(station, capsys)
-    assert check_err == run_err
+    check_err = _refused_alike(station, capsys)
     assert "pipeline.tile_overlap_px=64 must be smaller than the model input" in check_err
 
 
@@ -229,8 +227,7 @@ def test_unknown_synthetic_surface_is_refused_by_check(
     station: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     _edit(station, "width = 64", 'width = 64\nsurfaces = ["velvet"]')
-    check_err, run_err = _check_and_run(station, capsys)
-    assert check_err == run_err
+    check_err = _refused_alike(station, capsys)
     assert "cameras.0.surfaces: " in check_err and "unknown 'velvet'" in check_err
 
 

@@ -49,18 +49,25 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
+def _python(
+    *args: str, timeout: float, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python ARGS`` in a fresh interpreter, its output captured as text, whatever its exit."""
+    return subprocess.run(
+        [sys.executable, *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+    )
+
+
 def _defectd_without(
     modules: str, *argv: str, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     """``defectd ARGV`` in a fresh interpreter where ``modules`` (comma-separated) are missing."""
-    return subprocess.run(
-        [sys.executable, "-c", BLOCKER, modules, *argv],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=cwd,
-    )
+    return _python("-c", BLOCKER, modules, *argv, timeout=240, cwd=cwd)
 
 
 def _assert_hint(out: subprocess.CompletedProcess[str], extra: str) -> None:
@@ -219,26 +226,14 @@ def test_the_wheel_and_sdist_build_and_pass_twine_check(tmp_path: Path) -> None:
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst)
     dist = tmp_path / "dist"
-    built = subprocess.run(
-        [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(dist), str(tree)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    built = _python("-m", "build", "--no-isolation", "--outdir", str(dist), str(tree), timeout=600)
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     version = defectd.__version__
     wheel = dist / f"defectd-{version}-py3-none-any.whl"
     sdist = dist / f"defectd-{version}.tar.gz"
     assert wheel.is_file() and sdist.is_file(), sorted(p.name for p in dist.iterdir())
 
-    checked = subprocess.run(
-        [sys.executable, "-m", "twine", "check", "--strict", str(wheel), str(sdist)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    checked = _python("-m", "twine", "check", "--strict", str(wheel), str(sdist), timeout=120)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert checked.stdout.count("PASSED") == 2
 
