@@ -25,6 +25,11 @@ from defectd.errors import CalibrationError
 from defectd.model import load_card
 
 
+def threshold_cli(model: Path, data: Path, out: Path) -> list[str]:
+    """The command line of ``defectd calibrate threshold`` of ``model`` on ``data`` into ``out``."""
+    return ["calibrate", "threshold", "-m", str(model), "-d", str(data), "-o", str(out)]
+
+
 def write_blob_set(root: Path, *, per_split: int = 12, seed: int = 3) -> Path:
     """64x64 grey parts in val/test/train; every other one has bright discs (its mask)."""
     (root / "images").mkdir(parents=True)
@@ -139,7 +144,7 @@ def test_cli_writes_threshold_section_json_and_plots(tiny_model: Path, tmp_path:
     report = tmp_path / "report"
     code = main(
         [
-            "calibrate", "threshold", "-m", str(tiny_model), "-d", str(data), "-o", str(out),
+            *threshold_cli(tiny_model, data, out),
             "--target-escape", "0.2", "--eval-split", "test", "--report", str(report), "--json",
         ]
     )  # fmt: skip
@@ -163,7 +168,7 @@ def test_cli_json_is_one_object_with_chosen_point(
 ) -> None:
     data = write_blob_set(tmp_path / "data", per_split=6)
     out = tmp_path / "calibration.json"
-    args = ["calibrate", "threshold", "-m", str(tiny_model), "-d", str(data), "-o", str(out)]
+    args = threshold_cli(tiny_model, data, out)
     assert main([*args, "--target-false-reject", "0.34", "--eval-split", "test", "--json"]) == 0
     payload = json.loads(capsys.readouterr().out)
     assert payload["target"] == {"kind": "false_reject", "rate": 0.34, "upper_bound": False}
@@ -177,7 +182,7 @@ def test_cli_labels_without_masks_name_the_file(
     data = write_blob_set(tmp_path / "data", per_split=4)
     (data / "masks" / "val01.png").unlink()
     out = tmp_path / "c.json"
-    code = main(["calibrate", "threshold", "-m", str(tiny_model), "-d", str(data), "-o", str(out)])
+    code = main(threshold_cli(tiny_model, data, out))
     err = capsys.readouterr().err
     assert code == 2 and "error:" in err and "val01.png" in err
 
@@ -189,7 +194,7 @@ def test_cli_empty_data_set_is_an_error(
     empty.mkdir()
     (empty / "manifest.csv").write_text("stem,cls,image,mask,split,has_defect\n")
     out = tmp_path / "c.json"
-    code = main(["calibrate", "threshold", "-m", str(tiny_model), "-d", str(empty), "-o", str(out)])
+    code = main(threshold_cli(tiny_model, empty, out))
     assert code == 2 and "error:" in capsys.readouterr().err
 
 
@@ -202,6 +207,6 @@ def test_cli_split_without_defects_is_refused(
     keep = [ln for ln in lines if not (",val," in ln and ln.endswith(",1"))]
     manifest.write_text("\n".join(keep) + "\n")
     out = tmp_path / "c.json"
-    code = main(["calibrate", "threshold", "-m", str(tiny_model), "-d", str(data), "-o", str(out)])
+    code = main(threshold_cli(tiny_model, data, out))
     err = capsys.readouterr().err
     assert code == 2 and "no defective images" in err and "'val'" in err

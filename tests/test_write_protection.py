@@ -11,7 +11,7 @@ import pytest
 from defectd.cli import main
 from defectd.model.card import card_path
 from station_support import copy_model
-from test_calibration_threshold import write_blob_set
+from test_calibration_threshold import threshold_cli, write_blob_set
 
 
 @pytest.fixture
@@ -54,7 +54,7 @@ def test_calibrate_threshold_keeps_an_existing_section_without_force(
 ) -> None:
     data = write_blob_set(tmp_path / "data", per_split=4)
     out = tmp_path / "cal.json"
-    args = ["calibrate", "threshold", "-m", str(model), "-d", str(data), "-o", str(out)]
+    args = threshold_cli(model, data, out)
     assert main([*args, "--target-escape", "0.5", "--json"]) == 0
     before = out.read_text()
     capsys.readouterr()
