@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	# [dev] = the station runtime + [train], [plots], [opcua] + test, lint and packaging tools.
 	# A station needs none of it: `pip install .` (README, "Station install").
 	$(PY) -m pip install -q -e '.[dev]'
+	# The tritonserver binary for the triton engine's tests, without the wheel's numpy<2 pin
+	# (it constrains PyTriton's Python API, which defectd does not use).
+	$(PY) -m pip install -q --no-deps nvidia-pytriton==0.7.0
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -62,5 +62,5 @@ def test_engines_lists_backends_and_the_auto_choice(capsys: pytest.CaptureFixtur
     assert main(["engines", "--json"]) == 0
     listing = json.loads(capsys.readouterr().out)
     names = [b["name"] for b in listing["backends"]]
-    assert names == ["torch", "ort", "openvino", "tensorrt"]
+    assert names == ["torch", "ort", "openvino", "tensorrt", "triton"]
     assert listing["auto"] in names and listing["reason"]

@@ -40,3 +40,10 @@ def test_runtime_modules_load_neither_torch_nor_training(module: str) -> None:
     assert module in modules
     assert "torch" not in modules
     assert not {m for m in modules if m.startswith("defectd.training")}
+
+
+@pytest.mark.parametrize("module", ["defectd.daemon.service", "defectd.engines"])
+def test_the_station_loads_tritonclient_only_when_the_triton_engine_is_chosen(module: str) -> None:
+    modules = _imported(f"import {module}; import defectd.engines as e; e.available_backends()")
+    assert module in modules
+    assert not {m for m in modules if m.startswith(("tritonclient", "grpc", "gevent"))}

@@ -9,6 +9,7 @@ ONNX models. The rest comes with an extra (``pyproject.toml`` lists their packag
 - ``plots``: matplotlib alone: ``calibrate threshold --report`` on a station;
 - ``gpu``: TensorRT (its wheels come from NVIDIA's index);
 - ``opcua``: asyncua and cryptography: the ``[opcua]`` station section, ``defectd opcua``;
+- ``triton``: tritonclient (gRPC and HTTP): ``model.backend = "triton"``, a shared server;
 - ``dev``: everything above plus the test, lint and packaging tools.
 
 A command checks for its extra with ``require_extra`` before it starts work, so a missing one
@@ -28,6 +29,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "plots": ("matplotlib",),
     "gpu": ("tensorrt",),
     "opcua": ("asyncua", "cryptography"),
+    "triton": ("tritonclient",),
 }
 
 # top-level module -> the extra that installs it (the first extra that lists it).

@@ -24,7 +24,11 @@ def build_engine(
         Path, typer.Option("--model", "-m", help="Model: .onnx with its card beside it.")
     ],
     backend: Annotated[
-        str, typer.Option(help="tensorrt, openvino, ort, or auto (best for this machine).")
+        str,
+        typer.Option(
+            help="tensorrt, openvino, ort, auto (best for this machine), or triton (write a "
+            "Triton model repository: --repo)."
+        ),
     ] = "auto",
     precision: Annotated[
         str | None,
@@ -51,13 +55,79 @@ def build_engine(
         ),
     ] = None,
     as_json: JsonSummary = False,
+    repo: Annotated[
+        Path | None,
+        typer.Option(help="triton: the model repository to write into (made if missing)."),
+    ] = None,
+    triton_kind: Annotated[
+        str,
+        typer.Option(
+            "--triton-kind",
+            help="triton: onnxruntime_onnx (GPU server), tensorrt_plan (GPU server, --plan), "
+            "python (ONNX Runtime on a CPU server).",
+        ),
+    ] = "onnxruntime_onnx",
+    name: Annotated[
+        str, typer.Option(help="triton: model name in the repository (default: the card's).")
+    ] = "",
+    instances: Annotated[
+        int, typer.Option(help="triton: model instances per device (instance_group count).")
+    ] = 1,
+    instance_kind: Annotated[
+        str | None, typer.Option("--instance-kind", help="triton: gpu or cpu (default by kind).")
+    ] = None,
+    preferred_batch: Annotated[
+        list[int] | None,
+        typer.Option("--preferred-batch", help="triton: a preferred dynamic batch (repeatable)."),
+    ] = None,
+    max_queue_delay_us: Annotated[
+        int,
+        typer.Option("--max-queue-delay-us", help="triton: how long a batch may wait to fill."),
+    ] = 1000,
+    trt_plan: Annotated[
+        Path | None,
+        typer.Option("--plan", help="triton tensorrt_plan: the plan built on the server GPU."),
+    ] = None,
+    tensorrt_accelerator: Annotated[
+        bool,
+        typer.Option(
+            "--tensorrt-accelerator",
+            help="triton onnxruntime_onnx: let ONNX Runtime build TensorRT engines on the server.",
+        ),
+    ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="triton: replace the model's repository entry.")
+    ] = False,
 ) -> None:
     """Build (TensorRT) or compile (OpenVINO, ONNX Runtime) an engine and validate it.
 
     TensorRT plans are cached by ONNX sha256, TensorRT version, GPU and batch profile.
 
     The engine then runs once at the smallest and the largest batch to check its output.
+
+    With --backend triton: write a Triton model repository entry for the model instead
+    (config.pbtxt with dynamic batching and instance groups, the model file, the sha256 the
+    station checks); see docs/scale-out.md.
     """
+    if backend == "triton":
+        _triton_repository(
+            model,
+            repo,
+            triton_kind,
+            precision=precision,
+            max_batch=max_batch,
+            threads=threads,
+            name=name,
+            instances=instances,
+            instance_kind=instance_kind,
+            preferred_batch=tuple(preferred_batch or ()),
+            max_queue_delay_us=max_queue_delay_us,
+            plan=trt_plan,
+            tensorrt_accelerator=tensorrt_accelerator,
+            force=force,
+            as_json=as_json,
+        )
+        return
     from rich.console import Console
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -143,6 +213,74 @@ def build_engine(
     )
     for size, ms in latency.items():
         console.print(f"  batch {size}: first run {ms:.1f} ms")
+
+
+def _triton_repository(
+    model: Path,
+    repo: Path | None,
+    kind: str,
+    *,
+    precision: str | None,
+    max_batch: int,
+    threads: int | None,
+    name: str,
+    instances: int,
+    instance_kind: str | None,
+    preferred_batch: tuple[int, ...],
+    max_queue_delay_us: int,
+    plan: Path | None,
+    tensorrt_accelerator: bool,
+    force: bool,
+    as_json: bool,
+) -> None:
+    from defectd.engines.triton_repo import KINDS, RepoOptions, write_repository
+
+    if repo is None:
+        raise ConfigError("--backend triton writes a model repository: give --repo DIR")
+    if kind not in KINDS:
+        raise ConfigError(f"--triton-kind {kind!r}: choose one of {', '.join(KINDS)}")
+    if instance_kind not in (None, "gpu", "cpu"):
+        raise ConfigError(f"--instance-kind {instance_kind!r}: gpu or cpu")
+    if precision is not None:
+        raise ConfigError(
+            "--precision: a Triton repository serves the model file as it is; give the "
+            "QDQ model (--model model.int8.onnx) for int8, a plan built for fp16"
+        )
+    options = RepoOptions(
+        name=name or None,
+        max_batch=max_batch,
+        preferred_batch=preferred_batch,
+        max_queue_delay_us=max_queue_delay_us,
+        instances=instances,
+        instance_kind=instance_kind,  # type: ignore[arg-type]
+        accelerator="tensorrt" if tensorrt_accelerator else None,
+        intra_op_threads=threads or 0,
+    )
+    written = write_repository(model, repo, kind, options, plan=plan, force=force)
+    summary = {
+        "model": str(model),
+        "repository": str(written.root),
+        "name": written.name,
+        "kind": written.kind,
+        "config": str(written.config),
+        "sha256": written.sha256,
+        "missing": list(written.missing),
+    }
+    if as_json:
+        typer.echo(json.dumps(summary))
+        return
+    console = report_console()
+    console.print(f"[bold]{written.name}[/bold] ({written.kind}) written to {written.model_dir}")
+    console.print(
+        f'  station config: backend = "triton", \\[model.triton] model_name = '
+        f'"{written.name}"; sha256 {written.sha256[:12]}... is checked at start'
+    )
+    for path in written.missing:
+        console.print(
+            f"  [yellow]missing[/yellow]: {path}: build it on the server's GPU from "
+            f"{written.model_dir / 'source.onnx'} (defectd build-engine --backend tensorrt, or "
+            "trtexec --onnx=... --saveEngine=...)"
+        )
 
 
 @app.command("engines")

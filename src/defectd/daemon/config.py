@@ -4,6 +4,7 @@
 
     station = "line1-top"            # id used in MQTT topics, logs and metrics
     [model]       path, backend, precision, threads, cache_dir, warmup
+    [model.triton] url, protocol, model_name, model_version, timeouts (backend = "triton")
     [[cameras]]   one table per camera: a source (type = "genicam" | "synthetic" | "replay"
                   and its keys) plus the station's keys for that camera: calibration, roi
     [pipeline]    defectd.pipeline.config.PipelineConfig     (batching, deadlines, queues)
@@ -51,6 +52,7 @@ from defectd.daemon.archive import ArchiveConfig
 from defectd.daemon.fingerprint import decision_fingerprint
 from defectd.daemon.health import is_loopback, parse_address
 from defectd.engines.registry import BACKENDS
+from defectd.engines.remote import TritonOptions
 from defectd.errors import ConfigError
 from defectd.opcua.config import OpcUaConfig
 from defectd.pipeline.config import (
@@ -73,11 +75,37 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class TritonSection(_Frozen):
+    """``[model.triton]``: the inference server that runs the model for ``backend = "triton"``
+    (``defectd.engines.remote.TritonOptions`` says what each key does)."""
+
+    url: str = Field(default="127.0.0.1:8001", description="host:port (gRPC 8001, HTTP 8000)")
+    protocol: Literal["grpc", "http"] = "grpc"
+    model_name: str | None = Field(default=None, description="None: the card's name")
+    model_version: str = Field(default="", description='"": the latest the server has')
+    timeout_ms: Annotated[float, Field(gt=0, le=60_000)] = 1000.0
+    retries: Annotated[int, Field(ge=0, le=10)] = 1
+    backoff_ms: Annotated[float, Field(ge=0, le=10_000)] = 50.0
+    reconnect_max_s: Annotated[float, Field(gt=0, le=300)] = 2.0
+    connect_timeout_s: Annotated[float, Field(gt=0, le=600)] = 10.0
+
+    @field_validator("url")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if "://" in value or not sep or not host or not port.isdigit():
+            raise ValueError(f"{value!r} is not HOST:PORT (e.g. triton.plant.local:8001)")
+        return value
+
+    def options(self) -> TritonOptions:
+        return TritonOptions(**self.model_dump())
+
+
 class ModelSection(_Frozen):
     """``[model]``: the model file (``.onnx`` with its card beside it) and how to run it."""
 
     path: Path
-    backend: str = Field(default="auto", description="auto, openvino, ort, torch, tensorrt")
+    backend: str = Field(default="auto", description="auto, openvino, ort, torch, tensorrt, triton")
     precision: Literal["fp32", "fp16", "bf16", "int8"] | None = Field(
         default=None, description="None: the model card's"
     )
@@ -90,6 +118,19 @@ class ModelSection(_Frozen):
     warmup: Annotated[int, Field(ge=0, le=100)] = Field(
         default=2, description="inferences at max batch before announcing ready"
     )
+    triton: TritonSection | None = None
+
+    @model_validator(mode="after")
+    def _triton_with_its_server(self) -> ModelSection:
+        if self.backend == "triton" and self.triton is None:
+            raise ValueError(
+                'backend "triton" needs a [model.triton] table naming the server (url = ...)'
+            )
+        if self.triton is not None and self.backend != "triton":
+            raise ValueError(
+                f'[model.triton] is set but backend is {self.backend!r}; set backend = "triton"'
+            )
+        return self
 
     @field_validator("backend")
     @classmethod

@@ -94,7 +94,8 @@ def check_progress(inputs: HealthInputs) -> tuple[bool, str]:
 
 def health_report(inputs: HealthInputs) -> HealthReport:
     """``/healthz``: live = making progress and storing verdicts durably; ready = live, frames
-    flow, cameras streaming, broker connected and acknowledging (the oldest unacknowledged
+    flow, cameras streaming, the inference server answering (a ``triton`` engine), broker
+    connected and acknowledging (the oldest unacknowledged
     result younger than ``daemon.max_result_age_s``), outbox without a fault and clear of its
     bound. ``reasons`` says what is missing."""
     live, why = check_progress(inputs)
@@ -142,6 +143,12 @@ def health_report(inputs: HealthInputs) -> HealthReport:
             reasons.append(f"outbox fault {p.outbox_fault}: {p.outbox_fault_detail}")
         if p.near_bound:
             reasons.append("outbox near its bound")
+    server = inputs.engine.server if inputs.engine is not None else None
+    if server is not None and not server.reachable:
+        reasons.append(
+            f"inference server {server.url} not answering for {server.down_for_s:.1f} s "
+            f"({server.detail}): frames get error verdicts until it is back"
+        )
     last = inputs.progress.last_inspected
     checks = {
         "cameras": cameras,

@@ -56,6 +56,7 @@ from defectd.daemon.station import EngineOpener, Generation, build_generation
 from defectd.daemon.telemetry import EngineInfo, StationMetrics
 from defectd.daemon.view import OperatorView, station_panel
 from defectd.engines import open_engine
+from defectd.engines.remote import RemoteEngine
 from defectd.errors import ConfigError, DefectdError
 from defectd.log import get_logger
 from defectd.opcua.records import StationState
@@ -157,6 +158,7 @@ class Service:
         self.outbox_left: int | None = None
         self.final_stats: PipelineStats | None = None
         self._stalled = False
+        self._server_down = False  # the triton engine's server, as last seen by the main loop
         self._next_ping = 0.0
         self._next_status = 0.0
         self._next_disk_check = 0.0
@@ -457,9 +459,37 @@ class Service:
         if self.config.daemon.exit_when_sources_end and self._sources_ended():
             log.info("sources_ended", results=results.results)
             self.should_exit = True
+        self._watch_server()
         self._opcua.tick(now)
         if self._on_tick is not None:
             self._on_tick(self)
+
+    def _watch_server(self) -> None:
+        """An event when the inference server of a ``triton`` engine stops or starts answering
+        (the engine itself fails its batches fast and reconnects; see ``triton_backend``)."""
+        info = self.engine_info()
+        server = info.server if info is not None else None
+        down = server is not None and not server.reachable
+        if server is None or down == self._server_down:
+            return
+        self._server_down = down
+        if down:
+            log.error("inference_server_unreachable", url=server.url, detail=server.detail)
+            self._publish_event(
+                "inference_server_down",
+                severity="error",
+                url=server.url,
+                model=server.model,
+                detail=server.detail,
+            )
+        else:
+            log.info("inference_server_answering", url=server.url)
+            self._publish_event(
+                "inference_server_back",
+                url=server.url,
+                model=server.model,
+                detail=f"back after {server.recoveries} outage(s)",
+            )
 
     def status_line(self) -> str:
         """A short human line for STATUS= and the logs: rate, verdicts, outbox depth."""
@@ -522,6 +552,7 @@ class Service:
             engine=m.engine.name,
             version=m.engine.version,
             precision=m.engine.precision,
+            server=m.engine.server_status() if isinstance(m.engine, RemoteEngine) else None,
         )
 
     def _health_inputs(self, now: float | None = None) -> HealthInputs:

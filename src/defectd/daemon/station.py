@@ -18,6 +18,7 @@ from defectd.clock import SYSTEM_CLOCK, Clock
 from defectd.daemon.config import StationCamera, StationConfig
 from defectd.engines import open_engine
 from defectd.engines.base import Engine
+from defectd.engines.remote import TritonOptions
 from defectd.errors import ConfigError, DefectdError, ModelError
 from defectd.log import get_logger
 from defectd.model.card import ModelCard, file_sha256, load_card
@@ -42,6 +43,7 @@ class EngineOpener(Protocol):
         threads: int | None,
         cache_dir: Path | None,
         mode: str,
+        remote: TritonOptions | None = None,
     ) -> Engine: ...
 
 
@@ -121,6 +123,8 @@ def load_model(config: StationConfig, *, opener: EngineOpener = open_engine) -> 
             m.cache_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ModelError(f"model.cache_dir: cannot create {m.cache_dir}: {exc}") from None
+    # Only a triton station passes its server: test openers need not know the keyword.
+    remote = {} if m.triton is None else {"remote": m.triton.options()}
     engine = opener(
         m.path,
         backend=m.backend,
@@ -129,6 +133,7 @@ def load_model(config: StationConfig, *, opener: EngineOpener = open_engine) -> 
         threads=m.threads,
         cache_dir=m.cache_dir,
         mode=config.pipeline.mode,
+        **remote,
     )
     try:
         warm_up(engine, m.warmup)

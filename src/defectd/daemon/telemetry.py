@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from defectd.daemon.archive import ArchiveStats
 from defectd.daemon.metrics import Registry
+from defectd.engines.remote import ServerStatus
 from defectd.opcua.records import OpcUaStats
 from defectd.pipeline.inspection import Inspection, Verdict
 from defectd.pipeline.sources import SourceHealth, SourceState
@@ -22,11 +23,15 @@ from defectd.publish.mqtt import PublisherStats
 
 @dataclass(frozen=True, slots=True)
 class EngineInfo:
+    """The model and engine inspecting now; ``server`` for an engine whose model runs on an
+    inference server (``triton``): whether that server answers."""
+
     model: str
     sha256: str
     engine: str
     version: str
     precision: str
+    server: ServerStatus | None = None
 
 
 def error_reason(inspection: Inspection) -> str:

@@ -1,6 +1,7 @@
-"""Inference engines behind one contract: OpenVINO, ONNX Runtime, TensorRT, torch.
+"""Inference engines behind one contract: OpenVINO, ONNX Runtime, TensorRT, torch, and a Triton
+Inference Server (``triton``: the model runs on a shared server).
 
-``open_engine(path, backend="auto"|"openvino"|"ort"|"torch"|"tensorrt", precision=...)``
+``open_engine(path, backend="auto"|"openvino"|"ort"|"torch"|"tensorrt"|"triton", precision=...)``
 returns an ``Engine``; backends import their runtime only when opened.
 """
 

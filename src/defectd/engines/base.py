@@ -15,6 +15,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 from numpy.typing import NDArray
 
+from defectd.engines.remote import TritonOptions
 from defectd.errors import EngineError
 
 
@@ -57,7 +58,8 @@ class OpenRequest:
     ``expect`` is the caller's ``(channels, height, width)``; ``build_progress(phase, done,
     total)`` is called while a TensorRT plan is built; ``mode`` is ``throughput`` (parallel
     infer requests, see ``engine_concurrency``) or ``latency`` (one request on every core),
-    for backends that have the choice.
+    for backends that have the choice; ``remote`` says where a server-side backend finds its
+    server (``TritonOptions`` for ``triton``).
     """
 
     model_path: Path
@@ -72,6 +74,7 @@ class OpenRequest:
     expect: tuple[int, int, int] | None = None
     build_progress: Callable[[str, int, int], None] | None = None
     mode: str = "throughput"
+    remote: TritonOptions | None = None
 
     def check_precision(self, precision: str) -> None:
         """``EngineError`` naming what the backend runs when ``precision`` is not one of them."""

@@ -27,6 +27,7 @@ from typing import cast
 
 from defectd.engines.base import Engine, OpenRequest
 from defectd.engines.probe import INSTALL_HINT, gpu_present, installed, module_version, ort_cuda
+from defectd.engines.remote import TritonOptions
 from defectd.errors import EngineError, ModelError
 from defectd.extras import install_hint, missing_extra_error
 from defectd.log import get_logger
@@ -115,6 +116,16 @@ def _probe_tensorrt() -> BackendInfo:
     return BackendInfo("tensorrt", ok, version or "", PRECISIONS["tensorrt"], detail)
 
 
+def _probe_triton() -> BackendInfo:
+    version = module_version("tritonclient")
+    detail = (
+        "client of a Triton Inference Server (model.triton.url); never chosen by auto"
+        if version
+        else f"tritonclient not installed ({install_hint('triton')})"
+    )
+    return BackendInfo("triton", version is not None, version or "", PRECISIONS["triton"], detail)
+
+
 def _pick_tensorrt() -> str | None:
     return "NVIDIA GPU and TensorRT present" if gpu_present() and installed("tensorrt") else None
 
@@ -168,9 +179,18 @@ REGISTRY: dict[str, Backend] = {
             _probe_torch,
             lambda: None,
         ),
+        # The model runs on a shared server; the station holds the same file and its card.
+        Backend(
+            "triton",
+            "defectd.engines.triton_backend:open_request",
+            ("fp32", "int8"),
+            (".onnx",),
+            _probe_triton,
+            lambda: None,
+        ),
     )
 }
-BACKENDS: tuple[str, ...] = ("auto", "torch", "ort", "openvino", "tensorrt")
+BACKENDS: tuple[str, ...] = ("auto", "torch", "ort", "openvino", "tensorrt", "triton")
 PRECISIONS: dict[str, tuple[str, ...]] = {name: b.precisions for name, b in REGISTRY.items()}
 assert set(BACKENDS) == {"auto", *REGISTRY}
 
@@ -208,12 +228,14 @@ def open_engine(
     expect: tuple[int, int, int] | None = None,
     build_progress: Callable[[str, int, int], None] | None = None,
     mode: str = "throughput",
+    remote: TritonOptions | None = None,
 ) -> Engine:
     """Open ``model_path`` (``.onnx`` with its card, ``.pt`` checkpoint or TensorRT ``.plan``).
 
-    ``backend``: ``auto``, ``torch``, ``ort``, ``openvino`` or ``tensorrt``. ``precision``:
-    ``fp32``, ``bf16``, ``fp16`` or ``int8`` (``None``: the card's). The engine accepts
-    batches ``min_batch..max_batch``; ``opt_batch`` is TensorRT's tuning batch (default max).
+    ``backend``: ``auto``, ``torch``, ``ort``, ``openvino``, ``tensorrt`` or ``triton``.
+    ``precision``: ``fp32``, ``bf16``, ``fp16`` or ``int8`` (``None``: the card's). The engine
+    accepts batches ``min_batch..max_batch``; ``opt_batch`` is TensorRT's tuning batch (default
+    max).
     ``threads`` caps the CPU threads (``None``: the runtime's default, all cores).
     ``cache_dir`` holds TensorRT plans and timing caches and OpenVINO's compiled blobs.
     ``expect`` is the ``(channels, height, width)`` the caller will feed (e.g. the station
@@ -221,6 +243,8 @@ def open_engine(
     total)`` is called while a TensorRT plan is built (from TensorRT's threads). ``mode``:
     ``throughput`` (OpenVINO: parallel infer requests, one whole batch each; call ``infer``
     from ``engine_concurrency(engine)`` threads) or ``latency`` (one request on every core).
+    ``remote`` names the server for ``backend="triton"`` (default ``TritonOptions()``:
+    127.0.0.1:8001).
 
     Raises ``ModelError`` for a missing/unreadable model or card or a spec mismatch and
     ``EngineError`` when the backend or precision cannot run here.
@@ -256,6 +280,7 @@ def open_engine(
         expect=expect,
         build_progress=build_progress,
         mode=mode,
+        remote=remote,
     )
     engine = entry.load()(request)
     log.info(
