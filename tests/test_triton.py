@@ -280,3 +280,14 @@ def test_station_config_needs_the_server_for_the_triton_backend(
     path.write_text(text.replace('url = "127.0.0.1:8001"', 'url = "grpc://x:1"'))
     with pytest.raises(ConfigError, match=r"model\.triton\.url"):
         load_station_config(path)
+
+
+def test_config_check_opens_the_station_model_on_its_server(
+    server: TritonServer, tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from defectd.cli import main
+
+    path = tmp_path / "st.toml"
+    path.write_text(_station(tiny_model, tmp_path / "state", server.grpc_url, 1))
+    assert main(["config", "check", str(path)]) == 0
+    assert "triton-fp32" in capsys.readouterr().out

@@ -177,6 +177,7 @@ def _open_model(config: StationConfig) -> _Model:
         threads=m.threads,
         cache_dir=None,  # the check writes nothing
         mode=config.pipeline.mode,
+        remote=m.triton.options() if m.triton is not None else None,
     )
     try:
         warm_up(engine, 1)
