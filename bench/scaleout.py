@@ -8,6 +8,8 @@ The same synthetic line (``defectd run``, one synthetic camera, the same seed) t
 
 Rows, interleaved so that both sides see the same machine load:
 
+0. engines: the local engine and the ``triton`` engine alone in one process, one frame per call,
+   interleaved: what the server path adds to one inference (p50 of the per-call differences);
 1. throughput: the line as fast as the station takes it (``admission = "block"``), parts/s per
    run; the ratio triton/local of the medians;
 2. latency: the line paced at ``--rate`` parts/s; grab -> verdict p50/p99 per run, and what the
@@ -264,6 +266,48 @@ def crash_run(work: Path, args: argparse.Namespace, server: TritonServer) -> dic
     }
 
 
+def engine_row(args: argparse.Namespace, server: TritonServer) -> dict[str, Any]:
+    """The engines alone, in this process: one frame per call, local and triton interleaved;
+    what the server path adds to one inference (gRPC, serialisation, the server's queue)."""
+    import numpy as np
+
+    from defectd.engines import open_engine
+    from defectd.engines.remote import TritonOptions
+
+    local = open_engine(args.model, backend=args.backend, max_batch=args.max_batch)
+    remote = open_engine(
+        args.model, backend="triton", max_batch=args.max_batch,
+        remote=TritonOptions(url=server.grpc_url, timeout_ms=5000),
+    )  # fmt: skip
+    spec = local.spec
+    x = np.random.default_rng(SEED).normal(0, 1, (1, *spec.chw)).astype(np.float32)
+    times: dict[str, list[float]] = {"local": [], "triton": []}
+    try:
+        for engine in (local, remote):
+            engine.infer(x)
+        for k in range(args.engine_calls):
+            pair = (("local", local), ("triton", remote))
+            for side, engine in pair if k % 2 == 0 else pair[::-1]:
+                t = time.perf_counter()
+                engine.infer(x)
+                times[side].append((time.perf_counter() - t) * 1e3)
+    finally:
+        local.close()
+        remote.close()
+    added = [t - u for t, u in zip(times["triton"], times["local"], strict=True)]
+    return {
+        "calls": args.engine_calls,
+        **{
+            f"{side}_{q}_ms": round(pct(v, p), 2)
+            for side, v in times.items()
+            for q, p in (("p50", 50), ("p99", 99))
+        },
+        "added_p50_ms": round(pct(added, 50), 2),
+        "added_p99_ms": round(pct(times["triton"], 99) - pct(times["local"], 99), 2),
+        "load": load(),
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer parts and runs (~5 min)")
@@ -282,12 +326,14 @@ def main() -> int:
     ap.add_argument("--outage", type=float, default=3.0, help="s the server stays down")
     ap.add_argument("--deadline-ms", type=float, default=2000.0)
     ap.add_argument("--timeout", type=float, default=600.0, help="s one daemon may run")
+    ap.add_argument("--engine-calls", type=int, default=None, help="calls per engine (row 0)")
     ap.add_argument("--work", type=Path, default=None)
     args = ap.parse_args()
     args.runs = args.runs or (3 if args.quick else 5)
     args.parts = args.parts or (60 if args.quick else 300)
     args.shared_parts = args.shared_parts or (40 if args.quick else 200)
     args.crash_parts = args.crash_parts or (100 if args.quick else 300)
+    args.engine_calls = args.engine_calls or (100 if args.quick else 400)
     missing = server_missing()
     if missing is not None:
         print(f"scaleout: cannot start a local tritonserver: {missing}", file=sys.stderr)
@@ -304,6 +350,8 @@ def main() -> int:
     header["server_start_s"] = round(time.monotonic() - t0, 2)
     rows: dict[str, list[dict[str, Any]]] = {"throughput": [], "latency": []}
     try:
+        engines = engine_row(args, server)
+        print(f"engines: {engines}", file=sys.stderr)
         for k in range(args.runs):
             for side in ("local", "triton") if k % 2 == 0 else ("triton", "local"):
                 url = server.grpc_url if side == "triton" else None
@@ -373,6 +421,7 @@ def main() -> int:
             }
             for side in ("local", "triton")
         },
+        "engines": engines,
         "shared": shared,
         "crash": crash,
         "runs": rows,
@@ -404,8 +453,14 @@ def main() -> int:
     )
     for q in ("p50", "p99"):
         print(
+            f"| one frame, engine alone, {q} (ms, {engines['calls']} calls) | "
+            f"{engines['local_' + q + '_ms']:.1f} | {engines['triton_' + q + '_ms']:.1f} | "
+            f"{engines['added_' + q + '_ms']:+.1f} ms |"
+        )
+    for q in ("p50", "p99"):
+        print(
             f"| grab -> verdict {q} at {args.rate:g}/s (ms) | {lat['local'][q + '_ms']:.1f} | "
-            f"{lat['triton'][q + '_ms']:.1f} | +{lat['added_' + q + '_ms']:.1f} ms |"
+            f"{lat['triton'][q + '_ms']:.1f} | {lat['added_' + q + '_ms']:+.1f} ms |"
         )
     print(
         f"shared server: {shared['stations']} stations, {shared['parts']} parts, "
