@@ -257,3 +257,42 @@ def test_openvino_throughput_mode_runs_calls_in_parallel_and_agrees_with_latency
         assert float(np.abs(got - want).max()) <= 1e-5
     with pytest.raises(EngineError, match="closed"):
         fast.infer(batch[:1])
+
+
+def _with_metrics(model: Path, where: Path, metrics: dict[str, float]) -> Path:
+    """A copy of ``model`` (and its int8 sibling, if any) whose card records ``metrics``."""
+    where.mkdir(parents=True, exist_ok=True)
+    for name in ("model.onnx", "model.int8.onnx"):
+        src = model.with_name(name)
+        if src.is_file():
+            shutil.copy(src, where / name)
+            shutil.copy(card_path(src), card_path(where / name))
+    card = load_card(model)
+    card.model_copy(update={"metrics": {**card.metrics, **metrics}}).save(
+        card_path(where / "model.onnx")
+    )
+    return where / "model.onnx"
+
+
+def test_default_precision_is_the_fastest_whose_card_dice_is_within_a_hundredth(
+    tiny_model: Path, tiny_int8_model: Path, tmp_path: Path
+) -> None:
+    close = _with_metrics(tiny_model, tmp_path / "a", {"val_dice": 0.80, "val_dice_int8": 0.795})
+    with capture_logs() as logs:
+        engine = open_engine(close, backend="openvino")
+    engine.close()
+    assert engine.name == "openvino-int8"
+    (event,) = [e for e in logs if e["event"] == "engine_selected"]
+    assert "val Dice 0.7950 at int8" in event["precision_reason"]
+
+    far = _with_metrics(tiny_model, tmp_path / "b", {"val_dice": 0.80, "val_dice_int8": 0.78})
+    engine = open_engine(far, backend="openvino")
+    engine.close()
+    assert engine.name == "openvino-fp32"  # int8 lost 0.02: the card's own precision
+    assert open_engine(close, backend="openvino", precision="fp32").name == "openvino-fp32"
+
+
+def test_a_card_without_precision_metrics_keeps_its_own_precision(tiny_model: Path) -> None:
+    engine = open_engine(tiny_model, backend="openvino")
+    engine.close()
+    assert engine.name == "openvino-fp32"

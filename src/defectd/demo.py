@@ -58,7 +58,12 @@ DEMO_STATION: dict[str, Any] = {
             "seed": 7,
         }
     ],
-    "pipeline": {"max_batch": 4, "max_delay_ms": 5.0, "max_latency_ms": 2000.0},
+    "pipeline": {
+        "mode": "throughput",
+        "max_batch": 1,
+        "max_delay_ms": 5.0,
+        "max_latency_ms": 2000.0,
+    },
     "mqtt": {"host": LOCAL_BROKER[0], "port": LOCAL_BROKER[1]},
     "archive": {"pass_sample": 0.02, "quota_mb": 200.0},
     "health": {"address": "127.0.0.1:9464"},

@@ -182,3 +182,34 @@ def int8_model(model_path: Path, card: ModelCard, backend: str) -> tuple[Path, M
         f"{model_path}: precision int8 needs a QDQ model (card precision int8) or "
         f"{wanted} beside it; make one with `defectd calibrate int8`"
     )
+
+
+# Fastest first: the order in which a card's lower precisions are tried as the default.
+FAST_FIRST = ("int8", "fp16", "bf16")
+DICE_TOLERANCE = 0.01
+
+
+def fast_precision(
+    model_path: Path, card: ModelCard, runnable: tuple[str, ...], backend: str = "openvino"
+) -> tuple[str, str]:
+    """``(precision, why)``: the default precision of a model, the fastest that this backend
+    runs here (``runnable``) whose Dice the card records within ``DICE_TOLERANCE`` of the
+    model's own (``metrics["val_dice_<precision>"]`` against ``metrics["val_dice"]``, both
+    measured on the validation split; int8 also needs its QDQ model beside the file); else
+    the card's precision. A card without such metrics keeps its own precision."""
+    base = card.metrics.get("val_dice")
+    if card.precision == "fp32" and base is not None:
+        for precision in FAST_FIRST:
+            dice = card.metrics.get(f"val_dice_{precision}")
+            if precision not in runnable or dice is None or dice < base - DICE_TOLERANCE:
+                continue
+            if precision == "int8":
+                try:
+                    int8_model(model_path, card, backend)
+                except EngineError:
+                    continue
+            return precision, (
+                f"card: val Dice {dice:.4f} at {precision} vs {base:.4f} (within "
+                f"{DICE_TOLERANCE}), the fastest such precision this backend runs here"
+            )
+    return card.precision, "the card's precision"

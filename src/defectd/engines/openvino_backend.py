@@ -151,6 +151,20 @@ class OpenVinoEngine(BackendEngine):
             for _ in range(self._concurrency):
                 free.put(cm.create_infer_request())
             self._free[n] = free
+        # One call here, on this thread, before any in parallel: the first ``infer`` of a
+        # process initialises statics in OpenVINO's Python binding, and two threads doing
+        # that at once deadlock (one holds the GIL, the other the static's guard).
+        first_request = self._free[sizes[0]].get()
+        try:
+            first_request.infer(
+                {0: np.zeros((sizes[0], *map(int, spec.chw)), np.float32)},
+                share_inputs=True,
+                share_outputs=False,
+            )
+        except Exception as exc:
+            raise EngineError(f"{model_path}: OpenVINO inference failed: {exc}") from exc
+        finally:
+            self._free[sizes[0]].put(first_request)
         self._compiled = compiled
         self._sizes = sizes
         self._slots = threading.BoundedSemaphore(self._concurrency)
@@ -207,10 +221,11 @@ class OpenVinoEngine(BackendEngine):
         return self._sizes
 
     def at_size(self, height: int, width: int) -> OpenVinoEngine:
-        """The same model and precision compiled for single ``(C, height, width)`` images (a
-        fully convolutional model inspecting a large frame in a few large windows), in latency
-        mode: one window at a time on every core, so the activations of only one are held.
-        The caller closes it. ``EngineError`` when the model cannot take that size."""
+        """The same model, precision and mode compiled for single ``(C, height, width)`` images
+        (a fully convolutional model inspecting a large frame in a few large windows). In
+        throughput mode it runs ``concurrency`` windows at once, one per stream (each stream
+        holds one window's activations). The caller closes it. ``EngineError`` when the model
+        cannot take that size."""
         spec = EngineSpec(self._spec.channels, height, width, 1, 1, self._spec.dtype)
         return OpenVinoEngine(
             self._path,
@@ -219,7 +234,7 @@ class OpenVinoEngine(BackendEngine):
             precision=self._precision,
             threads=self._threads,
             cache_dir=self._cache_dir,
-            mode="latency",
+            mode=self._mode,
         )
 
     def _run(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:

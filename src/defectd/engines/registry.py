@@ -12,7 +12,11 @@ NVIDIA GPU and ``tensorrt`` are present, else ONNX Runtime with its CUDA provide
 a GPU are present, else OpenVINO (the fastest CPU backend). Explicit names and ``auto`` then
 take the same path. The choice and the reason are logged as ``engine_selected``.
 
-Precision defaults to the card's (an fp32 model runs fp32 unless asked otherwise). ``int8``
+Precision defaults to the fastest one the backend runs here whose validation Dice the card
+records within 0.01 of the model's own (``val_dice_int8`` / ``val_dice_fp16`` /
+``val_dice_bf16`` against ``val_dice``; ``model_file.fast_precision``), else the card's: a card
+without those metrics runs at its own precision. Evaluation and calibration open models the
+same way, so they measure the precision the station runs. ``int8``
 needs a QDQ model: the model itself (card precision ``int8``) or ``<stem>.int8.onnx`` beside it
 (TensorRT: ``<stem>.int8-sym.onnx`` first, symmetric int8).
 """
@@ -267,6 +271,15 @@ def open_engine(
             f"a {suffix or 'suffix-less'} file opens on {' or '.join(owners) or 'none'}"
             + ("; export the checkpoint to ONNX first" if suffix == ".pt" else "")
         )
+    why_precision = "asked for"
+    if precision is None and suffix == ".onnx":
+        from defectd.engines.model_file import fast_precision  # noqa: PLC0415
+        from defectd.model.card import load_card  # noqa: PLC0415
+
+        runnable = entry.probe().precisions
+        precision, why_precision = fast_precision(
+            model_path, load_card(model_path), runnable, chosen
+        )
     request = OpenRequest(
         model_path=model_path,
         backend=chosen,
@@ -292,5 +305,6 @@ def open_engine(
         model=str(model_path),
         batch_range=f"{engine.spec.min_batch}..{engine.spec.max_batch}",
         reason=reason,
+        precision_reason=why_precision,
     )
     return engine
