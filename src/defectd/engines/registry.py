@@ -12,13 +12,13 @@ NVIDIA GPU and ``tensorrt`` are present, else ONNX Runtime with its CUDA provide
 a GPU are present, else OpenVINO (the fastest CPU backend). Explicit names and ``auto`` then
 take the same path. The choice and the reason are logged as ``engine_selected``.
 
-Precision defaults to the fastest one the backend runs here whose validation Dice the card
-records within 0.01 of the model's own (``val_dice_int8`` / ``val_dice_fp16`` /
-``val_dice_bf16`` against ``val_dice``; ``model_file.fast_precision``), else the card's: a card
-without those metrics runs at its own precision. Evaluation and calibration open models the
-same way, so they measure the precision the station runs. ``int8``
-needs a QDQ model: the model itself (card precision ``int8``) or ``<stem>.int8.onnx`` beside it
-(TensorRT: ``<stem>.int8-sym.onnx`` first, symmetric int8).
+Precision (OpenVINO, ONNX Runtime) defaults to the fastest one the backend runs here whose
+validation Dice the card records within 0.01 of the model's own (``val_dice_int8`` /
+``val_dice_fp16`` / ``val_dice_bf16`` against ``val_dice``; ``model_file.fast_precision``),
+else the card's: a card without those metrics, and the other backends, run at the card's
+precision. Evaluation and calibration open models the same way, so they measure the precision
+the station runs. ``int8`` needs a QDQ model: the model itself (card precision ``int8``) or
+``<stem>.int8.onnx`` beside it (TensorRT: ``<stem>.int8-sym.onnx`` first, symmetric int8).
 """
 
 from __future__ import annotations
@@ -194,6 +194,10 @@ REGISTRY: dict[str, Backend] = {
         ),
     )
 }
+# The CPU backends whose precision defaults to the card's fastest within Dice tolerance; the
+# others (TensorRT: its int8 needs a symmetric model; Triton: the server's repository) keep
+# the card's precision unless asked.
+FAST_DEFAULT_BACKENDS = ("openvino", "ort")
 BACKENDS: tuple[str, ...] = ("auto", "torch", "ort", "openvino", "tensorrt", "triton")
 PRECISIONS: dict[str, tuple[str, ...]] = {name: b.precisions for name, b in REGISTRY.items()}
 assert set(BACKENDS) == {"auto", *REGISTRY}
@@ -272,7 +276,7 @@ def open_engine(
             + ("; export the checkpoint to ONNX first" if suffix == ".pt" else "")
         )
     why_precision = "asked for"
-    if precision is None and suffix == ".onnx":
+    if precision is None and suffix == ".onnx" and chosen in FAST_DEFAULT_BACKENDS:
         from defectd.engines.model_file import fast_precision  # noqa: PLC0415
         from defectd.model.card import load_card  # noqa: PLC0415
 
