@@ -13,13 +13,14 @@
     [mqtt]        defectd.publish.config.MqttConfig
     [outbox]      defectd.publish.config.OutboxConfig        (path defaults to the state dir)
     [archive]     defectd.daemon.archive.ArchiveConfig
+    [audit]       defectd.daemon.audit.AuditConfig           (the audit log of model changes)
     [health]      address of /healthz, /metrics and the operator view (token off loopback)
     [opcua]       defectd.opcua.config.OpcUaConfig           (OPC UA server; absent = off)
     [daemon]      state_dir, drain and watchdog bounds, log rate limit
 
-Paths: relative paths in the file are relative to the file's folder, except ``outbox.path`` and
-``archive.dir``, which are relative to the state directory (``daemon.state_dir``, else
-``$STATE_DIRECTORY`` as systemd sets it, else ``./var/<station>``).
+Paths: relative paths in the file are relative to the file's folder, except ``outbox.path``,
+``archive.dir`` and ``audit.path``, which are relative to the state directory
+(``daemon.state_dir``, else ``$STATE_DIRECTORY`` as systemd sets it, else ``./var/<station>``).
 
 ``load_station_config`` validates everything at once and raises one ``ConfigError`` that names
 the file and every bad key, e.g. ``x.toml: cameras.0.rate_hz: Input should be greater than 0``.
@@ -49,6 +50,7 @@ from pydantic import (
 )
 
 from defectd.daemon.archive import ArchiveConfig
+from defectd.daemon.audit import AuditConfig
 from defectd.daemon.fingerprint import decision_fingerprint
 from defectd.daemon.health import is_loopback, parse_address
 from defectd.engines.registry import BACKENDS
@@ -347,6 +349,7 @@ class StationConfig(_Frozen):
     mqtt: MqttConfig = MqttConfig()  # type: ignore[call-arg]
     outbox: OutboxConfig
     archive: ArchiveConfig = ArchiveConfig()
+    audit: AuditConfig = AuditConfig()
     health: HealthSection = HealthSection()
     daemon: DaemonSection = DaemonSection()
     opcua: OpcUaConfig | None = None
@@ -395,6 +398,7 @@ class StationConfig(_Frozen):
             "mqtt",
             "outbox",
             "archive",
+            "audit",
             "health",
             "daemon",
             "opcua",
@@ -434,6 +438,7 @@ _FILE_RELATIVE: tuple[tuple[str, ...], ...] = (
 _STATE_RELATIVE: tuple[tuple[str, ...], ...] = (
     ("outbox", "path"),
     ("archive", "dir"),
+    ("audit", "path"),
     ("daemon", "result_ledger"),
 )
 
@@ -605,6 +610,9 @@ def parse_station_config(
     archive = data.get("archive", {})
     if isinstance(archive, dict) and "dir" not in archive:
         data["archive"] = {**archive, "dir": "archive"}
+    audit = data.get("audit", {})
+    if isinstance(audit, dict) and "path" not in audit:
+        data["audit"] = {**audit, "path": "audit.jsonl"}
     for key in _STATE_RELATIVE:
         data = _resolve(data, key, state)
     model = data.get("model")

@@ -9,8 +9,9 @@ fails ``run`` with the very same message. It opens, and closes again:
   backend and runs one batch at ``pipeline.max_batch`` (TensorRT: checked without a build);
 - every referenced file: calibration files, ignore-zone masks, GenTL producers (``.cti``),
   replay paths, the MQTT password file or variable, the TLS CA/certificate/key;
-- the state: ``daemon.state_dir``, ``model.cache_dir``, ``archive.dir``, ``outbox.path`` and
-  ``daemon.result_ledger`` can be created where they do not exist (nothing is created);
+- the state: ``daemon.state_dir``, ``model.cache_dir``, ``archive.dir``, ``outbox.path``,
+  ``audit.path`` and ``daemon.result_ledger`` can be created where they do not exist
+  (nothing is created);
 - the pipeline is assembled (rules that need mm², zone masks) without starting a thread;
 - with ``open_cameras`` each camera source is started and stopped again (a GenICam device is
   opened and configured; the daemon must not hold it at that moment).
@@ -271,6 +272,7 @@ def check_station(config: StationConfig, *, open_cameras: bool = False) -> Stati
     problems.attempt("outbox.path", lambda: creatable(config.outbox.path, is_dir=False))
     if config.archive.enabled:
         problems.attempt("archive.dir", lambda: creatable(config.archive.dir, is_dir=True))
+    problems.attempt("audit.path", lambda: creatable(config.audit.path, is_dir=False))
     if d.result_ledger is not None:
         ledger = d.result_ledger
         problems.attempt("daemon.result_ledger", lambda: creatable(ledger, is_dir=False))

@@ -30,11 +30,11 @@ def merge_reload(old: StationConfig, new: StationConfig) -> tuple[StationConfig,
 
     A reload applies ``model``, ``pipeline``, ``postprocess``, ``rules`` and each camera's
     ``calibration``, ``roi`` and ``ignore_zones``. The station id, the camera sources, MQTT,
-    outbox, archive, health and daemon settings keep their running values.
+    outbox, archive, audit, health and daemon settings keep their running values.
     """
     ignored = [
         key
-        for key in ("station", "mqtt", "outbox", "archive", "health", "daemon")
+        for key in ("station", "mqtt", "outbox", "archive", "audit", "health", "daemon")
         if getattr(old, key) != getattr(new, key)
     ]
     cameras = old.cameras

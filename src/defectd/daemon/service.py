@@ -42,6 +42,7 @@ from typing import Any
 from defectd import __version__
 from defectd.clock import SYSTEM_CLOCK, Clock, Deadline
 from defectd.daemon.archive import Archive
+from defectd.daemon.audit import AuditLog, ModelState
 from defectd.daemon.config import SHUTDOWN_GRACE_S, StationConfig
 from defectd.daemon.health import HealthReport, HealthServer
 from defectd.daemon.health_report import HealthInputs, check_progress, health_report
@@ -84,6 +85,11 @@ EXIT_FORCED = 1
 TICK_S = 0.1
 RECENT_EVENTS = 50  # kept for the operator view
 DISK_CHECK_S = 5.0
+PID_FILE = "defectd.pid"  # in the state directory, while the daemon runs
+
+
+def _model_state(gen: Generation) -> ModelState:
+    return ModelState(gen.model.card.name, gen.model.executed_sha256, gen.pipeline.config_hash)
 
 
 class Service:
@@ -146,6 +152,8 @@ class Service:
         )
         self._publisher: Publisher | None = None
         self._archive: Archive | None = None
+        self._audit = AuditLog(config.audit.path)
+        self._pid_file: Path | None = None
         self._health: HealthServer | None = None
         self._sources: list[Source] = []
         self._sequence: SequenceStore | None = None
@@ -220,6 +228,7 @@ class Service:
         self.notifier.status("loading the model")
         gen = self._build(cfg)
         self._intake.set_first(gen)
+        self._audit_start(gen)
         if self.should_exit:
             return
 
@@ -275,6 +284,7 @@ class Service:
             [c.camera for c in cfg.cameras if c.line.mode == "plc-trigger"], line.on_trigger
         )
         self._progress.restart_epoch()
+        self._write_pid_file(cfg)
         self.notifier.status("waiting for the first frame")
         log.info("started", model=gen.model.card.name, engine=gen.model.engine.name)
 
@@ -337,6 +347,8 @@ class Service:
             self._view.stop()
         if self._health is not None:
             self._health.stop()
+        if self._pid_file is not None:
+            self._pid_file.unlink(missing_ok=True)
         if not startup_failed:
             snap = self._progress.snapshot()
             log.info(
@@ -661,6 +673,7 @@ class Service:
         model_changed = model.executed_sha256 != previous.executed_sha256 or (
             model.path != previous.path
         )
+        self._audit_reload(old, new)
         if self._publisher is not None:
             self._publisher.set_status(self._status_info())
         self._publish_event(
@@ -680,6 +693,70 @@ class Service:
             reload_s=round(reload_s, 3),
         )
         self.notifier.ready(self.status_line())
+
+    # ------------------------------------------------------------------ audit
+
+    def _write_pid_file(self, cfg: StationConfig) -> None:
+        """``<state_dir>/defectd.pid``: where ``defectd promote`` finds the daemon to reload.
+        Only written when this process handles SIGHUP (a service on a test thread does not)."""
+        if not self._install_signals or threading.current_thread() is not threading.main_thread():
+            return
+        path = cfg.state_dir / PID_FILE
+        try:
+            path.write_text(f"{os.getpid()}\n")
+        except OSError as exc:
+            log.warning("pid_file_not_written", path=str(path), error=str(exc))
+            return
+        self._pid_file = path
+
+    def _audit_start(self, gen: Generation) -> None:
+        """Record the state at start when it differs from the last audited one (a model or
+        setting changed while the daemon was stopped). A log that cannot be written stops the
+        start: a station must not change models without its audit trail."""
+        cfg = gen.config
+        now = _model_state(gen)
+        last = self._audit.last_state(cfg.station)
+        if last == now:
+            return
+        reason = (
+            "first start with this audit log"
+            if last is None
+            else "model or decision settings differ from the last audited state"
+        )
+        self._audit.append("start", station=cfg.station, reason=reason, old=last, new=now)
+        log.info("audit_appended", action="start", sha256=now.sha256, config_hash=now.config_hash)
+
+    def _audit_reload(self, old: Generation, new: Generation) -> None:
+        before, after = _model_state(old), _model_state(new)
+        if before == after:
+            return
+        changed = [
+            key
+            for key in ("model", "pipeline", "postprocess", "rules")
+            if getattr(old.config, key) != getattr(new.config, key)
+        ]
+        if before.sha256 != after.sha256 and "model" not in changed:
+            changed.append("model file")
+        if [(c.calibration, c.roi, c.ignore_zones) for c in old.config.cameras] != [
+            (c.calibration, c.roi, c.ignore_zones) for c in new.config.cameras
+        ]:
+            changed.append("cameras")
+        if before.config_hash != after.config_hash and not changed:
+            changed.append("files named by the config (calibration, zones)")
+        try:
+            self._audit.append(
+                "reload",
+                station=new.config.station,
+                reason="reload (SIGHUP)",
+                old=before,
+                new=after,
+                details={"changed": changed, "model_path": str(new.model.path)},
+            )
+        except DefectdError as exc:
+            log.error("audit_failed", error=str(exc))
+            self._publish_event("audit_failed", severity="error", error=str(exc))
+            return
+        log.info("audit_appended", action="reload", sha256=after.sha256, changed=changed)
 
     def _reload_failed(self, error: str) -> None:
         self._publish_event("reload_failed", severity="error", error=error)
