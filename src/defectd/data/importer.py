@@ -136,6 +136,15 @@ def _image_size(path: Path) -> tuple[int, int] | None:
     return None if img is None else (int(img.shape[1]), int(img.shape[0]))
 
 
+def read_mask_file(path: Path) -> NDArray[np.uint8]:
+    """A mask file as ``(H, W)`` uint8 {0, 1}, read as the dataset reader reads it (defect
+    where a pixel is above half the file's maximum); ``DataError`` naming an unreadable file."""
+    raw = _read_gray(path)
+    if raw is None:
+        raise DataError(f"{path}: mask missing or not an image OpenCV can read")
+    return _binary(raw)[0]
+
+
 def _files(folder: Path) -> dict[str, Path]:
     return {
         p.stem: p
@@ -198,7 +207,7 @@ def _folder_pairs(src: Path, report: ImportReport, missing: MissingMask) -> list
     return pairs
 
 
-def _coco_mask(segm: Any, height: int, width: int) -> NDArray[np.uint8]:
+def coco_mask(segm: Any, height: int, width: int) -> NDArray[np.uint8]:
     """One annotation's ``segmentation`` (polygons, RLE or uncompressed RLE) as ``(H, W)``
     uint8 {0, 1}."""
     from pycocotools import mask as coco_mask  # noqa: PLC0415  (only imports need it)
@@ -266,7 +275,7 @@ def _coco_pairs(annotations: Path, images_dir: Path, report: ImportReport) -> li
         bad = False
         for ann in anns:
             try:
-                one = _coco_mask(ann.get("segmentation"), height, width)
+                one = coco_mask(ann.get("segmentation"), height, width)
             except (DataError, ValueError, TypeError, KeyError) as exc:
                 report.other.append(f"{entry['file_name']}: annotation {ann.get('id')}: {exc}")
                 bad = True
@@ -425,4 +434,4 @@ def _summary(report: ImportReport) -> str:
     return ", ".join(parts) or "no images"
 
 
-__all__ = ["ImportReport", "import_dataset", "parse_splits"]
+__all__ = ["ImportReport", "coco_mask", "import_dataset", "parse_splits", "read_mask_file"]
