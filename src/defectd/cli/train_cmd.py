@@ -6,8 +6,9 @@ import json
 import os
 import shlex
 import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -22,6 +23,39 @@ def command_line() -> str:
     return shlex.join(["defectd", *sys.argv[1:]])
 
 
+@dataclass(frozen=True)
+class Architecture:
+    """The network and input options a fine-tune takes from its ``--init`` checkpoint."""
+
+    size: str = "256"
+    resize: str = "resize"
+    channels: int = 1
+    base: int = 16
+    depth: int = 4
+    norm: str = "batch"
+
+
+def _architecture(init: Path | None, **given: Any) -> Architecture:
+    """The architecture options: those given, else the ``--init`` checkpoint's (so that a
+    fine-tune loads every tensor unless told otherwise), else the defaults."""
+    arch = Architecture()
+    if init is not None:
+        from defectd.model.checkpoint import read_checkpoint
+
+        state = read_checkpoint(init)
+        unet, spec = state.get("unet") or {}, (state.get("card") or {}).get("input") or {}
+        found: dict[str, Any] = {
+            "size": f"{spec['height']}x{spec['width']}" if "height" in spec else None,
+            "resize": spec.get("resize") if spec.get("resize") in ("resize", "pad") else None,
+            "channels": spec.get("channels"),
+            "base": unet.get("base"),
+            "depth": unet.get("depth"),
+            "norm": unet.get("norm"),
+        }
+        arch = replace(arch, **{k: v for k, v in found.items() if v is not None})
+    return replace(arch, **{k: v for k, v in given.items() if v is not None})
+
+
 @app.command("train")
 def train_command(
     *,
@@ -31,14 +65,30 @@ def train_command(
     ],
     epochs: Annotated[int, typer.Option(help="Epochs (passes of --steps-per-epoch steps).")] = 40,
     size: Annotated[
-        str, typer.Option(help="Model input: N (square) or HxW, multiples of 2**depth.")
-    ] = "256",
+        str | None,
+        typer.Option(
+            help="Model input: N (square) or HxW, multiples of 2**depth [default: 256, or the "
+            "--init checkpoint's]."
+        ),
+    ] = None,
     resize: Annotated[
-        str, typer.Option(help="How images reach the input size: resize or pad.")
-    ] = "resize",
-    channels: Annotated[int, typer.Option(help="1 (grey) or 3 (RGB).")] = 1,
-    base: Annotated[int, typer.Option(help="U-Net width of the first stage.")] = 16,
-    depth: Annotated[int, typer.Option(help="U-Net down-sampling steps.")] = 4,
+        str | None,
+        typer.Option(
+            help="How images reach the input size: resize or pad [default: resize, or the "
+            "--init checkpoint's]."
+        ),
+    ] = None,
+    channels: Annotated[
+        int | None,
+        typer.Option(help="1 (grey) or 3 (RGB) [default: 1, or the --init checkpoint's]."),
+    ] = None,
+    base: Annotated[
+        int | None,
+        typer.Option(help="U-Net width of the first stage [default: 16, or --init's]."),
+    ] = None,
+    depth: Annotated[
+        int | None, typer.Option(help="U-Net down-sampling steps [default: 4, or --init's].")
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per step.")] = 8,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 2e-3,
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW decay.")] = 1e-4,
@@ -74,6 +124,15 @@ def train_command(
     ] = None,
     threads: Annotated[int | None, typer.Option(help="Torch threads (default: all cores).")] = None,
     name: Annotated[str, typer.Option(help="Model name in the card (default: run folder).")] = "",
+    init: Annotated[
+        Path | None,
+        typer.Option(
+            "--init",
+            help="Fine-tune: start from this checkpoint (.pt). Tensors that match by name and "
+            "shape are loaded, the others initialised (e.g. a head for other classes); the card "
+            "records its sha256. Architecture options not given are the checkpoint's.",
+        ),
+    ] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the run in --out from last.pt.")
     ] = False,
@@ -88,6 +147,9 @@ def train_command(
     Validates on the 'val' split each epoch, at native image resolution.
 
     OUT/best.pt gets the model card: threshold chosen on 'val', metrics, data hash, command.
+
+    With --init FROM.pt it fine-tunes: the run starts from the checkpoint's weights (use a
+    lower --lr and fewer epochs than from scratch).
 
     Next: defectd export --checkpoint OUT/best.pt --out models/NAME/model.onnx
     """
@@ -107,7 +169,9 @@ def train_command(
             f"--out {out}: holds an earlier run (best.pt); pass --resume to continue it or "
             "--force to start over (its checkpoints are replaced)"
         )
-    height, width = _parse_size(size)
+    arch = _architecture(init, size=size, resize=resize, channels=channels, base=base, depth=depth)
+    height, width = _parse_size(arch.size)
+    resize = arch.resize
     choices = {
         "--resize": (resize, ("resize", "pad")),
         "--loss": (loss, LOSS_KINDS),
@@ -123,10 +187,11 @@ def train_command(
         epochs=epochs,
         height=height,
         width=width,
-        channels=channels,
+        channels=arch.channels,
         resize=resize,  # type: ignore[arg-type]
-        base=base,
-        depth=depth,
+        base=arch.base,
+        depth=arch.depth,
+        norm=arch.norm,  # type: ignore[arg-type]
         batch_size=batch_size,
         lr=lr,
         weight_decay=weight_decay,
@@ -143,6 +208,7 @@ def train_command(
         threads=threads,
         name=name,
         command=command_line(),
+        init=init,
     )
     console = Console(stderr=True)
     columns = (

@@ -68,6 +68,15 @@ class Normalisation(_Frozen):
         return res
 
 
+class InitInfo(_Frozen):
+    """The checkpoint a fine-tuned model started from (``defectd train --init``)."""
+
+    checkpoint: str  # the path as given
+    sha256: str
+    loaded: int = 0  # tensors taken from it
+    initialised: tuple[str, ...] = ()  # tensors that did not match (name and shape) and why
+
+
 class TrainingInfo(_Frozen):
     data: str = ""
     data_hash: str = ""
@@ -77,6 +86,7 @@ class TrainingInfo(_Frozen):
     seed: int = 0
     duration_s: float = 0.0
     command: str = ""
+    init: InitInfo | None = None  # fine-tuned from this checkpoint
 
 
 class ModelCard(_Frozen):

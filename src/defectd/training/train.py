@@ -37,8 +37,15 @@ from defectd.data.datasets import Dataset, open_dataset
 from defectd.data.metrics import ImageScore, MetricsAccumulator, Report
 from defectd.errors import ConfigError, DataError
 from defectd.log import get_logger
-from defectd.model.card import InputSpec, ModelCard, Normalisation, TrainingInfo
-from defectd.model.checkpoint import read_checkpoint, save_checkpoint
+from defectd.model.card import (
+    InitInfo,
+    InputSpec,
+    ModelCard,
+    Normalisation,
+    TrainingInfo,
+    file_sha256,
+)
+from defectd.model.checkpoint import load_matching, read_checkpoint, save_checkpoint
 from defectd.model.unet import Norm, UNet, UNetConfig
 from defectd.training.augment import Augment, AugmentConfig
 from defectd.training.evaluate import (
@@ -100,6 +107,7 @@ class TrainConfig:
     time_limit_min: float | None = None
     name: str = ""
     command: str = ""
+    init: Path | None = None  # fine-tune: start from this checkpoint's matching tensors
 
     def unet(self) -> UNetConfig:
         return UNetConfig(
@@ -139,6 +147,8 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
         values["data"], values["out"] = Path(values["data"]), Path(values["out"])
+        if values.get("init"):
+            values["init"] = Path(values["init"])
         return cls(**values)
 
 
@@ -233,6 +243,15 @@ def _normalisation_of(images: np.ndarray, channels: int) -> Normalisation:
     return Normalisation(scale=255.0, mean=mean, std=std)
 
 
+def _init_normalisation(state: dict[str, Any], channels: int) -> Normalisation | None:
+    """The init checkpoint's normalisation when it has ``channels`` channels."""
+    try:
+        norm = Normalisation.model_validate(state["card"]["normalisation"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return norm if len(norm.mean) == channels else None
+
+
 def _merge_resume(config: TrainConfig, stored: TrainConfig) -> TrainConfig:
     """Resume with the stored run's settings; only the stopping rules, the thread count and
     the locations (a run folder or data set may have moved) come from ``config``."""
@@ -286,8 +305,14 @@ def train(
 ) -> TrainResult:
     """Train per ``config``; see the module docstring for what lands in ``config.out``.
 
+    With ``config.init`` (a checkpoint) the network starts from its tensors that match by name
+    and shape (the rest keep their fresh initialisation: a head re-sized for other classes, a
+    first layer for other channels); the normalisation is the checkpoint's when it has as many
+    channels, so the loaded features see the inputs they were trained on. The card records
+    the checkpoint's sha256 and what did not match.
+
     ``DataError`` for unusable data (named file), ``ConfigError`` for bad settings,
-    ``ModelError`` when ``resume`` finds no usable ``last.pt``.
+    ``ModelError`` when ``resume`` finds no usable ``last.pt`` or ``init`` no checkpoint.
     """
     out = config.out
     last_path, best_path, history_path = out / "last.pt", out / "best.pt", out / "history.jsonl"
@@ -296,6 +321,9 @@ def train(
         state = read_checkpoint(last_path)
         config = _merge_resume(config, TrainConfig.from_dict(state["config"]))
     config.check()
+    init_state = None
+    if state is None and config.init is not None:
+        init_state = read_checkpoint(config.init)
     torch.set_num_threads(config.threads or usable_cores())
     torch.manual_seed(config.seed)
     bf16 = bf16_supported() if config.bf16 is None else config.bf16
@@ -318,8 +346,11 @@ def train(
     )
     if not train_set.defective.any():
         raise DataError(f"{config.data}: split {config.train_split!r} has no defective image")
+    init_norm = None if init_state is None else _init_normalisation(init_state, config.channels)
     if state is not None:
         norm = Normalisation.model_validate(state["card"]["normalisation"])
+    elif init_norm is not None:
+        norm = init_norm
     else:
         norm = _normalisation_of(train_set.images, config.channels)
     train_set.normalisation = norm
@@ -343,7 +374,25 @@ def train(
 
     # ---- model, optimiser, loss
     net = channels_last(UNet(config.unet()))
-    if state is None:
+    init_info: InitInfo | None = None
+    head_loaded = False
+    if init_state is not None and config.init is not None:
+        loaded = load_matching(net, init_state["model"])
+        init_info = InitInfo(
+            checkpoint=str(config.init),
+            sha256=file_sha256(config.init),
+            loaded=len(loaded.loaded),
+            initialised=tuple(f"{n}: {why}" for n, why in loaded.initialised),
+        )
+        head_loaded = loaded.head_loaded
+        log.info("train_init", checkpoint=str(config.init), report=loaded.summary())
+        weights = {name for name, p in net.named_parameters() if p.ndim > 1}
+        if not weights & set(loaded.loaded):
+            raise ConfigError(
+                f"--init {config.init}: no layer matches this network by name and shape "
+                f"({loaded.summary()}); give the checkpoint's --base/--depth/--channels"
+            )
+    if state is None and not head_loaded:
         init_head_prior(net, float(train_set.masks.mean()))
     decay = [p for p in net.parameters() if p.ndim > 1]
     no_decay = [p for p in net.parameters() if p.ndim <= 1]
@@ -373,6 +422,7 @@ def train(
             epochs=0,
             seed=config.seed,
             command=config.command,
+            init=init_info,
         ),
         created=datetime.now(UTC).isoformat(timespec="seconds"),
     )
