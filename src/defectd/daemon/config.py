@@ -14,6 +14,7 @@
     [outbox]      defectd.publish.config.OutboxConfig        (path defaults to the state dir)
     [archive]     defectd.daemon.archive.ArchiveConfig
     [audit]       defectd.daemon.audit.AuditConfig           (the audit log of model changes)
+    [promotion]   defectd.daemon.promote.PromotionConfig     (gates of defectd promote)
     [health]      address of /healthz, /metrics and the operator view (token off loopback)
     [opcua]       defectd.opcua.config.OpcUaConfig           (OPC UA server; absent = off)
     [daemon]      state_dir, drain and watchdog bounds, log rate limit
@@ -53,6 +54,7 @@ from defectd.daemon.archive import ArchiveConfig
 from defectd.daemon.audit import AuditConfig
 from defectd.daemon.fingerprint import decision_fingerprint
 from defectd.daemon.health import is_loopback, parse_address
+from defectd.daemon.promote import PromotionConfig
 from defectd.engines.registry import BACKENDS
 from defectd.engines.remote import TritonOptions
 from defectd.errors import ConfigError
@@ -350,6 +352,7 @@ class StationConfig(_Frozen):
     outbox: OutboxConfig
     archive: ArchiveConfig = ArchiveConfig()
     audit: AuditConfig = AuditConfig()
+    promotion: PromotionConfig = PromotionConfig()
     health: HealthSection = HealthSection()
     daemon: DaemonSection = DaemonSection()
     opcua: OpcUaConfig | None = None

@@ -49,6 +49,7 @@ from defectd.daemon.health_report import HealthInputs, check_progress, health_re
 from defectd.daemon.line import LineIntake
 from defectd.daemon.logs import RateLimit, install_rate_limit
 from defectd.daemon.opcua_link import OpcUaLink, station_state
+from defectd.daemon.promote import PID_FILE
 from defectd.daemon.reload import Intake, Reloader
 from defectd.daemon.routing import Ledger, Progress, ResultObserver, ResultRouter
 from defectd.daemon.sdnotify import SdNotifier
@@ -85,7 +86,6 @@ EXIT_FORCED = 1
 TICK_S = 0.1
 RECENT_EVENTS = 50  # kept for the operator view
 DISK_CHECK_S = 5.0
-PID_FILE = "defectd.pid"  # in the state directory, while the daemon runs
 
 
 def _model_state(gen: Generation) -> ModelState:
