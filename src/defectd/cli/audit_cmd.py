@@ -11,6 +11,7 @@ from rich.table import Table
 
 from defectd.cli.app import app
 from defectd.cli.console import report_console
+from defectd.cli.options import JsonTable
 from defectd.errors import ConfigError, DataError
 
 EXIT_BROKEN = 1
@@ -47,10 +48,7 @@ def audit_command(
     last: Annotated[
         int | None, typer.Option("--last", help="Show only the last N entries.")
     ] = None,
-    as_json: Annotated[
-        bool,
-        typer.Option("--json", help="One JSON object: entries (and verification)."),
-    ] = False,
+    as_json: JsonTable = False,
 ) -> None:
     """Print the audit log: every model, threshold, rule or calibration change and every
     promotion attempt, with time, user, old/new model sha256 and config hash, reason and

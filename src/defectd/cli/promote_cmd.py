@@ -10,6 +10,7 @@ import typer
 
 from defectd.cli.app import app
 from defectd.cli.console import report_console
+from defectd.cli.options import JsonSummary
 
 
 @app.command("promote")
@@ -61,7 +62,7 @@ def promote_command(
             "defectd); the daemon's audit entry then follows at its reload.",
         ),
     ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    as_json: JsonSummary = False,
 ) -> None:
     """Promote the candidate of a shadow report to the live model when every gate holds.
 
