@@ -21,18 +21,15 @@ from numpy.typing import NDArray
 
 from defectd.errors import ConfigError
 
-_PROBS = (
-    "hflip",
-    "vflip",
-    "rot90",
-    "rotate_p",
-    "scale_p",
-    "brightness_p",
-    "contrast_p",
-    "gamma_p",
-    "noise_p",
-    "blur_p",
-)
+# The probability of each op, by the kind of op.
+_GEOMETRIC_PROBS = ("hflip", "vflip", "rot90", "rotate_p", "scale_p")
+_PHOTOMETRIC_PROBS = ("brightness_p", "contrast_p", "gamma_p", "noise_p", "blur_p")
+_PROBS = _GEOMETRIC_PROBS + _PHOTOMETRIC_PROBS
+
+
+def _disabled(probs: tuple[str, ...]) -> dict[str, Any]:
+    """``dataclasses.replace`` arguments that turn the ops of ``probs`` off."""
+    return dict.fromkeys(probs, 0.0)
 
 
 @dataclass(frozen=True)
@@ -84,22 +81,11 @@ class AugmentConfig:
     @classmethod
     def off(cls) -> AugmentConfig:
         """Every op disabled (evaluation, or a base for ``dataclasses.replace``)."""
-        return cls(
-            hflip=0.0,
-            vflip=0.0,
-            rot90=0.0,
-            rotate_p=0.0,
-            scale_p=0.0,
-            brightness_p=0.0,
-            contrast_p=0.0,
-            gamma_p=0.0,
-            noise_p=0.0,
-            blur_p=0.0,
-        )
+        return replace(cls(), **_disabled(_PROBS))
 
     def geometric_only(self) -> AugmentConfig:
         """This config with the photometric ops disabled."""
-        return replace(self, brightness_p=0.0, contrast_p=0.0, gamma_p=0.0, noise_p=0.0, blur_p=0.0)
+        return replace(self, **_disabled(_PHOTOMETRIC_PROBS))
 
     def as_dict(self) -> dict[str, object]:
         """Plain values, for logs and the model card."""
