@@ -29,6 +29,7 @@ from defectd.cli import opcua_cmd  # noqa: F401  # isort: skip
 from defectd.cli import plc_sim_cmd  # noqa: F401  # isort: skip
 from defectd.cli import audit_cmd  # noqa: F401  # isort: skip
 from defectd.cli import promote_cmd  # noqa: F401  # isort: skip
+from defectd.cli import shadow_cmd  # noqa: F401  # isort: skip
 
 EXIT_ERROR = 2
 

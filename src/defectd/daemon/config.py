@@ -17,6 +17,7 @@
     [promotion]   defectd.daemon.promote.PromotionConfig     (gates of defectd promote)
     [health]      address of /healthz, /metrics and the operator view (token off loopback)
     [opcua]       defectd.opcua.config.OpcUaConfig           (OPC UA server; absent = off)
+    [shadow]      defectd.daemon.shadow.config.ShadowConfig  (candidate model; absent = off)
     [daemon]      state_dir, drain and watchdog bounds, log rate limit
 
 Paths: relative paths in the file are relative to the file's folder, except ``outbox.path``,
@@ -55,6 +56,7 @@ from defectd.daemon.audit import AuditConfig
 from defectd.daemon.fingerprint import decision_fingerprint
 from defectd.daemon.health import is_loopback, parse_address
 from defectd.daemon.promote import PromotionConfig
+from defectd.daemon.shadow.config import ShadowConfig
 from defectd.engines.registry import BACKENDS
 from defectd.engines.remote import TritonOptions
 from defectd.errors import ConfigError
@@ -356,6 +358,7 @@ class StationConfig(_Frozen):
     health: HealthSection = HealthSection()
     daemon: DaemonSection = DaemonSection()
     opcua: OpcUaConfig | None = None
+    shadow: ShadowConfig | None = None
     # Set by the loader, not by the file.
     source_path: Path | None = Field(default=None, exclude=True)
     state_dir: Path = Field(default=Path("var"), exclude=True)
@@ -405,6 +408,7 @@ class StationConfig(_Frozen):
             "health",
             "daemon",
             "opcua",
+            "shadow",
         ):
             if getattr(self, key) != getattr(other, key):
                 changed.append(key)
@@ -436,6 +440,8 @@ _FILE_RELATIVE: tuple[tuple[str, ...], ...] = (
     ("opcua", "private_key"),
     ("opcua", "trusted_clients"),
     ("opcua", "users_file"),
+    ("shadow", "path"),
+    ("shadow", "calibration"),
 )
 # Keys whose values are paths relative to the state directory.
 _STATE_RELATIVE: tuple[tuple[str, ...], ...] = (

@@ -13,6 +13,8 @@ fails ``run`` with the very same message. It opens, and closes again:
   ``audit.path`` and ``daemon.result_ledger`` can be created where they do not exist
   (nothing is created);
 - the pipeline is assembled (rules that need mm², zone masks) without starting a thread;
+- the shadow candidate (``[shadow]``) like the model, its calibration file (a threshold
+  section, calibrated for the candidate) and its pipeline, each problem named ``shadow.*``;
 - with ``open_cameras`` each camera source is started and stopped again (a GenICam device is
   opened and configured; the daemon must not hold it at that moment).
 
@@ -256,6 +258,35 @@ def _check_zones(config: StationConfig, problems: _Problems) -> None:
                 problems.attempt(f"{key}.{j}", partial(load_zone_mask, zone))
 
 
+def _check_shadow(config: StationConfig, problems: _Problems) -> None:
+    """Open the candidate as the daemon will, check its calibration and assemble its pipeline."""
+    shadow = config.shadow
+    if shadow is None or not shadow.enabled:
+        return
+    from defectd.daemon.shadow.runner import (  # noqa: PLC0415  (opens an engine)
+        candidate_config,
+        candidate_setups,
+        check_calibration_names,
+    )
+
+    model = problems.attempt("shadow.path", lambda: _open_model(candidate_config(config, shadow)))
+    if model is None:
+        return
+    try:
+        card_sha = model.card.sha256
+
+        def calibration() -> dict[str, CameraSetup]:
+            check_calibration_names(shadow, card_sha)
+            return candidate_setups(config, shadow)
+
+        setups = problems.attempt("shadow.calibration", calibration)
+        if setups is not None:
+            problems.attempt("shadow", lambda: _assemble_pipeline(model, config, setups))
+    finally:
+        if model.engine is not None:
+            model.engine.close()
+
+
 def check_station(config: StationConfig, *, open_cameras: bool = False) -> StationCheck:
     """Open (and close) everything ``defectd run`` opens before its first frame; see the module.
 
@@ -295,6 +326,7 @@ def check_station(config: StationConfig, *, open_cameras: bool = False) -> Stati
         finally:
             if model.engine is not None:
                 model.engine.close()
+    _check_shadow(config, problems)
     opened: tuple[str, ...] = ()
     if open_cameras and not problems.lines:
         opened = _open_cameras(config, problems)

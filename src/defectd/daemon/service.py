@@ -54,6 +54,8 @@ from defectd.daemon.reload import Intake, Reloader
 from defectd.daemon.routing import Ledger, Progress, ResultObserver, ResultRouter
 from defectd.daemon.sdnotify import SdNotifier
 from defectd.daemon.sequence import SequenceStore
+from defectd.daemon.shadow.runner import ShadowRunner
+from defectd.daemon.shadow.store import ModelRef
 from defectd.daemon.station import EngineOpener, Generation, build_generation
 from defectd.daemon.telemetry import EngineInfo, StationMetrics
 from defectd.daemon.view import OperatorView, station_panel
@@ -65,6 +67,7 @@ from defectd.opcua.records import StationState
 from defectd.pipeline.cameras import DEFAULT_SETUP
 from defectd.pipeline.frame import Frame
 from defectd.pipeline.inspection import Inspection
+from defectd.pipeline.runner import PipelineResult
 from defectd.pipeline.sources import (
     EventKind,
     Source,
@@ -138,7 +141,10 @@ class Service:
             observers = (*observers, self._view.feed)
         self._events: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
         self._opcua = OpcUaLink()
-        self._router = ResultRouter(self.metrics, self._progress, (*observers, self._opcua.observe))
+        self._shadow: ShadowRunner | None = None
+        self._router = ResultRouter(
+            self.metrics, self._progress, (*observers, self._opcua.observe, self._observe_shadow)
+        )
         self._intake = Intake()
         self._reloader = Reloader(
             self._intake,
@@ -241,6 +247,17 @@ class Service:
             self._archive = Archive(cfg.archive)
             self._archive.start()
             self._router.archive = self._archive
+        if cfg.shadow is not None and cfg.shadow.enabled:
+            self.notifier.status("loading the shadow candidate")
+            shadow = ShadowRunner(
+                cfg,
+                registry=self.metrics.registry,
+                publish=self._publisher.publish_shadow,
+                opener=self._engine_opener,
+                clock=self._clock,
+            )
+            self._shadow = shadow
+            shadow.start(ModelRef(gen.model.card.name, gen.model.executed_sha256))
         gen.pipeline.start()
         self._opcua.start(
             cfg.opcua, cfg.station, [c.camera for c in cfg.cameras], self._opcua_state
@@ -331,6 +348,10 @@ class Service:
             gen.model.engine.close()
         if self._line is not None:
             self._line.stop()  # parts still waiting for a frame get error:no_frame
+        if self._shadow is not None:
+            # After the live drain (its last verdicts reach the candidate's queue), before the
+            # publisher stops (the last shadow summary goes through the outbox).
+            self._shadow.stop(timeout=deadline.step(0.5, cap_s=5.0))
         if self._archive is not None:
             self._archive.stop(timeout=deadline.step(0.5, cap_s=5.0))
         depth: int | None = None
@@ -635,6 +656,15 @@ class Service:
             opcua=self._opcua.stats(),
         )
 
+    @property
+    def shadow(self) -> ShadowRunner | None:
+        """Shadow mode's runner while ``[shadow]`` is on."""
+        return self._shadow
+
+    def _observe_shadow(self, result: PipelineResult) -> None:
+        if self._shadow is not None:
+            self._shadow.observe(result)
+
     def _no_frame(self, ins: Inspection) -> None:
         self._router.no_frame(ins)
         self._opcua.submit(ins)
@@ -676,6 +706,8 @@ class Service:
         self._audit_reload(old, new)
         if self._publisher is not None:
             self._publisher.set_status(self._status_info())
+        if self._shadow is not None:
+            self._shadow.set_live(ModelRef(model.card.name, model.executed_sha256))
         self._publish_event(
             "model_reloaded" if model_changed else "config_reloaded",
             model=model.card.name,

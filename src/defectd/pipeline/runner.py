@@ -26,11 +26,13 @@ invariant over files; the pieces that stand alone live beside it (``batcher``, `
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
+from functools import partial
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -110,6 +112,21 @@ class PipelineState(Enum):
         return self in (PipelineState.RUNNING, PipelineState.DRAINING)
 
 
+def lower_thread_priority(nice: int, then: Callable[[], None] | None = None) -> None:
+    """Raise the calling thread's nice value by ``nice`` (Linux schedules threads one by one;
+    elsewhere, or when refused, it stays as it is and says so in the log), then run ``then``."""
+    try:
+        tid = threading.get_native_id()
+        now = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, now + nice))
+    except (OSError, AttributeError) as exc:
+        log.warning(
+            "thread_priority_unchanged", thread=threading.current_thread().name, error=str(exc)
+        )
+    if then is not None:
+        then()
+
+
 def _ms(ns: int) -> float:
     return round(ns / 1e6, 3)
 
@@ -133,7 +150,10 @@ class Pipeline:
     ``swap_engine`` is set). ``cameras`` maps camera ids to their ROI/scale/corrections.
     ``config_hash`` (default: a hash of the three config sections) and ``model_sha256`` (the
     sha256 of the file the engine executes, e.g. ``model.int8.onnx`` or a TensorRT plan;
-    default: the card's) are stamped on every verdict.
+    default: the card's) are stamped on every verdict. ``thread_prefix`` names the threads
+    (``<prefix>-pre-0``, ``<prefix>-infer``, ``<prefix>-post-0``); ``nice`` > 0 lowers their
+    scheduling priority by that much (Linux: per thread), for a pipeline that must yield the
+    CPU to another (the shadow model's, ``defectd.daemon.shadow``).
     Raises ``ConfigError`` for settings that cannot work (naming the key) and ``ModelError``
     when engine and card disagree.
     """
@@ -151,8 +171,12 @@ class Pipeline:
         config_hash: str | None = None,
         clock: Clock = SYSTEM_CLOCK,
         model_sha256: str | None = None,
+        thread_prefix: str = "defectd",
+        nice: int = 0,
     ) -> None:
         self.config = cfg = config or PipelineConfig()
+        self._thread_prefix = thread_prefix
+        self._nice = nice
         self._clock = clock
         self.postprocess_config = post_cfg = postprocess or PostprocessConfig()
         self.rules_config = rules_cfg = rules or RulesConfig()
@@ -232,12 +256,14 @@ class Pipeline:
                 raise RuntimeError(f"pipeline is {self._state.value}; a pipeline starts once")
             self._state = PipelineState.RUNNING
         cfg = self.config
+        prefix = self._thread_prefix
         targets: list[tuple[str, Callable[[], None]]] = [
-            (f"defectd-pre-{i}", self._preprocess_loop) for i in range(cfg.preprocess_workers)
+            (f"{prefix}-pre-{i}", self._preprocess_loop) for i in range(cfg.preprocess_workers)
         ]
-        targets += [(f"defectd-infer-{i}", self._infer_loop) for i in range(self._infer_threads)]
-        targets += [(f"defectd-post-{i}", self._post_loop) for i in range(cfg.workers)]
-        for name, target in targets:
+        targets += [(f"{prefix}-infer-{i}", self._infer_loop) for i in range(self._infer_threads)]
+        targets += [(f"{prefix}-post-{i}", self._post_loop) for i in range(cfg.workers)]
+        for name, loop in targets:
+            target = partial(lower_thread_priority, self._nice, loop) if self._nice > 0 else loop
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)

@@ -9,6 +9,8 @@ Topics (``<prefix>`` is ``mqtt.topic_prefix``):
   as the last will and after a clean stop.
 - ``<prefix>/<station>/events``: ``event`` messages (camera lost/back, model reloaded, overload,
   outbox near its bound ...).
+- ``<prefix>/<station>/shadow``: ``shadow`` summaries of a candidate model running in shadow
+  mode beside the live one (agreement, confusion, per-class disagreement; docs/lifecycle.md).
 
 Delivery is at least once: subscribers de-duplicate by ``result_id`` (``event_id`` for events).
 The schemas live in ``defectd/publish/schemas/<kind>.schema.json`` (draft 2020-12).
@@ -41,6 +43,7 @@ class Kind(StrEnum):
     STATUS = "status"
     EVENT = "event"
     TRIGGER = "trigger"  # received from the PLC, not published (``pipeline.parts``)
+    SHADOW = "shadow"
 
 
 # Events an operator or a PLC integrator can expect, with their default severity.
@@ -94,6 +97,11 @@ class Topics:
     @property
     def events(self) -> str:
         return f"{self.prefix}/{self.station}/events"
+
+    @property
+    def shadow(self) -> str:
+        """Shadow mode's summaries (``defectd.daemon.shadow``)."""
+        return f"{self.prefix}/{self.station}/shadow"
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +244,19 @@ def event_message(
         "severity": severity,
         "t": timestamp(t),
         "data": data,
+    }
+
+
+def shadow_message(station: str, summary: dict[str, Any], t: float) -> dict[str, Any]:
+    """A ``shadow`` payload: shadow mode's running summary (``summary``: JSON values, the
+    fields of ``shadow.schema.json`` after the envelope)."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": Kind.SHADOW.value,
+        "message_id": uuid.uuid4().hex,
+        "station": station,
+        "t": timestamp(t),
+        **summary,
     }
 
 

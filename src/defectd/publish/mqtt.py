@@ -401,6 +401,22 @@ class Publisher:
         )
         self._wake()
 
+    def publish_shadow(self, summary: dict[str, Any]) -> None:
+        """Queue a ``shadow`` summary (``messages.shadow_message``) through the outbox, as
+        droppable as an event. Raises ``PublishError`` when not started."""
+        outbox = self._require_outbox()
+        msg = m.shadow_message(self._station, summary, self._clock())
+        outbox.put(
+            self._topics.shadow,
+            m.encode(msg),
+            1,
+            False,
+            priority=PRIORITY_DROP_FIRST,
+            kind=m.Kind.SHADOW.value,
+            message_id=msg["message_id"],
+        )
+        self._wake()
+
     def set_status(self, info: m.StatusInfo) -> None:
         """What the retained ``online`` status says; published now when connected, else at
         the next connect."""
@@ -514,7 +530,8 @@ class Publisher:
         props.PayloadFormatIndicator = 1
         user = [("schema_version", str(m.SCHEMA_VERSION)), ("kind", kind)]
         if message_id is not None:
-            user.append(("event_id" if kind == m.Kind.EVENT.value else "result_id", message_id))
+            name = {m.Kind.EVENT.value: "event_id", m.Kind.SHADOW.value: "message_id"}
+            user.append((name.get(kind, "result_id"), message_id))
         props.UserProperty = user
         return props
 

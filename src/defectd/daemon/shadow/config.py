@@ -1,0 +1,84 @@
+"""``[shadow]``: the candidate model that runs beside the live one (``defectd.daemon.shadow``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from defectd.engines.registry import BACKENDS
+
+
+class ShadowConfig(BaseModel):
+    """``[shadow]``: which candidate model to run on the live frames, and how modestly.
+
+    The candidate never decides a part: it inspects a frame only after the live verdict was
+    given, on threads with a lower priority, one frame at a time. Frames that arrive while it
+    is busy wait in a queue of ``queue`` frames; beyond it a frame is skipped (the oldest or the
+    newest waiting one, ``drop``) and counted.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = True
+    path: Path = Field(description="the candidate model (.onnx with its card beside it)")
+    backend: str = Field(default="auto", description="auto, openvino, ort, torch, tensorrt")
+    precision: Literal["fp32", "fp16", "bf16", "int8"] | None = Field(
+        default=None, description="None: the candidate's card"
+    )
+    threads: Annotated[int, Field(ge=1, le=1024)] = Field(
+        default=1, description="inference threads of the candidate (the live model keeps the rest)"
+    )
+    calibration: Path | None = Field(
+        default=None,
+        description="a calibration file whose threshold section was calibrated for the "
+        "candidate (pixel threshold, min area); the cameras' geometry and flat-field still "
+        "come from their own calibration files. None: the candidate's card",
+    )
+    queue: Annotated[int, Field(ge=1, le=1024)] = Field(
+        default=4, description="frames waiting for the candidate; beyond it frames are skipped"
+    )
+    drop: Literal["oldest", "newest"] = Field(
+        default="oldest", description="which frame a full queue skips"
+    )
+    nice: Annotated[int, Field(ge=0, le=19)] = Field(
+        default=10, description="how much lower the candidate's threads are scheduled"
+    )
+    max_archived: Annotated[int, Field(ge=0)] = Field(
+        default=500,
+        description="disagreements archived with image and masks per run; later ones are "
+        "recorded without files",
+    )
+    publish_interval_s: Annotated[float, Field(gt=0)] = Field(
+        default=10.0, description="how often the shadow summary goes to the MQTT shadow topic"
+    )
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        if value not in BACKENDS:
+            raise ValueError(f"unknown backend {value!r}; choose one of {', '.join(BACKENDS)}")
+        return value
+
+    @field_validator("path")
+    @classmethod
+    def _model_exists(cls, value: Path) -> Path:
+        if not value.is_file():
+            raise ValueError(f"model file not found: {value}")
+        return value
+
+    @field_validator("calibration")
+    @classmethod
+    def _calibration_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"calibration file not found: {value}")
+        return value
+
+
+def shadow_dir(state_dir: Path) -> Path:
+    """Where shadow mode keeps its record and its archived disagreements."""
+    return state_dir / "shadow"
+
+
+__all__ = ["ShadowConfig", "shadow_dir"]
