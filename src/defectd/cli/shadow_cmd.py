@@ -9,16 +9,14 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from defectd.cli.app import app
+from defectd.cli.app import sub_app
 from defectd.cli.console import report_console
+from defectd.cli.options import JsonTable
 from defectd.errors import ConfigError
 
-shadow_app = typer.Typer(
-    help="Shadow mode: a candidate model inspecting the live frames beside the live model.",
-    no_args_is_help=True,
-    context_settings={"help_option_names": ["-h", "--help"]},
+shadow_app = sub_app(
+    "shadow", "Shadow mode: a candidate model inspecting the live frames beside the live model."
 )
-app.add_typer(shadow_app, name="shadow")
 
 
 @shadow_app.command("report")
@@ -31,17 +29,15 @@ def report(
         Path | None,
         typer.Option("--config", help="The station config; its state directory is read."),
     ] = None,
-    as_json: Annotated[
-        bool,
-        typer.Option("--json", help="Print the report as one JSON object (docs/lifecycle.md)."),
-    ] = False,
+    as_json: JsonTable = False,
     limit: Annotated[
         int, typer.Option("--limit", min=0, help="Disagreements listed in the table (not --json).")
     ] = 20,
 ) -> None:
     """Summarise the latest shadow candidate against the live model it ran beside: parts
     compared, skipped, agreement, the live/shadow confusion, per-class disagreement, and every
-    disagreement with its archived evidence. Exit 2 when there is no shadow record."""
+    disagreement with its archived evidence (--json: the object docs/lifecycle.md documents).
+    Exit 2 when there is no shadow record."""
     from defectd.daemon.shadow.store import shadow_report
 
     if (state_dir is None) == (config is None):
