@@ -481,6 +481,13 @@ def print_table(summary: dict[str, Any]) -> None:
         [{**r, "x_torch": r["x_torch"] or 0} for r in summary["rows"]],
         rule=True,
     )
+    int8 = summary["best_of_peak"].get("openvino-int8")
+    if int8 is not None:
+        print(
+            f"openvino-int8 of the measured int8 peak: {int8['fraction_of_peak']:.0%} "
+            f"(target >= 55%: {'met' if int8['fraction_of_peak'] >= 0.55 else 'not met'}; "
+            f"peak {summary['peak_gflops']['int8']} GOP/s)"
+        )
     for name, best in summary["best_of_peak"].items():
         print(
             f"{name}: best {best['fraction_of_peak']:.0%} of the measured {best['precision']} "

@@ -1007,6 +1007,7 @@ def print_rows(console: Any, report: dict[str, Any], rows: dict[str, Any]) -> No
     console.print(table)
     ratios = report["ratios"]
     console.print(f"pipeline / engine-only = {ratios['pipeline_vs_engine']:.3f} (target >= 0.90)")
+    console.print(f"checks: {json.dumps(report['checks'])}")
     if "pipeline-tiled" in rows:
         console.print(
             f"full-frame / tiled = {ratios['full_frame_vs_tiled']:.3f} frames/s (target >= 1.2); "
@@ -1051,6 +1052,20 @@ def print_rows(console: Any, report: dict[str, Any], rows: dict[str, Any]) -> No
         f"{report['cpu_count']} cores, load average (1 min) at each run "
         f"{report['load_avg_1m_per_run']}, at the end {report['load_avg_1m']}"
     )
+
+
+def checks(ratios: dict[str, float], rows: dict[str, Any], load_max: float) -> dict[str, Any]:
+    """The targets of this bench, met or not, from this run (quiet: load average < 1.5)."""
+    out: dict[str, Any] = {"quiet_machine": load_max < 1.5}
+    if "pipeline_vs_simple" in ratios:
+        out["fps_vs_simple_ge_1"] = ratios["pipeline_vs_simple"] >= 1.0
+    if "p99_pipeline_vs_simple" in ratios:
+        out["p99_vs_simple_le_1"] = ratios["p99_pipeline_vs_simple"] <= 1.0
+    out["pipeline_vs_engine_ge_0.90"] = ratios["pipeline_vs_engine"] >= 0.90
+    if "full_frame_vs_tiled" in ratios:
+        out["full_frame_vs_tiled_ge_1.2"] = ratios["full_frame_vs_tiled"] >= 1.2
+        out["full_frame_peak_rss_le_600mb"] = rows["pipeline"]["peak_rss_process_mb"] <= 600
+    return out
 
 
 def main() -> None:
@@ -1271,6 +1286,7 @@ def main() -> None:
         report["engine"] = rows["pipeline"]["engine"]
         report["rows"] = rows
         report["ratios"] = ratios
+        report["checks"] = checks(ratios, rows, report["load_avg_1m_max"])
     if truth is not None:
         report["truth"] = truth["truth"]
         report["truth_missing"] = truth["missing_verdicts"]
