@@ -34,14 +34,26 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ModelCard]:
 class Line:
     """A batcher over a real job queue; ``job(seq, frame_hw)`` makes a preprocessed job."""
 
-    def __init__(self, model: tuple[Path, ModelCard], max_batch: int, max_delay_ms: float):
+    def __init__(
+        self,
+        model: tuple[Path, ModelCard],
+        max_batch: int,
+        max_delay_ms: float,
+        *,
+        wait_for_more: bool = True,
+    ):
         path, card = model
         self.clock = FakeClock()
         self.jobs: queue.Queue[Job] = queue.Queue()
         self.slot = ModelSlot(OrtTestEngine(path, card), card, 0)
         self.pre = Preprocessor(card, PipelineConfig(), BufferPool())
         self.batcher = Batcher(
-            self.jobs, max_batch, max_delay_ms / 1e3, lambda job: True, self.clock
+            self.jobs,
+            max_batch,
+            max_delay_ms / 1e3,
+            lambda job: True,
+            self.clock,
+            wait_for_more=wait_for_more,
         )
 
     def job(self, seq: int, hw: tuple[int, int] = (64, 64)) -> Job:
@@ -62,6 +74,28 @@ def test_a_lone_tile_leaves_exactly_when_max_delay_has_passed(model) -> None:
     assert batch is not None and len(batch.entries) == 1
     assert batch.t_first_ns == 0
     assert line.clock.monotonic_ns() == 30 * MS
+
+
+def test_with_parallel_requests_a_batch_leaves_as_soon_as_nothing_more_is_queued(model) -> None:
+    line = Line(model, max_batch=8, max_delay_ms=30, wait_for_more=False)
+    line.jobs.put(line.job(0))
+    line.jobs.put(line.job(1))
+    line.arrive_at(5, 2)  # would join within max_delay; the free request does not wait for it
+    batch = line.batcher.next_batch(threading.Event())
+    assert batch is not None and [job.frame.seq for job, _ in batch.entries] == [0, 1]
+    assert line.clock.monotonic_ns() == 0
+
+
+def test_each_caller_gets_its_own_batch_buffer(model) -> None:
+    from defectd.pipeline.buffers import Scratch
+
+    line = Line(model, max_batch=1, max_delay_ms=0, wait_for_more=False)
+    line.jobs.put(line.job(0))
+    line.jobs.put(line.job(1))
+    first = line.batcher.next_batch(threading.Event(), Scratch())
+    second = line.batcher.next_batch(threading.Event(), Scratch())
+    assert first is not None and second is not None
+    assert first.data.ctypes.data != second.data.ctypes.data
 
 
 def test_a_full_batch_leaves_at_once(model) -> None:

@@ -221,11 +221,12 @@ class OpenVinoEngine(BackendEngine):
         return self._sizes
 
     def at_size(self, height: int, width: int) -> OpenVinoEngine:
-        """The same model, precision and mode compiled for single ``(C, height, width)`` images
-        (a fully convolutional model inspecting a large frame in a few large windows). In
-        throughput mode it runs ``concurrency`` windows at once, one per stream (each stream
-        holds one window's activations). The caller closes it. ``EngineError`` when the model
-        cannot take that size."""
+        """The same model and precision compiled for single ``(C, height, width)`` images (a
+        fully convolutional model inspecting a large frame in a few large windows), in latency
+        mode: one window at a time on every core, so the activations of one window are held
+        (a stream per core would hold one each). Per pixel it costs the same CPU as tiles in
+        throughput mode on the development machine. The caller closes it. ``EngineError``
+        when the model cannot take that size."""
         spec = EngineSpec(self._spec.channels, height, width, 1, 1, self._spec.dtype)
         return OpenVinoEngine(
             self._path,
@@ -234,7 +235,7 @@ class OpenVinoEngine(BackendEngine):
             precision=self._precision,
             threads=self._threads,
             cache_dir=self._cache_dir,
-            mode=self._mode,
+            mode="latency",
         )
 
     def _run(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:

@@ -252,8 +252,8 @@ def window_size(
     with the fewest pixels in all (fewer windows on a tie).
 
     Fewer, larger windows repeat less of the image in overlaps than model-sized tiles (a
-    2448x2048 frame in 256-px tiles with 32 px overlap is 1.29x the pixels; in 12 windows of
-    704x640 it is 1.08x); ``max_pixels`` bounds the activations one inference holds.
+    2448x2048 frame in 256-px tiles with 32 px overlap is 1.29x the pixels; in 6 windows of
+    704x1248 it is 1.05x); ``max_pixels`` bounds the activations one inference holds.
     """
     fh, fw = fitted_hw
     mh, mw = model_hw
