@@ -44,7 +44,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from defectd.data.datasets import IMAGE_SUFFIXES, MANIFEST_COLUMNS, open_dataset
-from defectd.data.importer import coco_mask, read_mask_file
+from defectd.data.importer import read_coco, read_mask_file
 from defectd.errors import ConfigError, DataError
 
 PROVENANCE_COLUMNS = (
@@ -189,23 +189,9 @@ def _folder_labels(
 def _coco_labels(
     annotations: Path, keys: dict[str, str], report: FromArchiveReport
 ) -> dict[str, Label]:
-    try:
-        doc = json.loads(annotations.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise DataError(f"{annotations}: not a readable COCO JSON file: {exc}") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
-        raise DataError(f"{annotations}: not COCO: no 'images' list")
-    categories = {
-        c.get("id"): str(c.get("name", c.get("id")))
-        for c in doc.get("categories", [])
-        if isinstance(c, dict)
-    }
-    by_image: dict[Any, list[dict[str, Any]]] = {}
-    for ann in doc.get("annotations", []):
-        if isinstance(ann, dict):
-            by_image.setdefault(ann.get("image_id"), []).append(ann)
+    coco = read_coco(annotations)
     labels: dict[str, Label] = {}
-    for entry in doc["images"]:
+    for entry in coco.images:
         if not isinstance(entry, dict) or not isinstance(entry.get("file_name"), str):
             report.problems.append(f"{annotations}: image entry without file_name")
             continue
@@ -218,17 +204,8 @@ def _coco_labels(
         if not isinstance(height, int) or not isinstance(width, int):
             report.problems.append(f"{entry['file_name']}: COCO entry without width/height")
             continue
-        mask = np.zeros((height, width), np.uint8)
-        area: dict[str, int] = {}
-        for ann in by_image.get(entry.get("id"), []):
-            try:
-                one = coco_mask(ann.get("segmentation"), height, width)
-            except (DataError, ValueError, TypeError, KeyError) as exc:
-                report.problems.append(f"{entry['file_name']}: annotation {ann.get('id')}: {exc}")
-                continue
-            mask |= one
-            name_of = categories.get(ann.get("category_id"), "defect")
-            area[name_of] = area.get(name_of, 0) + int(one.sum())
+        mask, area, errors = coco.image_mask(entry.get("id"), height, width)
+        report.problems.extend(f"{entry['file_name']}: {e}" for e in errors)
         cls = max(area, key=lambda k: area[k]) if mask.any() else GOOD_CLASS
         labels[stem] = Label(mask, cls, entry["file_name"])
     return labels

@@ -233,10 +233,41 @@ def coco_mask(segm: Any, height: int, width: int) -> NDArray[np.uint8]:
     return (decoded > 0).astype(np.uint8)
 
 
-def _coco_pairs(annotations: Path, images_dir: Path, report: ImportReport) -> list[_Pair]:
+@dataclass(frozen=True, slots=True)
+class CocoFile:
+    """A COCO JSON file read for its masks: the ``images`` entries as written, category names
+    by id, and the annotations (dicts) by image id."""
+
+    images: list[Any]
+    categories: dict[Any, str]
+    by_image: dict[Any, list[dict[str, Any]]]
+
+    def image_mask(
+        self, image_id: Any, height: int, width: int
+    ) -> tuple[NDArray[np.uint8], Counter[str], list[str]]:
+        """The union ``(height, width)`` uint8 {0, 1} mask of an image's annotations, the pixels
+        of each category (unnamed: ``defect``) and, for each annotation that cannot be drawn,
+        ``"annotation ID: why"`` (it adds nothing to the mask)."""
+        mask = np.zeros((height, width), np.uint8)
+        area: Counter[str] = Counter()
+        errors: list[str] = []
+        for ann in self.by_image.get(image_id, []):
+            try:
+                one = coco_mask(ann.get("segmentation"), height, width)
+            except (DataError, ValueError, TypeError, KeyError) as exc:
+                errors.append(f"annotation {ann.get('id')}: {exc}")
+                continue
+            mask |= one
+            area[self.categories.get(ann.get("category_id"), DEFECT_CLASS)] += int(one.sum())
+        return mask, area, errors
+
+
+def read_coco(annotations: Path) -> CocoFile:
+    """Read a COCO JSON file; ``DataError`` naming it when it cannot be read or has no
+    ``images`` list."""
     try:
         doc = json.loads(annotations.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise DataError(f"{annotations}: not a readable COCO JSON file: {exc}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
         raise DataError(f"{annotations}: not COCO: no 'images' list")
@@ -249,11 +280,16 @@ def _coco_pairs(annotations: Path, images_dir: Path, report: ImportReport) -> li
     for ann in doc.get("annotations", []):
         if isinstance(ann, dict):
             by_image.setdefault(ann.get("image_id"), []).append(ann)
-    known = {img.get("id") for img in doc["images"] if isinstance(img, dict)}
-    for image_id in sorted(set(by_image) - known, key=str):
+    return CocoFile(doc["images"], categories, by_image)
+
+
+def _coco_pairs(annotations: Path, images_dir: Path, report: ImportReport) -> list[_Pair]:
+    coco = read_coco(annotations)
+    known = {img.get("id") for img in coco.images if isinstance(img, dict)}
+    for image_id in sorted(set(coco.by_image) - known, key=str):
         report.other.append(f"annotations for unknown image id {image_id!r}")
     pairs: list[_Pair] = []
-    for entry in doc["images"]:
+    for entry in coco.images:
         if not isinstance(entry, dict) or not isinstance(entry.get("file_name"), str):
             report.other.append(f"image entry without file_name: {str(entry)[:80]}")
             continue
@@ -269,23 +305,12 @@ def _coco_pairs(annotations: Path, images_dir: Path, report: ImportReport) -> li
                 f"file is {width}x{height}"
             )
             continue
-        mask = np.zeros((height, width), np.uint8)
-        area: Counter[str] = Counter()
-        anns = by_image.get(entry.get("id"), [])
-        bad = False
-        for ann in anns:
-            try:
-                one = coco_mask(ann.get("segmentation"), height, width)
-            except (DataError, ValueError, TypeError, KeyError) as exc:
-                report.other.append(f"{entry['file_name']}: annotation {ann.get('id')}: {exc}")
-                bad = True
-                continue
-            mask |= one
-            area[categories.get(ann.get("category_id"), DEFECT_CLASS)] += int(one.sum())
-        if bad:
+        mask, area, errors = coco.image_mask(entry.get("id"), height, width)
+        if errors:
+            report.other.extend(f"{entry['file_name']}: {e}" for e in errors)
             continue
         defective = bool(mask.any())
-        if anns and not defective:
+        if coco.by_image.get(entry.get("id")) and not defective:
             report.empty_masks.append(f"{entry['file_name']}: annotations cover no pixel")
         cls = area.most_common(1)[0][0] if defective else GOOD_CLASS
         stem = Path(entry["file_name"]).with_suffix("").as_posix().replace("/", "__")
