@@ -119,36 +119,32 @@ def promote_command(
         f"shadow report: agreement {doc.get('agreement')} over {doc.get('parts')} parts"
     )
     details = {**result.as_dict(), "candidate_path": str(cand_path), "report": str(report)}
+
+    def record(event: str) -> dict[str, Any]:
+        """Append this decision (``promote`` or ``promote_refused``) to the audit log."""
+        entry = audit.append(
+            event,
+            station=cfg.station,
+            user=who,
+            reason=why,
+            old=live,
+            new=new,
+            evidence=report,
+            details=details,
+        )
+        summary["audit_seq"] = entry["seq"]
+        return entry
+
     if not result.ok:
         if not dry_run:
-            entry = audit.append(
-                "promote_refused",
-                station=cfg.station,
-                user=who,
-                reason=why,
-                old=live,
-                new=new,
-                evidence=report,
-                details=details,
-            )
-            summary["audit_seq"] = entry["seq"]
+            record("promote_refused")
         _print(summary, as_json)
         failed = "; ".join(g.line() for g in result.gates if not g.ok)
         raise PromotionRefusedError(f"promotion refused: {failed}")
     if dry_run:
         _print(summary, as_json)
         return
-    entry = audit.append(
-        "promote",
-        station=cfg.station,
-        user=who,
-        reason=why,
-        old=live,
-        new=new,
-        evidence=report,
-        details=details,
-    )
-    summary["audit_seq"] = entry["seq"]
+    entry = record("promote")
     installed = install(cand_path, cfg.model.path, cfg.state_dir)
     summary["retired"] = str(installed.retired)
     pid = None if no_reload else signal_daemon(cfg.state_dir)
