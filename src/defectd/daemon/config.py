@@ -53,11 +53,11 @@ from pydantic import (
 
 from defectd.daemon.archive import ArchiveConfig
 from defectd.daemon.audit import AuditConfig
+from defectd.daemon.config_types import BackendName, ModelFile
 from defectd.daemon.fingerprint import decision_fingerprint
 from defectd.daemon.health import is_loopback, parse_address
 from defectd.daemon.promote import PromotionConfig
 from defectd.daemon.shadow.config import ShadowConfig
-from defectd.engines.registry import BACKENDS
 from defectd.engines.remote import TritonOptions
 from defectd.errors import ConfigError
 from defectd.opcua.config import OpcUaConfig
@@ -110,8 +110,10 @@ class TritonSection(_Frozen):
 class ModelSection(_Frozen):
     """``[model]``: the model file (``.onnx`` with its card beside it) and how to run it."""
 
-    path: Path
-    backend: str = Field(default="auto", description="auto, openvino, ort, torch, tensorrt, triton")
+    path: ModelFile
+    backend: BackendName = Field(
+        default="auto", description="auto, openvino, ort, torch, tensorrt, triton"
+    )
     precision: Literal["fp32", "fp16", "bf16", "int8"] | None = Field(
         default=None, description="None: the model card's"
     )
@@ -137,20 +139,6 @@ class ModelSection(_Frozen):
                 f'[model.triton] is set but backend is {self.backend!r}; set backend = "triton"'
             )
         return self
-
-    @field_validator("backend")
-    @classmethod
-    def _known_backend(cls, value: str) -> str:
-        if value not in BACKENDS:
-            raise ValueError(f"unknown backend {value!r}; choose one of {', '.join(BACKENDS)}")
-        return value
-
-    @field_validator("path")
-    @classmethod
-    def _model_exists(cls, value: Path) -> Path:
-        if not value.is_file():
-            raise ValueError(f"model file not found: {value}")
-        return value
 
 
 class StationCamera(_Frozen):

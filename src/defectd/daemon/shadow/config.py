@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from defectd.engines.registry import BACKENDS
+from defectd.daemon.config_types import BackendName, ModelFile
 
 
 class ShadowConfig(BaseModel):
@@ -22,8 +22,8 @@ class ShadowConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     enabled: bool = True
-    path: Path = Field(description="the candidate model (.onnx with its card beside it)")
-    backend: str = Field(default="auto", description="auto, openvino, ort, torch, tensorrt")
+    path: ModelFile = Field(description="the candidate model (.onnx with its card beside it)")
+    backend: BackendName = Field(default="auto", description="auto, openvino, ort, torch, tensorrt")
     precision: Literal["fp32", "fp16", "bf16", "int8"] | None = Field(
         default=None, description="None: the candidate's card"
     )
@@ -53,20 +53,6 @@ class ShadowConfig(BaseModel):
     publish_interval_s: Annotated[float, Field(gt=0)] = Field(
         default=10.0, description="how often the shadow summary goes to the MQTT shadow topic"
     )
-
-    @field_validator("backend")
-    @classmethod
-    def _known_backend(cls, value: str) -> str:
-        if value not in BACKENDS:
-            raise ValueError(f"unknown backend {value!r}; choose one of {', '.join(BACKENDS)}")
-        return value
-
-    @field_validator("path")
-    @classmethod
-    def _model_exists(cls, value: Path) -> Path:
-        if not value.is_file():
-            raise ValueError(f"model file not found: {value}")
-        return value
 
     @field_validator("calibration")
     @classmethod
