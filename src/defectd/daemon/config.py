@@ -53,7 +53,7 @@ from pydantic import (
 
 from defectd.daemon.archive import ArchiveConfig
 from defectd.daemon.audit import AuditConfig
-from defectd.daemon.config_types import BackendName, ModelFile
+from defectd.daemon.config_types import BackendName, CalibrationFile, ModelFile
 from defectd.daemon.fingerprint import decision_fingerprint
 from defectd.daemon.health import is_loopback, parse_address
 from defectd.daemon.promote import PromotionConfig
@@ -145,7 +145,7 @@ class StationCamera(_Frozen):
     """One ``[[cameras]]`` table: the source settings plus what the station adds per camera."""
 
     source: SourceConfig
-    calibration: Path | None = Field(
+    calibration: CalibrationFile | None = Field(
         default=None, description="calibration file (threshold, camera geometry, flat-field)"
     )
     roi: Rect | None = Field(default=None, description="inspect only this rectangle")
@@ -164,13 +164,6 @@ class StationCamera(_Frozen):
             rest = {k: v for k, v in data.items() if k not in own}
             return {**own, "source": rest}
         return data
-
-    @field_validator("calibration")
-    @classmethod
-    def _calibration_exists(cls, value: Path | None) -> Path | None:
-        if value is not None and not value.is_file():
-            raise ValueError(f"calibration file not found: {value}")
-        return value
 
     @model_validator(mode="after")
     def _line_needs_a_trigger(self) -> StationCamera:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from defectd.daemon.config_types import BackendName, ModelFile
+from defectd.daemon.config_types import BackendName, CalibrationFile, ModelFile
 
 
 class ShadowConfig(BaseModel):
@@ -30,7 +30,7 @@ class ShadowConfig(BaseModel):
     threads: Annotated[int, Field(ge=1, le=1024)] = Field(
         default=1, description="inference threads of the candidate (the live model keeps the rest)"
     )
-    calibration: Path | None = Field(
+    calibration: CalibrationFile | None = Field(
         default=None,
         description="a calibration file whose threshold section was calibrated for the "
         "candidate (pixel threshold, min area); the cameras' geometry and flat-field still "
@@ -53,13 +53,6 @@ class ShadowConfig(BaseModel):
     publish_interval_s: Annotated[float, Field(gt=0)] = Field(
         default=10.0, description="how often the shadow summary goes to the MQTT shadow topic"
     )
-
-    @field_validator("calibration")
-    @classmethod
-    def _calibration_exists(cls, value: Path | None) -> Path | None:
-        if value is not None and not value.is_file():
-            raise ValueError(f"calibration file not found: {value}")
-        return value
 
 
 def shadow_dir(state_dir: Path) -> Path:
