@@ -38,6 +38,17 @@ connect_timeout_s = 1
 enabled = false"""
 
 
+# ``[pipeline]`` that gives every frame its verdict: no deadline, and intake waits instead of
+# rejecting (a run's verdicts then do not depend on how busy the machine is).
+EVERY_FRAME = '[pipeline]\nmax_latency_ms = 0\nadmission = "block"'
+
+# ``[health]`` and ``[archive]`` off: no port to pick, nothing written beside the outbox.
+NO_HEALTH_NO_ARCHIVE = """[health]
+enabled = false
+[archive]
+enabled = false"""
+
+
 def copy_model(model: Path, folder: Path) -> Path:
     """A private copy of ``model`` and its card as ``folder/model.onnx`` (``folder`` is made),
     so files a test writes beside the model stay in that test; returns the copy's path."""

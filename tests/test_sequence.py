@@ -12,34 +12,22 @@ from defectd.daemon.config import load_station_config
 from defectd.daemon.sdnotify import SdNotifier
 from defectd.daemon.sequence import SequenceStore
 from defectd.daemon.service import Service
+from station_support import EVERY_FRAME, NO_HEALTH_NO_ARCHIVE, synthetic_station
 
 
 def batch_station(tmp: Path, model: Path, port: int, *, count: int) -> Path:
     """A synthetic camera delivering ``count`` parts as fast as it can; exits when done."""
     path = tmp / "station.toml"
     path.write_text(
-        f"""station = "ord"
-[model]
-path = "{model}"
-backend = "ort"
-threads = 1
-warmup = 1
-[[cameras]]
-type = "synthetic"
-camera = "cam0"
+        f"""{synthetic_station("ord", model)}
 height = 64
 width = 64
 defect_rate = 0.5
 count = {count}
-[pipeline]
-max_latency_ms = 0
-admission = "block"
+{EVERY_FRAME}
 [mqtt]
 port = {port}
-[health]
-enabled = false
-[archive]
-enabled = false
+{NO_HEALTH_NO_ARCHIVE}
 [daemon]
 state_dir = "{tmp / "state"}"
 exit_when_sources_end = true

@@ -35,7 +35,13 @@ from defectd.pipeline.frame import Frame
 from defectd.pipeline.runner import Pipeline, PipelineResult
 from defectd.publish.messages import schema_errors
 from pipeline_support import brightness_model
-from station_support import NO_BROKER_NO_HEALTH, copy_model
+from station_support import (
+    EVERY_FRAME,
+    NO_BROKER_NO_HEALTH,
+    NO_HEALTH_NO_ARCHIVE,
+    copy_model,
+    synthetic_station,
+)
 
 SIZE = 64
 DARK, DIM, BRIGHT = 40, 110, 220  # live sees BRIGHT only; the candidate DIM too
@@ -54,21 +60,11 @@ def _station(
     tmp: Path, live: Path, shadow: str, *, camera: str = "", pipeline: str = ""
 ) -> StationConfig:
     text = f"""
-station = "sh1"
-[model]
-path = "{live}"
-backend = "ort"
-threads = 1
-warmup = 1
-[[cameras]]
-type = "synthetic"
-camera = "cam0"
+{synthetic_station("sh1", live)}
 height = {SIZE}
 width = {SIZE}
 {camera}
-[pipeline]
-max_latency_ms = 0
-admission = "block"
+{EVERY_FRAME}
 max_batch = 1
 {pipeline}
 {NO_BROKER_NO_HEALTH}
@@ -376,30 +372,17 @@ def _parts(config: StationConfig) -> list[dict[str, Any]]:
 def _daemon_config(tmp: Path, name: str, live: Path, port: int, shadow: str) -> Path:
     path = tmp / f"{name}.toml"
     path.write_text(f"""
-station = "sh-{name}"
-[model]
-path = "{live}"
-backend = "ort"
-threads = 1
-warmup = 1
-[[cameras]]
-type = "synthetic"
-camera = "cam0"
+{synthetic_station(f"sh-{name}", live)}
 height = {SIZE}
 width = {SIZE}
 rate_hz = 40
 count = 40
 seed = 7
 defect_rate = 0.5
-[pipeline]
-max_latency_ms = 0
-admission = "block"
+{EVERY_FRAME}
 [mqtt]
 port = {port}
-[health]
-enabled = false
-[archive]
-enabled = false
+{NO_HEALTH_NO_ARCHIVE}
 [daemon]
 state_dir = "{tmp / name}"
 exit_when_sources_end = true
