@@ -195,6 +195,12 @@ METRIC_FAMILIES = {
     "defectd_opcua_events_total": "counter",
     "defectd_opcua_dropped_total": "counter",
     "defectd_opcua_refused_sessions_total": "counter",
+    # Added with drift monitoring (docs/lifecycle.md; per camera once it has parts).
+    "defectd_drift_score": "gauge",
+    "defectd_drift_level": "gauge",
+    "defectd_drift_alarm": "gauge",
+    "defectd_drift_learning": "gauge",
+    "defectd_drift_alarms_total": "counter",
 }
 
 

@@ -191,3 +191,16 @@ def test_image_dice_is_zero_on_a_batch_of_good_parts() -> None:
     loss = image_dice_loss(prob, torch.zeros(2, 1, 4, 4))
     loss.backward()
     assert float(loss.detach()) == 0.0
+
+
+@pytest.mark.slow
+def test_best_checkpoint_card_holds_the_training_images_drift_reference(
+    tiny_run: TrainConfig, chip_parts: Path
+) -> None:
+    _, card = load_checkpoint(tiny_run.out / "best.pt")
+    assert card.drift is not None
+    stats = card.drift.statistics
+    assert set(stats) == {"brightness", "contrast", "sharpness"}
+    assert stats["brightness"].n == len(open_dataset(chip_parts).samples("train"))
+    assert 0 < stats["brightness"].mean < 255 and stats["contrast"].std > 0
+    assert len(stats["sharpness"].quantiles) == 64

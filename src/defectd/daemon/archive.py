@@ -196,6 +196,9 @@ class Archive:
         self._rows: dict[str, dict[str, str]] = {}
         self._bytes = 0
         self._queued = self._written = self._skipped = self._pruned = self._failed = 0
+        # Per-camera pass sampling while drift monitoring reports drift (replaced whole, so
+        # readers in other threads see either the old or the new mapping).
+        self._pass_sample: dict[str, float] = {}
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -243,7 +246,28 @@ class Archive:
             return self.config.fails
         if inspection.verdict is Verdict.ERROR:
             return self.config.errors
-        return sampled(inspection.result_id, self.config.pass_sample)
+        fraction = self._pass_sample.get(inspection.camera, self.config.pass_sample)
+        return sampled(inspection.result_id, fraction)
+
+    def set_pass_sample(self, camera: str, fraction: float | None) -> None:
+        """Keep ``fraction`` of ``camera``'s passes from now on (drift monitoring raises it
+        while the camera drifts, so the new condition is collected for retraining); ``None``
+        returns to ``pass_sample``. Never lowers the configured rate."""
+        table = dict(self._pass_sample)
+        if fraction is None:
+            table.pop(camera, None)
+        else:
+            table[camera] = max(fraction, self.config.pass_sample)
+        self._pass_sample = table
+        log.info(
+            "archive_pass_sample",
+            camera=camera,
+            fraction=table.get(camera, self.config.pass_sample),
+        )
+
+    def reset_pass_sample(self) -> None:
+        """Every camera back to ``pass_sample``."""
+        self._pass_sample = {}
 
     def submit(
         self,

@@ -18,6 +18,7 @@
     [health]      address of /healthz, /metrics and the operator view (token off loopback)
     [opcua]       defectd.opcua.config.OpcUaConfig           (OPC UA server; absent = off)
     [shadow]      defectd.daemon.shadow.config.ShadowConfig  (candidate model; absent = off)
+    [drift]       defectd.daemon.drift.DriftConfig           (drift monitoring and its alarm)
     [daemon]      state_dir, drain and watchdog bounds, log rate limit
 
 Paths: relative paths in the file are relative to the file's folder, except ``outbox.path``,
@@ -54,6 +55,7 @@ from pydantic import (
 from defectd.daemon.archive import ArchiveConfig
 from defectd.daemon.audit import AuditConfig
 from defectd.daemon.config_types import BackendName, CalibrationFile, ModelFile
+from defectd.daemon.drift import DriftConfig
 from defectd.daemon.fingerprint import decision_fingerprint
 from defectd.daemon.health import is_loopback, parse_address
 from defectd.daemon.promote import PromotionConfig
@@ -340,6 +342,7 @@ class StationConfig(_Frozen):
     daemon: DaemonSection = DaemonSection()
     opcua: OpcUaConfig | None = None
     shadow: ShadowConfig | None = None
+    drift: DriftConfig = DriftConfig()
     # Set by the loader, not by the file.
     source_path: Path | None = Field(default=None, exclude=True)
     state_dir: Path = Field(default=Path("var"), exclude=True)
@@ -390,6 +393,7 @@ class StationConfig(_Frozen):
             "daemon",
             "opcua",
             "shadow",
+            "drift",
         ):
             if getattr(self, key) != getattr(other, key):
                 changed.append(key)

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from defectd.daemon.config import StationConfig, one_line
+from defectd.daemon.drift import check_reference
 from defectd.engines.base import Engine
 from defectd.errors import ConfigError, DefectdError
 from defectd.model.card import ModelCard, file_sha256, load_card
@@ -321,6 +322,8 @@ def check_station(config: StationConfig, *, open_cameras: bool = False) -> Stati
 
     model = problems.attempt("model.path", lambda: _open_model(config))
     if model is not None:
+        card = model.card
+        problems.attempt("drift.reference", lambda: check_reference(config.drift, card))
         try:
             problems.attempt("pipeline", lambda: _assemble_pipeline(model, config, setups))
         finally:

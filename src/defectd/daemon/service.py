@@ -44,6 +44,7 @@ from defectd.clock import SYSTEM_CLOCK, Clock, Deadline
 from defectd.daemon.archive import Archive
 from defectd.daemon.audit import AuditLog, ModelState
 from defectd.daemon.config import SHUTDOWN_GRACE_S, StationConfig
+from defectd.daemon.drift import CameraDrift, DriftMonitor, check_reference
 from defectd.daemon.health import HealthReport, HealthServer
 from defectd.daemon.health_report import HealthInputs, check_progress, health_report
 from defectd.daemon.line import LineIntake
@@ -140,6 +141,15 @@ class Service:
             self._view = OperatorView(config.health, archive_dir)
             observers = (*observers, self._view.feed)
         self._events: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
+        self._drift: DriftMonitor | None = None
+        if config.drift.enabled:
+            self._drift = DriftMonitor(
+                config.drift,
+                on_alarm=self._drift_alarm,
+                on_clear=self._drift_cleared,
+                registry=self.metrics.registry,
+            )
+            observers = (*observers, self._drift.observe)
         self._opcua = OpcUaLink()
         self._shadow: ShadowRunner | None = None
         self._router = ResultRouter(
@@ -234,6 +244,12 @@ class Service:
         self.notifier.status("loading the model")
         gen = self._build(cfg)
         self._intake.set_first(gen)
+        if self._drift is not None:
+            try:
+                check_reference(cfg.drift, gen.model.card)
+            except ConfigError as exc:
+                raise ConfigError(f"drift.reference: {exc}") from None
+            self._drift.set_model(gen.model.card)
         self._audit_start(gen)
         if self.should_exit:
             return
@@ -708,6 +724,11 @@ class Service:
             self._publisher.set_status(self._status_info())
         if self._shadow is not None:
             self._shadow.set_live(ModelRef(model.card.name, model.executed_sha256))
+        if model_changed and self._drift is not None:
+            # The new model says other things: its reference starts over, the boost ends.
+            self._drift.set_model(model.card)
+            if self._archive is not None:
+                self._archive.reset_pass_sample()
         self._publish_event(
             "model_reloaded" if model_changed else "config_reloaded",
             model=model.card.name,
@@ -789,6 +810,28 @@ class Service:
             self._publish_event("audit_failed", severity="error", error=str(exc))
             return
         log.info("audit_appended", action="reload", sha256=after.sha256, changed=changed)
+
+    # ------------------------------------------------------------------ drift
+
+    @property
+    def drift(self) -> DriftMonitor | None:
+        """Drift monitoring (``[drift]``), None when it is switched off."""
+        return self._drift
+
+    def _drift_alarm(self, drift: CameraDrift) -> None:
+        """A camera drifted: the event with the evidence, and more of its passes archived."""
+        if self._archive is not None:
+            self._archive.set_pass_sample(drift.camera, self.config.drift.archive_pass_sample)
+        fields = drift.evidence()
+        fields["detail"] = f"{drift.worst} moved (score {drift.score:.2f})"
+        self._publish_event("drift_alarm", severity="warning", **fields)
+
+    def _drift_cleared(self, drift: CameraDrift) -> None:
+        if self._archive is not None:
+            self._archive.set_pass_sample(drift.camera, None)
+        self._publish_event(
+            "drift_cleared", camera=drift.camera, score=round(drift.score, 3), parts=drift.parts
+        )
 
     def _reload_failed(self, error: str) -> None:
         self._publish_event("reload_failed", severity="error", error=error)

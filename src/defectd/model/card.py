@@ -2,7 +2,8 @@
 
 ``models/NAME/model.onnx`` has its card at ``models/NAME/model.card.json``. The card says how
 to feed the model (size, channels, normalisation, resize policy), what it was trained on
-(data hash, split, command) and how well it did (metrics).
+(data hash, split, command), how well it did (metrics) and, when ``defectd train`` made it, a
+reference profile of the training images for the station's drift monitoring (``drift``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from defectd import __version__
+from defectd.data.drift import DriftReference
 from defectd.errors import ModelError
 from defectd.model.fit import FitPolicy
 
@@ -106,6 +108,9 @@ class ModelCard(_Frozen):
     created: str = ""
     notes: str = ""
     producer: str = PRODUCER  # "defectd <version>" that made the model
+    # What the model saw in training (image statistics of the training split), the reference
+    # of the station's drift monitoring (defectd.data.drift); None on cards made before it.
+    drift: DriftReference | None = None
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -80,12 +80,15 @@ class PipelineResult:
     """What the sink receives for every submitted frame.
 
     ``mask`` is the ``(H, W)`` uint8 {0, 1} defect mask in full-frame pixels (a new array the
-    receiver owns; zero outside the ROI), ``None`` for ``error`` verdicts.
+    receiver owns; zero outside the ROI), ``None`` for ``error`` verdicts. ``score`` is the
+    highest defect probability in the ROI (before thresholding; what drift monitoring watches),
+    ``None`` for ``error`` verdicts.
     """
 
     inspection: Inspection
     frame: Frame
     mask: NDArray[np.uint8] | None
+    score: float | None = None
 
 
 ResultSink = Callable[[PipelineResult], None]
@@ -562,6 +565,7 @@ class Pipeline:
         inspection: Inspection,
         mask: NDArray[np.uint8] | None,
         code: ErrorReason | None = None,
+        score: float | None = None,
     ) -> bool:
         """Deliver the one verdict of ``job``; False when it already had one."""
         with self._lock:
@@ -575,7 +579,7 @@ class Pipeline:
             if code is not None:
                 c.errors[code.value] += 1
         try:
-            self._on_result(PipelineResult(inspection, job.frame, mask))
+            self._on_result(PipelineResult(inspection, job.frame, mask, score))
         except Exception as exc:  # a broken sink must not stop the line
             with self._lock:
                 self._counters.sink_errors += 1
@@ -801,6 +805,7 @@ class Pipeline:
             bad = check_probabilities(prob)
             if bad is not None:
                 raise FrameError(ErrorReason.BAD_OUTPUT, bad)
+            score = float(prob.max()) if prob.size else 0.0
             keep = self._keep(job.frame.camera, job.setup, geo)
             x, y, w, h = geo.roi
             defects, roi_mask = post(prob, params, keep, offset=(x, y))
@@ -830,5 +835,5 @@ class Pipeline:
         }
         inspection = self._inspection(job, verdict, rule, defects=defects, latencies=latencies)
         job.outputs = []
-        if self._finish(job, inspection, mask):
+        if self._finish(job, inspection, mask, score=score):
             self._latency.record(latencies, t1 / 1e9)

@@ -62,6 +62,8 @@ EVENT_SEVERITY: dict[str, str] = {
     "outbox_store_recovered": "info",
     "disk_space_low": "warning",
     "client_id_clash": "error",
+    "drift_alarm": "warning",
+    "drift_cleared": "info",
 }
 
 

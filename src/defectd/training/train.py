@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from defectd.data.datasets import Dataset, open_dataset
+from defectd.data.drift import dataset_reference
 from defectd.data.metrics import ImageScore, MetricsAccumulator, Report
 from defectd.errors import ConfigError, DataError
 from defectd.log import get_logger
@@ -563,7 +564,8 @@ def finish_card(
     best_path: Path, dataset: Dataset, config: TrainConfig, *, epochs: int, seconds: float
 ) -> ModelCard:
     """Complete the card inside ``best.pt``: threshold with the best validation Dice (float32
-    inference), validation metrics at that threshold, training-data hash, epochs, duration."""
+    inference), validation metrics at that threshold, training-data hash, epochs, duration,
+    and the drift reference (image statistics of the training split, ``defectd.data.drift``)."""
     state = read_checkpoint(best_path)
     net = UNet(UNetConfig(**state["unet"]))
     net.load_state_dict(state["model"])
@@ -593,6 +595,7 @@ def finish_card(
             "min_area_px": min_area,
             "metrics": {k: round(v, 5) for k, v in metrics.items() if math.isfinite(v)},
             "training": training,
+            "drift": dataset_reference(dataset, config.train_split, card.input.channels),
             "notes": f"threshold (best Dice) and min_area_px (best image accuracy) chosen on "
             f"split {config.val_split!r}; image score for AUROC: {config.image_score}",
         }

@@ -245,6 +245,14 @@ class SyntheticSourceConfig(_Frozen):
         description="free-run: parts at rate_hz; request: one part per fire_trigger() (line "
         "mode plc-trigger), rendered from the part id the simulated line names",
     )
+    # A line that changes after a while (drift monitoring's test case): from part
+    # ``drift_after`` on (counting from 0), over ``drift_ramp`` parts, the lighting dims by
+    # ``drift_amount`` (gain 1 - amount) or the surface texture smooths (the part blended
+    # with a blurred copy of itself, weight amount). Deterministic: a pure function of n.
+    drift_after: int | None = Field(default=None, ge=0, description="None = a stable line")
+    drift_kind: Literal["lighting", "texture"] = "lighting"
+    drift_amount: float = Field(default=0.2, gt=0, le=1)
+    drift_ramp: int = Field(default=0, ge=0, description="parts to reach drift_amount; 0 = step")
 
 
 class ReplaySourceConfig(_Frozen):

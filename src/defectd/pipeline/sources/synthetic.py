@@ -10,6 +10,11 @@ part named ``world_key`` (its image and truth are a pure function of ``seed`` an
 ``defectd.pipeline.parts.synthetic_part_defective``, so a simulated PLC knows the truth of
 every part it sends), carried as ``meta["truth_part_id"]``; the frame's ``part_id`` is left to
 the line pairing.
+
+``drift_after`` makes the line change from that part on (dimmer lighting or a smoother
+texture, ``drift_kind``/``drift_amount``/``drift_ramp``): drift monitoring's test case. The
+change is a pure function of the part number, so a drifting line is as reproducible as a
+stable one.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from __future__ import annotations
 import queue
 import time
 
+import cv2
 import numpy as np
+from numpy.typing import NDArray
 
 from defectd.data.synth import SURFACES, PartRenderer
 from defectd.errors import CameraError
@@ -88,7 +95,7 @@ class SyntheticSource(ThreadedSource):
             surface = None if surfaces is None else surfaces[int(rng.integers(len(surfaces)))]
             part = renderer.render(rng, surface=surface, defect_prob=cfg.defect_rate)
             self._emit_frame(
-                part.image,
+                apply_drift(cfg, part.image, n),
                 t_host_ns=time.monotonic_ns(),
                 t_wall=time.time(),
                 pixel_format=pixel_format,
@@ -126,7 +133,7 @@ class SyntheticSource(ThreadedSource):
             surface = None if surfaces is None else surfaces[int(rng.integers(len(surfaces)))]
             part = renderer.render(rng, surface=surface, defect_prob=prob)
             self._emit_frame(
-                part.image,
+                apply_drift(cfg, part.image, n),
                 t_host_ns=t_host_ns,
                 t_wall=t_wall,
                 pixel_format=pixel_format,
@@ -140,3 +147,26 @@ class SyntheticSource(ThreadedSource):
                 },
             )
             n += 1
+
+
+def drift_fraction(config: SyntheticSourceConfig, n: int) -> float:
+    """How far the line has drifted at part ``n`` (0 before ``drift_after``, then up to
+    ``drift_amount`` over ``drift_ramp`` parts)."""
+    if config.drift_after is None or n < config.drift_after:
+        return 0.0
+    if config.drift_ramp <= 0:
+        return config.drift_amount
+    return config.drift_amount * min(1.0, (n - config.drift_after + 1) / config.drift_ramp)
+
+
+def apply_drift(
+    config: SyntheticSourceConfig, image: NDArray[np.uint8], n: int
+) -> NDArray[np.uint8]:
+    """Part ``n``'s image as the drifting line shows it (a new array once it drifts)."""
+    f = drift_fraction(config, n)
+    if f <= 0.0:
+        return image
+    if config.drift_kind == "lighting":
+        return np.asarray(cv2.convertScaleAbs(image, alpha=1.0 - f), np.uint8)
+    blurred = cv2.GaussianBlur(image, (0, 0), 1.5)
+    return np.asarray(cv2.addWeighted(image, 1.0 - f, blurred, f, 0.0), np.uint8)
