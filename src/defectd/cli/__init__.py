@@ -16,6 +16,7 @@ from defectd.cli import calibrate_threshold_cmd  # noqa: F401  # isort: skip
 from defectd.cli import calibrate_int8_cmd  # noqa: F401  # isort: skip
 from defectd.cli import train_cmd  # noqa: F401  # isort: skip
 from defectd.cli import eval_cmd  # noqa: F401  # isort: skip
+from defectd.cli import compare_cmd  # noqa: F401  # isort: skip
 from defectd.cli import export_cmd  # noqa: F401  # isort: skip
 from defectd.cli import cameras_cmd  # noqa: F401  # isort: skip
 from defectd.cli import run_cmd  # noqa: F401  # isort: skip

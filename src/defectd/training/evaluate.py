@@ -173,18 +173,27 @@ def predict(
 
     ``DataError`` naming the file for an unreadable image or a mask that does not fit it.
     """
-    spec = card.input
-    policy = fit_policy(card)
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
-        images = [dataset.load_image(s, spec.channels) for s in chunk]
+        images = [dataset.load_image(s, card.input.channels) for s in chunk]
         masks = [dataset.load_mask(s, img.shape[:2]) for s, img in zip(chunk, images, strict=True)]
-        fitted = np.stack(
-            [to_chw(fit_to_input(img, None, spec.height, spec.width, policy)[0]) for img in images]
-        )
-        probs = predictor.infer(card.normalisation.apply(fitted))
+        probs = infer_images(images, predictor, card)
         for s, img, msk, p in zip(chunk, images, masks, probs, strict=True):
-            yield Prediction(s, img, msk, restore_size(p[0], img.shape[:2], policy))
+            yield Prediction(s, img, msk, p)
+
+
+def infer_images(
+    images: Sequence[NDArray[np.uint8]], predictor: Predictor, card: ModelCard
+) -> list[NDArray[np.float32]]:
+    """One batch: each image fitted to the input by the card's fit policy, normalised,
+    inferred and brought back to its own size: ``(H, W)`` float32 probabilities per image."""
+    spec = card.input
+    policy = fit_policy(card)
+    fitted = np.stack(
+        [to_chw(fit_to_input(img, None, spec.height, spec.width, policy)[0]) for img in images]
+    )
+    probs = predictor.infer(card.normalisation.apply(fitted))
+    return [restore_size(p[0], img.shape[:2], policy) for img, p in zip(images, probs, strict=True)]
 
 
 @dataclass(frozen=True)
