@@ -130,6 +130,7 @@ def run_line(
             if result["verdict"] == "pass":
                 passes_archived.append(part_number(result.get("part_id")))
         engine = service.final_stats
+        info = service.engine_info()
     return {
         "parts": snap.parts,
         "alarms": alarms,
@@ -139,6 +140,7 @@ def run_line(
         "limits_sigma": {k: v.limit_sigma for k, v in snap.statistics.items()},
         "passes_archived": sorted(passes_archived),
         "errors": engine.errors if engine is not None else {},
+        "engine": info.engine if info is not None else None,
     }
 
 
