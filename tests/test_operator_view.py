@@ -191,7 +191,8 @@ def test_reject_gallery_opens_a_part(station: Station, page: Any) -> None:
     tile = page.locator("#gallery .reject").first
     tile.wait_for()
     stem = tile.get_attribute("data-stem") or ""
-    tile.click()
+    # New rejects keep arriving and re-render the gallery: click the tile read, not "the first".
+    page.locator(f'#gallery .reject[data-stem="{stem}"]').click()
     dialog = page.locator("dialog#part[open]")
     dialog.wait_for()
     assert dialog.get_attribute("data-stem") == stem
