@@ -202,3 +202,16 @@ def test_bad_inputs_give_one_error_line(
     ]
     assert main(args) == 2
     assert "--calibration" in capsys.readouterr().err
+
+
+def test_each_model_runs_at_the_precision_its_card_declares_unless_told(
+    tmp_path: Path, tiny_model: Path, tiny_int8_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = write_parts(tmp_path / "parts")
+    base = ["compare", str(tiny_model), str(tiny_int8_model), "--data", str(data)]
+    assert main([*base, "--backend", "ort", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["model_a"]["engine"], out["model_b"]["engine"]) == ("ort-fp32", "ort-int8")
+    assert main([*base, "--backend", "ort", "--precision-a", "int8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model_a"]["engine"] == "ort-int8" and out["verdict_agreement"] == 1.0

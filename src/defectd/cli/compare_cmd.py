@@ -14,6 +14,18 @@ from defectd.cli.console import report_console
 from defectd.errors import ConfigError
 
 
+def _precision(model: Path, chosen: str | None) -> str | None:
+    """The precision to open ``model`` at: ``chosen``, ``None`` for ``auto`` (the engine
+    decides, as on a station), else the one its card declares (a .pt checkpoint: fp32)."""
+    if chosen == "auto":
+        return None
+    if chosen is not None or model.suffix == ".pt" or not model.is_file():
+        return chosen  # a missing file: opening it says so
+    from defectd.model.card import load_card
+
+    return load_card(model).precision
+
+
 def _calibrated(path: Path | None) -> tuple[tuple[float, int, str] | None, str]:
     """A calibration file's threshold, min area and model sha256, and where they come from;
     ``ConfigError`` naming the file when it has no threshold section."""
@@ -55,6 +67,18 @@ def compare_command(
         str,
         typer.Option(help="Engine of both models: auto, ort, openvino, tensorrt; torch for .pt."),
     ] = "auto",
+    precision_a: Annotated[
+        str | None,
+        typer.Option(
+            "--precision-a",
+            help="Precision of model A: fp32, bf16, fp16, int8, or auto (the engine's fastest "
+            "validated precision, as a station runs it by default). Default: the precision its "
+            "card declares, so an fp32 file runs in fp32.",
+        ),
+    ] = None,
+    precision_b: Annotated[
+        str | None, typer.Option("--precision-b", help="Precision of model B (as --precision-a).")
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per inference.")] = 8,
     threads: Annotated[int | None, typer.Option(help="Inference threads (default: all).")] = None,
     gallery: Annotated[
@@ -74,6 +98,7 @@ def compare_command(
     Each model runs as eval and the station run it: its card's fit policy, its threshold and
     min area (card, or --calibration / --calibration-a / --calibration-b); a part fails when
     a region of at least min area pixels is above the threshold (the station's default rule).
+    Each runs at the precision its card declares unless --precision-a/-b say otherwise.
     """
     from defectd.data.datasets import open_dataset
     from defectd.training.compare import (
@@ -93,9 +118,21 @@ def compare_command(
     samples = dataset.samples(split)
     if not samples:
         raise ConfigError(f"--split {split!r}: no images in {data}")
-    a = open_model(model_a, backend=backend, threads=threads, max_batch=batch_size)
+    a = open_model(
+        model_a,
+        backend=backend,
+        precision=_precision(model_a, precision_a),
+        threads=threads,
+        max_batch=batch_size,
+    )
     try:
-        b = open_model(model_b, backend=backend, threads=threads, max_batch=batch_size)
+        b = open_model(
+            model_b,
+            backend=backend,
+            precision=_precision(model_b, precision_b),
+            threads=threads,
+            max_batch=batch_size,
+        )
     except BaseException:
         a.close()
         raise
