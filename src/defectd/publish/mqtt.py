@@ -390,30 +390,28 @@ class Publisher:
         outbox = self._require_outbox()
         sev = severity or m.EVENT_SEVERITY.get(kind, "info")
         msg = m.event_message(self._station, kind, sev, dict(fields), self._clock())
-        outbox.put(
-            self._topics.events,
-            m.encode(msg),
-            1,
-            False,
-            priority=PRIORITY_DROP_FIRST,
-            kind=m.Kind.EVENT.value,
-            message_id=msg["event_id"],
-        )
-        self._wake()
+        self._put_droppable(outbox, self._topics.events, msg, m.Kind.EVENT, msg["event_id"])
 
     def publish_shadow(self, summary: dict[str, Any]) -> None:
         """Queue a ``shadow`` summary (``messages.shadow_message``) through the outbox, as
         droppable as an event. Raises ``PublishError`` when not started."""
         outbox = self._require_outbox()
         msg = m.shadow_message(self._station, summary, self._clock())
+        self._put_droppable(outbox, self._topics.shadow, msg, m.Kind.SHADOW, msg["message_id"])
+
+    def _put_droppable(
+        self, outbox: Outbox, topic: str, msg: dict[str, Any], kind: m.Kind, message_id: str
+    ) -> None:
+        """Queue ``msg`` (QoS 1, not retained) among the rows the outbox drops first when full,
+        and wake the publisher thread."""
         outbox.put(
-            self._topics.shadow,
+            topic,
             m.encode(msg),
             1,
             False,
             priority=PRIORITY_DROP_FIRST,
-            kind=m.Kind.SHADOW.value,
-            message_id=msg["message_id"],
+            kind=kind.value,
+            message_id=message_id,
         )
         self._wake()
 
