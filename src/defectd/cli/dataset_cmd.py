@@ -5,10 +5,12 @@ reviewed labels into a training set merged with the original one."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from defectd.cli.app import sub_app
@@ -104,12 +106,7 @@ def import_(
         "other": "other",
     }
     for key, lines in problems.items():
-        if lines:
-            con.print(f"[bold]{len(lines)} {notes[key]}[/bold]")
-            for line in lines[:10]:
-                con.print(f"  {line}", markup=False)
-            if len(lines) > 10:
-                con.print(f"  ... and {len(lines) - 10} more (--json lists all)")
+        _print_some(con, notes[key], lines)
     if not any(problems.values()):
         con.print("no problems found")
 
@@ -237,9 +234,15 @@ def from_archive(
         ("labels that match no archived part", report.unmatched_labels),
         ("problems (parts skipped)", report.problems),
     ):
-        if lines:
-            con.print(f"[bold]{len(lines)} {title}[/bold]")
-            for line in lines[:10]:
-                con.print(f"  {line}", markup=False)
-            if len(lines) > 10:
-                con.print(f"  ... and {len(lines) - 10} more (--json lists all)")
+        _print_some(con, title, lines)
+
+
+def _print_some(con: Console, title: str, lines: Sequence[str]) -> None:
+    """``N title`` and the first ten of ``lines`` (``--json`` lists all); nothing when empty."""
+    if not lines:
+        return
+    con.print(f"[bold]{len(lines)} {title}[/bold]")
+    for line in lines[:10]:
+        con.print(f"  {line}", markup=False)
+    if len(lines) > 10:
+        con.print(f"  ... and {len(lines) - 10} more (--json lists all)")
