@@ -11,8 +11,8 @@ Each run has two phases:
   ``--frames`` parts; live verdict latency = grab -> verdict committed to the outbox (measured in
   a result observer that runs before the shadow's), and the pipeline's own grab -> verdict
   (``latencies_ms.total``), p50 and p99; the first 10% are warm-up.
-- **throughput**: the camera unthrottled (admission ``block``) for ``--frames`` parts: live
-  verdicts per second, and process CPU ms per part.
+- **throughput**: the camera unthrottled (admission ``block``) for ``--throughput-frames``
+  parts: live verdicts per second, and process CPU ms per part.
 
 The live model is ``--model`` (default ``models/magnetic_tile/model.onnx``) on OpenVINO at
 ``--live-precision`` (int8: the QDQ model beside it); the candidate is ``--candidate`` (default:
@@ -21,6 +21,7 @@ live line). With the shadow on, the rows also show how many parts the candidate 
 skipped, and its agreement with the live verdicts. Every row names the CPU and the load.
 
     python bench/shadow.py [--quick] [--json] [--repeats 3] [--frames 300] [--rate 8]
+                           [--throughput-frames 1500]
 """
 
 from __future__ import annotations
@@ -56,8 +57,12 @@ def _pct(values: list[float], q: float) -> float | None:
 # --- worker: one daemon run with the shadow off or on ---------------------------------------
 
 
-def _station(args: argparse.Namespace, tmp: Path, *, rate: float | None, shadow: bool) -> Path:
-    rate_line = f"rate_hz = {rate}" if rate else ""
+def _station(args: argparse.Namespace, tmp: Path, *, rate: float | None, shadow: bool) -> Any:
+    """The station config; ``rate`` None: the camera as fast as the line takes its frames."""
+    import tomllib
+
+    from defectd.daemon.config import parse_station_config
+
     admission = "block" if rate is None else "reject"
     text = f"""
 station = "bench-shadow"
@@ -71,10 +76,9 @@ type = "synthetic"
 camera = "cam0"
 height = {args.size}
 width = {args.size}
-count = {args.frames}
+count = {args.frames if rate else args.throughput_frames}
 seed = 11
 defect_rate = 0.3
-{rate_line}
 [pipeline]
 max_batch = 1
 admission = "{admission}"
@@ -100,13 +104,12 @@ backend = "openvino"
 precision = "{args.candidate_precision}"
 publish_interval_s = 5
 """
-    path = tmp / "station.toml"
-    path.write_text(text)
-    return path
+    raw = tomllib.loads(text)
+    raw["cameras"][0]["rate_hz"] = rate  # None (unthrottled) has no TOML spelling
+    return parse_station_config(raw, base=tmp, where="bench-shadow")
 
 
 def _run_daemon(args: argparse.Namespace, *, rate: float | None, shadow: bool) -> dict[str, Any]:
-    from defectd.daemon.config import load_station_config
     from defectd.daemon.sdnotify import SdNotifier
     from defectd.daemon.service import Service
     from defectd.pipeline.runner import PipelineResult
@@ -123,7 +126,7 @@ def _run_daemon(args: argparse.Namespace, *, rate: float | None, shadow: bool) -
             )
 
     with tempfile.TemporaryDirectory(prefix="bench-shadow-") as tmp:
-        cfg = load_station_config(_station(args, Path(tmp), rate=rate, shadow=shadow))
+        cfg = _station(args, Path(tmp), rate=rate, shadow=shadow)
         service = Service(cfg, notifier=SdNotifier({}), install_signals=False, observers=(observe,))
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         load_start = _load()
@@ -199,6 +202,7 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
             "candidate": str(args.candidate),
             "candidate_precision": args.candidate_precision,
             "frames": args.frames,
+            "throughput_frames": args.throughput_frames,
             "rate_hz": args.rate,
             "size": args.size,
             "repeats": args.repeats,
@@ -270,6 +274,7 @@ def _passthrough(args: argparse.Namespace) -> list[str]:
         "--live-precision", args.live_precision,
         "--candidate-precision", args.candidate_precision,
         "--frames", str(args.frames),
+        "--throughput-frames", str(args.throughput_frames),
         "--rate", str(args.rate),
         "--size", str(args.size),
     ]  # fmt: skip
@@ -280,9 +285,9 @@ def _table(report: dict[str, Any]) -> str:
     lines = [
         f"CPU: {m['cpu']} ({m['cores']} cores); load average at start {m['load_start']}, "
         f"at end {m['load_end']}",
-        f"{report['settings']['frames']} parts per phase, latency phase at "
-        f"{report['settings']['rate_hz']} Hz, {report['settings']['repeats']} runs per row "
-        "(medians)",
+        f"latency phase: {report['settings']['frames']} parts at {report['settings']['rate_hz']} "
+        f"Hz; throughput phase: {report['settings']['throughput_frames']} parts unthrottled; "
+        f"{report['settings']['repeats']} runs per row (medians)",
         "",
         "| shadow | stored p50 ms | stored p99 ms | verdict p50 ms | verdict p99 ms | "
         "frames/s | CPU ms/part |",
@@ -308,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--frames", type=int, default=300)
     p.add_argument("--rate", type=float, default=8.0, help="camera rate of the latency phase")
+    p.add_argument("--throughput-frames", type=int, default=1500)
     p.add_argument("--size", type=int, default=256, help="frame size (square)")
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     p.add_argument("--candidate", type=Path, default=None, help="default: --model")
@@ -322,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         worker(args)
         return 0
     if args.quick:
-        args.frames, args.repeats = 150, 2
+        args.frames, args.throughput_frames, args.repeats = 150, 500, 2
     report = drive(args)
     if args.json:
         print(json.dumps(report, indent=2))

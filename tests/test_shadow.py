@@ -355,6 +355,31 @@ def test_a_busy_candidate_skips_frames_and_counts_them(
     assert compared == ([0, 9, 10, 11] if drop == "oldest" else [0, 1, 2, 3])
 
 
+def test_the_candidate_waits_while_the_live_line_is_busy(
+    tmp_path: Path, models: tuple[Path, Path]
+) -> None:
+    live, candidate = models
+    config = _station(tmp_path, live, f'path = "{candidate}"\nqueue = 2', pipeline="workers = 1")
+    busy = threading.Event()
+    busy.set()
+    runner = ShadowRunner(config, registry=Registry(), live_busy=busy.is_set)
+    runner.start(_live_ref(config))
+    line = _Line(config, runner.observe)
+    try:
+        for seq in range(5):
+            line.pipeline.submit(_frame(seq, BRIGHT))
+        assert line.pipeline.wait_idle(20)
+        time.sleep(0.2)  # the feeder polls every few ms: it would have started by now
+        summary = runner.summary()
+        assert summary["parts"] == 0 and summary["queue_depth"] == 2 and summary["skipped"] == 3
+        busy.clear()  # the live line goes idle: the candidate takes what waits
+        _wait(lambda: runner.summary()["parts"] == 2)
+    finally:
+        line.close()
+        runner.stop(10.0)
+    assert sorted(r["seq"] for r in _parts(config)) == [3, 4]
+
+
 def _parts(config: StationConfig) -> list[dict[str, Any]]:
     import sqlite3
 

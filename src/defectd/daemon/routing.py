@@ -81,6 +81,10 @@ class Progress:
         with self._lock:
             self._submitted += 1
 
+    def busy(self) -> bool:
+        """Whether frames are in flight (lock-free: a quick poll for shadow mode's feeder)."""
+        return self._submitted > self._results
+
     def result(self, ins: Inspection) -> None:
         inspected = ins.verdict is not Verdict.ERROR or error_reason(ins) not in NOT_PROGRESS
         with self._lock:

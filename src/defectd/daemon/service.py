@@ -271,6 +271,7 @@ class Service:
                 publish=self._publisher.publish_shadow,
                 opener=self._engine_opener,
                 clock=self._clock,
+                live_busy=self._progress.busy,
             )
             self._shadow = shadow
             shadow.start(ModelRef(gen.model.card.name, gen.model.executed_sha256))

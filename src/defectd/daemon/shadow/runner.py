@@ -3,7 +3,8 @@
 ``ShadowRunner.observe`` is a ``ResultRouter`` observer: it runs on the live pipeline's threads
 after the live verdict has been stored and published, and only appends the result to a small
 queue (``shadow.queue`` frames; when full, the oldest or the newest is skipped and counted).
-One feeder thread (``shadow-feeder``) hands the queued frames, one at a time, to a second
+One feeder thread (``shadow-feeder``) hands the queued frames, one at a time and only while
+the live line has no frame in flight (the candidate works in its idle time), to a second
 ``Pipeline`` that runs the candidate with the station's own post-processing and rules (the
 cameras' ROI, corrections and zones; thresholds from the candidate's card or ``shadow.calibration``)
 on threads ``shadow-*`` whose nice value is raised by ``shadow.nice``. So the live verdict never
@@ -60,6 +61,7 @@ log = get_logger(__name__)
 T = TypeVar("T")
 
 FLUSH_S = 1.0  # counts of skipped frames go to the record this often
+IDLE_POLL_S = 0.002  # how often the feeder looks whether the live line has gone idle
 
 
 def mask_iou(a: NDArray[np.uint8], b: NDArray[np.uint8]) -> float:
@@ -208,7 +210,10 @@ class ShadowRunner:
     naming ``shadow.*`` when it cannot) and starts its threads; ``observe`` is the router's
     observer (any thread, never blocks); ``stop(timeout)`` skips what still waits, lets the
     frame in hand finish within ``timeout``, publishes a last summary and closes the record.
-    ``publish`` receives each summary (the publisher's ``publish_shadow``).
+    ``publish`` receives each summary (the publisher's ``publish_shadow``). ``live_busy``
+    says whether the live line has frames in flight: the candidate then takes no new frame
+    (it works in the live line's idle time; a saturated line leaves it none, and the frames
+    waiting for it are skipped as newer ones arrive).
     """
 
     def __init__(
@@ -220,12 +225,14 @@ class ShadowRunner:
         opener: EngineOpener = open_engine,
         clock: Clock = SYSTEM_CLOCK,
         wall: Callable[[], float] = time.time,
+        live_busy: Callable[[], bool] | None = None,
     ) -> None:
         if config.shadow is None:
             raise ValueError("the station config has no [shadow] section")
         self.config = config
         self.shadow = config.shadow
         self._publish = publish
+        self._live_busy = live_busy
         self._opener = opener
         self._clock = clock
         self._wall = wall
@@ -443,7 +450,12 @@ class ShadowRunner:
                     self._cond.wait(wait)
                 if self._stopping:
                     return
-                item = self._queue.popleft() if self._queue and not self._pending else None
+                item = None
+                if self._queue and not self._pending:
+                    if self._live_is_busy():
+                        self._cond.wait(IDLE_POLL_S)  # the live line comes first
+                    else:
+                        item = self._queue.popleft()
             self._housekeeping()
             if item is None:
                 continue
@@ -452,6 +464,9 @@ class ShadowRunner:
             with self._cond:
                 self._pending[id(frame)] = item
             pipeline.submit(frame)  # waits while the candidate inspects the previous frame
+
+    def _live_is_busy(self) -> bool:
+        return self._live_busy is not None and self._live_busy()
 
     def _housekeeping(self) -> None:
         now = self._clock.monotonic()
