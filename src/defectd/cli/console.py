@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import sys
 from functools import cache
+from typing import TYPE_CHECKING
 
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 PIPED_WIDTH = 200
 
@@ -22,3 +26,18 @@ def report_console(stderr: bool = False) -> Console:
     stream = sys.stderr if stderr else sys.stdout
     is_tty = stream.isatty()
     return Console(stderr=stderr, width=None if is_tty else PIPED_WIDTH)
+
+
+def counting_bar(label: str, console: Console, *, quiet: bool) -> Progress:
+    """A transient bar ``label ━━━ done/total`` on ``console`` (use it as a context manager),
+    hidden when ``quiet`` (``--json``) or when ``console`` is not a terminal."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    return Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=console,
+        disable=quiet or not console.is_terminal,
+        transient=True,
+    )

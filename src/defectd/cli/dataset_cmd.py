@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from defectd.cli.app import sub_app
-from defectd.cli.console import report_console
+from defectd.cli.console import counting_bar, report_console
 from defectd.errors import ConfigError
 
 dataset_app = sub_app("dataset", "Bring labelled data into the layout train/eval/calibrate read.")
@@ -173,7 +173,6 @@ def from_archive(
 
     Next: defectd train --data OUT --init LIVE.pt ...
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from defectd.data.from_archive import dataset_from_archive
 
@@ -184,14 +183,7 @@ def from_archive(
             f"--archive-split: choose keep, train, val or test, not {archive_split!r}"
         )
     err = report_console(stderr=True)
-    with Progress(
-        TextColumn("[bold]from-archive"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        console=err,
-        disable=as_json or not err.is_terminal,
-        transient=True,
-    ) as bar:
+    with counting_bar("from-archive", err, quiet=as_json) as bar:
         task = bar.add_task("parts", total=None)
 
         def on_progress(done: int, total: int) -> None:

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from defectd.cli.app import app
-from defectd.cli.console import report_console
+from defectd.cli.console import counting_bar, report_console
 from defectd.cli.options import DatasetIn
 from defectd.errors import ConfigError
 
@@ -90,7 +90,6 @@ def eval_command(
     Overlays: image | truth (yellow) | prediction (green found, red false alarm, blue missed).
     """
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
     from rich.table import Table
 
     from defectd.data.datasets import open_dataset
@@ -118,14 +117,7 @@ def eval_command(
     )
     console = Console(stderr=True)
     try:
-        with Progress(
-            TextColumn(f"[bold]eval {split}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            console=console,
-            disable=as_json or not console.is_terminal,
-            transient=True,
-        ) as bar:
+        with counting_bar(f"eval {split}", console, quiet=as_json) as bar:
             task = bar.add_task("eval", total=len(samples))
             mask_files: list[str] = []
 
