@@ -26,6 +26,7 @@ from defectd.data.metrics import remove_small
 from defectd.errors import DataError
 from defectd.model.card import ModelCard
 from defectd.training.evaluate import OpenedModel, infer_images
+from defectd.training.overlays import enlarge
 
 
 @dataclass(frozen=True)
@@ -297,14 +298,7 @@ def disagreement_panel(
             cv2.drawContours(p, contours, -1, TRUTH_BGR, 1)
     gap = np.full((image.shape[0], 4, 3), 255, np.uint8)
     panel = np.hstack([panels[0], gap, panels[1], gap, panels[2]])
-    factor = max(1, -(-scale_to // image.shape[0]))
-    if factor > 1:
-        panel = cv2.resize(
-            panel,
-            (panel.shape[1] * factor, panel.shape[0] * factor),
-            interpolation=cv2.INTER_NEAREST,
-        )
-    return np.asarray(panel, np.uint8)
+    return enlarge(panel, scale_to)
 
 
 def write_png(path: Path, panel: NDArray[np.uint8]) -> None:

@@ -53,14 +53,17 @@ def overlay(
     coded = _tint(coded, ~found & truth, FN_BGR)
     gap = np.full((img.shape[0], 4, 3), 255, np.uint8)
     panel = np.hstack([img, gap, panel_truth, gap, coded])
-    factor = max(1, -(-scale_to // img.shape[0]))
-    if factor > 1:
-        panel = cv2.resize(
-            panel,
-            (panel.shape[1] * factor, panel.shape[0] * factor),
-            interpolation=cv2.INTER_NEAREST,
-        )
-    return np.asarray(panel, np.uint8)
+    return enlarge(panel, scale_to)
+
+
+def enlarge(panel: NDArray[np.uint8], scale_to: int) -> NDArray[np.uint8]:
+    """``panel`` scaled up by the smallest whole factor (nearest neighbour, pixels stay sharp)
+    that makes it at least ``scale_to`` px high; as it is when it already is."""
+    factor = max(1, -(-scale_to // panel.shape[0]))
+    if factor == 1:
+        return np.asarray(panel, np.uint8)
+    size = (panel.shape[1] * factor, panel.shape[0] * factor)
+    return np.asarray(cv2.resize(panel, size, interpolation=cv2.INTER_NEAREST), np.uint8)
 
 
 def pick_cases(stats: Sequence[ImageStats], count: int) -> tuple[list[str], list[str]]:
