@@ -66,23 +66,18 @@ def write_calibration(path: Path, threshold: float, min_area: int = 0, sha: str 
     return path
 
 
+def _compare(model_a: Path, model_b: Path, data: Path) -> list[str]:
+    """The command line of ``defectd compare`` of two models on ``data``."""
+    return ["compare", str(model_a), str(model_b), "--data", str(data)]
+
+
 def test_a_model_against_itself_agrees_everywhere(
     tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data = write_parts(tmp_path / "parts")
     gallery = tmp_path / "gallery"
-    args = [
-        "compare",
-        str(tiny_model),
-        str(tiny_model),
-        "--data",
-        str(data),
-        "--backend",
-        "ort",
-        "--gallery",
-        str(gallery),
-        "--json",
-    ]
+    args = [*_compare(tiny_model, tiny_model, data), "--backend", "ort"]
+    args += ["--gallery", str(gallery), "--json"]
     assert main(args) == 0
     captured = capsys.readouterr()
     out = json.loads(captured.out)
@@ -119,20 +114,8 @@ def test_a_stricter_threshold_for_b_shows_as_disagreements_in_the_gallery(
     data = write_parts(tmp_path / "parts")
     strict = write_calibration(tmp_path / "strict.json", 0.999, 10_000)
     gallery = tmp_path / "gallery"
-    args = [
-        "compare",
-        str(tiny_model),
-        str(tiny_model),
-        "--data",
-        str(data),
-        "--backend",
-        "ort",
-        "--calibration-b",
-        str(strict),
-        "--gallery",
-        str(gallery),
-        "--json",
-    ]
+    args = [*_compare(tiny_model, tiny_model, data), "--backend", "ort"]
+    args += ["--calibration-b", str(strict), "--gallery", str(gallery), "--json"]
     assert main(args) == 0
     out = json.loads(capsys.readouterr().out)
     v = out["verdicts"]
@@ -157,16 +140,8 @@ def test_a_calibration_for_another_model_is_named_in_a_warning(
     assert (
         main(
             [
-                "compare",
-                str(tiny_model),
-                str(tiny_model),
-                "--data",
-                str(data),
-                "--backend",
-                "ort",
-                "--calibration",
-                str(foreign),
-                "--json",
+                *_compare(tiny_model, tiny_model, data),
+                *("--backend", "ort", "--calibration", str(foreign), "--json"),
             ]
         )
         == 0
@@ -182,24 +157,12 @@ def test_bad_inputs_give_one_error_line(
 ) -> None:
     data = write_parts(tmp_path / "parts")
     cal = write_calibration(tmp_path / "c.json", 0.5)
-    assert (
-        main(["compare", str(tiny_model), str(tiny_model), "--data", str(data), "--split", "val"])
-        == 2
-    )
+    assert main([*_compare(tiny_model, tiny_model, data), "--split", "val"]) == 2
     assert "split 'val' has no samples" in capsys.readouterr().err
-    assert main(["compare", str(tiny_model), str(tmp_path / "gone.onnx"), "--data", str(data)]) == 2
+    assert main(_compare(tiny_model, tmp_path / "gone.onnx", data)) == 2
     assert "gone.onnx" in capsys.readouterr().err
-    args = [
-        "compare",
-        str(tiny_model),
-        str(tiny_model),
-        "--data",
-        str(data),
-        "--calibration",
-        str(cal),
-        "--calibration-a",
-        str(cal),
-    ]
+    args = [*_compare(tiny_model, tiny_model, data), "--calibration", str(cal)]
+    args += ["--calibration-a", str(cal)]
     assert main(args) == 2
     assert "--calibration" in capsys.readouterr().err
 
@@ -208,7 +171,7 @@ def test_each_model_runs_at_the_precision_its_card_declares_unless_told(
     tmp_path: Path, tiny_model: Path, tiny_int8_model: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data = write_parts(tmp_path / "parts")
-    base = ["compare", str(tiny_model), str(tiny_int8_model), "--data", str(data)]
+    base = _compare(tiny_model, tiny_int8_model, data)
     assert main([*base, "--backend", "ort", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert (out["model_a"]["engine"], out["model_b"]["engine"]) == ("ort-fp32", "ort-int8")

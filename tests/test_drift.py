@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -28,13 +27,13 @@ from defectd.data.drift import (
 )
 from defectd.data.synth import PartRenderer
 from defectd.errors import ConfigError
-from defectd.model.card import ModelCard, card_path, load_card
+from defectd.model.card import ModelCard, load_card
 from defectd.pipeline.frame import Frame
 from defectd.pipeline.inspection import Inspection, Verdict
 from defectd.pipeline.runner import PipelineResult
 from defectd.pipeline.sources.base import SyntheticSourceConfig
 from defectd.pipeline.sources.synthetic import apply_drift, drift_fraction
-from station_support import NO_BROKER_NO_HEALTH, synthetic_station
+from station_support import NO_BROKER_NO_HEALTH, copy_model, synthetic_station
 
 SIZE = 48
 
@@ -247,11 +246,10 @@ def test_drift_settings_are_validated_with_the_key_named(tmp_path: Path) -> None
 def test_config_check_names_a_bad_drift_key(
     tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    shutil.copy(tiny_model, tmp_path / "model.onnx")
-    shutil.copy(card_path(tiny_model), tmp_path / "model.card.json")
+    model = copy_model(tiny_model, tmp_path / "model")
     path = tmp_path / "s.toml"
     path.write_text(
-        synthetic_station("st", "model.onnx")
+        synthetic_station("st", model)
         + "\nheight = 64\nwidth = 64\n[drift]\nfalse_alarm_rate = 0.5\n"
     )
     assert main(["config", "check", str(path)]) == 2
@@ -261,11 +259,10 @@ def test_config_check_names_a_bad_drift_key(
 def test_card_reference_without_a_profile_in_the_card_is_refused_by_check_and_run(
     tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    shutil.copy(tiny_model, tmp_path / "model.onnx")
-    shutil.copy(card_path(tiny_model), tmp_path / "model.card.json")
+    model = copy_model(tiny_model, tmp_path / "model")
     path = tmp_path / "s.toml"
     path.write_text(
-        synthetic_station("st", "model.onnx")
+        synthetic_station("st", model)
         + '\nheight = 64\nwidth = 64\n[drift]\nreference = "card"\n'
         + f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n'
         + NO_BROKER_NO_HEALTH
