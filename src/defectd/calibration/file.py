@@ -89,6 +89,11 @@ class ThresholdSection(_Frozen):
     min_score: Probability = 0.0
     target: ThresholdTarget
     model_sha256: str = ""
+    # The precision and backend family the model ran at while the threshold was chosen
+    # (``""``: not recorded, a file from before they were; it ran at the card's precision).
+    # The daemon runs the model at this precision unless ``model.precision`` says otherwise.
+    precision: str = ""
+    backend: str = ""
     data_hash: str = ""
     split: str = "val"
     escape: RateEstimate | None = None

@@ -259,6 +259,8 @@ def threshold(
         min_score=chosen.min_score,
         target=ThresholdTarget(**{f"{kind}_rate": rate}),
         model_sha256=(opened.card.sha256 if model.suffix == ".onnx" else "") or file_sha256(model),
+        precision=opened.precision,
+        backend=opened.engine.split("-")[0],
         data_hash=dataset.fingerprint(split),
         split=split,
         escape=estimate(c["escape"]),
@@ -277,6 +279,8 @@ def threshold(
         calibration=str(out),
         threshold=chosen.pixel_threshold,
         min_area_px=chosen.min_area_px,
+        precision=section.precision,
+        engine=opened.engine,
         escape=chosen.escape.rate,
         false_reject=chosen.false_reject.rate,
     )
@@ -297,6 +301,8 @@ def threshold(
             "at_grid_edge": at_edge,
             "plots": [str(p) for p in plots],
             "model_sha256": section.model_sha256,
+            "precision": section.precision,
+            "engine": opened.engine,
             "data_hash": section.data_hash,
         }
         typer.echo(json.dumps(payload))
@@ -305,5 +311,9 @@ def threshold(
     if at_edge:
         rows.append("chosen at the lowest swept threshold: try lower ones with --thresholds")
     rows += [f"plot {p}" for p in plots]
+    rows.append(
+        f"calibrated at {section.precision} ({opened.engine}): the daemon runs this model at "
+        f"{section.precision} unless model.precision says otherwise"
+    )
     rows.append(f"written to {out}")
     _print_report(chosen, sweep, evaluated, rows)

@@ -62,15 +62,19 @@ def check(
         "archive": str(cfg.archive.dir) if cfg.archive.enabled else None,
         "health": cfg.health.address if cfg.health.enabled else None,
         "config_hash": cfg.hash(),
+        "warnings": list(result.warnings),
     }
     if as_json:
         typer.echo(json.dumps(summary))
         return
     table = Table(title=f"{file}: valid", show_header=False)
     for key, value in summary.items():
-        if key not in ("ok", "file"):
+        if key not in ("ok", "file", "warnings"):
             table.add_row(key, str(value))
-    report_console().print(table)
+    console = report_console()
+    console.print(table)
+    for warning in result.warnings:
+        console.print(f"warning: {warning}", markup=False)
 
 
 @config_app.command("show")

@@ -117,7 +117,9 @@ class ModelSection(_Frozen):
         default="auto", description="auto, openvino, ort, torch, tensorrt, triton"
     )
     precision: Literal["fp32", "fp16", "bf16", "int8"] | None = Field(
-        default=None, description="None: the model card's"
+        default=None,
+        description="None: the precision the calibration files for this model name, else the "
+        "engines' default (the card's, or its fast precision on CPU)",
     )
     threads: Annotated[int, Field(ge=1, le=1024)] | None = None
     cache_dir: Path | None = Field(

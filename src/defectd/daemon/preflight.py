@@ -56,6 +56,7 @@ class StationCheck:
     model: str
     model_sha256: str
     cameras_opened: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()  # e.g. model.precision differs from a calibration file's
 
 
 class _Problems:
@@ -150,9 +151,10 @@ class _Model:
     sha256: str
 
 
-def _open_model(config: StationConfig) -> _Model:
-    """Open the model as ``load_model`` will and run one batch; TensorRT is checked without a
-    build (a build takes minutes). The caller closes the engine."""
+def _open_model(config: StationConfig, precision: str | None) -> _Model:
+    """Open the model as ``load_model`` will (at ``precision``, from ``model_precision``) and
+    run one batch; TensorRT is checked without a build (a build takes minutes). The caller
+    closes the engine."""
     # Runtimes are imported here: loading a config needs none of them.
     from defectd.daemon.station import warm_up  # noqa: PLC0415
     from defectd.engines import choose_backend, open_engine  # noqa: PLC0415
@@ -176,7 +178,7 @@ def _open_model(config: StationConfig) -> _Model:
     engine = open_engine(
         m.path,
         backend=backend,
-        precision=m.precision,
+        precision=precision,
         max_batch=config.pipeline.max_batch,
         threads=m.threads,
         cache_dir=None,  # the check writes nothing
@@ -259,18 +261,26 @@ def _check_zones(config: StationConfig, problems: _Problems) -> None:
                 problems.attempt(f"{key}.{j}", partial(load_zone_mask, zone))
 
 
-def _check_shadow(config: StationConfig, problems: _Problems) -> None:
+def _check_shadow(config: StationConfig, problems: _Problems, warnings: list[str]) -> None:
     """Open the candidate as the daemon will, check its calibration and assemble its pipeline."""
     shadow = config.shadow
     if shadow is None or not shadow.enabled:
         return
     from defectd.daemon.shadow.runner import (  # noqa: PLC0415  (opens an engine)
+        candidate_calibrations,
         candidate_config,
         candidate_setups,
         check_calibration_names,
     )
+    from defectd.daemon.station import model_precision  # noqa: PLC0415
 
-    model = problems.attempt("shadow.path", lambda: _open_model(candidate_config(config, shadow)))
+    candidate = candidate_config(config, shadow)
+    files = candidate_calibrations(config, shadow)
+    choice = problems.attempt("shadow.precision", lambda: model_precision(candidate, files))
+    if choice is None:
+        return
+    warnings.extend(f"shadow.precision: {d.message()}" for d in choice.differs)
+    model = problems.attempt("shadow.path", lambda: _open_model(candidate, choice.precision))
     if model is None:
         return
     try:
@@ -293,9 +303,10 @@ def check_station(config: StationConfig, *, open_cameras: bool = False) -> Stati
 
     Raises one ``ConfigError`` naming the config file and every key at fault.
     """
-    from defectd.daemon.station import camera_setup  # noqa: PLC0415
+    from defectd.daemon.station import camera_setup, model_precision  # noqa: PLC0415
 
     problems = _Problems()
+    warnings: list[str] = []
     d = config.daemon
     problems.attempt("daemon.state_dir", lambda: creatable(config.state_dir, is_dir=True))
     if config.model.cache_dir is not None:
@@ -320,7 +331,11 @@ def check_station(config: StationConfig, *, open_cameras: bool = False) -> Stati
     _check_zones(config, problems)
     _check_sources(config, problems)
 
-    model = problems.attempt("model.path", lambda: _open_model(config))
+    choice = problems.attempt("model.precision", lambda: model_precision(config))
+    model = None
+    if choice is not None:
+        warnings.extend(f"model.precision: {d.message()}" for d in choice.differs)
+        model = problems.attempt("model.path", lambda: _open_model(config, choice.precision))
     if model is not None:
         card = model.card
         problems.attempt("drift.reference", lambda: check_reference(config.drift, card))
@@ -329,7 +344,7 @@ def check_station(config: StationConfig, *, open_cameras: bool = False) -> Stati
         finally:
             if model.engine is not None:
                 model.engine.close()
-    _check_shadow(config, problems)
+    _check_shadow(config, problems, warnings)
     opened: tuple[str, ...] = ()
     if open_cameras and not problems.lines:
         opened = _open_cameras(config, problems)
@@ -341,6 +356,7 @@ def check_station(config: StationConfig, *, open_cameras: bool = False) -> Stati
         model=model.card.name,
         model_sha256=model.sha256,
         cameras_opened=opened,
+        warnings=tuple(warnings),
     )
 
 

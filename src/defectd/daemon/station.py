@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from defectd.calibration.file import load_calibration
 from defectd.clock import SYSTEM_CLOCK, Clock
 from defectd.daemon.config import StationCamera, StationConfig
 from defectd.engines import open_engine
@@ -107,10 +109,128 @@ def _card_for(path: Path) -> ModelCard:
     return load_card(path)
 
 
-def load_model(config: StationConfig, *, opener: EngineOpener = open_engine) -> LoadedModel:
+_NO_FILE = "no calibration file names this model"
+Calibrations = Sequence[tuple[str, Path]]  # (camera or "shadow", calibration file)
+
+
+def calibration_files(config: StationConfig) -> Calibrations:
+    """The cameras' calibration files, each with its camera's name."""
+    return tuple((c.camera, c.calibration) for c in config.cameras if c.calibration is not None)
+
+
+@dataclass(frozen=True, slots=True)
+class PrecisionDiffers:
+    """A calibration file for the model that names another precision than ``model.precision``."""
+
+    camera: str
+    file: Path
+    calibrated: str
+    configured: str
+
+    def message(self) -> str:
+        return (
+            f"camera {self.camera}: {self.file} was calibrated at {self.calibrated}, "
+            f"model.precision is {self.configured}: its threshold was not chosen at the "
+            "precision the daemon runs"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PrecisionChoice:
+    """The precision to open the model at (``None``: the engines' default) and why."""
+
+    precision: str | None
+    reason: str
+    differs: tuple[PrecisionDiffers, ...] = ()
+
+
+def choose_precision(
+    card: ModelCard, configured: str | None, calibrations: Calibrations
+) -> PrecisionChoice:
+    """The precision the model runs at: what eval and calibration promise, the daemon does.
+
+    A calibration file applies to the model when its threshold section names the model's
+    sha256; it was calibrated at its ``precision`` (an older file without one: the card's).
+    ``configured`` (``model.precision``) wins, with a ``PrecisionDiffers`` for each applying
+    file that names another precision. Without it, the applying files' precision is used;
+    files that name different precisions raise ``ConfigError`` naming the cameras and files.
+    No applying file: ``None`` (the engines' default, e.g. the card's fast precision).
+    """
+    applying: dict[str, list[tuple[str, Path]]] = {}
+    for camera, path in calibrations:
+        try:
+            th = load_calibration(path).threshold
+        except DefectdError:
+            continue  # named where the camera's setup is read
+        if th is None or not th.model_sha256 or th.model_sha256 != card.sha256:
+            continue
+        applying.setdefault(th.precision or card.precision, []).append((camera, path))
+    if configured is not None:
+        differs = tuple(
+            PrecisionDiffers(camera, path, calibrated, configured)
+            for calibrated, files in applying.items()
+            if calibrated != configured
+            for camera, path in files
+        )
+        return PrecisionChoice(configured, "model.precision", differs)
+    if not applying:
+        return PrecisionChoice(None, _NO_FILE)
+
+    def named(files: list[tuple[str, Path]]) -> str:
+        return ", ".join(f"camera {camera} ({path})" for camera, path in files)
+
+    if len(applying) > 1:
+        listed = "; ".join(f"{p}: {named(files)}" for p, files in sorted(applying.items()))
+        raise ConfigError(
+            f"model.precision: the calibration files for model {card.name} were calibrated at "
+            f"different precisions ({listed}); recalibrate them at one precision or set "
+            "model.precision"
+        )
+    ((precision, files),) = applying.items()
+    return PrecisionChoice(precision, f"calibrated at {precision}: {named(files)}")
+
+
+def model_precision(
+    config: StationConfig, calibrations: Calibrations | None = None
+) -> PrecisionChoice:
+    """``choose_precision`` for ``config.model`` and ``calibrations`` (default: the cameras').
+    A model or card that cannot be read leaves ``model.precision`` as it is (opening the model
+    names that problem)."""
+    m = config.model
+    files = calibration_files(config) if calibrations is None else calibrations
+    try:
+        card = _card_for(m.path) if files else None
+    except DefectdError:
+        card = None
+    if card is None:
+        return PrecisionChoice(m.precision, "model.precision" if m.precision else _NO_FILE)
+    return choose_precision(card, m.precision, files)
+
+
+def log_precision(choice: PrecisionChoice, model: str) -> None:
+    """Log where the precision comes from and each calibration file that names another."""
+    log.info("model_precision", model=model, precision=choice.precision, reason=choice.reason)
+    for d in choice.differs:
+        log.warning(
+            "calibration_precision_differs",
+            camera=d.camera,
+            file=str(d.file),
+            calibrated=d.calibrated,
+            configured=d.configured,
+        )
+
+
+def load_model(
+    config: StationConfig,
+    *,
+    opener: EngineOpener = open_engine,
+    calibrations: Calibrations | None = None,
+) -> LoadedModel:
     """Open ``config.model`` with ``opener`` for the pipeline's batch size and warm it up.
 
-    Raises ``ModelError``/``EngineError`` naming the file when it cannot be opened or run.
+    Its precision: ``model_precision`` with ``calibrations`` (default: the cameras' files).
+    Raises ``ModelError``/``EngineError`` naming the file when it cannot be opened or run,
+    ``ConfigError`` when the calibration files name different precisions.
     """
     m = config.model
     t0 = time.monotonic()
@@ -118,6 +238,9 @@ def load_model(config: StationConfig, *, opener: EngineOpener = open_engine) -> 
         raise ModelError(f"model.path: model file not found: {m.path}")
     digest = file_sha256(m.path)
     card = _card_for(m.path)
+    files = calibration_files(config) if calibrations is None else calibrations
+    choice = choose_precision(card, m.precision, files)
+    log_precision(choice, card.name)
     if m.cache_dir is not None:
         try:
             m.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -128,7 +251,7 @@ def load_model(config: StationConfig, *, opener: EngineOpener = open_engine) -> 
     engine = opener(
         m.path,
         backend=m.backend,
-        precision=m.precision,
+        precision=choice.precision,
         max_batch=config.pipeline.max_batch,
         threads=m.threads,
         cache_dir=m.cache_dir,

@@ -80,6 +80,7 @@ class OpenedModel:
     card: ModelCard
     engine: str  # e.g. "torch-fp32", "ort-fp32", "openvino-fp32"
     close: Callable[[], None]
+    precision: str = "fp32"  # what the model runs at (the engine's, not the card's)
 
 
 def open_model(
@@ -113,7 +114,7 @@ def open_model(
         path, backend=backend, precision=precision, threads=threads, max_batch=max_batch
     )
     card = load_checkpoint(path)[1] if path.suffix == ".pt" else load_card(path)
-    return OpenedModel(engine, card, engine.name, engine.close)
+    return OpenedModel(engine, card, engine.name, engine.close, engine.precision)
 
 
 def channels_last(net: UNet) -> UNet:

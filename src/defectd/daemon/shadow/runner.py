@@ -48,7 +48,14 @@ from defectd.daemon.shadow.store import (
     PartRecord,
     ShadowStore,
 )
-from defectd.daemon.station import EngineOpener, LoadedModel, camera_setups, load_model
+from defectd.daemon.station import (
+    Calibrations,
+    EngineOpener,
+    LoadedModel,
+    calibration_files,
+    camera_setups,
+    load_model,
+)
 from defectd.engines import open_engine
 from defectd.errors import ConfigError
 from defectd.log import get_logger
@@ -126,6 +133,14 @@ def check_calibration_names(shadow: ShadowConfig, candidate_card_sha256: str) ->
             f"shadow.calibration: {shadow.calibration}: its threshold was calibrated for model "
             f"{th.model_sha256[:12]}, not the candidate {candidate_card_sha256[:12]}"
         )
+
+
+def candidate_calibrations(config: StationConfig, shadow: ShadowConfig) -> Calibrations:
+    """The calibration files that can name the candidate's precision: ``shadow.calibration``
+    when given, else the cameras' (which apply only if they name the candidate's sha256)."""
+    if shadow.calibration is not None:
+        return (("shadow", shadow.calibration),)
+    return calibration_files(config)
 
 
 def candidate_config(config: StationConfig, shadow: ShadowConfig) -> StationConfig:
@@ -302,7 +317,12 @@ class ShadowRunner:
         s = self.shadow
         self._live = live
         model = _in_lowered_thread(
-            s.nice, lambda: load_model(candidate_config(self.config, s), opener=self._opener)
+            s.nice,
+            lambda: load_model(
+                candidate_config(self.config, s),
+                opener=self._opener,
+                calibrations=candidate_calibrations(self.config, s),
+            ),
         )
         try:
             check_calibration_names(s, model.card.sha256)
