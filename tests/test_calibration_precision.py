@@ -20,6 +20,7 @@ from defectd.calibration.file import (
 from defectd.cli import main
 from defectd.daemon.config import load_station_config
 from defectd.daemon.preflight import check_station
+from defectd.daemon.shadow.runner import candidate_calibrations, candidate_config
 from defectd.daemon.station import load_model
 from defectd.errors import ConfigError
 from defectd.model.card import card_path, load_card
@@ -145,7 +146,7 @@ def test_an_asked_for_precision_wins_with_a_warning(
     assert result.engine == "ort-int8"
     (warning,) = result.warnings
     assert warning.startswith("model.precision: camera cam0: ")
-    assert str(cal) in warning and "calibrated at fp32" in warning and "is int8" in warning
+    assert str(cal) in warning and "calibrated at fp32" in warning and "asks for int8" in warning
     assert main(["config", "check", str(path)]) == 0
     assert f"warning: {warning}" in " ".join(capsys.readouterr().out.split())
     with capture_logs() as logs:
@@ -172,3 +173,26 @@ def test_cameras_calibrated_at_different_precisions_are_refused(
         load_model(config)  # what start and reload open
     assert main(["run", "--config", str(path)]) == 2
     assert "different precisions" in capsys.readouterr().err
+
+
+def test_the_shadow_candidate_runs_the_precision_of_its_calibration(
+    fast_model: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    cal = write_threshold(tmp_path / "cand.json", fast_model, "fp32")
+    path = station(tmp_path, tiny_model, {"cam0": None})
+    shadow = f'[shadow]\npath = "{fast_model}"\nbackend = "ort"\ncalibration = "{cal}"\n'
+    path.write_text(path.read_text() + shadow)
+    config = load_station_config(path)
+    assert config.shadow is not None
+    assert check_station(config).warnings == ()
+    candidate = candidate_config(config, config.shadow)
+    files = candidate_calibrations(config, config.shadow)
+    model = load_model(candidate, calibrations=files)  # what the shadow runner opens
+    model.engine.close()
+    assert model.engine.precision == "fp32"
+
+    path.write_text(
+        path.read_text().replace('calibration = "', 'precision = "int8"\ncalibration = "')
+    )
+    (warning,) = check_station(load_station_config(path)).warnings
+    assert warning.startswith(f"shadow.precision: [shadow] candidate: {cal} was calibrated at fp32")

@@ -110,7 +110,12 @@ def _card_for(path: Path) -> ModelCard:
 
 
 _NO_FILE = "no calibration file names this model"
-Calibrations = Sequence[tuple[str, Path]]  # (camera or "shadow", calibration file)
+# (camera name, or "[shadow] candidate" for shadow.calibration; its calibration file)
+Calibrations = Sequence[tuple[str, Path]]
+
+
+def _who(label: str) -> str:
+    return label if label.startswith("[") else f"camera {label}"
 
 
 def calibration_files(config: StationConfig) -> Calibrations:
@@ -129,8 +134,8 @@ class PrecisionDiffers:
 
     def message(self) -> str:
         return (
-            f"camera {self.camera}: {self.file} was calibrated at {self.calibrated}, "
-            f"model.precision is {self.configured}: its threshold was not chosen at the "
+            f"{_who(self.camera)}: {self.file} was calibrated at {self.calibrated}, "
+            f"the config asks for {self.configured}: its threshold was not chosen at the "
             "precision the daemon runs"
         )
 
@@ -177,7 +182,7 @@ def choose_precision(
         return PrecisionChoice(None, _NO_FILE)
 
     def named(files: list[tuple[str, Path]]) -> str:
-        return ", ".join(f"camera {camera} ({path})" for camera, path in files)
+        return ", ".join(f"{_who(camera)} ({path})" for camera, path in files)
 
     if len(applying) > 1:
         listed = "; ".join(f"{p}: {named(files)}" for p, files in sorted(applying.items()))

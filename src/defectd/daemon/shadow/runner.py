@@ -139,7 +139,7 @@ def candidate_calibrations(config: StationConfig, shadow: ShadowConfig) -> Calib
     """The calibration files that can name the candidate's precision: ``shadow.calibration``
     when given, else the cameras' (which apply only if they name the candidate's sha256)."""
     if shadow.calibration is not None:
-        return (("shadow", shadow.calibration),)
+        return (("[shadow] candidate", shadow.calibration),)
     return calibration_files(config)
 
 
