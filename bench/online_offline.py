@@ -9,7 +9,8 @@ For each split (default ``val`` and ``test`` of the magnetic-tile set):
   replay ends. Verdicts are read from a real Mosquitto (started on a free port) by
   ``defectd.publish.watch.Watcher``; ``error`` counts as a reject, as on the line.
 - **calibration**: the computation of ``defectd calibrate threshold`` (``run_sweep``, same
-  default engine choice) at the calibration file's operating point, image by image.
+  default backend) at the calibration file's operating point and at the precision the file
+  records (the one the daemon then runs, ``ThresholdSection.ran_at``), image by image.
 
 It prints escapes and false rejects per split for both as a table, and as the last line
 ``mismatches=N``: the number of images whose two verdicts differ (exit 1 when N > 0). With
@@ -163,13 +164,15 @@ def calibration_verdicts(
     from defectd.calibration.file import load_calibration
     from defectd.cli.calibrate_threshold_cmd import verdicts_at
     from defectd.data.datasets import open_dataset
+    from defectd.model.card import load_card
     from defectd.training.evaluate import open_model
 
     point = load_calibration(calibration).threshold
     if point is None:
         raise SystemExit(f"error: {calibration} has no threshold section")
     dataset = open_dataset(data)
-    opened = open_model(model)
+    # The precision the point was calibrated at, as the station runs it (docs/calibration.md).
+    opened = open_model(model, precision=point.ran_at(load_card(model).precision))
     t0 = time.perf_counter()
     try:
         rejected = verdicts_at(dataset, tuple(splits), opened, point)
@@ -177,6 +180,7 @@ def calibration_verdicts(
         opened.close()
     info = {
         "engine": opened.engine,
+        "calibrated_precision": point.precision,
         "pixel_threshold": point.pixel_threshold,
         "min_area_px": point.min_area_px,
         "min_score": point.min_score,

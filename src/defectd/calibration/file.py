@@ -101,6 +101,11 @@ class ThresholdSection(_Frozen):
     created: str = ""
     command: str = ""
 
+    def ran_at(self, card_precision: str) -> str:
+        """The precision the threshold was chosen at: the recorded one, else (a file from
+        before it was recorded) ``card_precision``, what such calibrations ran at."""
+        return self.precision or card_precision
+
 
 # ----------------------------------------------------------------------------- camera
 

@@ -169,7 +169,7 @@ def choose_precision(
             continue  # named where the camera's setup is read
         if th is None or not th.model_sha256 or th.model_sha256 != card.sha256:
             continue
-        applying.setdefault(th.precision or card.precision, []).append((camera, path))
+        applying.setdefault(th.ran_at(card.precision), []).append((camera, path))
     if configured is not None:
         differs = tuple(
             PrecisionDiffers(camera, path, calibrated, configured)
