@@ -56,7 +56,7 @@ def _escape(seq: int, truth: str | None, archive: str | None = None) -> dict[str
 
 def _gates(doc: dict[str, Any], labels: Path | None = None) -> Any:
     return evaluate_gates(
-        doc, PromotionConfig(), candidate_sha256=CAND, live_sha256s={LIVE}, labels=labels
+        doc, PromotionConfig(), candidate_sha256s={CAND}, live_sha256s={LIVE}, labels=labels
     )
 
 
@@ -177,3 +177,44 @@ def test_promote_installs_the_candidate_keeps_the_old_model_and_records_it(
     assert entry["action"] == "promote" and entry["new"]["sha256"] == file_sha256(candidate)
     assert main(args) == 2  # the same candidate again: it is live already
     assert "is the live model already" in capsys.readouterr().err
+
+
+def test_install_swaps_the_whole_model_family_and_restore_puts_it_back(tmp_path: Path) -> None:
+    from defectd.daemon.promote import install, model_family, restore
+
+    live_dir, cand_dir = tmp_path / "live", tmp_path / "cand"
+    live_dir.mkdir()
+    cand_dir.mkdir()
+    files = {
+        live_dir / "model.onnx": b"live",
+        live_dir / "model.card.json": b"live card",
+        live_dir / "model.int8.onnx": b"live int8",  # must not stay beside the new model
+        live_dir / "model.int8.card.json": b"live int8 card",
+        live_dir / "model.pt": b"not part of the family",
+        cand_dir / "tile-v4.onnx": b"cand",
+        cand_dir / "tile-v4.card.json": b"cand card",
+        cand_dir / "tile-v4.fp16.onnx": b"cand fp16",
+    }
+    for path, data in files.items():
+        path.write_bytes(data)
+    live = live_dir / "model.onnx"
+    assert [p.name for p in model_family(live)] == [
+        "model.card.json",
+        "model.int8.card.json",
+        "model.int8.onnx",
+        "model.onnx",
+    ]
+    done = install(cand_dir / "tile-v4.onnx", live, tmp_path / "state")
+    now = {p.name: p.read_bytes() for p in live_dir.iterdir()}
+    assert now == {
+        "model.onnx": b"cand",
+        "model.card.json": b"cand card",
+        "model.fp16.onnx": b"cand fp16",
+        "model.pt": b"not part of the family",
+    }
+    assert done.retired.read_bytes() == b"live"
+    assert (done.retired.parent / "model.int8.onnx").read_bytes() == b"live int8"
+    restore(done)
+    assert {p.name: p.read_bytes() for p in live_dir.iterdir()} == {
+        p.name: d for p, d in files.items() if p.parent == live_dir
+    }

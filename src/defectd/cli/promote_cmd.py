@@ -23,13 +23,14 @@ def promote_command(
         ),
     ],
     report: Annotated[
-        Path,
+        Path | None,
         typer.Option(
             "--report",
             help="The candidate's shadow report (defectd shadow report --json > FILE): the "
-            "evidence, kept with the audit log.",
+            "evidence, kept with the audit log. Default: the station's shadow record now, "
+            "written to STATE/promotions/.",
         ),
-    ],
+    ] = None,
     candidate: Annotated[
         Path | None,
         typer.Option(
@@ -79,6 +80,7 @@ def promote_command(
     from defectd.daemon.promote import (
         PromotionRefusedError,
         evaluate_gates,
+        family_sha256s,
         install,
         live_state,
         read_report,
@@ -90,6 +92,8 @@ def promote_command(
     from defectd.model.card import file_sha256, load_card
 
     cfg = load_station_config(config)
+    if report is None:
+        report = _current_report(cfg.state_dir)
     doc = read_report(report)
     cand_info = doc.get("candidate") or {}
     cand_path = candidate or (Path(cand_info["path"]) if cand_info.get("path") else None)
@@ -99,14 +103,15 @@ def promote_command(
         raise DataError(f"{cand_path}: candidate model file not found")
     cand_card = load_card(cand_path)
     cand_sha = file_sha256(cand_path)
+    cand_shas = family_sha256s(cand_path)
     audit = AuditLog(cfg.audit.path)
     live, live_shas = live_state(cfg.model.path, audit, cfg.station)
     result = evaluate_gates(
-        doc, cfg.promotion, candidate_sha256=cand_sha, live_sha256s=live_shas, labels=labels
+        doc, cfg.promotion, candidate_sha256s=cand_shas, live_sha256s=live_shas, labels=labels
     )
     new = ModelState(cand_card.name, cand_sha, live.config_hash)
     who = user or current_user()
-    if cand_sha in live_shas:
+    if cand_sha == live.sha256:
         raise ConfigError(f"--candidate {cand_path}: is the live model already")
     summary: dict[str, Any] = {
         "station": cfg.station,
@@ -154,7 +159,7 @@ def promote_command(
         _print(summary, as_json)
         return
     confirmed = wait_for_reload(audit, cfg.station, entry["seq"], cfg.promotion.reload_timeout_s)
-    if confirmed is None or (confirmed.get("new") or {}).get("sha256") == live.sha256:
+    if confirmed is None or (confirmed.get("new") or {}).get("sha256") not in cand_shas:
         restore(installed)
         audit.append(
             "promote_reverted",
@@ -176,6 +181,21 @@ def promote_command(
     summary["reload_audit_seq"] = confirmed["seq"]
     summary["executed_sha256"] = (confirmed.get("new") or {}).get("sha256")
     _print(summary, as_json)
+
+
+def _current_report(state_dir: Path) -> Path:
+    """The station's shadow report now, written to ``STATE/promotions/<time>-shadow-report.json``
+    (the evidence the audit entry names)."""
+    from datetime import UTC, datetime
+
+    from defectd.daemon.shadow.store import shadow_report
+
+    doc = shadow_report(state_dir)
+    folder = state_dir / "promotions"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}-shadow-report.json"
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    return path
 
 
 def _print(summary: dict[str, Any], as_json: bool) -> None:

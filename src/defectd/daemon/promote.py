@@ -17,9 +17,10 @@ Gates (``evaluate_gates``):
   parts the truth calls defective that the live model rejected and the candidate passed: at
   most ``max_new_escapes`` (0).
 
-Installing is a file swap, the way a reload has always taken a new model: the live model and
-card are copied to ``<state_dir>/models/<sha256[:12]>/`` (kept for a rollback), the candidate's
-model and card replace them in place (each written to a temporary file and renamed), and the
+Installing is a file swap, the way a reload has always taken a new model: the live model, its
+card and its variants (``<stem>.int8.onnx`` ...) are copied to
+``<state_dir>/models/<sha256[:12]>/`` (kept for a rollback), the candidate's replace them in
+place (each written to a temporary file and renamed; live variants it lacks removed), and the
 daemon named by ``<state_dir>/defectd.pid`` gets SIGHUP. ``promote`` then waits for the
 daemon's own audit entry of the reload; when none comes in time (the reload failed, or no
 daemon answered) the old files are put back and that is recorded too.
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import time
@@ -42,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from defectd.daemon.audit import AuditLog, ModelState
 from defectd.errors import ConfigError, DataError, DefectdError
-from defectd.model.card import card_path, file_sha256, load_card
+from defectd.model.card import file_sha256, load_card
 
 PID_FILE = "defectd.pid"  # written by the daemon in its state directory
 RETIRED_DIR = "models"  # <state_dir>/models/<sha256[:12]>/: models promotion replaced
@@ -181,7 +183,7 @@ def evaluate_gates(
     report: dict[str, Any],
     gates: PromotionConfig,
     *,
-    candidate_sha256: str,
+    candidate_sha256s: set[str],
     live_sha256s: set[str],
     labels: Path | None = None,
 ) -> GateResult:
@@ -189,19 +191,19 @@ def evaluate_gates(
     result = GateResult()
     live = report.get("live") or {}
     cand = report.get("candidate") or {}
-    same = cand.get("sha256") == candidate_sha256 and live.get("sha256") in live_sha256s
+    same = cand.get("sha256") in candidate_sha256s and live.get("sha256") in live_sha256s
     result.gates.append(
         Gate(
             "same_models",
             same,
             {"live": live.get("sha256"), "candidate": cand.get("sha256")},
-            {"live": sorted(live_sha256s), "candidate": candidate_sha256},
+            {"live": sorted(live_sha256s), "candidate": sorted(candidate_sha256s)},
             "the report compares this candidate with the live model"
             if same
             else "the report is about other models (live "
             f"{str(live.get('sha256'))[:12]}, candidate {str(cand.get('sha256'))[:12]}; "
             f"configured live {', '.join(s[:12] for s in sorted(live_sha256s))}, "
-            f"candidate file {candidate_sha256[:12]})",
+            f"candidate files {', '.join(s[:12] for s in sorted(candidate_sha256s))})",
         )
     )
     parts = int(report.get("parts") or 0)
@@ -256,12 +258,39 @@ def evaluate_gates(
     return result
 
 
+_FAMILY = re.compile(r"\.(?:[A-Za-z0-9_-]+\.)?(?:onnx|card\.json)$")
+
+
+def model_family(model: Path) -> list[Path]:
+    """The model file and the files that go with it in its folder: its card and the variants
+    an engine may pick instead (``<stem>.int8.onnx``, ``<stem>.int8-sym.onnx`` and their cards);
+    the main model file last."""
+    stem = model.stem
+    found = [
+        p
+        for p in sorted(model.parent.iterdir())
+        if p.is_file()
+        and p != model
+        and p.name.startswith(stem + ".")
+        and _FAMILY.fullmatch(p.name[len(stem) :])
+    ]
+    return [*found, model]
+
+
+def family_sha256s(model: Path) -> set[str]:
+    """sha256 of every ONNX file of the model's family: what an engine may execute."""
+    return {file_sha256(p) for p in model_family(model) if p.suffix == ".onnx"}
+
+
 @dataclass(frozen=True, slots=True)
 class Installed:
-    """What ``install`` did: where the replaced model was kept."""
+    """What ``install`` did: the live model, where the replaced family was kept, and the
+    files the candidate brought (to undo)."""
 
     live: Path
     retired: Path
+    kept: tuple[Path, ...]  # the replaced files, under ``retired``'s folder
+    written: tuple[Path, ...]  # files now in the live folder that came from the candidate
 
 
 def _copy_atomic(source: Path, target: Path) -> None:
@@ -271,26 +300,39 @@ def _copy_atomic(source: Path, target: Path) -> None:
 
 
 def install(candidate: Path, live: Path, state_dir: Path) -> Installed:
-    """Keep the live model + card under ``<state_dir>/models/<sha256[:12]>/`` and put the
-    candidate's in their place (card first, each by rename). ``ConfigError`` naming the file
-    that cannot be written."""
-    sha = file_sha256(live)
-    retired = state_dir / RETIRED_DIR / sha[:12]
+    """Keep the live model's family (model, card, int8 variants) under
+    ``<state_dir>/models/<sha256[:12]>/`` and put the candidate's in its place under the live
+    names, each file by rename, the main model last; live variants the candidate does not have
+    are removed (an engine must not pick an old int8 file beside a new model). ``ConfigError``
+    naming the file that cannot be written."""
+    folder = state_dir / RETIRED_DIR / file_sha256(live)[:12]
+    old = model_family(live)
+    new = model_family(candidate)
+    targets = [live.with_name(live.stem + p.name[len(candidate.stem) :]) for p in new]
     try:
-        retired.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(live, retired / live.name)
-        shutil.copyfile(card_path(live), card_path(retired / live.name))
-        _copy_atomic(card_path(candidate), card_path(live))
-        _copy_atomic(candidate, live)
+        folder.mkdir(parents=True, exist_ok=True)
+        kept = []
+        for p in old:
+            shutil.copyfile(p, folder / p.name)
+            kept.append(folder / p.name)
+        for source, target in zip(new, targets, strict=True):
+            _copy_atomic(source, target)
+        for p in old:
+            if p not in targets:
+                p.unlink()
     except OSError as exc:
         raise ConfigError(f"model.path: cannot replace {live}: {exc}") from exc
-    return Installed(live, retired / live.name)
+    return Installed(live, folder / live.name, tuple(kept), tuple(targets))
 
 
 def restore(installed: Installed) -> None:
-    """Put the replaced model back (a reload that did not happen)."""
-    _copy_atomic(card_path(installed.retired), card_path(installed.live))
-    _copy_atomic(installed.retired, installed.live)
+    """Put the replaced family back (a reload that did not happen)."""
+    names = {p.name for p in installed.kept}
+    for p in installed.written:
+        if p.name not in names:
+            p.unlink(missing_ok=True)
+    for p in sorted(installed.kept, key=lambda q: q.name == installed.live.name):
+        _copy_atomic(p, installed.live.with_name(p.name))
 
 
 def signal_daemon(state_dir: Path) -> int | None:
@@ -343,7 +385,7 @@ def live_state(model: Path, audit: AuditLog, station: str) -> tuple[ModelState, 
     card = load_card(model)
     sha = file_sha256(model)
     last = audit.last_state(station)
-    names = {sha}
+    names = family_sha256s(model)
     config_hash = ""
     if last is not None:
         config_hash = last.config_hash
@@ -358,8 +400,10 @@ __all__ = [
     "PromotionConfig",
     "PromotionRefusedError",
     "evaluate_gates",
+    "family_sha256s",
     "install",
     "live_state",
+    "model_family",
     "read_report",
     "restore",
     "signal_daemon",
