@@ -257,9 +257,10 @@ class AuditLog:
         return out
 
     def last_state(self, station: str) -> ModelState | None:
-        """The ``new`` state of the last entry of ``station`` that installed one."""
+        """What the daemon of ``station`` last recorded running: the ``new`` state of its last
+        ``start`` or ``reload`` entry (a ``promote`` takes effect at the reload that follows)."""
         for entry in reversed(self.entries()):
-            installed = entry.get("action") in ("start", "reload", "promote")
+            installed = entry.get("action") in ("start", "reload")
             if installed and entry.get("station") == station and entry.get("new") is not None:
                 return ModelState.from_dict(entry["new"])
         return None
