@@ -43,7 +43,7 @@ seed = 4
 [pipeline]
 max_latency_ms = 0
 [postprocess]
-threshold = 0.1
+threshold = 0.5
 {NO_BROKER_NO_HEALTH}
 [archive]
 pass_sample = 1.0
