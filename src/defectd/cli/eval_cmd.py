@@ -21,6 +21,30 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def _print_classes(console: Any, classes: dict[str, Any]) -> None:
+    """The pixel metrics per class of a multi-class model and its pixel confusion matrix."""
+    from rich.table import Table
+
+    table = Table(title="pixels per class (each at its own threshold / min area)")
+    cols = ("images", "dice", "iou", "precision", "recall", "threshold", "min_area_px")
+    table.add_column("class")
+    for col in cols:
+        table.add_column(col, justify="right")
+    for cls, row in classes["per_class"].items():
+        table.add_row(cls, *(_fmt(row[c]) for c in cols))
+    table.add_row("mean", "", _fmt(classes["mean_dice"]), _fmt(classes["mean_iou"]))
+    console.print(table)
+    confusion = classes["confusion"]
+    matrix = Table(title="pixel confusion (rows: truth, columns: prediction)")
+    matrix.add_column("")
+    for label in confusion["labels"]:
+        matrix.add_column(label, justify="right")
+    for label, row in zip(confusion["labels"], confusion["matrix"], strict=True):
+        matrix.add_row(label, *(str(v) for v in row))
+    console.print(matrix)
+    console.print(f"mean IoU with background: {_fmt(classes['mean_iou_with_background'])}")
+
+
 @app.command("eval")
 def eval_command(
     *,
@@ -87,6 +111,9 @@ def eval_command(
     Metrics without meaning on the split (AUROC without good images) are null in --json, with
     the reason under "undefined".
 
+    A multi-class model adds per-class pixel Dice/IoU, each class at its own operating point,
+    and the pixel confusion matrix; --masks then writes class indices (1..K, 0 = good).
+
     Overlays: image | truth (yellow) | prediction (green found, red false alarm, blue missed).
     """
     from rich.console import Console
@@ -123,12 +150,16 @@ def eval_command(
 
             def on_image(pred: Prediction, _stats: object) -> None:
                 if masks is not None:
-                    point = (
-                        threshold if threshold is not None else opened.card.threshold,
-                        min_area if min_area is not None else opened.card.min_area_px,
-                    )
+                    card = opened.card
+                    points = [
+                        (
+                            card.point(c).threshold if threshold is None else threshold,
+                            card.point(c).min_area_px if min_area is None else min_area,
+                        )
+                        for c in card.classes
+                    ]
                     path = masks / f"{pred.sample.stem}.png"
-                    write_mask(path, predicted_mask(pred, *point))
+                    write_mask(path, predicted_mask(pred, *points[0], points=points))
                     mask_files.append(str(path))
                 bar.advance(task)
 
@@ -197,6 +228,8 @@ def eval_command(
         for cls, row in out["per_class"].items():
             cls_table.add_row(cls, *(_fmt(row[c]) for c in cols))
         rich_out.print(cls_table)
+    if "classes" in out:
+        _print_classes(rich_out, out["classes"])
     if written:
         rich_out.print(f"{len(written)} overlays in {overlays}")
     if masks is not None:

@@ -133,6 +133,13 @@ def train_command(
             "records its sha256. Architecture options not given are the checkpoint's.",
         ),
     ] = None,
+    classes: Annotated[
+        str,
+        typer.Option(
+            help="defect (one output: every defect pixel), auto (one output per class of the "
+            "data: class-index masks or the manifest's cls), or names: a,b,c."
+        ),
+    ] = "defect",
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the run in --out from last.pt.")
     ] = False,
@@ -209,6 +216,7 @@ def train_command(
         name=name,
         command=command_line(),
         init=init,
+        classes=tuple(c.strip() for c in classes.split(",") if c.strip()),
     )
     console = Console(stderr=True)
     columns = (

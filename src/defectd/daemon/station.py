@@ -292,10 +292,10 @@ def warm_up(engine: Engine, rounds: int) -> None:
         batch = np.zeros((n, spec.channels, spec.height, spec.width), np.float32)
         for _ in range(rounds):
             out = engine.infer(batch)
-            if out.shape != (n, 1, spec.height, spec.width):
+            if out.shape != (n, spec.outputs, spec.height, spec.width):
                 raise ModelError(
                     f"engine {engine.name} returned {out.shape} for a batch of {n}; "
-                    f"expected ({n}, 1, {spec.height}, {spec.width})"
+                    f"expected ({n}, {spec.outputs}, {spec.height}, {spec.width})"
                 )
 
 

@@ -6,8 +6,9 @@ Layouts (detected by :func:`open_dataset`):
   ``defectd synth``, the daemon's image archive and the shipped sets (magnetic tile, NEU-Seg).
   Columns: ``stem`` and ``image`` are required; ``cls`` (default ``defect`` / ``free``),
   ``mask`` (empty for no mask file), ``split`` (default ``train``), ``has_defect`` (default: a
-  mask file is named), ``group`` (default the stem) are optional; other columns are ignored.
-  Paths are relative to the dataset folder. A good sample may have a mask of zeros or none.
+  mask file is named), ``group`` (default the stem), ``mask_classes`` are optional; other
+  columns are ignored. Paths are relative to the dataset folder. A good sample may have a mask
+  of zeros or none.
 * **mvtec** — one MVTec AD category folder: ``train/good/*.png``,
   ``test/<kind or good>/*.png``, ``ground_truth/<kind>/<name>_mask.png``. ``train/good`` is
   split ``train``. Of ``test``, a deterministic ~20% becomes ``val``: the samples whose
@@ -15,7 +16,20 @@ Layouts (detected by :func:`open_dataset`):
   rest stays ``test``. Good samples have ``cls = "good"`` as in MVTec.
 
 Images are read as ``(H, W)`` uint8 grey or ``(H, W, 3)`` uint8 RGB; masks as ``(H, W)``
-uint8 {0, 1}. How an image reaches the model input is the card's fit policy, defined once in
+uint8 {0, 1}.
+
+**Classes of pixels** (multi-class models, :meth:`Dataset.load_labels`). A sample's defect
+pixels get their class from, in this order: its class-index mask (``mask_classes`` column:
+0 = good, value ``i`` = the ``i``-th name of :attr:`Dataset.label_classes`), or its ``cls``
+(the whole binary mask is of that class). ``label_classes`` are the lines of ``classes.txt``
+beside the manifest when there is one, else the sorted class names the ``cls`` column gives
+the samples with an index mask (``cls`` may join several with ``+``, as NEU-Seg does); every
+index mask is checked against its ``cls``, so a wrong order is an error, not a silent swap.
+Labels are an ``(H, W)`` uint8 bit field, bit ``k`` set where class ``k`` of the model's
+classes is present (at most 8 classes): one array that masks' nearest-neighbour resizes,
+flips and warps keep intact.
+
+How an image reaches the model input is the card's fit policy, defined once in
 :mod:`defectd.model.fit`.
 """
 
@@ -56,6 +70,8 @@ MANIFEST_COLUMNS = (
 Layout = Literal["manifest", "mvtec"]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MVTEC_VAL_PERCENT = 20
+MAX_CLASSES = 8  # labels are a uint8 bit field
+BINARY_CLASSES = ("defect",)  # a one-channel model: every defect pixel, whatever its class
 _TRUE = {"1", "true", "yes", "y", "t"}
 _FALSE = {"0", "false", "no", "n", "f", ""}
 
@@ -71,6 +87,12 @@ class Sample:
     split: str
     has_defect: bool
     group: str
+    mask_classes: Path | None = None  # class-index mask (0 = good, i = label_classes[i - 1])
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The classes ``cls`` names (``"a+b"`` -> ``("a", "b")``)."""
+        return tuple(c for c in self.cls.split("+") if c)
 
 
 class Dataset:
@@ -84,6 +106,7 @@ class Dataset:
             sorted({s.cls for s in self._samples if s.has_defect})
         )
         self.splits: tuple[str, ...] = tuple(sorted({s.split for s in self._samples}))
+        self.label_classes: tuple[str, ...] = _label_classes(root, self._samples)
 
     def __len__(self) -> int:
         return len(self._samples)
@@ -150,8 +173,75 @@ class Dataset:
         cut = 0 if top <= 1 else top // 2
         return (raw > cut).astype(np.uint8)
 
+    def defect_classes(self) -> tuple[str, ...]:
+        """The classes a multi-class model trained on this set has, one channel each: the
+        index masks' classes when samples have them, else the ``cls`` of defective samples."""
+        if self.label_classes:
+            return self.label_classes
+        return self.classes
+
+    def load_labels(
+        self, sample: Sample, shape: tuple[int, int], classes: Sequence[str]
+    ) -> NDArray[np.uint8]:
+        """``(H, W)`` uint8 bit field of the sample's defect pixels by class: bit ``k`` where
+        ``classes[k]`` is (see the module docstring). For the one class ``defect`` this is
+        :meth:`load_mask` ({0, 1}, every defect pixel). ``DataError`` naming the file for a
+        mask that cannot be read or does not match, and for a class not in ``classes``."""
+        classes = tuple(classes)
+        if classes == BINARY_CLASSES:
+            return self.load_mask(sample, shape)
+        if len(classes) > MAX_CLASSES:
+            raise DataError(f"{len(classes)} classes; at most {MAX_CLASSES} are supported")
+        out = np.zeros(shape, np.uint8)
+        if not sample.has_defect:
+            return out
+        if sample.mask_classes is not None:
+            index = self._load_index(sample, shape)
+            for value, name in enumerate(self.label_classes, start=1):
+                if name in classes:
+                    out[index == value] |= np.uint8(1 << classes.index(name))
+            return out
+        binary = self.load_mask(sample, shape)
+        names = sample.class_names
+        if len(names) != 1 or names[0] not in classes:
+            raise DataError(
+                f"{sample.mask or sample.image}: class {sample.cls!r} of sample {sample.stem} "
+                f"is not one of the model's classes ({', '.join(classes)}) and the sample has "
+                "no class-index mask (mask_classes column)"
+            )
+        out[binary > 0] = np.uint8(1 << classes.index(names[0]))
+        return out
+
+    def _load_index(self, sample: Sample, shape: tuple[int, int]) -> NDArray[np.uint8]:
+        assert sample.mask_classes is not None
+        path = sample.mask_classes
+        if not path.is_file():
+            raise DataError(f"{path}: class-index mask not found (sample {sample.stem})")
+        index = np.asarray(_decode(path, cv2.IMREAD_GRAYSCALE), np.uint8)
+        if index.shape[:2] != tuple(shape):
+            raise DataError(
+                f"{path}: class-index mask is {index.shape[1]}x{index.shape[0]} (WxH) but its "
+                f"image is {shape[1]}x{shape[0]}"
+            )
+        present = {int(v) for v in np.unique(index)} - {0}
+        known = len(self.label_classes)
+        if max(present, default=0) > known:
+            raise DataError(
+                f"{path}: class value {max(present)} but the set names {known} classes "
+                f"({', '.join(self.label_classes)})"
+            )
+        found = {self.label_classes[v - 1] for v in present}
+        if sample.class_names and found != set(sample.class_names):
+            raise DataError(
+                f"{path}: holds {', '.join(sorted(found)) or 'no class'} but the manifest says "
+                f"{sample.cls!r} (value i is class i of: {', '.join(self.label_classes)}; "
+                "list them in classes.txt if that order is wrong)"
+            )
+        return index
+
     def fingerprint(self, split: str | None = None) -> str:
-        """Hex sha256 over the split's samples: stem, class, flag, relative paths and file bytes.
+        """Hex sha256 over the split's samples: stem, class, flag, relative paths and file bytes
+        (image, mask, and class-index mask where there is one).
 
         Stable across machines and folder locations; any changed image, mask or label changes
         it. Reads every file once (about 1 s per GB).
@@ -159,13 +249,25 @@ class Dataset:
         digest = hashlib.sha256()
         for s in sorted(self.samples(split), key=lambda s: (s.split, s.stem)):
             digest.update(f"{s.stem}\0{s.cls}\0{int(s.has_defect)}\0{s.split}\0".encode())
-            for path in (s.image, s.mask):
+            # The class-index mask only where there is one: hashes of binary sets stay as they were.
+            extra = () if s.mask_classes is None else (s.mask_classes,)
+            for path in (s.image, s.mask, *extra):
                 if path is None or not path.is_file():
                     digest.update(b"-\0")
                     continue
                 digest.update(_relative(path, self.root).encode() + b"\0")
                 digest.update(path.read_bytes())
         return digest.hexdigest()
+
+
+def _label_classes(root: Path, samples: Sequence[Sample]) -> tuple[str, ...]:
+    """Names of the class-index masks' values 1, 2, ...: ``classes.txt`` (one per line) or the
+    sorted class names of the samples that have an index mask; ``()`` when none has one."""
+    listing = root / "classes.txt"
+    if listing.is_file():
+        names = tuple(line.strip() for line in listing.read_text(encoding="utf-8").splitlines())
+        return tuple(n for n in names if n)
+    return tuple(sorted({n for s in samples if s.mask_classes is not None for n in s.class_names}))
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -260,6 +362,7 @@ def _read_manifest(root: Path) -> list[Sample]:
         else:
             has_defect = mask is not None
         cls = (row.get("cls") or "").strip() or ("defect" if has_defect else "free")
+        index_txt = (row.get("mask_classes") or "").strip()
         samples.append(
             Sample(
                 stem=stem,
@@ -269,6 +372,7 @@ def _read_manifest(root: Path) -> list[Sample]:
                 split=(row.get("split") or "").strip() or "train",
                 has_defect=has_defect,
                 group=(row.get("group") or "").strip() or stem,
+                mask_classes=root / index_txt if index_txt else None,
             )
         )
     if not samples:
@@ -349,6 +453,15 @@ def open_dataset(root: Path) -> Dataset:
     ds = Dataset(root, layout, samples)
     log.debug("dataset_opened", root=str(root), layout=layout, samples=len(ds), splits=ds.splits)
     return ds
+
+
+def unpack_labels(labels: NDArray[np.uint8], classes: int) -> NDArray[np.float32]:
+    """``(H, W)`` uint8 bit field -> ``(classes, H, W)`` float32 {0, 1}; one class: ``labels``
+    as they are ({0, 1})."""
+    if classes == 1:
+        return labels[None].astype(np.float32)
+    bits = np.arange(classes, dtype=np.uint8).reshape(-1, 1, 1)
+    return ((labels[None] >> bits) & 1).astype(np.float32)
 
 
 def class_counts(samples: Sequence[Sample]) -> dict[str, int]:

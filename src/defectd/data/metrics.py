@@ -386,3 +386,147 @@ class MetricsAccumulator:
                 else tolerant_scores(self.stats, self.tolerance_px)
             ),
         )
+
+
+@dataclass(frozen=True)
+class ClassReport:
+    """Pixel metrics of a multi-class model, one row per class, and the pixel confusion matrix.
+
+    ``per_class[name]``: ``dice``, ``iou``, ``precision``, ``recall`` of that class's channel at
+    its own operating point (threshold, min area), ``truth_px``, ``images`` (holding the class),
+    ``best_threshold``/``best_dice`` on the grid. ``confusion[t][p]``: pixels of true label
+    ``t`` predicted as ``p``, labels ``["good", *classes]``; a pixel's predicted label is the
+    class with the highest probability among those whose decided mask holds it, its true label
+    the first class it belongs to.
+    """
+
+    classes: tuple[str, ...]
+    per_class: dict[str, dict[str, float | int]]
+    confusion: list[list[int]]
+
+    @property
+    def mean_iou(self) -> float:
+        """Mean IoU over the defect classes."""
+        return float(np.mean([float(r["iou"]) for r in self.per_class.values()]))
+
+    @property
+    def mean_dice(self) -> float:
+        return float(np.mean([float(r["dice"]) for r in self.per_class.values()]))
+
+    @property
+    def mean_iou_with_background(self) -> float:
+        """Mean IoU over the classes and ``good`` (background), from the confusion matrix, as
+        semantic segmentation papers often report mIoU."""
+        m = np.asarray(self.confusion, np.float64)
+        inter = np.diag(m)
+        union = m.sum(0) + m.sum(1) - inter
+        ious = [_ratio(i, u, empty=1.0) for i, u in zip(inter, union, strict=True)]
+        return float(np.mean(ious))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "mean_iou": _json_number(self.mean_iou),
+            "mean_dice": _json_number(self.mean_dice),
+            "mean_iou_with_background": _json_number(self.mean_iou_with_background),
+            "per_class": {
+                k: {n: _json_number(v) for n, v in row.items()} for k, row in self.per_class.items()
+            },
+            "confusion": {"labels": ["good", *self.classes], "matrix": self.confusion},
+        }
+
+
+@dataclass
+class ClassAccumulator:
+    """Per-class pixel counts of a multi-class model, image by image (O(classes x grid))."""
+
+    classes: tuple[str, ...]
+    thresholds: tuple[float, ...]
+    min_areas: tuple[int, ...]
+    _counts: NDArray[np.int64] = field(init=False)
+    _sweep: NDArray[np.int64] = field(init=False)
+    _confusion: NDArray[np.int64] = field(init=False)
+    _images: NDArray[np.int64] = field(init=False)
+
+    def __post_init__(self) -> None:
+        k = len(self.classes)
+        if not len(self.thresholds) == len(self.min_areas) == k:
+            raise ValueError("one threshold and one min area per class")
+        self._counts = np.zeros((k, 4), np.int64)  # tp, fp, fn, truth px
+        self._sweep = np.zeros((k, 3, THRESHOLD_GRID.size), np.int64)
+        self._confusion = np.zeros((k + 1, k + 1), np.int64)
+        self._images = np.zeros(k, np.int64)
+
+    def decide(self, probs: NDArray[np.float32]) -> NDArray[np.bool_]:
+        """``(K, H, W)`` bool: each class's ``prob > threshold`` without components under its
+        min area (the daemon's per-class post-processing without morphology)."""
+        return np.stack(
+            [
+                remove_small(probs[k] > np.float32(self.thresholds[k]), self.min_areas[k])
+                for k in range(len(self.classes))
+            ]
+        )
+
+    def add(
+        self,
+        probs: NDArray[np.float32],
+        truth: NDArray[np.uint8],
+        decided: NDArray[np.bool_] | None = None,
+    ) -> NDArray[np.bool_]:
+        """Add ``(K, H, W)`` float32 probabilities and ``(K, H, W)`` uint8 {0, 1} truth;
+        returns the ``(K, H, W)`` decided masks (``decided`` if given)."""
+        if probs.shape != truth.shape or probs.shape[0] != len(self.classes):
+            raise ValueError(f"probabilities {probs.shape} vs truth {truth.shape}")
+        pred = self.decide(probs) if decided is None else decided
+        gt = truth > 0
+        grid = THRESHOLD_GRID.astype(probs.dtype)
+        for k in range(len(self.classes)):
+            tp = int(np.count_nonzero(pred[k] & gt[k]))
+            n_pred, n_truth = int(np.count_nonzero(pred[k])), int(np.count_nonzero(gt[k]))
+            self._counts[k] += (tp, n_pred - tp, n_truth - tp, n_truth)
+            self._images[k] += int(n_truth > 0)
+            pos = np.sort(probs[k][gt[k]])
+            neg = np.sort(probs[k][~gt[k]])
+            s_tp = pos.size - np.searchsorted(pos, grid, side="right")
+            s_fp = neg.size - np.searchsorted(neg, grid, side="right")
+            self._sweep[k, 0] += s_tp
+            self._sweep[k, 1] += s_fp
+            self._sweep[k, 2] += pos.size - s_tp
+        n = len(self.classes) + 1
+        true_label = np.where(gt.any(0), gt.argmax(0) + 1, 0)
+        scored = np.where(pred, probs, np.float32(-1.0))
+        pred_label = np.where(pred.any(0), scored.argmax(0) + 1, 0)
+        flat = (true_label * n + pred_label).ravel()
+        self._confusion += np.bincount(flat, minlength=n * n).reshape(n, n)
+        return pred
+
+    def best_thresholds(self) -> list[tuple[float, float]]:
+        """Per class: the grid threshold with the best split Dice of its channel, and that
+        Dice (ties: the lowest threshold)."""
+        out = []
+        for k in range(len(self.classes)):
+            tp, fp, fn = self._sweep[k]
+            sweep = [
+                (float(t), dice_score(int(a), int(b), int(c)))
+                for t, a, b, c in zip(THRESHOLD_GRID, tp, fp, fn, strict=True)
+            ]
+            out.append(max(sweep, key=lambda td: (td[1], -td[0])))
+        return out
+
+    def report(self) -> ClassReport:
+        best = self.best_thresholds()
+        per_class: dict[str, dict[str, float | int]] = {}
+        for k, name in enumerate(self.classes):
+            tp, fp, fn, truth_px = (int(v) for v in self._counts[k])
+            per_class[name] = {
+                "images": int(self._images[k]),
+                "truth_px": truth_px,
+                "dice": dice_score(tp, fp, fn),
+                "iou": iou_score(tp, fp, fn),
+                "precision": precision_score(tp, fp, fn),
+                "recall": recall_score(tp, fp, fn),
+                "threshold": self.thresholds[k],
+                "min_area_px": self.min_areas[k],
+                "best_threshold": best[k][0],
+                "best_dice": best[k][1],
+            }
+        return ClassReport(self.classes, per_class, self._confusion.tolist())

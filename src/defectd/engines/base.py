@@ -1,7 +1,8 @@
 """The engine contract every inference backend implements.
 
 An engine takes a normalised batch ``(N, C, H, W) float32`` (see ``Normalisation.apply``)
-and returns defect probabilities ``(N, 1, H, W) float32`` in [0, 1], as a new array the
+and returns defect probabilities ``(N, K, H, W) float32`` in [0, 1], one channel per class
+of the model card (``K = spec.outputs``, 1 for a one-class model), as a new array the
 caller owns. ``N`` must lie in ``spec.min_batch .. spec.max_batch``.
 """
 
@@ -29,6 +30,7 @@ class EngineSpec:
     min_batch: int = 1
     max_batch: int = 16
     dtype: str = "float32"
+    outputs: int = 1  # probability channels out: one per class of the card
 
     @property
     def chw(self) -> tuple[int, int, int]:

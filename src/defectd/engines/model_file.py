@@ -89,6 +89,13 @@ def check_onnx_against_card(path: Path, io: OnnxIO, card: ModelCard) -> None:
         raise ModelError(
             f"{path}: ONNX input {io.input_name!r} is {io.input_dtype}; engines feed float32"
         )
+    outputs = io.output_shape[1] if len(io.output_shape) == 4 else None
+    if isinstance(outputs, int) and outputs != len(card.classes):
+        raise ModelError(
+            f"{path}: ONNX output {io.output_name!r} has {outputs} channel(s) but "
+            f"{card_path(path).name} lists {len(card.classes)} classes "
+            f"({', '.join(card.classes)})"
+        )
 
 
 def check_expected(path: Path, card: ModelCard, expect: tuple[int, int, int] | None) -> None:
@@ -126,6 +133,7 @@ def make_spec(
         width=card.input.width,
         min_batch=min_batch,
         max_batch=max_batch,
+        outputs=len(card.classes),
     )
 
 

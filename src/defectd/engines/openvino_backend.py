@@ -227,7 +227,9 @@ class OpenVinoEngine(BackendEngine):
         (a stream per core would hold one each). Per pixel it costs the same CPU as tiles in
         throughput mode on the development machine. The caller closes it. ``EngineError``
         when the model cannot take that size."""
-        spec = EngineSpec(self._spec.channels, height, width, 1, 1, self._spec.dtype)
+        spec = EngineSpec(
+            self._spec.channels, height, width, 1, 1, self._spec.dtype, self._spec.outputs
+        )
         return OpenVinoEngine(
             self._path,
             self._io,

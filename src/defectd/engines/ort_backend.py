@@ -118,7 +118,7 @@ class OrtEngine(BackendEngine):
 
     def _run(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
         n = batch.shape[0]
-        out = np.empty((n, 1, self._spec.height, self._spec.width), np.float32)
+        out = np.empty((n, self._spec.outputs, self._spec.height, self._spec.width), np.float32)
         with self._lock:
             if self._session is None:
                 raise EngineError(f"{self._path}: ONNX Runtime engine is closed")

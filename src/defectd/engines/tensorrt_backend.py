@@ -270,9 +270,9 @@ class TensorRTEngine:
         n, c, h, w = key.max_batch, spec.channels, spec.height, spec.width
         cuda = torch.device("cuda", 0)
         self._dev_in = torch.empty((n, c, h, w), dtype=torch.float32, device=cuda)
-        self._dev_out = torch.empty((n, 1, h, w), dtype=torch.float32, device=cuda)
+        self._dev_out = torch.empty((n, spec.outputs, h, w), dtype=torch.float32, device=cuda)
         self._host_in = torch.empty((n, c, h, w), dtype=torch.float32, pin_memory=True)
-        self._host_out = torch.empty((n, 1, h, w), dtype=torch.float32, pin_memory=True)
+        self._host_out = torch.empty((n, spec.outputs, h, w), dtype=torch.float32, pin_memory=True)
         self._context.set_tensor_address(self._in, self._dev_in.data_ptr())
         self._context.set_tensor_address(self._out, self._dev_out.data_ptr())
         self._key = key

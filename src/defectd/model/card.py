@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from defectd import __version__
 from defectd.data.drift import DriftReference
@@ -79,6 +79,14 @@ class InitInfo(_Frozen):
     initialised: tuple[str, ...] = ()  # tensors that did not match (name and shape) and why
 
 
+class ClassPoint(_Frozen):
+    """The operating point of one class of a multi-class model: pixel threshold on its
+    channel and minimum region area in pixels at native resolution."""
+
+    threshold: Annotated[float, Field(gt=0.0, lt=1.0)]
+    min_area_px: Annotated[int, Field(ge=0)] = 0
+
+
 class TrainingInfo(_Frozen):
     data: str = ""
     data_hash: str = ""
@@ -92,6 +100,10 @@ class TrainingInfo(_Frozen):
 
 
 class ModelCard(_Frozen):
+    """``classes``: one output channel each, in order (multi-label: each channel its own
+    sigmoid). ``threshold`` / ``min_area_px`` hold for every class that ``per_class`` does not
+    name; a one-class model (``["defect"]``) has no ``per_class``."""
+
     schema_version: int = CARD_SCHEMA_VERSION
     name: str
     architecture: dict[str, Any] = Field(default_factory=dict)
@@ -100,6 +112,7 @@ class ModelCard(_Frozen):
     classes: tuple[str, ...] = ("defect",)
     threshold: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
     min_area_px: Annotated[int, Field(ge=0)] = 0
+    per_class: dict[str, ClassPoint] = Field(default_factory=dict)
     precision: Precision = "fp32"
     opset: int | None = None
     sha256: str = ""  # of the model file this card describes
@@ -112,9 +125,36 @@ class ModelCard(_Frozen):
     # of the station's drift monitoring (defectd.data.drift); None on cards made before it.
     drift: DriftReference | None = None
 
+    @model_validator(mode="after")
+    def _classes_known(self) -> ModelCard:
+        if not self.classes or len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"classes must be distinct names, got {list(self.classes)}")
+        unknown = sorted(set(self.per_class) - set(self.classes))
+        if unknown:
+            raise ValueError(
+                f"per_class names {', '.join(unknown)}, not among classes "
+                f"({', '.join(self.classes)})"
+            )
+        return self
+
+    @property
+    def multiclass(self) -> bool:
+        """More than one output channel."""
+        return len(self.classes) > 1
+
+    def point(self, cls: str) -> ClassPoint:
+        """The operating point of class ``cls`` (``per_class``, else the card's own)."""
+        found = self.per_class.get(cls)
+        if found is not None:
+            return found
+        return ClassPoint(threshold=self.threshold, min_area_px=self.min_area_px)
+
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.model_dump(mode="json"), indent=2) + "\n")
+        data = self.model_dump(mode="json")
+        if not data["per_class"]:  # one-class cards read as they did before per_class existed
+            del data["per_class"]
+        path.write_text(json.dumps(data, indent=2) + "\n")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelCard:

@@ -21,8 +21,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from defectd.data.datasets import Dataset, Sample
-from defectd.data.metrics import ImageScore, ImageStats, MetricsAccumulator, Report
+from defectd.data.datasets import Dataset, Sample, unpack_labels
+from defectd.data.metrics import (
+    ClassAccumulator,
+    ClassReport,
+    ImageScore,
+    ImageStats,
+    MetricsAccumulator,
+    Report,
+)
 from defectd.engines import open_engine
 from defectd.errors import ModelError
 from defectd.extras import require_extra
@@ -34,7 +41,8 @@ if TYPE_CHECKING:
 
 
 class Predictor(Protocol):
-    """``infer((N, C, H, W) float32 normalised) -> (N, 1, H, W) float32 probabilities``."""
+    """``infer((N, C, H, W) float32 normalised) -> (N, K, H, W) float32 probabilities``, one
+    channel per class of the card (``K = 1`` for a one-class model)."""
 
     def infer(self, batch: NDArray[np.float32]) -> NDArray[np.float32]: ...
 
@@ -154,12 +162,19 @@ def onnx_parity(
 @dataclass(frozen=True)
 class Prediction:
     """One image at native resolution: ``image`` (H, W[, 3]) uint8, ``mask`` (H, W) uint8
-    {0, 1}, ``prob`` (H, W) float32."""
+    {0, 1}, ``prob`` (H, W) float32.
+
+    A multi-class model's prediction also has ``probs`` (K, H, W) float32 and ``masks``
+    (K, H, W) uint8 {0, 1}, one per class of the card; ``prob`` is then their maximum and
+    ``mask`` their union (any defect).
+    """
 
     sample: Sample
     image: NDArray[np.uint8]
     mask: NDArray[np.uint8]
     prob: NDArray[np.float32]
+    probs: NDArray[np.float32] | None = None
+    masks: NDArray[np.uint8] | None = None
 
 
 def predict(
@@ -174,20 +189,69 @@ def predict(
 
     ``DataError`` naming the file for an unreadable image or a mask that does not fit it.
     """
+    k = len(card.classes)
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
         images = [dataset.load_image(s, card.input.channels) for s in chunk]
-        masks = [dataset.load_mask(s, img.shape[:2]) for s, img in zip(chunk, images, strict=True)]
-        probs = infer_images(images, predictor, card)
-        for s, img, msk, p in zip(chunk, images, masks, probs, strict=True):
-            yield Prediction(s, img, msk, p)
+        if k == 1:
+            masks = [
+                dataset.load_mask(s, img.shape[:2]) for s, img in zip(chunk, images, strict=True)
+            ]
+            probs = infer_images(images, predictor, card)
+            for s, img, msk, p in zip(chunk, images, masks, probs, strict=True):
+                yield Prediction(s, img, msk, p)
+            continue
+        labels = [
+            unpack_labels(dataset.load_labels(s, img.shape[:2], card.classes), k).astype(np.uint8)
+            for s, img in zip(chunk, images, strict=True)
+        ]
+        maps = infer_class_maps(images, predictor, card)
+        for s, img, msk, per_class in zip(chunk, images, labels, maps, strict=True):
+            yield Prediction(
+                s,
+                img,
+                np.asarray(msk.max(axis=0), np.uint8),
+                np.asarray(per_class.max(axis=0), np.float32),
+                per_class,
+                msk,
+            )
+
+
+def infer_class_maps(
+    images: Sequence[NDArray[np.uint8]], predictor: Predictor, card: ModelCard
+) -> list[NDArray[np.float32]]:
+    """One batch: each image fitted to the input by the card's fit policy, normalised,
+    inferred and brought back to its own size: ``(K, H, W)`` float32 probabilities per image,
+    one channel per class of the card. ``ModelError`` when the model's output has another
+    number of channels."""
+    spec = card.input
+    policy = fit_policy(card)
+    fitted = np.stack(
+        [to_chw(fit_to_input(img, None, spec.height, spec.width, policy)[0]) for img in images]
+    )
+    probs = predictor.infer(card.normalisation.apply(fitted))
+    k = len(card.classes)
+    if probs.ndim != 4 or probs.shape[1] != k:
+        raise ModelError(
+            f"model {card.name!r}: output {tuple(probs.shape)} has {probs.shape[1:2]} "
+            f"channels but the card lists {k} classes ({', '.join(card.classes)})"
+        )
+    return [
+        np.stack([restore_size(p[c], img.shape[:2], policy) for c in range(k)])
+        for img, p in zip(images, probs, strict=True)
+    ]
 
 
 def infer_images(
     images: Sequence[NDArray[np.uint8]], predictor: Predictor, card: ModelCard
 ) -> list[NDArray[np.float32]]:
     """One batch: each image fitted to the input by the card's fit policy, normalised,
-    inferred and brought back to its own size: ``(H, W)`` float32 probabilities per image."""
+    inferred and brought back to its own size: ``(H, W)`` float32 probabilities per image
+    (a multi-class model: the maximum over its classes, "any defect")."""
+    if card.multiclass:
+        return [
+            np.asarray(m.max(axis=0), np.float32) for m in infer_class_maps(images, predictor, card)
+        ]
     spec = card.input
     policy = fit_policy(card)
     fitted = np.stack(
@@ -204,18 +268,22 @@ class Evaluation:
     report: Report
     stats: list[ImageStats]
     best_threshold: float  # the threshold with the highest split Dice on the grid
-    best_dice: float
+    best_dice: float  # multi-class: the mean over the classes of each one's best Dice
     split: str
     seconds: float
+    classes: ClassReport | None = None  # per-class pixel metrics of a multi-class model
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             **self.report.as_dict(),
             "split": self.split,
             "best_threshold": self.best_threshold,
             "best_dice": round(self.best_dice, 6),
             "seconds": round(self.seconds, 2),
         }
+        if self.classes is not None:
+            out["classes"] = self.classes.as_dict()
+        return out
 
 
 def evaluate(
@@ -241,12 +309,27 @@ def evaluate(
         score=score,
         tolerance_px=tolerance_px,
     )
+    per_class = None
+    if card.multiclass:
+        points = [card.point(c) for c in card.classes]
+        per_class = ClassAccumulator(
+            card.classes,
+            tuple(p.threshold if threshold is None else threshold for p in points),
+            tuple(p.min_area_px if min_area_px is None else min_area_px for p in points),
+        )
     t0 = time.perf_counter()
     for pred in predict(dataset, samples, predictor, card, batch_size=batch_size):
-        st = acc.add(pred.prob, pred.mask, stem=pred.sample.stem, cls=pred.sample.cls)
+        union = None
+        if per_class is not None:
+            assert pred.probs is not None and pred.masks is not None
+            union = np.asarray(per_class.add(pred.probs, pred.masks).any(axis=0), bool)
+        st = acc.add(pred.prob, pred.mask, stem=pred.sample.stem, cls=pred.sample.cls, binary=union)
         if on_image is not None:
             on_image(pred, st)
     best_t, best_d = acc.best_threshold()
+    class_report = per_class.report() if per_class is not None else None
+    if class_report is not None:
+        best_d = float(np.mean([float(r["best_dice"]) for r in class_report.per_class.values()]))
     return Evaluation(
         report=acc.report(),
         stats=acc.stats,
@@ -254,4 +337,5 @@ def evaluate(
         best_dice=best_d,
         split=split,
         seconds=time.perf_counter() - t0,
+        classes=class_report,
     )

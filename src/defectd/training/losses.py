@@ -7,6 +7,10 @@ Defects cover a fraction of a percent of most images, so plain BCE is content pr
 "good" everywhere. The overlap term (soft Dice, or Tversky that weighs misses more than false
 alarms) is computed over the whole batch at once, which matches how the split's Dice is measured
 (pixels summed over images) and stays defined on batches of good images only.
+
+A multi-class model's ``(N, K, H, W)`` output has one sigmoid per class (multi-label): BCE
+over every pixel of every channel, and the overlap term per class, averaged over the classes,
+so a rare class weighs as much as a common one. ``K = 1`` is the one-class loss unchanged.
 """
 
 from __future__ import annotations
@@ -23,15 +27,22 @@ LOSS_KINDS: tuple[LossKind, ...] = ("bce_dice", "bce_dice_img", "focal_dice", "b
 
 
 def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """``1 - (2 sum(p t) + s) / (sum p + sum t + s)`` over every pixel of the batch."""
+    """``1 - (2 sum(p t) + s) / (sum p + sum t + s)`` over every pixel of the batch (per
+    class and averaged, for ``K > 1`` channels)."""
+    if prob.shape[1] > 1:
+        dims = (0, 2, 3)
+        inter_k = (prob * target).sum(dims)
+        per_class = 1.0 - (2.0 * inter_k + smooth) / (prob.sum(dims) + target.sum(dims) + smooth)
+        return per_class.mean()
     inter = (prob * target).sum()
     return 1.0 - (2.0 * inter + smooth) / (prob.sum() + target.sum() + smooth)
 
 
 def image_dice_loss(prob: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
     """Soft Dice loss per ``(N, 1, H, W)`` image, averaged over the images that have defect
-    pixels (0 when none has): a 5-pixel pit weighs as much as a region over half the part."""
-    dims = (1, 2, 3)
+    pixels (0 when none has): a 5-pixel pit weighs as much as a region over half the part.
+    For ``K > 1`` channels: per image and class, over the pairs that have defect pixels."""
+    dims: tuple[int, ...] = (1, 2, 3) if prob.shape[1] == 1 else (2, 3)
     inter = (prob * target).sum(dims)
     per_image = 1.0 - (2.0 * inter + smooth) / (prob.sum(dims) + target.sum(dims) + smooth)
     has_defect = target.sum(dims) > 0
@@ -47,7 +58,14 @@ def tversky_loss(
     beta: float = 0.7,
     smooth: float = 1.0,
 ) -> torch.Tensor:
-    """Tversky loss: ``alpha`` weighs false positives, ``beta`` misses (Dice at 0.5/0.5)."""
+    """Tversky loss: ``alpha`` weighs false positives, ``beta`` misses (Dice at 0.5/0.5);
+    per class and averaged for ``K > 1`` channels."""
+    if prob.shape[1] > 1:
+        per_class = [
+            tversky_loss(prob[:, k : k + 1], target[:, k : k + 1], alpha, beta, smooth)
+            for k in range(prob.shape[1])
+        ]
+        return torch.stack(per_class).mean()
     tp = (prob * target).sum()
     fp = (prob * (1.0 - target)).sum()
     fn = ((1.0 - prob) * target).sum()
@@ -71,7 +89,7 @@ class LossConfig:
 
 
 class SegLoss(nn.Module):
-    """``(N, 1, H, W)`` logits and ``(N, 1, H, W)`` float {0, 1} targets -> scalar loss.
+    """``(N, K, H, W)`` logits and ``(N, K, H, W)`` float {0, 1} targets -> scalar loss.
 
     Computed in float32 whatever the autocast dtype of the logits.
     """

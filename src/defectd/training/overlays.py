@@ -85,11 +85,28 @@ def pick_cases(stats: Sequence[ImageStats], count: int) -> tuple[list[str], list
     return worst, [b for b in best if b not in worst]
 
 
-def predicted_mask(pred: Prediction, threshold: float, min_area_px: int = 0) -> NDArray[np.uint8]:
-    """The ``(H, W)`` uint8 prediction as eval scores it: 255 where ``prob > threshold`` in a
-    component of at least ``min_area_px`` pixels, else 0."""
-    found = remove_small(pred.prob > threshold, min_area_px)
-    return np.asarray(found, np.uint8) * np.uint8(255)
+def predicted_mask(
+    pred: Prediction,
+    threshold: float,
+    min_area_px: int = 0,
+    points: Sequence[tuple[float, int]] | None = None,
+) -> NDArray[np.uint8]:
+    """The ``(H, W)`` uint8 prediction as eval scores it.
+
+    One-class model: 255 where ``prob > threshold`` in a component of at least ``min_area_px``
+    pixels, else 0. Multi-class model (``pred.probs`` and one ``(threshold, min area)`` per
+    class in ``points``): the class index ``k + 1`` of the most probable class whose own
+    decision holds the pixel, 0 where none does.
+    """
+    if pred.probs is None or points is None:
+        found = remove_small(pred.prob > threshold, min_area_px)
+        return np.asarray(found, np.uint8) * np.uint8(255)
+    decided = np.stack(
+        [remove_small(pred.probs[k] > np.float32(t), a) for k, (t, a) in enumerate(points)]
+    )
+    scored = np.where(decided, pred.probs, np.float32(-1.0))
+    label = np.where(decided.any(axis=0), scored.argmax(axis=0) + 1, 0)
+    return np.asarray(label, np.uint8)
 
 
 def write_mask(path: Path, mask: NDArray[np.uint8]) -> None:

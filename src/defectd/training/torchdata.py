@@ -21,7 +21,7 @@ from numpy.typing import NDArray
 from torch.utils.data import DataLoader, Sampler
 from torch.utils.data import Dataset as TorchDataset
 
-from defectd.data.datasets import Dataset, Sample
+from defectd.data.datasets import BINARY_CLASSES, Dataset, Sample, unpack_labels
 from defectd.model.card import Normalisation
 from defectd.model.fit import FitPolicy, fit_to_input, to_chw
 from defectd.training.augment import Augment
@@ -38,7 +38,10 @@ class InputFit:
 
 
 class SegmentationSet(TorchDataset[tuple[torch.Tensor, torch.Tensor]]):
-    """Item ``i``: ``(C, h, w)`` float32 normalised image and ``(1, h, w)`` float32 {0,1} mask.
+    """Item ``i``: ``(C, h, w)`` float32 normalised image and ``(K, h, w)`` float32 {0,1}
+    masks, one per class of ``classes`` (``K = 1`` for the one class ``defect``: every defect
+    pixel). Labels are kept as the dataset's ``(H, W)`` uint8 bit field
+    (:meth:`Dataset.load_labels`) and unpacked per item.
 
     ``(h, w)`` is the fitted input size, or ``crop`` x ``crop`` when ``crop`` is set (training
     on crops of the fitted image; with probability ``defect_crop_p`` a crop of a defective image
@@ -56,8 +59,10 @@ class SegmentationSet(TorchDataset[tuple[torch.Tensor, torch.Tensor]]):
         crop: int | None = None,
         defect_crop_p: float = 0.7,
         seed: int = 0,
+        classes: Sequence[str] = BINARY_CLASSES,
     ) -> None:
         self.samples = list(samples)
+        self.classes = tuple(classes)
         self.fit = fit
         self.normalisation = normalisation
         self.augment = augment
@@ -68,7 +73,7 @@ class SegmentationSet(TorchDataset[tuple[torch.Tensor, torch.Tensor]]):
         images, masks = [], []
         for s in self.samples:
             img = dataset.load_image(s, fit.channels)
-            msk = dataset.load_mask(s, img.shape[:2])
+            msk = dataset.load_labels(s, img.shape[:2], self.classes)
             fimg, fmsk = fit_to_input(img, msk, fit.height, fit.width, fit.policy)
             assert fmsk is not None
             images.append(fimg)
@@ -83,6 +88,12 @@ class SegmentationSet(TorchDataset[tuple[torch.Tensor, torch.Tensor]]):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def class_shares(self) -> list[float]:
+        """Share of pixels of each class over the split (the output biases' prior)."""
+        if len(self.classes) == 1:
+            return [float(self.masks.mean())]
+        return [float(((self.masks >> k) & 1).mean()) for k in range(len(self.classes))]
+
     def set_epoch(self, epoch: int) -> None:
         """Select the random draws of ``epoch`` (call before iterating each epoch)."""
         self.epoch = epoch
@@ -95,7 +106,7 @@ class SegmentationSet(TorchDataset[tuple[torch.Tensor, torch.Tensor]]):
         if self.crop is not None:
             img, msk = self._crop(img, msk, rng)
         x = self.normalisation.apply(to_chw(img))
-        y = msk[None].astype(np.float32)
+        y = unpack_labels(msk, len(self.classes))
         return torch.from_numpy(x), torch.from_numpy(y)
 
     def _crop(
@@ -163,5 +174,5 @@ class DefectBalancedSampler(Sampler[int]):
 def train_loader(
     data: SegmentationSet, sampler: DefectBalancedSampler, batch_size: int
 ) -> DataLoader[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches ``(B, C, h, w)`` float32 images and ``(B, 1, h, w)`` float32 masks, in-process."""
+    """Batches ``(B, C, h, w)`` float32 images and ``(B, K, h, w)`` float32 masks, in-process."""
     return DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=0, drop_last=True)

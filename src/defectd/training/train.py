@@ -33,12 +33,13 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from defectd.data.datasets import Dataset, open_dataset
+from defectd.data.datasets import BINARY_CLASSES, MAX_CLASSES, Dataset, open_dataset
 from defectd.data.drift import dataset_reference
-from defectd.data.metrics import ImageScore, MetricsAccumulator, Report
+from defectd.data.metrics import ClassAccumulator, ImageScore, MetricsAccumulator, Report
 from defectd.errors import ConfigError, DataError
 from defectd.log import get_logger
 from defectd.model.card import (
+    ClassPoint,
     InitInfo,
     InputSpec,
     ModelCard,
@@ -109,10 +110,14 @@ class TrainConfig:
     name: str = ""
     command: str = ""
     init: Path | None = None  # fine-tune: start from this checkpoint's matching tensors
+    # One output channel per class: ("defect",) is the one-class model (every defect pixel);
+    # ("auto",) takes the data set's classes (Dataset.defect_classes), resolved by ``train``.
+    classes: tuple[str, ...] = BINARY_CLASSES
 
     def unet(self) -> UNetConfig:
         return UNetConfig(
             in_channels=self.channels,
+            out_channels=len(self.classes),
             base=self.base,
             depth=self.depth,
             norm=self.norm,
@@ -139,6 +144,10 @@ class TrainConfig:
             raise ConfigError(f"--defect-fraction {self.defect_fraction}: must be within [0, 1]")
         if self.time_limit_min is not None and self.time_limit_min <= 0:
             raise ConfigError(f"--time-limit {self.time_limit_min}: must be positive minutes")
+        if not self.classes or len(set(self.classes)) != len(self.classes):
+            raise ConfigError(f"--classes {','.join(self.classes)}: expected distinct names")
+        if len(self.classes) > MAX_CLASSES:
+            raise ConfigError(f"--classes: {len(self.classes)} classes, at most {MAX_CLASSES}")
 
     def as_dict(self) -> dict[str, Any]:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
@@ -150,6 +159,8 @@ class TrainConfig:
         values["data"], values["out"] = Path(values["data"]), Path(values["out"])
         if values.get("init"):
             values["init"] = Path(values["init"])
+        if "classes" in values:
+            values["classes"] = tuple(values["classes"])
         return cls(**values)
 
 
@@ -195,14 +206,18 @@ class TrainResult:
     history: list[EpochRecord]
 
 
-def init_head_prior(net: UNet, defect_share: float) -> None:
-    """Start the output at the share of defect pixels instead of 0.5: the early steps then
-    learn where defects are rather than that most pixels are good (RetinaNet's prior init)."""
-    p = min(max(defect_share, 1e-3), 0.5)
+def init_head_prior(net: UNet, defect_share: float | Sequence[float]) -> None:
+    """Start each output channel at its class's share of pixels instead of 0.5: the early steps
+    then learn where defects are rather than that most pixels are good (RetinaNet's prior
+    init). One share for all channels, or one per channel."""
     bias = net.head.bias
-    if bias is not None:
-        with torch.no_grad():
-            bias.fill_(math.log(p / (1.0 - p)))
+    if bias is None:
+        return
+    shares = [defect_share] * bias.numel() if isinstance(defect_share, float) else defect_share
+    with torch.no_grad():
+        for k, share in enumerate(shares):
+            p = min(max(share, 1e-3), 0.5)
+            bias[k] = math.log(p / (1.0 - p))
 
 
 def bf16_supported() -> bool:
@@ -284,7 +299,8 @@ def time_one_step(net: torch.nn.Module, loss_fn: SegLoss, config: TrainConfig, b
     side_h = config.crop or config.height
     side_w = config.crop or config.width
     x = torch.rand((config.batch_size, config.channels, side_h, side_w), generator=gen)
-    y = (torch.rand((config.batch_size, 1, side_h, side_w), generator=gen) > 0.9).float()
+    k = len(config.classes)
+    y = (torch.rand((config.batch_size, k, side_h, side_w), generator=gen) > 0.9).float()
     elapsed = 0.0
     for _ in range(2):
         t0 = time.perf_counter()
@@ -331,6 +347,12 @@ def train(
 
     # ---- data
     dataset = open_dataset(config.data)
+    if config.classes == ("auto",):
+        found = dataset.defect_classes()
+        if not found:
+            raise DataError(f"{config.data}: --classes auto found no defect class in the data")
+        config = replace(config, classes=found)
+        config.check()
     train_samples = dataset.samples(config.train_split)
     val_samples = dataset.samples(config.val_split)
     fit = InputFit(config.channels, config.height, config.width, config.resize)
@@ -344,6 +366,7 @@ def train(
         augment=Augment(aug) if config.augment != "off" else None,
         crop=config.crop,
         seed=config.seed,
+        classes=config.classes,
     )
     if not train_set.defective.any():
         raise DataError(f"{config.data}: split {config.train_split!r} has no defective image")
@@ -394,7 +417,8 @@ def train(
                 f"({loaded.summary()}); give the checkpoint's --base/--depth/--channels"
             )
     if state is None and not head_loaded:
-        init_head_prior(net, float(train_set.masks.mean()))
+        shares = train_set.class_shares()
+        init_head_prior(net, shares[0] if len(shares) == 1 else shares)
     decay = [p for p in net.parameters() if p.ndim > 1]
     no_decay = [p for p in net.parameters() if p.ndim <= 1]
     opt = torch.optim.AdamW(
@@ -416,6 +440,7 @@ def train(
             resize=config.resize,
         ),
         normalisation=norm,
+        classes=config.classes,
         training=TrainingInfo(
             data=str(config.data),
             split=config.train_split,
@@ -574,12 +599,20 @@ def finish_card(
     preds = list(
         predict(dataset, dataset.samples(config.val_split), TorchPredictor(net, bf16=False), card)
     )
-    threshold, min_area, report = choose_operating_point(preds, config.image_score)
+    per_class: dict[str, ClassPoint] = {}
+    if card.multiclass:
+        per_class, report, class_metrics = choose_class_points(preds, card, config.image_score)
+        threshold = min(p.threshold for p in per_class.values())
+        min_area = min(p.min_area_px for p in per_class.values())
+    else:
+        threshold, min_area, report = choose_operating_point(preds, config.image_score)
+        class_metrics = {}
     metrics = {
         f"val_{k}": float(v)
         for k, v in report.overall.as_dict().items()
         if isinstance(v, float) and k not in ("images", "defective")
     }
+    metrics.update(class_metrics)
     if math.isfinite(report.auroc):  # undefined on a split without good images: left out
         metrics["val_auroc"] = float(report.auroc)
     training = card.training.model_copy(
@@ -593,11 +626,13 @@ def finish_card(
         update={
             "threshold": threshold,
             "min_area_px": min_area,
+            "per_class": per_class,
             "metrics": {k: round(v, 5) for k, v in metrics.items() if math.isfinite(v)},
             "training": training,
             "drift": dataset_reference(dataset, config.train_split, card.input.channels),
             "notes": f"threshold (best Dice) and min_area_px (best image accuracy) chosen on "
-            f"split {config.val_split!r}; image score for AUROC: {config.image_score}",
+            f"split {config.val_split!r}{', per class' if per_class else ''}; "
+            f"image score for AUROC: {config.image_score}",
         }
     )
     extra = {k: v for k, v in state.items() if k not in ("model", "unet", "card")}
@@ -629,3 +664,37 @@ def choose_operating_point(
             best = (threshold, area, report)
     assert best is not None
     return best
+
+
+def choose_class_points(
+    preds: Sequence[Prediction], card: ModelCard, score: ImageScore = "max"
+) -> tuple[dict[str, ClassPoint], Report, dict[str, float]]:
+    """A multi-class model's operating point per class, each chosen on its own channel as
+    :func:`choose_operating_point` chooses the one-class point (threshold with the best Dice,
+    then the min area with the best accuracy of "image holds this class"); the any-defect
+    report at those points; and per-class metrics for the card (``val_iou_<class>``,
+    ``val_dice_<class>``, ``val_mean_iou``)."""
+    points: dict[str, ClassPoint] = {}
+    for k, name in enumerate(card.classes):
+        view = []
+        for p in preds:
+            assert p.probs is not None and p.masks is not None
+            view.append(Prediction(p.sample, p.image, p.masks[k], p.probs[k]))
+        t, a, _ = choose_operating_point(view, score)
+        points[name] = ClassPoint(threshold=t, min_area_px=a)
+    acc = ClassAccumulator(
+        card.classes,
+        tuple(points[c].threshold for c in card.classes),
+        tuple(points[c].min_area_px for c in card.classes),
+    )
+    overall = MetricsAccumulator(score=score, keep_sweep=False)
+    for p in preds:
+        assert p.probs is not None and p.masks is not None
+        union = np.asarray(acc.add(p.probs, p.masks).any(axis=0), bool)
+        overall.add(p.prob, p.mask, stem=p.sample.stem, cls=p.sample.cls, binary=union)
+    classes = acc.report()
+    metrics = {"val_mean_iou": classes.mean_iou}
+    for name, row in classes.per_class.items():
+        metrics[f"val_iou_{name}"] = float(row["iou"])
+        metrics[f"val_dice_{name}"] = float(row["dice"])
+    return points, overall.report(), metrics
