@@ -99,3 +99,63 @@ def test_an_area_rule_without_an_area_is_a_config_error() -> None:
 def test_an_unknown_rule_kind_names_the_kind() -> None:
     with pytest.raises(ValidationError, match="kind"):
         TypeAdapter(RuleConfig).validate_python({"kind": "colour", "min_score": 0.5})
+
+
+# ------------------------------------------------------------------ rules by class
+
+
+def of_class(cls: str, area: int, score: float = 0.9, mm2: float | None = None) -> Defect:
+    return Defect(area, (0, 0, 1, 1), (0.0, 0.0), score, score, mm2, cls=cls)
+
+
+def test_a_rule_with_a_class_looks_only_at_that_class() -> None:
+    config = RulesConfig.model_validate(
+        {"rules": [{"kind": "area", "class": "scratch", "min_area_mm2": 2}]}
+    )
+    (rule,) = build_rules(config)
+    assert rule.name == "scratch:area>=2mm2"
+    assert rule.fires([of_class("scratch", 50, mm2=2.5)])
+    assert not rule.fires([of_class("inclusion", 5000, mm2=40.0), of_class("scratch", 5, mm2=1.0)])
+
+
+@pytest.mark.parametrize(
+    ("rule", "name"),
+    [
+        (CountRule(1, cls="pit"), "pit:count>1"),
+        (ScoreRule(0.8, cls="pit"), "pit:score>=0.8"),
+        (AnyDefectRule(cls="pit"), "pit:any-defect"),
+    ],
+)
+def test_every_kind_of_rule_takes_a_class(rule: object, name: str) -> None:
+    pits = [of_class("pit", 3), of_class("pit", 4)]
+    others = [of_class("chip", 9), of_class("chip", 9), of_class("chip", 9)]
+    assert rule.name == name  # type: ignore[attr-defined]
+    assert rule.fires(pits + others)  # type: ignore[attr-defined]
+    assert not rule.fires(others)  # type: ignore[attr-defined]
+
+
+def test_a_rule_naming_a_class_the_model_lacks_is_refused_naming_both() -> None:
+    from defectd.errors import ConfigError
+    from defectd.model.card import ModelCard
+    from defectd.pipeline.rules import check_rule_classes
+
+    card = ModelCard(name="steel", classes=("inclusion", "patches", "scratches"))
+    good = RulesConfig.model_validate({"rules": [{"kind": "any", "class": "patches"}]})
+    check_rule_classes(good, card)
+    bad = RulesConfig.model_validate(
+        {"rules": [{"kind": "any"}, {"kind": "area", "class": "scratch", "min_area_px": 3}]}
+    )
+    with pytest.raises(ConfigError, match=r"rules\.rules\.1\.class: 'scratch'.*scratches"):
+        check_rule_classes(bad, card)
+
+
+def test_rules_without_a_class_keep_their_config_hash() -> None:
+    from defectd.pipeline.config import config_hash
+
+    config = RulesConfig.model_validate(
+        {"rules": [{"kind": "area", "min_area_px": 40}, {"kind": "count", "max_defects": 3}]}
+    )
+    assert "class" not in str(config.model_dump(mode="json"))
+    # The hash these rules had before rules took a class: verdicts of existing stations
+    # keep the config hash they were stamped with.
+    assert config_hash(config) == "7a625d4e2db4fa97"

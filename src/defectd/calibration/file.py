@@ -30,7 +30,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from defectd.errors import ConfigError
 
@@ -81,8 +89,26 @@ class ThresholdTarget(_Frozen):
         return self
 
 
+class ClassThreshold(_Frozen):
+    """The operating point of one class of a multi-class model, with its evidence: escape
+    counts parts holding the class whose class channel found nothing, false reject the
+    negatives (parts or defect-free tiles, see ``negatives``) where it found something."""
+
+    pixel_threshold: Annotated[float, Field(gt=0.0, lt=1.0)]
+    min_area_px: Annotated[int, Field(ge=0)] = 0
+    escape: RateEstimate | None = None
+    false_reject: RateEstimate | None = None
+
+
 class ThresholdSection(_Frozen):
-    """Decision parameters chosen from a labelled set, with the evidence behind them."""
+    """Decision parameters chosen from a labelled set, with the evidence behind them.
+
+    ``classes``: a multi-class model's point per class (the daemon then uses these, one per
+    channel; ``pixel_threshold``/``min_area_px`` are their minimum, for readers of one
+    point). ``negatives``: where the good examples came from -- ``parts`` (defect-free images)
+    or ``tiles`` (defect-free regions of defective images, for sets without good parts), with
+    ``negatives_note`` saying how they were taken.
+    """
 
     pixel_threshold: Annotated[float, Field(gt=0.0, lt=1.0)]
     min_area_px: Annotated[int, Field(ge=0)] = 0
@@ -100,6 +126,20 @@ class ThresholdSection(_Frozen):
     false_reject: RateEstimate | None = None
     created: str = ""
     command: str = ""
+    classes: dict[str, ClassThreshold] = Field(default_factory=dict)
+    negatives: Literal["parts", "tiles"] = "parts"
+    negatives_note: str = ""
+
+    @model_serializer(mode="wrap")
+    def _without_defaults_of_newer_fields(self, handler: SerializerFunctionWrapHandler) -> Any:
+        # A one-class calibration from good parts writes (and fingerprints) as it did before
+        # these fields existed.
+        data = handler(self)
+        if isinstance(data, dict):
+            for key, default in (("classes", {}), ("negatives", "parts"), ("negatives_note", "")):
+                if data.get(key) == default:
+                    data.pop(key, None)
+        return data
 
     def ran_at(self, card_precision: str) -> str:
         """The precision the threshold was chosen at: the recorded one, else (a file from

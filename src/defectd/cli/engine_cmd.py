@@ -184,7 +184,10 @@ def build_engine(
                 t = time.perf_counter()
                 out = engine.infer(x)
                 latency[str(n)] = round((time.perf_counter() - t) * 1e3, 2)
-                if out.shape != (n, 1, spec.height, spec.width) or not np.isfinite(out).all():
+                if (
+                    out.shape != (n, spec.outputs, spec.height, spec.width)
+                    or not np.isfinite(out).all()
+                ):
                     raise ConfigError(f"{model}: engine {engine.name} returned a bad output")
                 progress.advance(check)
         finally:

@@ -42,6 +42,7 @@ from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from defectd.data.datasets import MANIFEST_COLUMNS
+from defectd.data.palette import class_bgr
 from defectd.errors import ConfigError
 from defectd.log import get_logger
 from defectd.pipeline.inspection import Inspection, Verdict
@@ -162,14 +163,21 @@ def render_overlay(
         img = (img.astype(np.float32) * (255.0 / peak)).astype(np.uint8)
     code = cv2.COLOR_GRAY2BGR if img.ndim == 2 else cv2.COLOR_RGB2BGR
     bgr = np.ascontiguousarray(cv2.cvtColor(img, code), dtype=np.uint8)
+    box_colour = class_bgr(0)
     if mask is not None and mask.any():
-        red = np.zeros_like(bgr)
-        red[..., 2] = 255
-        sel = mask.astype(bool)
-        bgr[sel] = cv2.addWeighted(bgr, 0.5, red, 0.5, 0.0)[sel]
+        # A multi-class mask holds class index + 1 per pixel: one colour per class.
+        for value in range(1, int(mask.max()) + 1):
+            sel = mask == value
+            if sel.any():
+                tint = np.zeros_like(bgr)
+                tint[...] = class_bgr(value - 1)
+                bgr[sel] = cv2.addWeighted(bgr, 0.5, tint, 0.5, 0.0)[sel]
     for d in inspection.defects:
         x, y, w, h = d.bbox
-        cv2.rectangle(bgr, (x, y), (x + w - 1, y + h - 1), (0, 0, 255), 1)
+        if mask is not None and mask.max() > 1:
+            value = int(mask[max(y, 0) : y + h, max(x, 0) : x + w].max())
+            box_colour = class_bgr(max(value, 1) - 1)
+        cv2.rectangle(bgr, (x, y), (x + w - 1, y + h - 1), box_colour, 1)
     colour = {Verdict.PASS: (0, 200, 0), Verdict.FAIL: (0, 0, 255)}.get(
         inspection.verdict, (0, 165, 255)
     )

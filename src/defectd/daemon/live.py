@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
+from defectd.data.palette import class_bgr
 from defectd.log import get_logger
 from defectd.pipeline.inspection import Inspection, Verdict
 from defectd.pipeline.runner import PipelineResult
@@ -96,10 +97,17 @@ def render_live(result: PipelineResult, width: int) -> NDArray[np.uint8]:
         mask: NDArray[Any] = result.mask
         if scale != 1.0:
             mask = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
-        sel = mask.astype(bool)
-        bgr[sel] = (bgr[sel] * 0.5 + np.array((0, 0, 255)) * 0.5).astype(np.uint8)
-        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(bgr, contours, -1, (0, 0, 255), 1)
+        # A multi-class mask holds class index + 1 per pixel: one colour per class.
+        for value in range(1, int(mask.max()) + 1):
+            sel = mask == value
+            if not sel.any():
+                continue
+            tint = np.array(class_bgr(value - 1))
+            bgr[sel] = (bgr[sel] * 0.5 + tint * 0.5).astype(np.uint8)
+            contours, _ = cv2.findContours(
+                sel.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
+            )
+            cv2.drawContours(bgr, contours, -1, class_bgr(value - 1), 1)
     for d in ins.defects:
         x, y, bw, bh = (round(v * scale) for v in d.bbox)
         cv2.rectangle(bgr, (x, y), (x + max(bw, 1), y + max(bh, 1)), (0, 255, 255), 1)

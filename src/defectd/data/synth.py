@@ -74,12 +74,15 @@ class SynthPart:
     ``image`` is ``(H, W)`` uint8 (grey) or ``(H, W, 3)`` uint8 RGB; ``mask`` is ``(H, W)``
     uint8 with 1 on every pixel a defect changed and 0 elsewhere; ``defects`` lists the kinds
     drawn in drawing order (empty for a good part); ``surface`` names the texture.
+    ``labels`` is the class-index mask of the same pixels: ``DEFECTS.index(kind) + 1`` of the
+    first defect that changed each one, 0 elsewhere (a multi-class model's truth).
     """
 
     image: NDArray[np.uint8]
     mask: NDArray[np.uint8]
     defects: tuple[str, ...]
     surface: str
+    labels: NDArray[np.uint8] | None = None
 
     @property
     def cls(self) -> str:
@@ -553,16 +556,19 @@ class PartRenderer:
         # do not depend on its defects: the same state with defect_prob=0 gives its good twin.
         defect_rng = np.random.default_rng(int(rng.integers(0, 2**63)))
         drawn: list[str] = []
+        labels = np.zeros((h, w), np.uint8)
         if defective:
             count = 1 + int(defect_rng.random() < 0.25) + int(defect_rng.random() < 0.05)
             canvas = _Canvas(img, mask)
             for _ in range(count):
+                before = mask.copy()
                 kind = kinds_t[int(defect_rng.integers(0, len(kinds_t)))]
                 if _PAINTERS[kind](defect_rng, canvas) == 0:
                     # Clipped away entirely (tiny parts): a pit always lands inside.
                     _pit(defect_rng, canvas)
                     kind = "pit"
                 drawn.append(kind)
+                labels[(mask > before)] = DEFECTS.index(kind) + 1
 
         # Illumination: global gain, separable linear gradient and vignetting; then noise.
         gain = rng.uniform(0.75, 1.2)
@@ -586,7 +592,9 @@ class PartRenderer:
             image = np.asarray(cv2.LUT(cv2.cvtColor(grey, cv2.COLOR_GRAY2RGB), lut), np.uint8)
         else:
             image = grey
-        return SynthPart(image=image, mask=mask, defects=tuple(drawn), surface=surface)
+        return SynthPart(
+            image=image, mask=mask, defects=tuple(drawn), surface=surface, labels=labels
+        )
 
 
 @functools.lru_cache(maxsize=8)

@@ -59,7 +59,8 @@ def _fixed(io: OnnxIO, index: int, given: int | None, what: str) -> int:
 
 def run_check(model: Path, card: ModelCard) -> CardCheck:
     """Open ``model`` with ``card`` on ONNX Runtime, run a batch of 2 random images through it
-    and check the output: ``(2, 1, H, W)`` probabilities in [0, 1]. ``ModelError`` if not."""
+    and check the output: ``(2, K, H, W)`` probabilities in [0, 1], one channel per class of
+    the card. ``ModelError`` if not."""
     from defectd.engines.registry import open_engine  # noqa: PLC0415
 
     io = read_onnx_io(model)
@@ -76,11 +77,11 @@ def run_check(model: Path, card: ModelCard) -> CardCheck:
         name = engine.name
     finally:
         engine.close()
-    want = (2, 1, spec.height, spec.width)
+    want = (2, len(card.classes), spec.height, spec.width)
     if probs.shape != want:
         raise ModelError(
             f"{model}: output shape {probs.shape} for a batch of 2; expected {want} (one "
-            "defect-probability map per image)"
+            "defect-probability map per image and class)"
         )
     lo, hi = float(probs.min()), float(probs.max())
     if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0.0 or hi > 1.0:

@@ -7,7 +7,8 @@ inspected over the whole frame, in pixels only, with the model card's threshold.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -58,6 +59,8 @@ class CameraSetup:
     undistort: ImageCorrection | None = None
     threshold: float | None = None
     min_area_px: int | None = None
+    # A multi-class model's calibrated ``(threshold, min area px)`` per class (same sha256 rule).
+    class_points: Mapping[str, tuple[float, int]] = field(default_factory=dict)
     threshold_model_sha256: str = ""
     ignore_zones: tuple[Zone, ...] = ()
     frame_size: tuple[int, int] | None = None
@@ -109,6 +112,11 @@ def camera_setup_from_calibration(
         undistort=undistorter,
         threshold=th.pixel_threshold if th is not None else None,
         min_area_px=th.min_area_px if th is not None else None,
+        class_points=(
+            {c: (p.pixel_threshold, p.min_area_px) for c, p in th.classes.items()}
+            if th is not None
+            else {}
+        ),
         threshold_model_sha256=th.model_sha256 if th is not None else "",
         ignore_zones=zones,
     )

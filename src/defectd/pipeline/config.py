@@ -10,9 +10,16 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
 Admission = Literal["reject", "block"]
 StitchMode = Literal["blend", "max"]
@@ -110,7 +117,27 @@ class PostprocessConfig(_Frozen):
     max_defects: Annotated[int, Field(ge=1, le=10_000)] = 100
 
 
-class AreaRuleConfig(_Frozen):
+class _RuleConfig(_Frozen):
+    """What every rule has: ``class`` limits it to the defects of one class of the model card
+    (a multi-class model; checked against the card when the pipeline is built). Without it the
+    rule looks at every defect."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    class_: Annotated[str, Field(min_length=1)] | None = Field(default=None, alias="class")
+
+    @model_serializer(mode="wrap")
+    def _without_unset_class(self, handler: SerializerFunctionWrapHandler) -> Any:
+        # A rule without a class dumps as it did before rules had classes, so the config hash
+        # stamped on every verdict stays the same for existing station configs.
+        data = handler(self)
+        if isinstance(data, dict) and self.class_ is None:
+            data.pop("class_", None)
+            data.pop("class", None)
+        return data
+
+
+class AreaRuleConfig(_RuleConfig):
     """Fail when any defect is at least this large (px and/or mm²) and this confident."""
 
     kind: Literal["area"] = "area"
@@ -125,7 +152,7 @@ class AreaRuleConfig(_Frozen):
         return self
 
 
-class CountRuleConfig(_Frozen):
+class CountRuleConfig(_RuleConfig):
     """Fail when more than ``max_defects`` defects (with score >= ``min_score``) are found."""
 
     kind: Literal["count"] = "count"
@@ -133,14 +160,14 @@ class CountRuleConfig(_Frozen):
     min_score: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
 
 
-class ScoreRuleConfig(_Frozen):
+class ScoreRuleConfig(_RuleConfig):
     """Fail when any defect's peak probability reaches ``min_score``."""
 
     kind: Literal["score"] = "score"
     min_score: Annotated[float, Field(ge=0.0, le=1.0)]
 
 
-class AnyDefectRuleConfig(_Frozen):
+class AnyDefectRuleConfig(_RuleConfig):
     """Fail on any defect that survived post-processing (threshold, morphology, min area)."""
 
     kind: Literal["any"] = "any"

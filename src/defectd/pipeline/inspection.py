@@ -26,6 +26,9 @@ class Defect:
     score_max: float  # highest defect probability inside the region
     score_mean: float
     area_mm2: float | None = None  # when the camera scale is calibrated
+    # The model card's class whose channel found the region ("defect" for a one-class model);
+    # the scores are that channel's probabilities.
+    cls: str = "defect"
 
 
 @dataclass(frozen=True, slots=True)

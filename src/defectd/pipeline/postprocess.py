@@ -125,10 +125,11 @@ class Postprocessor:
         prob: NDArray[np.float32],
         params: PostprocessParams,
         offset: tuple[int, int] = (0, 0),
+        cls: str = "defect",
     ) -> tuple[Defect, ...]:
         """Connected regions of ``mask`` of at least ``min_area_px``, largest first (at most
         ``max_defects``), with scores from ``prob`` and coordinates shifted by ``offset``
-        ``(x, y)`` into full-frame pixels."""
+        ``(x, y)`` into full-frame pixels; each of class ``cls``."""
         # Label only the bounding box of the defect pixels: most frames have none or a few
         # small ones, and labelling a 5-megapixel frame costs tens of milliseconds.
         bx, by, bw, bh = cv2.boundingRect(mask)
@@ -162,6 +163,7 @@ class Postprocessor:
                     score_max=round(float(values.max()), 4),
                     score_mean=round(float(values.mean()), 4),
                     area_mm2=round(area * scale2, 4) if scale2 is not None else None,
+                    cls=cls,
                 )
             )
         return tuple(defects)
@@ -172,11 +174,12 @@ class Postprocessor:
         params: PostprocessParams,
         keep: NDArray[np.uint8] | None = None,
         offset: tuple[int, int] = (0, 0),
+        cls: str = "defect",
     ) -> tuple[tuple[Defect, ...], NDArray[np.uint8]]:
-        """Defects in ``prob`` ``(H, W)`` float32 and the ``(H, W)`` uint8 mask they came from
-        (a scratch buffer: copy it to keep it past the next call)."""
+        """Defects (of class ``cls``) in ``prob`` ``(H, W)`` float32 and the ``(H, W)`` uint8
+        mask they came from (a scratch buffer: copy it to keep it past the next call)."""
         mask = self.binarise(prob, params, keep)
-        return self.measure(mask, prob, params, offset), mask
+        return self.measure(mask, prob, params, offset, cls), mask
 
 
 def check_probabilities(prob: NDArray[np.float32]) -> str | None:

@@ -67,7 +67,7 @@ from defectd.pipeline.postprocess import (
     load_zone_mask,
 )
 from defectd.pipeline.preprocess import Geometry, Preprocessor
-from defectd.pipeline.rules import build_rules, decide
+from defectd.pipeline.rules import build_rules, check_rule_classes, decide
 from defectd.pipeline.stats import Counters, LatencyWindow, PipelineStats
 from defectd.pipeline.tiling import stitch
 from defectd.pipeline.validate import frame_problem, usable_frame
@@ -190,6 +190,7 @@ class Pipeline:
                 f"pipeline.tile_overlap_px={cfg.tile_overlap_px} must be smaller than the "
                 f"model input ({card.input.height}x{card.input.width})"
             )
+        check_rule_classes(rules_cfg, card)
         self._rules = build_rules(rules_cfg)
         self._scale_rules = [r.name for r in self._rules if r.needs_scale]
         self._cameras = dict(cameras or {})
@@ -224,7 +225,7 @@ class Pipeline:
         self._jobs: queue.Queue[Job] = queue.Queue(cfg.job_queue)
         self._results: queue.Queue[Job] = queue.Queue(cfg.result_queue)
         self._pool = BufferPool(np.float32, max_free=cfg.job_queue + cfg.preprocess_workers + 2)
-        self._params: dict[tuple[str, int], PostprocessParams] = {}
+        self._params: dict[tuple[str, int], tuple[tuple[str, PostprocessParams], ...]] = {}
         self._keeps: dict[tuple[str, tuple[int, int], tuple[int, int, int, int]], Any] = {}
         self._threads: list[threading.Thread] = []
         # One inference thread per request the engine runs in parallel, so that every request
@@ -421,6 +422,7 @@ class Pipeline:
         (then the caller may close it). Raises ``ModelError`` when the engine does not take
         the card's input."""
         _check_engine(engine, card)
+        check_rule_classes(self.rules_config, card)
         self._warn_foreign_thresholds(card)
         with self._lock:
             old = self._slot
@@ -678,7 +680,7 @@ class Pipeline:
         try:
             engine = slot.engine_for(*batch.data.shape[2:])
             out = engine.infer(batch.data)
-            want = (batch.data.shape[0], 1, *batch.data.shape[2:])
+            want = (batch.data.shape[0], len(slot.card.classes), *batch.data.shape[2:])
             if not isinstance(out, np.ndarray) or out.shape != want or out.dtype != np.float32:
                 got = (out.shape, out.dtype) if isinstance(out, np.ndarray) else type(out)
                 raise ValueError(f"engine returned {got}, expected float32 {want}")
@@ -697,7 +699,8 @@ class Pipeline:
             for k, (job, tile) in enumerate(batch.entries):
                 if job.dropped:
                     continue
-                job.outputs[tile] = out[k, 0]
+                # (tile_h, tile_w) for a one-class model, (K, tile_h, tile_w) for K classes.
+                job.outputs[tile] = out[k, 0] if out.shape[1] == 1 else out[k]
                 if not job.t_infer_start_ns or t0 < job.t_infer_start_ns:
                     job.t_infer_start_ns = t0
                 job.t_infer_end_ns = max(job.t_infer_end_ns, t1)
@@ -723,40 +726,57 @@ class Pipeline:
 
     def _resolve_params(
         self, camera: str, setup: CameraSetup, slot: ModelSlot
-    ) -> PostprocessParams:
+    ) -> tuple[tuple[str, PostprocessParams], ...]:
+        """``(class, params)`` per class of the card, in channel order. Threshold and min area:
+        the station's ``[postprocess]`` value, else the camera's calibration (per class for a
+        multi-class model) when it was made for this model, else the card's (per class)."""
         key = (camera, slot.generation)
-        params = self._params.get(key)
-        if params is not None:
-            return params
+        resolved = self._params.get(key)
+        if resolved is not None:
+            return resolved
         cfg, card = self.postprocess_config, slot.card
         calibrated = setup.calibrated_for(card.sha256)
-        threshold = cfg.threshold
-        if threshold is None:
-            threshold = setup.threshold if calibrated and setup.threshold else card.threshold
-        min_area = cfg.min_area_px
-        if min_area is None:
-            min_area = card.min_area_px
-            if calibrated and setup.min_area_px is not None:
-                min_area = setup.min_area_px
-        params = PostprocessParams(
-            threshold=threshold,
-            min_area_px=min_area,
-            open_px=cfg.open_px,
-            close_px=cfg.close_px,
-            max_defects=cfg.max_defects,
-            mm_per_px=setup.mm_per_px,
-        )
+        out = []
+        for cls in card.classes:
+            point = card.point(cls)
+            own = setup.class_points.get(cls) if calibrated else None
+            threshold = cfg.threshold
+            if threshold is None:
+                if own is not None:
+                    threshold = own[0]
+                elif calibrated and setup.threshold and not card.multiclass:
+                    threshold = setup.threshold
+                else:
+                    threshold = point.threshold
+            min_area = cfg.min_area_px
+            if min_area is None:
+                min_area = point.min_area_px
+                if own is not None:
+                    min_area = own[1]
+                elif calibrated and setup.min_area_px is not None and not card.multiclass:
+                    min_area = setup.min_area_px
+            params = PostprocessParams(
+                threshold=threshold,
+                min_area_px=min_area,
+                open_px=cfg.open_px,
+                close_px=cfg.close_px,
+                max_defects=cfg.max_defects,
+                mm_per_px=setup.mm_per_px,
+            )
+            out.append((cls, params))
+            log.info(
+                "postprocess_params",
+                camera=camera,
+                model=card.name,
+                **({"cls": cls} if card.multiclass else {}),
+                threshold=threshold,
+                min_area_px=min_area,
+                mm_per_px=setup.mm_per_px,
+            )
+        resolved = tuple(out)
         with self._lock:
-            self._params[key] = params
-        log.info(
-            "postprocess_params",
-            camera=camera,
-            model=card.name,
-            threshold=threshold,
-            min_area_px=min_area,
-            mm_per_px=setup.mm_per_px,
-        )
-        return params
+            self._params[key] = resolved
+        return resolved
 
     def _keep(self, camera: str, setup: CameraSetup, geo: Geometry) -> NDArray[np.uint8] | None:
         key = (camera, geo.frame_shape, geo.roi)
@@ -788,8 +808,8 @@ class Pipeline:
         assert slot is not None and prepared is not None
         geo = prepared.geometry
         try:
-            params = self._resolve_params(job.frame.camera, job.setup, slot)
-            if self._scale_rules and params.mm_per_px is None:
+            per_class = self._resolve_params(job.frame.camera, job.setup, slot)
+            if self._scale_rules and per_class[0][1].mm_per_px is None:
                 raise FrameError(
                     ErrorReason.NOT_CALIBRATED,
                     f"camera {job.frame.camera!r}: rule {self._scale_rules[0]} needs mm² but "
@@ -798,20 +818,44 @@ class Pipeline:
             plan = geo.plan
             fitted = scratch.get("fitted", geo.fitted, np.float32)
             tiles = [t for t in job.outputs if t is not None]
-            stitch(plan, tiles, fitted, scratch.get("tile", (plan.tile_h, plan.tile_w), np.float32))
-            prob = fitted
-            if geo.fitted != geo.roi_shape or geo.mode != "tile":
-                prob = geo.restore(fitted, scratch.get("roi", geo.roi_shape, np.float32))
-            bad = check_probabilities(prob)
-            if bad is not None:
-                raise FrameError(ErrorReason.BAD_OUTPUT, bad)
-            score = float(prob.max()) if prob.size else 0.0
             keep = self._keep(job.frame.camera, job.setup, geo)
             x, y, w, h = geo.roi
-            defects, roi_mask = post(prob, params, keep, offset=(x, y))
-            verdict, rule = decide(self._rules, defects)
             mask = np.zeros(geo.frame_shape, np.uint8)
-            mask[y : y + h, x : x + w] = roi_mask
+            roi_out = mask[y : y + h, x : x + w]
+            # A multi-class mask holds the class index (k + 1) of the most probable class
+            # whose own decision holds the pixel; a one-class mask is {0, 1} as it always was.
+            best = scratch.get("best", geo.roi_shape, np.float32) if len(per_class) > 1 else None
+            if best is not None:
+                best.fill(-1.0)
+            found: list[Defect] = []
+            score = 0.0  # the highest probability of any class in the ROI (drift monitoring)
+            for k, (cls, params) in enumerate(per_class):
+                channel = tiles if len(per_class) == 1 else [t[k] for t in tiles]
+                tile_buf = scratch.get("tile", (plan.tile_h, plan.tile_w), np.float32)
+                stitch(plan, channel, fitted, tile_buf)
+                prob = fitted
+                if geo.fitted != geo.roi_shape or geo.mode != "tile":
+                    prob = geo.restore(fitted, scratch.get("roi", geo.roi_shape, np.float32))
+                bad = check_probabilities(prob)
+                if bad is not None:
+                    raise FrameError(
+                        ErrorReason.BAD_OUTPUT, bad if best is None else f"{cls}: {bad}"
+                    )
+                if prob.size:
+                    score = max(score, float(prob.max()))
+                class_defects, roi_mask = post(prob, params, keep, offset=(x, y), cls=cls)
+                found.extend(class_defects)
+                if best is None:
+                    roi_out[...] = roi_mask
+                    continue
+                wins = (roi_mask > 0) & (prob > best)
+                roi_out[wins] = k + 1
+                best[wins] = prob[wins]
+            defects = tuple(found)
+            if len(per_class) > 1:
+                cap = per_class[0][1].max_defects
+                defects = tuple(sorted(found, key=lambda d: -d.area_px)[:cap])
+            verdict, rule = decide(self._rules, defects)
         except FrameError as failure:
             self._fail(job, failure.code, failure.detail)
             return

@@ -134,6 +134,7 @@ def _defect(d: Any) -> dict[str, Any]:
         "centroid": {"x": float(cx), "y": float(cy)},
         "score_max": float(d.score_max),
         "score_mean": float(d.score_mean),
+        "class": str(getattr(d, "cls", "defect")),
     }
 
 

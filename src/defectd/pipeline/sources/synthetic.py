@@ -2,7 +2,8 @@
 
 Each frame carries the truth the renderer drew, so the whole daemon can be checked end to end:
 ``meta["truth_mask"]`` ``(H, W)`` uint8 {0, 1}, ``meta["truth_defective"]`` bool,
-``meta["truth_kinds"]`` tuple of defect kinds, ``meta["surface"]``. The line is a pure
+``meta["truth_kinds"]`` tuple of defect kinds, ``meta["truth_labels"]`` ``(H, W)`` uint8
+class-index mask (``DEFECTS.index(kind) + 1``), ``meta["surface"]``. The line is a pure
 function of ``seed``: the n-th part is the same on every run and machine.
 
 With ``trigger = "request"`` the line renders one part per ``fire_trigger(world_key)``: the
@@ -104,6 +105,7 @@ class SyntheticSource(ThreadedSource):
                     "truth_mask": part.mask,
                     "truth_defective": bool(part.defects),
                     "truth_kinds": part.defects,
+                    "truth_labels": part.labels,
                     "surface": part.surface,
                 },
             )
@@ -141,6 +143,7 @@ class SyntheticSource(ThreadedSource):
                     "truth_mask": part.mask,
                     "truth_defective": bool(part.defects),
                     "truth_kinds": part.defects,
+                    "truth_labels": part.labels,
                     "surface": part.surface,
                     "truth_part_id": key,
                     "frame_id": n,

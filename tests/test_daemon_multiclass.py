@@ -1,0 +1,184 @@
+"""A station with a multi-class model: every defect carries its class, rules act per class,
+and the daemon's verdict on each part of the synthetic line is the one the model's per-class
+operating points give offline."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+
+from defectd.daemon.config import load_station_config
+from defectd.daemon.sdnotify import SdNotifier
+from defectd.daemon.service import Service
+from defectd.data.metrics import ClassAccumulator
+from defectd.data.synth import DEFECTS, PartRenderer
+from defectd.model.card import load_card
+from defectd.publish.messages import schema_errors
+from defectd.training.evaluate import open_model
+from station_support import model_section
+
+pytestmark = pytest.mark.slow
+
+SIZE = 64
+CLASSES = ("chip", "stain")
+SEED, PARTS, DEFECT_RATE = 11, 40, 0.7
+
+
+def write_line_parts(root: Path, count: int = 64) -> Path:
+    """Parts of the synthetic line with chips and stains, their class-index masks
+    (values = ``DEFECTS.index(kind) + 1``, named in ``classes.txt``) and a manifest."""
+    for sub in ("images", "masks", "masks_cls"):
+        (root / sub).mkdir(parents=True)
+    (root / "classes.txt").write_text("\n".join(DEFECTS) + "\n")
+    renderer = PartRenderer(SIZE, SIZE)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(count):
+        part = renderer.render(rng, defect_prob=0.8, kinds=CLASSES)
+        assert part.labels is not None
+        stem = f"p{i:03d}"
+        cv2.imwrite(str(root / "images" / f"{stem}.png"), part.image)
+        cv2.imwrite(str(root / "masks" / f"{stem}.png"), part.mask * 255)
+        cv2.imwrite(str(root / "masks_cls" / f"{stem}.png"), part.labels)
+        present = sorted({DEFECTS[v - 1] for v in np.unique(part.labels) if v})
+        rows.append(
+            [stem, "+".join(present) or "free", f"images/{stem}.png", f"masks/{stem}.png",
+             f"masks_cls/{stem}.png", "val" if i % 4 == 0 else "train", int(bool(present))]
+        )  # fmt: skip
+    with (root / "manifest.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["stem", "cls", "image", "mask", "mask_classes", "split", "has_defect"])
+        writer.writerows(rows)
+    return root
+
+
+@pytest.fixture(scope="module")
+def chip_stain_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A two-class U-Net (chip, stain) trained briefly on the line's parts, exported."""
+    import torch
+
+    from defectd.cli import main
+    from defectd.training.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("chip_stain")
+    data = write_line_parts(root / "data")
+    torch.manual_seed(0)
+    config = TrainConfig(
+        data=data,
+        out=root / "run",
+        epochs=20,
+        height=SIZE,
+        width=SIZE,
+        base=8,
+        depth=2,
+        batch_size=8,
+        lr=1e-2,
+        augment="off",
+        loss="bce_dice_img",
+        threads=1,
+        bf16=False,  # the same model on every machine
+        classes=CLASSES,
+    )
+    train(config)
+    onnx = root / "model" / "model.onnx"
+    assert main(["export", "--checkpoint", str(root / "run" / "best.pt"), "--out", str(onnx)]) == 0
+    return onnx
+
+
+def station_toml(tmp: Path, model: Path, port: int) -> Path:
+    path = tmp / "station.toml"
+    path.write_text(
+        f"""station = "mc"
+{model_section(model)}
+[[cameras]]
+type = "synthetic"
+camera = "cam0"
+height = {SIZE}
+width = {SIZE}
+rate_hz = 50
+seed = {SEED}
+count = {PARTS}
+defect_rate = {DEFECT_RATE}
+[pipeline]
+admission = "block"
+max_latency_ms = 0
+[rules]
+rules = [{{ kind = "area", class = "chip", min_area_px = 1 }}]
+[mqtt]
+port = {port}
+[health]
+enabled = false
+[daemon]
+state_dir = "{tmp / "state"}"
+exit_when_sources_end = true
+"""
+    )
+    return path
+
+
+def offline_chip_verdicts(model: Path) -> dict[str, bool]:
+    """Per part id of the line: whether the model's chip channel, at the card's chip
+    point, holds a region (the rule's verdict), computed without the daemon."""
+    card = load_card(model)
+    points = [card.point(c) for c in card.classes]
+    decide = ClassAccumulator(
+        card.classes, tuple(p.threshold for p in points), tuple(p.min_area_px for p in points)
+    ).decide
+    renderer = PartRenderer(SIZE, SIZE)
+    rng = np.random.default_rng(SEED)
+    opened = open_model(model, backend="ort")
+    verdicts = {}
+    try:
+        for n in range(PARTS):
+            part = renderer.render(rng, defect_prob=DEFECT_RATE)
+            x = card.normalisation.apply(part.image[None, None])
+            probs = opened.predictor.infer(x)[0]
+            decided = decide(probs)
+            verdicts[f"cam0-{n}"] = bool(decided[card.classes.index("chip")].any())
+    finally:
+        opened.close()
+    return verdicts
+
+
+def test_rules_by_class_decide_as_the_per_class_points_do_offline(
+    tmp_path: Path, chip_stain_model: Path, mosquitto: Any, mqtt_collector: Any
+) -> None:
+    card = load_card(chip_stain_model)
+    assert card.classes == CLASSES and set(card.per_class) == set(CLASSES)
+    broker = mosquitto()
+    collector = mqtt_collector(broker.host, broker.port, "defectd/mc/+/result")
+    config = load_station_config(station_toml(tmp_path, chip_stain_model, broker.port))
+    service = Service(config, notifier=SdNotifier({}), install_signals=False)
+    assert service.serve() == 0
+    assert collector.wait_for(
+        lambda _: len({p["part_id"] for p in collector.payloads("/result")}) == PARTS, 20
+    )
+    online: dict[str, bool] = {}
+    classes_seen: set[str] = set()
+    passed_with_stains = 0
+    for payload in collector.payloads("/result"):
+        assert not schema_errors("result", payload)
+        assert payload["verdict"] in ("pass", "fail")
+        found = {d["class"] for d in payload["defects"]}
+        assert found <= set(CLASSES)
+        classes_seen |= found
+        failed = payload["verdict"] == "fail"
+        # The only rule looks at chips: a part fails exactly when a chip was found.
+        assert failed == ("chip" in found), payload
+        if failed:
+            assert payload["rule"] == "chip:area>=1px"
+        elif "stain" in found:
+            passed_with_stains += 1
+        online[payload["part_id"]] = failed
+
+    offline = offline_chip_verdicts(chip_stain_model)
+    mismatches = sorted(k for k in offline if online[k] != offline[k])
+    assert not mismatches, f"daemon vs offline per-class decisions differ on {mismatches}"
+    assert classes_seen == set(CLASSES)  # both classes were found: the check has teeth
+    assert passed_with_stains > 0  # a stain alone does not fail a part under a chip rule
+    assert set(online.values()) == {True, False}
