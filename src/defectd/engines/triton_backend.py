@@ -313,9 +313,10 @@ class TritonEngine(BackendEngine):
                 f"{where} takes {served.input_dtype} {list(served.input_shape)}; the card "
                 f"says FP32 [-1, {c}, {h}, {w}]"
             )
-        if served.output_shape[1:] != (1, h, w):
+        k = self._spec.outputs  # one channel per class of the card
+        if served.output_shape[1:] != (k, h, w):
             raise ModelError(
-                f"{where} returns {list(served.output_shape)}; defectd expects [-1, 1, {h}, {w}]"
+                f"{where} returns {list(served.output_shape)}; defectd expects [-1, {k}, {h}, {w}]"
             )
         if served.max_batch and served.max_batch < self._spec.max_batch:
             raise EngineError(
@@ -325,7 +326,7 @@ class TritonEngine(BackendEngine):
             )
 
     def _check_output(self, out: NDArray[np.float32], n: int) -> None:
-        want = (n, 1, self._spec.height, self._spec.width)
+        want = (n, self._spec.outputs, self._spec.height, self._spec.width)
         if out.shape != want:
             raise EngineError(f"{self.url}: server returned {out.shape}, expected {want}")
 

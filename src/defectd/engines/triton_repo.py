@@ -154,10 +154,13 @@ def render_config(
     chw: tuple[int, int, int],
     options: RepoOptions,
     parameters: dict[str, str],
+    *,
+    outputs: int = 1,
 ) -> str:
     """The ``config.pbtxt`` text for ``kind`` (input ``image`` and output ``prob`` are float32
-    ``(N, C, H, W)`` and ``(N, 1, H, W)``; for ONNX/TensorRT the names are the model's own,
-    given in ``parameters['input']``/``['output']``)."""
+    ``(N, C, H, W)`` and ``(N, K, H, W)``, ``K = outputs``: one channel per class of the card;
+    for ONNX/TensorRT the names are the model's own, given in
+    ``parameters['input']``/``['output']``)."""
     c, h, w = chw
     in_name = parameters.get("input", INPUT_NAME) if kind != "python" else INPUT_NAME
     out_name = parameters.get("output", OUTPUT_NAME) if kind != "python" else OUTPUT_NAME
@@ -169,7 +172,7 @@ def render_config(
     lines += [
         f"max_batch_size: {options.max_batch}",
         f"input [ {{ name: {_q(in_name)} data_type: TYPE_FP32 dims: [ {c}, {h}, {w} ] }} ]",
-        f"output [ {{ name: {_q(out_name)} data_type: TYPE_FP32 dims: [ 1, {h}, {w} ] }} ]",
+        f"output [ {{ name: {_q(out_name)} data_type: TYPE_FP32 dims: [ {outputs}, {h}, {w} ] }} ]",
     ]
     batching = f"max_queue_delay_microseconds: {options.max_queue_delay_us}"
     if options.preferred_batch:
@@ -262,5 +265,5 @@ def write_repository(
     shutil.copyfile(card_path(model_path), model_dir / "model.card.json")
     config = model_dir / "config.pbtxt"
     chw = (card.input.channels, card.input.height, card.input.width)
-    config.write_text(render_config(name, kind, chw, options, params))
+    config.write_text(render_config(name, kind, chw, options, params, outputs=len(card.classes)))
     return Repository(Path(root), model_dir, config, name, kind, sha, tuple(missing))
