@@ -210,3 +210,51 @@ def test_cli_split_without_defects_is_refused(
     code = main(threshold_cli(tiny_model, data, out))
     err = capsys.readouterr().err
     assert code == 2 and "no defective images" in err and "'val'" in err
+
+
+# ------------------------------------------------ negatives from defect-free regions
+
+
+def test_defect_free_tiles_keep_their_distance_from_every_defect() -> None:
+    from defectd.calibration.threshold import TilePlan
+
+    truth = np.zeros((64, 64), np.uint8)
+    truth[4:8, 4:8] = 1  # a defect in the top-left tile
+    tiles = TilePlan(tile_px=16, margin_px=10).tiles(truth)
+    assert (0, 0, 16) not in tiles and (16, 0, 16) not in tiles  # within 10 px of it
+    assert (32, 32, 16) in tiles and len(tiles) == 16 - 4
+    for y, x, size in tiles:
+        assert not truth[max(0, y - 10) : y + size + 10, max(0, x - 10) : x + size + 10].any()
+    assert TilePlan().size_for((200, 120)) == 30  # a quarter of the shorter side
+
+
+def test_all_defective_split_is_calibrated_on_defect_free_tiles_and_says_so(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = write_blob_set(tmp_path / "data", per_split=8)
+    manifest = data / "manifest.csv"
+    rows = manifest.read_text().splitlines()
+    manifest.write_text("\n".join([rows[0], *(r for r in rows[1:] if r.endswith(",1"))]) + "\n")
+    out = tmp_path / "calibration.json"
+    args = ["calibrate", "threshold", "-m", str(tiny_model), "-d", str(data), "-o", str(out)]
+    assert main([*args, "--target-escape", "0.25", "--negative-tile", "16", "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    negatives = payload["negatives"]
+    assert negatives["kind"] == "tiles" and negatives["tiles"] > 0
+    assert "no good image" in negatives["note"] and "16 px" in negatives["note"]
+    assert payload["images"] == {"defective": 4, "good": negatives["tiles"]}
+    section = load_calibration(out).threshold
+    assert section is not None
+    assert section.negatives == "tiles" and section.negatives_note == negatives["note"]
+    # Asked for good parts explicitly, the same split is refused as before.
+    rc = main([*args, "--negatives", "parts", "--force"])
+    assert rc == 2 and "no good images" in capsys.readouterr().err
+
+
+def test_one_class_calibration_file_reads_as_before(tiny_model: Path, tmp_path: Path) -> None:
+    data = write_blob_set(tmp_path / "data", per_split=6)
+    out = tmp_path / "calibration.json"
+    args = ["calibrate", "threshold", "-m", str(tiny_model), "-d", str(data), "-o", str(out)]
+    assert main([*args, "--target-escape", "0.34"]) == 0
+    stored = json.loads(out.read_text())["threshold"]
+    assert not {"classes", "negatives", "negatives_note"} & stored.keys()

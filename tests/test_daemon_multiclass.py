@@ -1,10 +1,11 @@
 """A station with a multi-class model: every defect carries its class, rules act per class,
-and the daemon's verdict on each part of the synthetic line is the one the model's per-class
-operating points give offline."""
+and the daemon's verdict on each part of the synthetic line is the one the per-class operating
+points of its calibration file (``defectd calibrate threshold``) give offline."""
 
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,8 @@ import cv2
 import numpy as np
 import pytest
 
+from defectd.calibration.file import load_calibration
+from defectd.cli import main
 from defectd.daemon.config import load_station_config
 from defectd.daemon.sdnotify import SdNotifier
 from defectd.daemon.service import Service
@@ -58,11 +61,11 @@ def write_line_parts(root: Path, count: int = 64) -> Path:
 
 
 @pytest.fixture(scope="module")
-def chip_stain_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A two-class U-Net (chip, stain) trained briefly on the line's parts, exported."""
+def chip_stain_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A two-class U-Net (chip, stain) trained briefly on the line's parts, exported; and its
+    data set."""
     import torch
 
-    from defectd.cli import main
     from defectd.training.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("chip_stain")
@@ -87,10 +90,10 @@ def chip_stain_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     train(config)
     onnx = root / "model" / "model.onnx"
     assert main(["export", "--checkpoint", str(root / "run" / "best.pt"), "--out", str(onnx)]) == 0
-    return onnx
+    return onnx, data
 
 
-def station_toml(tmp: Path, model: Path, port: int) -> Path:
+def station_toml(tmp: Path, model: Path, calibration: Path, port: int) -> Path:
     path = tmp / "station.toml"
     path.write_text(
         f"""station = "mc"
@@ -98,6 +101,7 @@ def station_toml(tmp: Path, model: Path, port: int) -> Path:
 [[cameras]]
 type = "synthetic"
 camera = "cam0"
+calibration = "{calibration}"
 height = {SIZE}
 width = {SIZE}
 rate_hz = 50
@@ -121,13 +125,17 @@ exit_when_sources_end = true
     return path
 
 
-def offline_chip_verdicts(model: Path) -> dict[str, bool]:
-    """Per part id of the line: whether the model's chip channel, at the card's chip
+def offline_chip_verdicts(model: Path, calibration: Path) -> dict[str, bool]:
+    """Per part id of the line: whether the model's chip channel, at the calibrated chip
     point, holds a region (the rule's verdict), computed without the daemon."""
     card = load_card(model)
-    points = [card.point(c) for c in card.classes]
+    section = load_calibration(calibration).threshold
+    assert section is not None
+    points = [section.classes[c] for c in card.classes]
     decide = ClassAccumulator(
-        card.classes, tuple(p.threshold for p in points), tuple(p.min_area_px for p in points)
+        card.classes,
+        tuple(p.pixel_threshold for p in points),
+        tuple(p.min_area_px for p in points),
     ).decide
     renderer = PartRenderer(SIZE, SIZE)
     rng = np.random.default_rng(SEED)
@@ -146,13 +154,26 @@ def offline_chip_verdicts(model: Path) -> dict[str, bool]:
 
 
 def test_rules_by_class_decide_as_the_per_class_points_do_offline(
-    tmp_path: Path, chip_stain_model: Path, mosquitto: Any, mqtt_collector: Any
+    tmp_path: Path,
+    chip_stain_model: tuple[Path, Path],
+    mosquitto: Any,
+    mqtt_collector: Any,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    card = load_card(chip_stain_model)
+    model, data = chip_stain_model
+    card = load_card(model)
     assert card.classes == CLASSES and set(card.per_class) == set(CLASSES)
+    calibration = tmp_path / "cam0.calibration.json"
+    args = ["calibrate", "threshold", "-m", str(model), "-d", str(data), "-o", str(calibration)]
+    assert main([*args, "--target-false-reject", "0.34", "--json"]) == 0
+    chosen = json.loads(capsys.readouterr().out)["classes"]
+    section = load_calibration(calibration).threshold
+    assert section is not None and set(section.classes) == set(CLASSES)
+    assert section.classes["chip"].pixel_threshold == chosen["chip"]["pixel_threshold"]
+
     broker = mosquitto()
     collector = mqtt_collector(broker.host, broker.port, "defectd/mc/+/result")
-    config = load_station_config(station_toml(tmp_path, chip_stain_model, broker.port))
+    config = load_station_config(station_toml(tmp_path, model, calibration, broker.port))
     service = Service(config, notifier=SdNotifier({}), install_signals=False)
     assert service.serve() == 0
     assert collector.wait_for(
@@ -176,7 +197,7 @@ def test_rules_by_class_decide_as_the_per_class_points_do_offline(
             passed_with_stains += 1
         online[payload["part_id"]] = failed
 
-    offline = offline_chip_verdicts(chip_stain_model)
+    offline = offline_chip_verdicts(model, calibration)
     mismatches = sorted(k for k in offline if online[k] != offline[k])
     assert not mismatches, f"daemon vs offline per-class decisions differ on {mismatches}"
     assert classes_seen == set(CLASSES)  # both classes were found: the check has teeth

@@ -141,6 +141,7 @@ class SweepCollector:
     min_scores: tuple[float, ...] = DEFAULT_MIN_SCORES
     stems: list[str] = field(default_factory=list)
     defective: list[bool] = field(default_factory=list)
+    ignored: list[bool] = field(default_factory=list)
     peaks: list[float] = field(default_factory=list)
     largest: list[NDArray[np.int64]] = field(default_factory=list)
     pixel_counts: NDArray[np.int64] = field(default_factory=lambda: np.zeros((3, 0), np.int64))
@@ -152,10 +153,28 @@ class SweepCollector:
             raise CalibrationError("pixel thresholds must lie strictly between 0 and 1")
         self.pixel_counts = np.zeros((3, len(self.thresholds)), np.int64)
 
-    def add(self, prob: NDArray[np.float32], truth: NDArray[np.uint8], *, stem: str = "") -> None:
-        """One ``(H, W)`` float32 probability map and its ``(H, W)`` uint8 {0, 1} mask."""
+    def add(
+        self,
+        prob: NDArray[np.float32],
+        truth: NDArray[np.uint8],
+        *,
+        stem: str = "",
+        ignore: bool = False,
+    ) -> None:
+        """One ``(H, W)`` float32 probability map and its ``(H, W)`` uint8 {0, 1} mask.
+
+        ``ignore``: kept in order (its verdicts are there for :meth:`Sweep.rejected_at`) but
+        left out of the rates, e.g. a part holding only other classes in one class's sweep.
+        """
         if prob.shape != truth.shape:
             raise CalibrationError(f"{stem or 'image'}: prediction {prob.shape} vs {truth.shape}")
+        self.ignored.append(ignore)
+        if ignore:
+            self.stems.append(stem)
+            self.defective.append(bool((truth > 0).any()))
+            self.peaks.append(float(prob.max()) if prob.size else 0.0)
+            self.largest.append(largest_components(prob, self.thresholds, self.min_scores))
+            return
         gt = truth > 0
         grid = np.asarray(self.thresholds, prob.dtype)
         pos = np.sort(prob[gt])
@@ -176,6 +195,7 @@ class SweepCollector:
             min_areas=np.asarray(self.min_areas, np.int64),
             min_scores=np.asarray(self.min_scores, np.float64),
             defective=np.asarray(self.defective, bool),
+            ignored=np.asarray(self.ignored, bool),
             largest=np.stack(self.largest),
             pixel_counts=self.pixel_counts.copy(),
             stems=tuple(self.stems),
@@ -191,17 +211,30 @@ class Sweep:
     min_areas: NDArray[np.int64]
     min_scores: NDArray[np.float64]
     defective: NDArray[np.bool_]
+    ignored: NDArray[np.bool_]  # (N,) kept for their verdicts, left out of the rates
     largest: NDArray[np.int64]
     pixel_counts: NDArray[np.int64]
     stems: tuple[str, ...]
 
     @property
+    def positives(self) -> NDArray[np.bool_]:
+        """``(N,)``: counted defective parts."""
+        out: NDArray[np.bool_] = self.defective & ~self.ignored
+        return out
+
+    @property
+    def negatives(self) -> NDArray[np.bool_]:
+        """``(N,)``: counted good parts (or defect-free tiles)."""
+        out: NDArray[np.bool_] = ~self.defective & ~self.ignored
+        return out
+
+    @property
     def n_defective(self) -> int:
-        return int(self.defective.sum())
+        return int(self.positives.sum())
 
     @property
     def n_good(self) -> int:
-        return int((~self.defective).sum())
+        return int(self.negatives.sum())
 
     def rejected(self) -> NDArray[np.bool_]:
         """``(N, T, A, S)`` bool: image rejected at every grid operating point."""
@@ -214,8 +247,8 @@ class Sweep:
         except 0), with its escape and false-reject counts."""
         rej = self.rejected()
         nd, ng = self.n_defective, self.n_good
-        escapes = (~rej[self.defective]).sum(axis=0)  # (T, A, S)
-        false_rejects = rej[~self.defective].sum(axis=0)
+        escapes = (~rej[self.positives]).sum(axis=0)  # (T, A, S)
+        false_rejects = rej[self.negatives].sum(axis=0)
         out: list[OperatingPoint] = []
         for i, t in enumerate(self.thresholds):
             for j, a in enumerate(self.min_areas):
@@ -252,8 +285,8 @@ class Sweep:
             pixel_threshold,
             min_area_px,
             min_score,
-            Rate(int((~rej[self.defective]).sum()), self.n_defective),
-            Rate(int(rej[~self.defective].sum()), self.n_good),
+            Rate(int((~rej[self.positives]).sum()), self.n_defective),
+            Rate(int(rej[self.negatives].sum()), self.n_good),
         )
 
     def pixel_metrics(self) -> list[dict[str, float]]:
@@ -354,8 +387,8 @@ def image_pr_curve(sweep: Sweep, min_area_px: int, min_score: float) -> list[dic
     rej = sweep.rejected()[:, :, j, k]  # (N, T)
     rows = []
     for i, t in enumerate(sweep.thresholds):
-        tp = int(rej[sweep.defective, i].sum())
-        fp = int(rej[~sweep.defective, i].sum())
+        tp = int(rej[sweep.positives, i].sum())
+        fp = int(rej[sweep.negatives, i].sum())
         fn = sweep.n_defective - tp
         rows.append(
             {
@@ -365,3 +398,53 @@ def image_pr_curve(sweep: Sweep, min_area_px: int, min_score: float) -> list[dic
             }
         )
     return rows
+
+
+# ---------------------------------------------------------------- negatives without good parts
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Where defect-free tiles of defective images are cut: squares of ``tile_px`` on a grid
+    of step ``tile_px``, kept when no labelled defect pixel lies within ``margin_px`` of them.
+    ``tile_px = 0``: a quarter of the image's shorter side (at least 16 px)."""
+
+    tile_px: int = 0
+    margin_px: int = 16
+
+    def size_for(self, shape: tuple[int, int]) -> int:
+        return self.tile_px or max(16, min(shape) // 4)
+
+    def tiles(self, truth: NDArray[np.uint8]) -> list[tuple[int, int, int]]:
+        """``(y, x, size)`` of every defect-free tile of an ``(H, W)`` mask (any class)."""
+        h, w = truth.shape
+        size = self.size_for((h, w))
+        if size > h or size > w:
+            return []
+        near = truth > 0
+        if self.margin_px > 0 and near.any():
+            k = 2 * self.margin_px + 1
+            kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (k, k))
+            near = cv2.dilate(near.astype(np.uint8), kernel) > 0
+        # Integral image: defect pixels near each tile in O(1) per tile.
+        integral = cv2.integral(near.astype(np.uint8))
+        out = []
+        for y in range(0, h - size + 1, size):
+            for x in range(0, w - size + 1, size):
+                hits = (
+                    integral[y + size, x + size]
+                    - integral[y, x + size]
+                    - integral[y + size, x]
+                    + integral[y, x]
+                )
+                if hits == 0:
+                    out.append((y, x, size))
+        return out
+
+    def describe(self) -> str:
+        size = f"{self.tile_px} px" if self.tile_px else "a quarter of the image's shorter side"
+        return (
+            f"negatives are square tiles ({size}) of defective images with no labelled defect "
+            f"within {self.margin_px} px; a false reject is a tile where the model finds a "
+            "defect (a rate per tile, not per part)"
+        )
