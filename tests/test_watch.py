@@ -126,3 +126,20 @@ def test_the_watcher_sees_what_a_publisher_submits(broker: Mosquitto, tmp_path: 
         ("reject", 1), ("result", 1), ("result", 2),
     ]  # fmt: skip
     assert watcher.summary.duplicates == 0
+
+
+def test_a_multi_class_result_line_counts_defects_per_class() -> None:
+    from defectd.cli.watch_cmd import _line
+
+    payload = {
+        "verdict": "fail",
+        "station": "s",
+        "camera": "c",
+        "seq": 3,
+        "rule": "scratches:area>=2mm2",
+        "defects": [{"class": "scratches"}, {"class": "patches"}, {"class": "scratches"}],
+    }
+    line = _line("result", payload, color=False)
+    assert "defects=3  patches:1,scratches:2  rule=scratches:area>=2mm2" in line
+    one_class = _line("result", {**payload, "defects": [{"class": "defect"}]}, color=False)
+    assert "defects=1  rule=" in one_class

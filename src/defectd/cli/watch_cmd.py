@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -36,7 +37,11 @@ def _line(kind: str, p: dict[str, Any], color: bool) -> str:
     if p.get("part_id"):
         parts.append(f"part={p['part_id']}")
     if kind == "result":
-        parts.append(f"defects={len(p.get('defects') or [])}")
+        defects = p.get("defects") or []
+        parts.append(f"defects={len(defects)}")
+        classes = Counter(str(d.get("class", "defect")) for d in defects)
+        if set(classes) - {"defect"}:  # a multi-class model: how many of each class
+            parts.append(",".join(f"{c}:{n}" for c, n in sorted(classes.items())))
     if p.get("rule"):
         parts.append(f"rule={p['rule']}")
     if p.get("reason"):
