@@ -228,7 +228,7 @@ def _rate_text(r: dict[str, Any]) -> str:
 
 
 def _print_report(
-    chosen: OperatingPoint, sweep: Sweep, evaluated: OperatingPoint | None, rows: list[str]
+    chosen: OperatingPoint, negatives: str, evaluated: OperatingPoint | None, rows: list[str]
 ) -> None:
     table = Table(title="threshold calibration", show_header=False)
     table.add_column("quantity", style="bold")
@@ -240,7 +240,11 @@ def _print_report(
         ("min score", f"{chosen.min_score:g}"),
         ("escape rate", _rate_text(c["escape"])),
         ("false-reject rate", _rate_text(c["false_reject"])),
-        ("images", f"{sweep.n_defective} defective, {sweep.n_good} good"),
+        (
+            "images",
+            f"{chosen.escape.n} defective, {chosen.false_reject.n} "
+            + ("defect-free tiles" if negatives == "tiles" else "good"),
+        ),
     ]:
         table.add_row(key, value)
     if evaluated is not None:
@@ -477,6 +481,9 @@ def threshold(
         false_reject=chosen.false_reject.rate,
     )
     best_dice = max(sweep.pixel_metrics(), key=lambda r: r["dice"])
+    best_by_class = {
+        n: max(w.pixel_metrics(), key=lambda r: r["dice"]) for n, w in found.sweeps.items()
+    }
     # A choice at the grid's lowest threshold may want a lower one: the sweep could not look.
     at_edge = chosen.pixel_threshold <= float(sweep.thresholds[0])
     if at_edge:
@@ -487,9 +494,10 @@ def threshold(
             "split": split,
             "target": {"kind": kind, "rate": rate, "upper_bound": upper_bound},
             "chosen": c,
-            "images": {"defective": sweep.n_defective, "good": sweep.n_good},
+            "images": {"defective": chosen.escape.n, "good": chosen.false_reject.n},
             "eval": None if evaluated is None else {"split": eval_split, **evaluated.as_dict()},
-            "best_pixel_dice": best_dice,
+            # One-class: {threshold, precision, recall, iou, dice}; multi-class: one per class.
+            "best_pixel_dice": best_dice if len(classes) == 1 else best_by_class,
             "at_grid_edge": at_edge,
             "plots": [str(p) for p in plots],
             "model_sha256": section.model_sha256,
@@ -507,7 +515,11 @@ def threshold(
             payload["classes"] = {n: p.as_dict() for n, p in per_class.items()}
         typer.echo(json.dumps(payload))
         return
-    rows = [f"best pixel Dice {best_dice['dice']:.3f} at threshold {best_dice['threshold']:g}"]
+    rows = [
+        f"best pixel Dice{'' if len(classes) == 1 else f' ({name})'} {b['dice']:.3f} at "
+        f"threshold {b['threshold']:g}"
+        for name, b in best_by_class.items()
+    ]
     if found.note:
         rows.append(f"negatives: {found.note}")
     if len(classes) > 1:
@@ -526,4 +538,4 @@ def threshold(
         f"{section.precision} unless model.precision says otherwise"
     )
     rows.append(f"written to {out}")
-    _print_report(chosen, sweep, evaluated, rows)
+    _print_report(chosen, found.negatives, evaluated, rows)
