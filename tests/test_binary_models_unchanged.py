@@ -173,7 +173,8 @@ def write_parts(root: Path) -> Path:
 
 
 def eval_numbers(data: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
-    args = ["eval", "--model", str(MODEL), "--data", str(data), "--backend", "ort", "--json"]
+    args = ["eval", "--model", str(MODEL), "--data", str(data), "--backend", "ort"]
+    args += ["--precision", "fp32", "--json"]
     assert main(args) == 0
     out = json.loads(capsys.readouterr().out)
     keys = ("dice", "iou", "precision", "recall", "mean_image_iou", "accuracy", "auroc")
