@@ -18,9 +18,9 @@ Two modes (``mode``, the station's ``[pipeline] mode``):
 
 Shapes are static: the model is compiled once per batch size it will see (1, 2, 4, ... up to
 ``max_batch``, and ``max_batch`` itself); a batch of another size runs on the next larger
-one, zero-padded. A static shape lets OpenVINO plan memory and pick kernels once (on a
-Zen 4 the int8 magnetic-tile model spends ~20% less CPU per frame than with a dynamic batch
-axis). ``sizes`` picks the compiled batch sizes explicitly.
+one, zero-padded. A static shape lets OpenVINO plan memory and pick kernels once (on the
+development machine's AMD EPYC the int8 magnetic-tile model spends ~20% less CPU per frame
+than with a dynamic batch axis). ``sizes`` picks the compiled batch sizes explicitly.
 """
 
 from __future__ import annotations
