@@ -177,3 +177,29 @@ def test_archive_opens_as_a_training_dataset(tmp_path: Path) -> None:
     assert int(dataset.load_mask(fail, SHAPE).sum()) == 36
     assert np.array_equal(dataset.load_image(fail, channels=1).shape, SHAPE)
     assert {s.split for s in samples if s.cls == "error"} == {"review"}
+
+
+def test_stop_out_of_time_drops_the_queue_and_leaves_no_writer_behind(tmp_path: Path) -> None:
+    # A writer still encoding PNGs while the process exits can abort it; stop() keeps the last
+    # part of its time for the part in hand, drops (and counts) the rest, and ends the thread.
+    archive = Archive(ArchiveConfig(dir=tmp_path, queue_size=64))
+    archive.start()
+    big = np.random.default_rng(0).integers(0, 255, (1024, 1024), dtype=np.uint8)
+    for seq in range(40):
+        assert archive.submit(_inspection(seq, Verdict.FAIL), big, _mask_of(big.shape))
+    thread = archive._thread
+    started = time.monotonic()
+    archive.stop(timeout=0.4)
+    assert time.monotonic() - started < 1.0
+    assert thread is not None and not thread.is_alive()
+    stats = archive.stats()
+    assert stats.dropped_at_stop > 0
+    assert stats.written + stats.failed + stats.dropped_at_stop == 40
+    if stats.written:  # a slow machine may have written none in 0.4 s
+        assert len(_manifest(tmp_path)) == stats.written
+
+
+def _mask_of(shape: tuple[int, ...]) -> np.ndarray:
+    mask = np.zeros(shape[:2], np.uint8)
+    mask[12:18, 10:16] = 1
+    return mask

@@ -91,6 +91,7 @@ class ArchiveStats:
     queued: int
     written: int
     skipped_queue_full: int
+    dropped_at_stop: int
     pruned: int
     failed: int
     parts: int
@@ -204,6 +205,10 @@ class Archive:
         self._rows: dict[str, dict[str, str]] = {}
         self._bytes = 0
         self._queued = self._written = self._skipped = self._pruned = self._failed = 0
+        self._dropped = 0
+        # Set by ``stop`` when its time is nearly up: the writer finishes the part in hand and
+        # drops the rest, so no thread is left writing while the interpreter shuts down.
+        self._abandon = threading.Event()
         # Per-camera pass sampling while drift monitoring reports drift (replaced whole, so
         # readers in other threads see either the old or the new mapping).
         self._pass_sample: dict[str, float] = {}
@@ -217,6 +222,7 @@ class Archive:
         except OSError as exc:
             raise ConfigError(f"archive.dir: cannot create {self.root}: {exc}") from exc
         self._load_existing()
+        self._abandon.clear()
         self._thread = threading.Thread(target=self._run, name="archive-writer", daemon=True)
         self._thread.start()
         log.info(
@@ -228,20 +234,33 @@ class Archive:
         )
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Write what is queued (within ``timeout`` s), then stop the writer thread."""
+        """Write what is queued within ``timeout`` s, then stop the writer thread.
+
+        The last part of ``timeout`` (up to 1 s) is kept for the part being written when time
+        runs out: what is still queued then is dropped and counted (``archive_dropped_at_stop``),
+        never left to a thread still encoding PNGs while the process exits. Verdicts do not
+        depend on the archive (they are in the outbox), so only samples are lost.
+        """
         if self._thread is None:
             return
+        grace = min(1.0, timeout / 2)
         deadline = time.monotonic() + timeout
+        writing_until = deadline - grace
         while True:
             try:
-                self._queue.put(None, timeout=max(0.01, deadline - time.monotonic()))
+                self._queue.put(None, timeout=max(0.01, writing_until - time.monotonic()))
                 break
             except queue.Full:
-                if time.monotonic() >= deadline:
+                if time.monotonic() >= writing_until:
                     break
-        self._thread.join(max(0.0, deadline - time.monotonic()))
+        self._thread.join(max(0.0, writing_until - time.monotonic()))
+        if self._thread.is_alive():
+            self._abandon.set()
+            self._thread.join(max(0.0, deadline - time.monotonic()))
         if self._thread.is_alive():
             log.warning("archive_stop_timeout", queued=self._queue.qsize())
+        if self._dropped:
+            log.warning("archive_dropped_at_stop", parts=self._dropped)
         self._thread = None
 
     # -- intake (any thread) ---------------------------------------------------------------
@@ -321,6 +340,7 @@ class Archive:
                 queued=self._queue.qsize(),
                 written=self._written,
                 skipped_queue_full=self._skipped,
+                dropped_at_stop=self._dropped,
                 pruned=self._pruned,
                 failed=self._failed,
                 parts=len(self._entries),
@@ -335,6 +355,9 @@ class Archive:
             item = self._queue.get()
             if item is None:
                 return
+            if self._abandon.is_set():
+                self._drop_queued(1)
+                return
             try:
                 self._write(item)
             except Exception as exc:  # a full disk or a bad frame must not end the thread
@@ -346,6 +369,18 @@ class Archive:
                     seq=item.inspection.seq,
                     error=repr(exc),
                 )
+
+    def _drop_queued(self, in_hand: int) -> None:
+        """Count ``in_hand`` and everything still queued as dropped (``stop`` ran out of time)."""
+        dropped = in_hand
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            dropped += item is not None
+        with self._lock:
+            self._dropped += dropped
 
     def _write(self, item: _Item) -> None:
         ins = item.inspection
