@@ -68,7 +68,8 @@ log = get_logger(__name__)
 T = TypeVar("T")
 
 FLUSH_S = 1.0  # counts of skipped frames go to the record this often
-IDLE_POLL_S = 0.002  # how often the feeder looks whether the live line has gone idle
+IDLE_POLL_S = 0.02  # how often the feeder looks whether the live line has gone idle (a
+# shorter poll costs a saturated live line GIL hand-overs for frames the candidate skips anyway)
 
 
 def mask_iou(a: NDArray[np.uint8], b: NDArray[np.uint8]) -> float:
@@ -442,8 +443,11 @@ class ShadowRunner:
                 else:
                     victim = result
             else:
+                # Only an empty queue has a feeder waiting for work; with frames already
+                # queued it is waiting for the live line to go idle and polls on its own.
+                if not self._queue:
+                    self._cond.notify()
                 self._queue.append(result)
-                self._cond.notify()
         if victim is not None:
             self._skip(victim)
 
