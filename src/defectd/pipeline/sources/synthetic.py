@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import queue
 import time
+from typing import Any
 
 import cv2
 import numpy as np
@@ -83,31 +84,21 @@ class SyntheticSource(ThreadedSource):
             self._run_on_request()
             return
         cfg = self.config
-        renderer = self._renderer
-        assert renderer is not None
         rng = np.random.default_rng(cfg.seed)
-        surfaces = cfg.surfaces or None
         pixel_format = "Mono8" if cfg.channels == 1 else "RGB8"
         pacer = Pacer(cfg.rate_hz, self._stopping)
         n = 0
         while cfg.count is None or n < cfg.count:
             if not pacer.wait():
                 return
-            surface = None if surfaces is None else surfaces[int(rng.integers(len(surfaces)))]
-            part = renderer.render(rng, surface=surface, defect_prob=cfg.defect_rate)
+            image, truth = self._render(rng, cfg.defect_rate, n)
             self._emit_frame(
-                apply_drift(cfg, part.image, n),
+                image,
                 t_host_ns=time.monotonic_ns(),
                 t_wall=time.time(),
                 pixel_format=pixel_format,
                 part_id=f"{self.camera}-{n}",
-                meta={
-                    "truth_mask": part.mask,
-                    "truth_defective": bool(part.defects),
-                    "truth_kinds": part.defects,
-                    "truth_labels": part.labels,
-                    "surface": part.surface,
-                },
+                meta=truth,
             )
             n += 1
         self._set_state(SourceState.STOPPED, f"rendered {n} parts")
@@ -115,8 +106,6 @@ class SyntheticSource(ThreadedSource):
 
     def _run_on_request(self) -> None:
         cfg = self.config
-        renderer = self._renderer
-        assert renderer is not None
         line_rng = np.random.default_rng(cfg.seed)
         pixel_format = "Mono8" if cfg.channels == 1 else "RGB8"
         n = 0
@@ -131,25 +120,35 @@ class SyntheticSource(ThreadedSource):
             else:
                 rng = np.random.default_rng(synthetic_part_key(cfg.seed, key))
                 prob = 1.0 if synthetic_part_defective(cfg.seed, key, cfg.defect_rate) else 0.0
-            surfaces = cfg.surfaces or None
-            surface = None if surfaces is None else surfaces[int(rng.integers(len(surfaces)))]
-            part = renderer.render(rng, surface=surface, defect_prob=prob)
+            image, truth = self._render(rng, prob, n)
             self._emit_frame(
-                apply_drift(cfg, part.image, n),
+                image,
                 t_host_ns=t_host_ns,
                 t_wall=t_wall,
                 pixel_format=pixel_format,
-                meta={
-                    "truth_mask": part.mask,
-                    "truth_defective": bool(part.defects),
-                    "truth_kinds": part.defects,
-                    "truth_labels": part.labels,
-                    "surface": part.surface,
-                    "truth_part_id": key,
-                    "frame_id": n,
-                },
+                meta={**truth, "truth_part_id": key, "frame_id": n},
             )
             n += 1
+
+    def _render(
+        self, rng: np.random.Generator, defect_prob: float, n: int
+    ) -> tuple[NDArray[np.uint8], dict[str, Any]]:
+        """Part ``n`` of the line, drawn from ``rng``: its image (drifted as the line is at
+        part ``n``) and the truth its frame carries (the ``meta`` keys of the module doc)."""
+        cfg = self.config
+        renderer = self._renderer
+        assert renderer is not None
+        surfaces = cfg.surfaces
+        surface = surfaces[int(rng.integers(len(surfaces)))] if surfaces else None
+        part = renderer.render(rng, surface=surface, defect_prob=defect_prob)
+        truth = {
+            "truth_mask": part.mask,
+            "truth_defective": bool(part.defects),
+            "truth_kinds": part.defects,
+            "truth_labels": part.labels,
+            "surface": part.surface,
+        }
+        return apply_drift(cfg, part.image, n), truth
 
 
 def drift_fraction(config: SyntheticSourceConfig, n: int) -> float:
