@@ -11,7 +11,7 @@ from pathlib import Path
 
 import onnx
 
-from defectd.engines.base import EngineSpec, OpenRequest
+from defectd.engines.base import BackendEngine, EngineSpec, OpenRequest
 from defectd.errors import EngineError, ModelError
 from defectd.model.card import ModelCard, card_path, load_card
 
@@ -147,6 +147,22 @@ class OnnxModel:
     io: OnnxIO
     spec: EngineSpec
     precision: str
+
+
+class OnnxEngine(BackendEngine):
+    """What the in-process engines of an ONNX file share: the checked model they run (its
+    file, I/O names, spec and precision), kept as ``_path``, ``_io``, ``_spec``, ``_precision``."""
+
+    def __init__(self, model: OnnxModel) -> None:
+        self._model = model
+        self._path = model.path
+        self._io = model.io
+        self._spec = model.spec
+        self._precision = model.precision
+
+    @property
+    def model_file(self) -> Path:
+        return self._path
 
 
 def prepare_onnx(request: OpenRequest) -> OnnxModel:

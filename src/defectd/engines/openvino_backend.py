@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,8 @@ import openvino.properties as props
 import openvino.properties.hint as hints
 from numpy.typing import NDArray
 
-from defectd.engines.base import BackendEngine, EngineSpec, OpenRequest
-from defectd.engines.model_file import OnnxIO, prepare_onnx
+from defectd.engines.base import EngineSpec, OpenRequest
+from defectd.engines.model_file import OnnxEngine, OnnxModel, prepare_onnx
 from defectd.errors import EngineError, ModelError
 from defectd.log import get_logger
 
@@ -74,7 +75,7 @@ def batch_sizes(min_batch: int, max_batch: int) -> tuple[int, ...]:
     return tuple(sorted(sizes))
 
 
-class OpenVinoEngine(BackendEngine):
+class OpenVinoEngine(OnnxEngine):
     """One OpenVINO model on the CPU, compiled per batch size, with ``concurrency`` infer
     requests; ``infer`` may be called from that many threads at once."""
 
@@ -82,16 +83,15 @@ class OpenVinoEngine(BackendEngine):
 
     def __init__(
         self,
-        model_path: Path,
-        io: OnnxIO,
-        spec: EngineSpec,
+        model: OnnxModel,
         *,
-        precision: str,
         threads: int | None = None,
         cache_dir: Path | None = None,
         mode: str = "throughput",
         sizes: tuple[int, ...] | None = None,
     ) -> None:
+        super().__init__(model)
+        model_path, spec, precision = model.path, model.spec, model.precision
         if precision not in _PRECISIONS:
             raise EngineError(
                 f"{model_path}: OpenVINO runs {', '.join(PRECISIONS)}; asked for {precision}"
@@ -110,7 +110,7 @@ class OpenVinoEngine(BackendEngine):
             (cache_dir / "openvino").mkdir(parents=True, exist_ok=True)
             core.set_property({props.cache_dir: str(cache_dir / "openvino")})
         try:
-            model = core.read_model(str(model_path))
+            ov_model = core.read_model(str(model_path))
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own
             raise ModelError(f"{model_path}: OpenVINO cannot read the model: {exc}") from exc
         sizes = tuple(sorted(set(sizes or batch_sizes(spec.min_batch, spec.max_batch))))
@@ -131,7 +131,7 @@ class OpenVinoEngine(BackendEngine):
             config[props.inference_num_threads] = threads
         compiled: dict[int, ov.CompiledModel] = {}
         for n in sizes:
-            shaped = model.clone()
+            shaped = ov_model.clone()
             shaped.reshape({shaped.input(0): ov.PartialShape([n, *map(int, spec.chw)])})
             compiled[n] = self._compile(core, shaped, model_path, config)
         first = compiled[sizes[0]]
@@ -169,10 +169,6 @@ class OpenVinoEngine(BackendEngine):
         self._sizes = sizes
         self._slots = threading.BoundedSemaphore(self._concurrency)
         self._closed = False
-        self._path = model_path
-        self._io = io
-        self._spec = spec
-        self._precision = precision
         self._mode = mode
         self._threads = threads
         self._cache_dir = cache_dir
@@ -202,10 +198,6 @@ class OpenVinoEngine(BackendEngine):
         return str(ov.get_version()).split("-")[0]
 
     @property
-    def model_file(self) -> Path:
-        return self._path
-
-    @property
     def concurrency(self) -> int:
         """How many ``infer`` calls run in parallel (one per infer request)."""
         return self._concurrency
@@ -231,10 +223,7 @@ class OpenVinoEngine(BackendEngine):
             self._spec.channels, height, width, 1, 1, self._spec.dtype, self._spec.outputs
         )
         return OpenVinoEngine(
-            self._path,
-            self._io,
-            spec,
-            precision=self._precision,
+            replace(self._model, spec=spec),
             threads=self._threads,
             cache_dir=self._cache_dir,
             mode="latency",
@@ -278,12 +267,8 @@ class OpenVinoEngine(BackendEngine):
 
 def open_request(request: OpenRequest) -> OpenVinoEngine:
     """The registry's entry point: an ONNX model compiled by OpenVINO for this CPU."""
-    model = prepare_onnx(request)
     return OpenVinoEngine(
-        model.path,
-        model.io,
-        model.spec,
-        precision=model.precision,
+        prepare_onnx(request),
         threads=request.threads,
         cache_dir=request.cache_dir,
         mode=request.mode,

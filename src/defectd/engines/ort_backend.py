@@ -15,8 +15,8 @@ import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
 
-from defectd.engines.base import BackendEngine, EngineSpec, OpenRequest
-from defectd.engines.model_file import OnnxIO, prepare_onnx
+from defectd.engines.base import OpenRequest
+from defectd.engines.model_file import OnnxEngine, OnnxModel, prepare_onnx
 from defectd.engines.probe import gpu_present
 from defectd.errors import EngineError, ModelError
 from defectd.log import get_logger
@@ -64,25 +64,20 @@ def choose_providers(
     return providers
 
 
-class OrtEngine(BackendEngine):
+class OrtEngine(OnnxEngine):
     """One ONNX Runtime session behind the engine contract. Calls are serialised by a lock."""
 
     backend = "ort"
 
     def __init__(
         self,
-        model_path: Path,
-        io: OnnxIO,
-        spec: EngineSpec,
+        model: OnnxModel,
         *,
-        precision: str,
         threads: int | None = None,
         providers: list[str | tuple[str, dict[str, str]]] | None = None,
     ) -> None:
-        self._path = model_path
-        self._io = io
-        self._spec = spec
-        self._precision = precision
+        super().__init__(model)
+        model_path = model.path
         try:
             self._session: ort.InferenceSession | None = ort.InferenceSession(
                 str(model_path),
@@ -98,7 +93,7 @@ class OrtEngine(BackendEngine):
         log.info(
             "ort_session_ready",
             model=str(model_path),
-            precision=precision,
+            precision=model.precision,
             providers=self._providers,
             intra_op_threads=threads or "auto",
         )
@@ -111,10 +106,6 @@ class OrtEngine(BackendEngine):
     def providers(self) -> list[str]:
         """Execution providers the session actually uses, in priority order."""
         return list(self._providers)
-
-    @property
-    def model_file(self) -> Path:
-        return self._path
 
     def _run(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
         n = batch.shape[0]
@@ -147,11 +138,4 @@ def open_request(request: OpenRequest) -> OrtEngine:
     """The registry's entry point: an ONNX model on ONNX Runtime (CUDA where present)."""
     model = prepare_onnx(request)
     providers = choose_providers(gpu_present(), model.precision, request.cache_dir)
-    return OrtEngine(
-        model.path,
-        model.io,
-        model.spec,
-        precision=model.precision,
-        threads=request.threads,
-        providers=providers,
-    )
+    return OrtEngine(model, threads=request.threads, providers=providers)
