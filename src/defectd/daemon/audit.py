@@ -39,6 +39,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from defectd.errors import ConfigError, DataError
+from defectd.model.card import file_sha256
 
 AUDIT_SCHEMA_VERSION = 1
 GENESIS = "0" * 64  # ``prev`` of the first entry
@@ -113,14 +114,6 @@ def entry_hash(entry: dict[str, Any]) -> str:
 def _now() -> str:
     when = datetime.now(UTC)
     return when.strftime("%Y-%m-%dT%H:%M:%S") + f".{when.microsecond // 1000:03d}Z"
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _last_line(fd: int) -> tuple[bytes, bool]:
@@ -229,7 +222,7 @@ class AuditLog:
         if not path.is_file():
             raise DataError(f"{path}: evidence file not found")
         try:
-            digest = _file_sha256(path)
+            digest = file_sha256(path)
             self.evidence_dir.mkdir(parents=True, exist_ok=True)
             stored = self.evidence_dir / f"{digest}{path.suffix}"
             if not stored.exists():
@@ -311,7 +304,7 @@ class AuditLog:
                 copy = self.path.parent / str(evidence["stored"])
                 if not copy.is_file():
                     result.problems.append(f"{where}: evidence copy {copy} is missing")
-                elif _file_sha256(copy) != evidence.get("sha256"):
+                elif file_sha256(copy) != evidence.get("sha256"):
                     result.problems.append(f"{where}: evidence copy {copy} was changed")
         result.head = prev
         return result

@@ -17,6 +17,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from defectd.model.card import file_sha256
+
 if TYPE_CHECKING:
     from defectd.daemon.config import StationCamera, StationConfig
 
@@ -27,14 +29,10 @@ _IMAGE_KEYS = ("type", "channels", "nodes", "height", "width", "pixel_format")
 def file_digest(path: Path) -> str:
     """Hex sha256 of a file's bytes, ``missing`` when it cannot be read (the start then fails
     on it with its own error; the fingerprint must not)."""
-    digest = hashlib.sha256()
     try:
-        with path.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
+        return file_sha256(path)
     except (OSError, ValueError):
         return "missing"
-    return digest.hexdigest()
 
 
 def _calibration_files(path: Path) -> dict[str, str]:
