@@ -7,7 +7,7 @@ Address space (namespace ``urn:defectd:<station>``, string node ids ``<station>/
       OutboxDepth, BrokerConnected, LastSequence
       Counters/   Results, Pass, Fail, Error, Late, EventsDropped
       Cameras/<camera>/
-        LastSequence, LastPartId, LastVerdict, LastVerdictCode, LastResultId, LastRule,
+        LastSequence, LastPartId, LastResultId, LastVerdict, LastVerdictCode, LastRule,
         LastReason, LastDefects, LastDefectsJson, LastModelSha256, LastTime,
         LastGateDeadline, LastLate, LastLatencyMs
         Counters/  Results, Pass, Fail, Error, Late
@@ -43,7 +43,8 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -85,28 +86,75 @@ _POLICIES = {
 }
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _NO_DEADLINE_BEFORE = 1e9  # epoch s (2001-09-09); parse_trigger's floor for gate_deadline
-# Fields of the Verdict event beyond BaseEventType's, with their OPC UA types.
-_EVENT_FIELDS: tuple[tuple[str, ua.VariantType], ...] = (
-    ("Sequence", ua.VariantType.UInt32),
-    ("Camera", ua.VariantType.String),
-    ("PartId", ua.VariantType.String),
-    ("ResultId", ua.VariantType.String),
-    ("Verdict", ua.VariantType.String),
-    ("VerdictCode", ua.VariantType.Int32),
-    ("Rule", ua.VariantType.String),
-    ("Reason", ua.VariantType.String),
-    ("Defects", ua.VariantType.UInt32),
-    ("DefectsJson", ua.VariantType.String),
-    ("ModelSha256", ua.VariantType.String),
-    ("GrabTime", ua.VariantType.DateTime),
-    ("GateDeadline", ua.VariantType.DateTime),
-    ("Late", ua.VariantType.Boolean),
-    ("LatencyMs", ua.VariantType.Double),
-)
 
 
 def _utc(t: float | None) -> dt.datetime | None:
     return None if t is None else _EPOCH + timedelta(seconds=t)
+
+
+_V = ua.VariantType
+
+
+@dataclass(frozen=True, slots=True)
+class _RecordField:
+    """A field of a verdict record as OPC UA shows it, declared once: in the Verdict event as
+    ``name`` (unless not ``event``) and on the camera's object as ``Last<name>`` (unless not
+    ``camera``), whose value before the first verdict is ``first``."""
+
+    name: str
+    vtype: ua.VariantType
+    read: Callable[[VerdictRecord], Any]
+    first: Any = None
+    event: bool = True
+    camera: bool = True
+
+
+_RECORD_FIELDS = (
+    _RecordField("Sequence", _V.UInt32, lambda r: r.sequence, 0),
+    _RecordField("Camera", _V.String, lambda r: r.camera, camera=False),
+    _RecordField("PartId", _V.String, lambda r: r.part_id, ""),
+    _RecordField("ResultId", _V.String, lambda r: r.result_id, ""),
+    _RecordField("Verdict", _V.String, lambda r: r.verdict, "none"),
+    _RecordField("VerdictCode", _V.Int32, lambda r: r.verdict_code, 0),
+    _RecordField("Rule", _V.String, lambda r: r.rule, ""),
+    _RecordField("Reason", _V.String, lambda r: r.reason, ""),
+    _RecordField("Defects", _V.UInt32, lambda r: r.defects, 0),
+    _RecordField("DefectsJson", _V.String, lambda r: r.defects_json, "[]"),
+    _RecordField("ModelSha256", _V.String, lambda r: r.model_sha256, ""),
+    _RecordField("GrabTime", _V.DateTime, lambda r: _utc(r.t_grab), camera=False),
+    # The event's own ``Time`` (BaseEventType's) is the verdict's time too.
+    _RecordField("Time", _V.DateTime, lambda r: _utc(r.t_verdict), event=False),
+    _RecordField("GateDeadline", _V.DateTime, lambda r: _utc(r.gate_deadline)),
+    _RecordField("Late", _V.Boolean, lambda r: r.late, False),
+    _RecordField("LatencyMs", _V.Double, lambda r: r.latency_ms, 0.0),
+)
+# Fields of the Verdict event beyond BaseEventType's.
+_EVENT_FIELDS = tuple(f for f in _RECORD_FIELDS if f.event)
+# The variables of ``Cameras/<camera>`` that show its latest verdict.
+_CAMERA_FIELDS = tuple(f for f in _RECORD_FIELDS if f.camera)
+
+# The station's variables that show its state (their first value: a fresh ``StationState``).
+_STATION_VARS: tuple[tuple[str, ua.VariantType, Callable[[StationState], Any]], ...] = (
+    ("Status", _V.String, lambda s: s.status),
+    ("Live", _V.Boolean, lambda s: s.live),
+    ("Ready", _V.Boolean, lambda s: s.ready),
+    ("Health", _V.String, lambda s: s.health),
+    ("ModelName", _V.String, lambda s: s.model_name),
+    ("ModelSha256", _V.String, lambda s: s.model_sha256),
+    ("Engine", _V.String, lambda s: s.engine),
+    ("ConfigHash", _V.String, lambda s: s.config_hash),
+    ("OutboxDepth", _V.UInt32, lambda s: max(0, s.outbox_depth)),
+    ("BrokerConnected", _V.Boolean, lambda s: s.broker_connected),
+)
+
+# ``Cameras/<camera>/Recent``: the newest verdicts first.
+_RECENT_ARRAYS: tuple[tuple[str, ua.VariantType], ...] = (
+    ("Sequences", _V.UInt32),
+    ("PartIds", _V.String),
+    ("VerdictCodes", _V.Int32),
+    ("Verdicts", _V.String),
+    ("ResultIds", _V.String),
+)
 
 
 class _UserManager:
@@ -494,6 +542,21 @@ class OpcUaServer:
         )
         into[key] = (node.nodeid, vtype)
 
+    async def _group(
+        self,
+        parent: Node,
+        path: tuple[str, ...],
+        variables: Iterable[tuple[str, ua.VariantType, Any]],
+        *,
+        into: dict[str, tuple[ua.NodeId, ua.VariantType]],
+    ) -> None:
+        """An object at ``path`` (its last part names it) under ``parent``, holding
+        ``variables`` (name, type, first value), each kept in ``into`` as ``<group>/<name>``."""
+        group = path[-1]
+        node = await parent.add_object(self._id(*path), ua.QualifiedName(group, self._ns))
+        for name, vtype, value in variables:
+            await self._var(node, (*path, name), value, vtype, into=into, key=f"{group}/{name}")
+
     async def _address_space(self, server: Server) -> None:
         ns = self._ns
         station = await server.nodes.objects.add_object(
@@ -501,35 +564,17 @@ class OpcUaServer:
         )
         self._station_node = station
         sv = self._station_values
-        for name, vtype, value in (
-            ("Status", ua.VariantType.String, "starting"),
-            ("Live", ua.VariantType.Boolean, False),
-            ("Ready", ua.VariantType.Boolean, False),
-            ("Health", ua.VariantType.String, ""),
-            ("ModelName", ua.VariantType.String, ""),
-            ("ModelSha256", ua.VariantType.String, ""),
-            ("Engine", ua.VariantType.String, ""),
-            ("ConfigHash", ua.VariantType.String, ""),
-            ("OutboxDepth", ua.VariantType.UInt32, 0),
-            ("BrokerConnected", ua.VariantType.Boolean, False),
-            ("LastSequence", ua.VariantType.UInt32, 0),
-        ):
-            await self._var(station, (name,), value, vtype, into=sv, key=name)
-        counters = await station.add_object(self._id("Counters"), ua.QualifiedName("Counters", ns))
-        for name in (*self._station_counts, "EventsDropped"):
-            await self._var(
-                counters,
-                ("Counters", name),
-                0,
-                ua.VariantType.UInt32,
-                into=sv,
-                key=f"Counters/{name}",
-            )
+        first = StationState()
+        for name, vtype, read in _STATION_VARS:
+            await self._var(station, (name,), read(first), vtype, into=sv, key=name)
+        await self._var(station, ("LastSequence",), 0, _V.UInt32, into=sv, key="LastSequence")
+        counts = (*self._station_counts, "EventsDropped")
+        await self._group(station, ("Counters",), [(n, _V.UInt32, 0) for n in counts], into=sv)
         folder = await station.add_folder(self._id("Cameras"), ua.QualifiedName("Cameras", ns))
         for camera in self.cameras:
             await self._camera_nodes(folder, camera)
 
-        fields = [(name, vtype) for name, vtype in _EVENT_FIELDS]
+        fields = [(f.name, f.vtype) for f in _EVENT_FIELDS]
         etype = await server.create_custom_event_type(
             ns, "VerdictEventType", ua.ObjectIds.BaseEventType, fields
         )
@@ -546,53 +591,15 @@ class OpcUaServer:
         self._camera_ids[camera] = node.nodeid
         cam = _CameraNodes(camera, node)
         self._cams[camera] = cam
-        for name, vtype, value in (
-            ("LastSequence", ua.VariantType.UInt32, 0),
-            ("LastPartId", ua.VariantType.String, ""),
-            ("LastVerdict", ua.VariantType.String, "none"),
-            ("LastVerdictCode", ua.VariantType.Int32, 0),
-            ("LastResultId", ua.VariantType.String, ""),
-            ("LastRule", ua.VariantType.String, ""),
-            ("LastReason", ua.VariantType.String, ""),
-            ("LastDefects", ua.VariantType.UInt32, 0),
-            ("LastDefectsJson", ua.VariantType.String, "[]"),
-            ("LastModelSha256", ua.VariantType.String, ""),
-            ("LastTime", ua.VariantType.DateTime, None),
-            ("LastGateDeadline", ua.VariantType.DateTime, None),
-            ("LastLate", ua.VariantType.Boolean, False),
-            ("LastLatencyMs", ua.VariantType.Double, 0.0),
-        ):
-            await self._var(node, (camera, name), value, vtype, into=cam.values, key=name)
-        counters = await node.add_object(
-            self._id(camera, "Counters"), ua.QualifiedName("Counters", ns)
-        )
-        for name in cam.counts:
-            await self._var(
-                counters,
-                (camera, "Counters", name),
-                0,
-                ua.VariantType.UInt32,
-                into=cam.values,
-                key=f"Counters/{name}",
-            )
-        recent = await node.add_object(self._id(camera, "Recent"), ua.QualifiedName("Recent", ns))
+        for f in _CAMERA_FIELDS:
+            name = f"Last{f.name}"
+            await self._var(node, (camera, name), f.first, f.vtype, into=cam.values, key=name)
+        counters = [(name, _V.UInt32, 0) for name in cam.counts]
+        await self._group(node, (camera, "Counters"), counters, into=cam.values)
         cam.recent = RecentRing(self.config.recent_size)
         arrays = cam.recent.arrays()
-        for name, vtype in (
-            ("Sequences", ua.VariantType.UInt32),
-            ("PartIds", ua.VariantType.String),
-            ("VerdictCodes", ua.VariantType.Int32),
-            ("Verdicts", ua.VariantType.String),
-            ("ResultIds", ua.VariantType.String),
-        ):
-            await self._var(
-                recent,
-                (camera, "Recent", name),
-                arrays[name],
-                vtype,
-                into=cam.values,
-                key=f"Recent/{name}",
-            )
+        recent = [(name, vtype, arrays[name]) for name, vtype in _RECENT_ARRAYS]
+        await self._group(node, (camera, "Recent"), recent, into=cam.values)
         args_in = [
             _argument("PartId", ua.ObjectIds.String, "the part's id (1-128 printable ASCII)"),
             _argument(
@@ -705,21 +712,8 @@ class OpcUaServer:
 
     async def _emit(self, gen: EventGenerator, r: VerdictRecord) -> None:
         ev = gen.event
-        ev.Sequence = r.sequence
-        ev.Camera = r.camera
-        ev.PartId = r.part_id
-        ev.ResultId = r.result_id
-        ev.Verdict = r.verdict
-        ev.VerdictCode = r.verdict_code
-        ev.Rule = r.rule
-        ev.Reason = r.reason
-        ev.Defects = r.defects
-        ev.DefectsJson = r.defects_json
-        ev.ModelSha256 = r.model_sha256
-        ev.GrabTime = _utc(r.t_grab)
-        ev.GateDeadline = _utc(r.gate_deadline)
-        ev.Late = r.late
-        ev.LatencyMs = r.latency_ms
+        for f in _EVENT_FIELDS:
+            setattr(ev, f.name, f.read(r))
         ev.Severity = 500 if r.verdict != "pass" else 100
         camera_id = self._camera_ids.get(r.camera)
         if camera_id is not None:
@@ -759,22 +753,7 @@ class OpcUaServer:
         self, cam: _CameraNodes, r: VerdictRecord
     ) -> list[tuple[ua.NodeId, ua.VariantType, Any]]:
         v = cam.values
-        values: dict[str, Any] = {
-            "LastSequence": r.sequence,
-            "LastPartId": r.part_id,
-            "LastVerdict": r.verdict,
-            "LastVerdictCode": r.verdict_code,
-            "LastResultId": r.result_id,
-            "LastRule": r.rule,
-            "LastReason": r.reason,
-            "LastDefects": r.defects,
-            "LastDefectsJson": r.defects_json,
-            "LastModelSha256": r.model_sha256,
-            "LastTime": _utc(r.t_verdict),
-            "LastGateDeadline": _utc(r.gate_deadline),
-            "LastLate": r.late,
-            "LastLatencyMs": r.latency_ms,
-        }
+        values = {f"Last{f.name}": f.read(r) for f in _CAMERA_FIELDS}
         for name, count in cam.counts.items():
             values[f"Counters/{name}"] = count
         if cam.recent is not None:
@@ -784,19 +763,7 @@ class OpcUaServer:
 
     def _state_writes(self, s: StationState) -> list[tuple[ua.NodeId, ua.VariantType, Any]]:
         sv = self._station_values
-        values: dict[str, Any] = {
-            "Status": s.status,
-            "Live": s.live,
-            "Ready": s.ready,
-            "Health": s.health,
-            "ModelName": s.model_name,
-            "ModelSha256": s.model_sha256,
-            "Engine": s.engine,
-            "ConfigHash": s.config_hash,
-            "OutboxDepth": max(0, s.outbox_depth),
-            "BrokerConnected": s.broker_connected,
-        }
-        return [(*sv[k], value) for k, value in values.items()]
+        return [(*sv[name], read(s)) for name, _, read in _STATION_VARS]
 
 
 def _argument(name: str, data_type: int, description: str) -> ua.Argument:
