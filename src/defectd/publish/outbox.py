@@ -254,6 +254,21 @@ class DropSummary:
     keep_ids: tuple[str, ...]  # result ids of dropped keep-priority rows (first 100)
 
 
+@dataclass(slots=True)
+class _DropTally:
+    """Rows dropped: all of them, those of keep priority, and those that expired (by age)."""
+
+    rows: int = 0
+    keep_rows: int = 0
+    expired: int = 0
+
+    def add(self, rows: int, keep_rows: int, expired: bool) -> None:
+        self.rows += rows
+        self.keep_rows += keep_rows
+        if expired:
+            self.expired += rows
+
+
 def _row(t: tuple[object, ...]) -> OutboxRow:
     return OutboxRow(
         id=int(t[0]),  # type: ignore[call-overload]
@@ -329,12 +344,8 @@ class Outbox:
             raise
         self._put = 0
         self._acked = 0
-        self._dropped = 0
-        self._dropped_keep = 0
-        self._expired = 0
-        self._pending_drops = 0
-        self._pending_keep = 0
-        self._pending_expired = 0
+        self._drops = _DropTally()  # since the outbox was opened (``stats``)
+        self._pending = _DropTally()  # since the last ``take_drops``
         self._pending_keep_ids: list[str] = []
         self._unlogged_drops = 0
         self._last_drop_log = 0.0
@@ -692,13 +703,8 @@ class Outbox:
     def _count_drops(self, dropped: list[_Dropped], expired: bool) -> None:
         # Called with _wlock held.
         keep = [d for d in dropped if d[1] >= PRIORITY_KEEP]
-        self._dropped += len(dropped)
-        self._pending_drops += len(dropped)
-        self._dropped_keep += len(keep)
-        self._pending_keep += len(keep)
-        if expired:
-            self._expired += len(dropped)
-            self._pending_expired += len(dropped)
+        for tally in (self._drops, self._pending):
+            tally.add(len(dropped), len(keep), expired)
         for _, _, kind, message_id in keep:
             # A reject that cannot reach the PLC must never go unnoticed: one line each.
             log.error(
@@ -717,7 +723,7 @@ class Outbox:
                 "outbox_dropped",
                 rows=self._unlogged_drops,
                 reason="max_age" if expired else "max_rows",
-                dropped_total=self._dropped,
+                dropped_total=self._drops.rows,
                 depth=self._depth,
                 max_rows=self._config.max_rows,
             )
@@ -843,17 +849,11 @@ class Outbox:
     def take_drops(self) -> DropSummary | None:
         """Drops since the previous call (None when there were none)."""
         with self._wlock:
-            if not self._pending_drops:
+            if not self._pending.rows:
                 return None
-            summary = DropSummary(
-                rows=self._pending_drops,
-                keep_rows=self._pending_keep,
-                expired=self._pending_expired,
-                keep_ids=tuple(self._pending_keep_ids),
-            )
-            self._pending_drops = self._pending_keep = self._pending_expired = 0
-            self._pending_keep_ids = []
-            return summary
+            pending, self._pending = self._pending, _DropTally()
+            keep_ids, self._pending_keep_ids = self._pending_keep_ids, []
+            return DropSummary(pending.rows, pending.keep_rows, pending.expired, tuple(keep_ids))
 
     # -- state -----------------------------------------------------------------------------
     @property
@@ -916,9 +916,9 @@ class Outbox:
             oldest_age_s=self.oldest_age_s(),
             put=self._put,
             acked=self._acked,
-            dropped=self._dropped,
-            dropped_keep=self._dropped_keep,
-            expired=self._expired,
+            dropped=self._drops.rows,
+            dropped_keep=self._drops.keep_rows,
+            expired=self._drops.expired,
             near_bound=self._near,
             near_bound_warnings=self._near_warnings,
             fault=self._fault,
