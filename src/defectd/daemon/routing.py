@@ -200,10 +200,7 @@ class ResultRouter:
                 self.metrics.not_durable.inc()
             log.error(
                 "result_not_stored",
-                camera=ins.camera,
-                seq=ins.seq,
-                part_id=ins.part_id,
-                result_id=ins.result_id,
+                **part_fields(ins),
                 failsafe_reject_sent=failsafe,
                 error=str(exc),
             )
@@ -222,14 +219,22 @@ class ResultRouter:
             log.error("ledger_write_failed", camera=ins.camera, seq=ins.seq, error=str(exc))
 
 
-def log_result(ins: Inspection) -> None:
-    """One event per verdict: passes at debug, fails at info, errors at warning."""
-    fields: dict[str, Any] = {
-        "station": ins.station,
+def part_fields(ins: Inspection) -> dict[str, Any]:
+    """How a log event names the part it is about, so that the events of one part join up:
+    its camera, sequence number, part id and result id."""
+    return {
         "camera": ins.camera,
         "seq": ins.seq,
         "part_id": ins.part_id,
         "result_id": ins.result_id,
+    }
+
+
+def log_result(ins: Inspection) -> None:
+    """One event per verdict: passes at debug, fails at info, errors at warning."""
+    fields: dict[str, Any] = {
+        "station": ins.station,
+        **part_fields(ins),
         "verdict": ins.verdict.value,
         "latency_ms": ins.latencies_ms.get("total"),
         "model": ins.model_name,
