@@ -8,7 +8,7 @@ For each split (default ``val`` and ``test`` of the magnetic-tile set):
   waits (``[pipeline] admission = "block"``, ``max_latency_ms = 0``) and an exit when the
   replay ends. Verdicts are read from a real Mosquitto (started on a free port) by
   ``defectd.publish.watch.Watcher``; ``error`` counts as a reject, as on the line.
-- **calibration**: the computation of ``defectd calibrate threshold`` (``run_sweep``, same
+- **calibration**: the computation of ``defectd calibrate threshold`` (``verdicts_at``, same
   default backend) at the calibration file's operating point and at the precision the file
   records (the one the daemon then runs, ``ThresholdSection.ran_at``), image by image.
 

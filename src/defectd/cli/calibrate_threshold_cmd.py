@@ -15,7 +15,7 @@ from rich.table import Table
 from defectd.cli.calibrate_cmd import calibrate_app, command_line, progress_bar
 from defectd.cli.console import report_console
 from defectd.cli.guard import refuse_section_overwrite
-from defectd.cli.options import CalibrationOut, JsonTable, LabelledDataset
+from defectd.cli.options import CalibrationOut, InferenceBatch, JsonTable, LabelledDataset
 from defectd.errors import ConfigError
 from defectd.extras import require_extra
 from defectd.log import get_logger
@@ -168,24 +168,6 @@ def run_sweeps(
     )
 
 
-def run_sweep(
-    dataset: Dataset,
-    split: str,
-    model: OpenedModel,
-    *,
-    thresholds: tuple[float, ...] | None = None,
-    min_areas: tuple[int, ...] | None = None,
-    min_scores: tuple[float, ...] | None = None,
-    batch_size: int = 8,
-) -> Sweep:
-    """The one-class sweep of ``split`` with good parts as negatives (see :func:`run_sweeps`)."""
-    found = run_sweeps(
-        dataset, split, model, thresholds=thresholds, min_areas=min_areas,
-        min_scores=min_scores, batch_size=batch_size, negatives="parts",
-    )  # fmt: skip
-    return found.sweeps[model.card.classes[0]]
-
-
 def verdicts_at(
     dataset: Dataset, splits: tuple[str, ...], model: OpenedModel, point: ThresholdSection
 ) -> dict[str, bool]:
@@ -310,7 +292,7 @@ def threshold(
         ),
     ] = None,
     backend: Annotated[str, typer.Option(help="Engine backend: auto, ort, openvino.")] = "auto",
-    batch_size: Annotated[int, typer.Option(help="Images per inference batch.")] = 8,
+    batch_size: InferenceBatch = 8,
     as_json: JsonTable = False,
     force: Annotated[
         bool, typer.Option("--force", help="Replace a threshold section --out already has.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,6 +12,7 @@ import typer
 
 from defectd.cli.app import app
 from defectd.cli.console import report_console
+from defectd.cli.options import DatasetIn, InferenceBatch, InferenceThreads, JsonTable
 from defectd.errors import ConfigError
 
 
@@ -46,9 +48,7 @@ def compare_command(
     ],
     model_b: Annotated[Path, typer.Argument(help="Model B, compared with A.")],
     *,
-    data: Annotated[
-        Path, typer.Option("--data", "-d", help="Dataset folder (manifest or MVTec AD layout).")
-    ],
+    data: DatasetIn,
     split: Annotated[str, typer.Option(help="Split to compare on: train, val or test.")] = "test",
     calibration: Annotated[
         Path | None,
@@ -79,8 +79,8 @@ def compare_command(
     precision_b: Annotated[
         str | None, typer.Option("--precision-b", help="Precision of model B (as --precision-a).")
     ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per inference.")] = 8,
-    threads: Annotated[int | None, typer.Option(help="Inference threads (default: all).")] = None,
+    batch_size: InferenceBatch = 8,
+    threads: InferenceThreads = None,
     gallery: Annotated[
         Path | None,
         typer.Option(
@@ -88,9 +88,7 @@ def compare_command(
             "and index.html."
         ),
     ] = None,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object on stdout, nothing else.")
-    ] = False,
+    as_json: JsonTable = False,
 ) -> None:
     """Compare two models on a split: verdict agreement, pixel IoU between their masks,
     each model against the truth where masks exist, and the parts they disagree on.
@@ -108,7 +106,7 @@ def compare_command(
         write_index,
         write_png,
     )
-    from defectd.training.evaluate import open_model
+    from defectd.training.evaluate import OpenedModel, open_model
 
     if calibration is not None and (calibration_a is not None or calibration_b is not None):
         raise ConfigError("--calibration sets both models: give it or --calibration-a/-b")
@@ -118,25 +116,21 @@ def compare_command(
     samples = dataset.samples(split)
     if not samples:
         raise ConfigError(f"--split {split!r}: no images in {data}")
-    a = open_model(
-        model_a,
-        backend=backend,
-        precision=_precision(model_a, precision_a),
-        threads=threads,
-        max_batch=batch_size,
-    )
-    try:
-        b = open_model(
-            model_b,
-            backend=backend,
-            precision=_precision(model_b, precision_b),
-            threads=threads,
-            max_batch=batch_size,
-        )
-    except BaseException:
-        a.close()
-        raise
-    try:
+    with ExitStack() as stack:
+
+        def opened(model: Path, chosen: str | None) -> OpenedModel:
+            found = open_model(
+                model,
+                backend=backend,
+                precision=_precision(model, chosen),
+                threads=threads,
+                max_batch=batch_size,
+            )
+            stack.callback(found.close)
+            return found
+
+        a = opened(model_a, precision_a)
+        b = opened(model_b, precision_b)
         point_a = operating_point(a.card, *_calibrated(calibration_a or calibration))
         point_b = operating_point(b.card, *_calibrated(calibration_b or calibration))
         for name, point in (("A", point_a), ("B", point_b)):
@@ -166,9 +160,6 @@ def compare_command(
             batch_size=batch_size,
             on_part=on_part,
         )
-    finally:
-        a.close()
-        b.close()
 
     summary = result.as_dict()
     out: dict[str, Any] = {

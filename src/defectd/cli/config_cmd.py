@@ -11,6 +11,7 @@ from rich.table import Table
 
 from defectd.cli.app import sub_app
 from defectd.cli.console import report_console
+from defectd.cli.options import JsonTable
 
 config_app = sub_app("config", "Check or show a station config (TOML).")
 
@@ -20,9 +21,7 @@ FileArg = Annotated[Path, typer.Argument(help="Station config file (TOML).", sho
 @config_app.command("check")
 def check(
     file: FileArg,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object (summary) on stdout.")
-    ] = False,
+    as_json: JsonTable = False,
     cameras: Annotated[
         bool,
         typer.Option(

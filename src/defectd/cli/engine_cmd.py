@@ -13,7 +13,7 @@ import typer
 
 from defectd.cli.app import app
 from defectd.cli.console import report_console
-from defectd.cli.options import JsonSummary
+from defectd.cli.options import JsonSummary, JsonTable
 from defectd.errors import ConfigError
 
 
@@ -289,9 +289,7 @@ def _triton_repository(
 @app.command("engines")
 def engines(
     *,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object on stdout.")
-    ] = False,
+    as_json: JsonTable = False,
 ) -> None:
     """List the inference backends, whether they run on this machine, and their precisions."""
     from rich.table import Table

@@ -11,7 +11,7 @@ import typer
 
 from defectd.cli.app import app
 from defectd.cli.console import counting_bar, report_console
-from defectd.cli.options import DatasetIn
+from defectd.cli.options import DatasetIn, InferenceBatch, InferenceThreads, JsonTable
 from defectd.errors import ConfigError
 
 
@@ -21,17 +21,28 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def _class_table(title: str, per_class: dict[str, Any], cols: tuple[str, ...]) -> Any:
+    """A rich table with a row per class of ``per_class`` and the columns ``cols`` of it."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("class")
+    for col in cols:
+        table.add_column(col, justify="right")
+    for cls, row in per_class.items():
+        table.add_row(cls, *(_fmt(row[c]) for c in cols))
+    return table
+
+
 def _print_classes(console: Any, classes: dict[str, Any]) -> None:
     """The pixel metrics per class of a multi-class model and its pixel confusion matrix."""
     from rich.table import Table
 
-    table = Table(title="pixels per class (each at its own threshold / min area)")
-    cols = ("images", "dice", "iou", "precision", "recall", "threshold", "min_area_px")
-    table.add_column("class")
-    for col in cols:
-        table.add_column(col, justify="right")
-    for cls, row in classes["per_class"].items():
-        table.add_row(cls, *(_fmt(row[c]) for c in cols))
+    table = _class_table(
+        "pixels per class (each at its own threshold / min area)",
+        classes["per_class"],
+        ("images", "dice", "iou", "precision", "recall", "threshold", "min_area_px"),
+    )
     table.add_row("mean", "", _fmt(classes["mean_dice"]), _fmt(classes["mean_iou"]))
     console.print(table)
     confusion = classes["confusion"]
@@ -71,8 +82,8 @@ def eval_command(
         str | None,
         typer.Option(help="fp32, bf16, fp16 or int8 where the engine runs it (default: card)."),
     ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per inference.")] = 8,
-    threads: Annotated[int | None, typer.Option(help="Inference threads (default: all).")] = None,
+    batch_size: InferenceBatch = 8,
+    threads: InferenceThreads = None,
     overlays: Annotated[
         Path | None,
         typer.Option(help="Write PNG overlays of the worst and best cases into this folder."),
@@ -94,9 +105,7 @@ def eval_command(
             help="Also report precision, recall and F1 tolerant to PX pixels of boundary offset.",
         ),
     ] = None,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object on stdout, nothing else.")
-    ] = False,
+    as_json: JsonTable = False,
 ) -> None:
     """Evaluate a model on a dataset split at native image resolution.
 
@@ -220,14 +229,8 @@ def eval_command(
     for key, why in out.get("undefined", {}).items():
         rich_out.print(f"{key}: {why}")
     if len(out["per_class"]) > 1:
-        cls_table = Table(title="per class")
         cols = ("images", "dice", "iou", "recall", "precision", "mean_image_iou", "accuracy")
-        cls_table.add_column("class")
-        for col in cols:
-            cls_table.add_column(col, justify="right")
-        for cls, row in out["per_class"].items():
-            cls_table.add_row(cls, *(_fmt(row[c]) for c in cols))
-        rich_out.print(cls_table)
+        rich_out.print(_class_table("per class", out["per_class"], cols))
     if "classes" in out:
         _print_classes(rich_out, out["classes"])
     if written:

@@ -13,7 +13,8 @@ import typer
 JsonTable = Annotated[
     bool, typer.Option("--json", help="Print one JSON object on stdout instead of a table.")
 ]
-"""``--json`` of a command that otherwise prints a table (the calibrations)."""
+"""``--json`` of a command that otherwise prints a table (the calibrations, ``config check``,
+``engines``, ``eval``, ``compare``)."""
 
 JsonSummary = Annotated[
     bool, typer.Option("--json", help="Print one JSON summary object on stdout.")
@@ -28,7 +29,15 @@ CalibrationOut = Annotated[
 DatasetIn = Annotated[
     Path, typer.Option("--data", "-d", help="Dataset folder (manifest or MVTec AD layout).")
 ]
-"""``--data`` of training and evaluation."""
+"""``--data`` of training, evaluation and comparison."""
 
 LabelledDataset = Annotated[Path, typer.Option("--data", "-d", help="Labelled dataset folder.")]
 """``--data`` of the calibrations that need masks."""
+
+InferenceBatch = Annotated[int, typer.Option("--batch-size", help="Images per inference batch.")]
+"""``--batch-size`` of the commands that run a model over a data set split."""
+
+InferenceThreads = Annotated[
+    int | None, typer.Option(help="Inference threads (default: all cores).")
+]
+"""``--threads`` of the commands that run a model over a data set split."""
