@@ -42,6 +42,16 @@ enabled = false"""
 # rejecting (a run's verdicts then do not depend on how busy the machine is).
 EVERY_FRAME = '[pipeline]\nmax_latency_ms = 0\nadmission = "block"'
 
+
+def run_to_the_end(port: int, state_dir: Path) -> str:
+    """``[mqtt]`` on the test broker's ``port``, ``[health]`` off, and ``[daemon]`` with
+    ``state_dir`` and an exit once the cameras have delivered all their parts."""
+    return (
+        f"[mqtt]\nport = {port}\n[health]\nenabled = false\n"
+        f'[daemon]\nstate_dir = "{state_dir}"\nexit_when_sources_end = true'
+    )
+
+
 # ``[health]`` and ``[archive]`` off: no port to pick, nothing written beside the outbox.
 NO_HEALTH_NO_ARCHIVE = """[health]
 enabled = false

@@ -23,7 +23,8 @@ from defectd.data.synth import DEFECTS, PartRenderer
 from defectd.model.card import load_card
 from defectd.publish.messages import schema_errors
 from defectd.training.evaluate import open_model
-from station_support import model_section
+from station_support import EVERY_FRAME, run_to_the_end, synthetic_station
+from training_support import tiny_training
 
 pytestmark = pytest.mark.slow
 
@@ -66,24 +67,18 @@ def chip_stain_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pa
     data set."""
     import torch
 
-    from defectd.training.train import TrainConfig, train
+    from defectd.training.train import train
 
     root = tmp_path_factory.mktemp("chip_stain")
     data = write_line_parts(root / "data")
     torch.manual_seed(0)
-    config = TrainConfig(
-        data=data,
-        out=root / "run",
+    config = tiny_training(
+        data,
+        root / "run",
+        SIZE,
         epochs=20,
-        height=SIZE,
-        width=SIZE,
-        base=8,
-        depth=2,
         batch_size=8,
-        lr=1e-2,
-        augment="off",
         loss="bce_dice_img",
-        threads=1,
         bf16=False,  # the same model on every machine
         classes=CLASSES,
     )
@@ -96,11 +91,7 @@ def chip_stain_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pa
 def station_toml(tmp: Path, model: Path, calibration: Path, port: int) -> Path:
     path = tmp / "station.toml"
     path.write_text(
-        f"""station = "mc"
-{model_section(model)}
-[[cameras]]
-type = "synthetic"
-camera = "cam0"
+        f"""{synthetic_station("mc", model)}
 calibration = "{calibration}"
 height = {SIZE}
 width = {SIZE}
@@ -108,18 +99,10 @@ rate_hz = 50
 seed = {SEED}
 count = {PARTS}
 defect_rate = {DEFECT_RATE}
-[pipeline]
-admission = "block"
-max_latency_ms = 0
+{EVERY_FRAME}
 [rules]
 rules = [{{ kind = "area", class = "chip", min_area_px = 1 }}]
-[mqtt]
-port = {port}
-[health]
-enabled = false
-[daemon]
-state_dir = "{tmp / "state"}"
-exit_when_sources_end = true
+{run_to_the_end(port, tmp / "state")}
 """
     )
     return path

@@ -19,7 +19,8 @@ from defectd.errors import DataError
 from defectd.model.card import ClassPoint, ModelCard, load_card
 from defectd.model.checkpoint import load_checkpoint
 from defectd.training.losses import LossConfig, SegLoss, image_dice_loss, soft_dice_loss
-from defectd.training.train import TrainConfig, train
+from defectd.training.train import train
+from training_support import tiny_training
 
 SIZE = 48
 
@@ -76,20 +77,7 @@ def two_class_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]
     root = tmp_path_factory.mktemp("mc")
     data = write_two_class_set(root / "data")
     torch.manual_seed(0)
-    config = TrainConfig(
-        data=data,
-        out=root / "run",
-        epochs=12,
-        height=SIZE,
-        width=SIZE,
-        base=8,
-        depth=2,
-        batch_size=6,
-        lr=1e-2,
-        augment="off",
-        threads=1,
-        classes=("auto",),
-    )
+    config = tiny_training(data, root / "run", SIZE, epochs=12, batch_size=6, classes=("auto",))
     train(config)
     return data, root / "run" / "best.pt"
 

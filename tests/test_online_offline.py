@@ -24,7 +24,7 @@ from defectd.daemon.sdnotify import SdNotifier
 from defectd.daemon.service import Service
 from defectd.data.datasets import open_dataset
 from defectd.training.evaluate import open_model
-from station_support import model_section
+from station_support import EVERY_FRAME, model_section, run_to_the_end
 
 pytestmark = pytest.mark.slow
 
@@ -77,16 +77,8 @@ type = "replay"
 camera = "cam0"
 path = "{data}"
 calibration = "{calibration}"
-[pipeline]
-admission = "block"
-max_latency_ms = 0
-[mqtt]
-port = {port}
-[health]
-enabled = false
-[daemon]
-state_dir = "{tmp / "state"}"
-exit_when_sources_end = true
+{EVERY_FRAME}
+{run_to_the_end(port, tmp / "state")}
 """
     )
     return path

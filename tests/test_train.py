@@ -20,6 +20,7 @@ from defectd.model.checkpoint import load_checkpoint, read_checkpoint
 from defectd.model.unet import UNet
 from defectd.training.evaluate import TorchPredictor, evaluate
 from defectd.training.train import TrainConfig, lr_factor, train
+from training_support import tiny_training
 
 SIZE = 64
 
@@ -54,21 +55,15 @@ def write_chip_parts(root: Path, count: int, seed: int = 0) -> Path:
 
 
 def tiny_config(data: Path, out: Path) -> TrainConfig:
-    # One thread: on a shared 2-core machine a second OpenMP thread mostly waits.
-    return TrainConfig(
-        data=data,
-        out=out,
-        height=SIZE,
-        width=SIZE,
-        base=8,
+    return tiny_training(
+        data,
+        out,
+        SIZE,
         depth=3,
         batch_size=16,
-        lr=1e-2,
         epochs=4,
         steps_per_epoch=20,
-        augment="off",
         val_every=2,
-        threads=1,
         seed=0,
         command="defectd train --data parts --out run",
     )
