@@ -134,6 +134,22 @@ def steady_fps(times_s: list[float]) -> float:
     return (len(kept) - 1) / (kept[-1] - kept[0])
 
 
+def steady_state(
+    frames: int, done: list[float], lat_ms: list[float], latency: str, res: Resources
+) -> dict[str, Any]:
+    """The columns a frame-at-a-time row reports: ``frames``, the steady ``fps`` of the
+    completion times ``done`` (s), the p50/p99 of ``lat_ms`` after the warm-up share as
+    ``<latency>_p50_ms`` / ``<latency>_p99_ms``, and the process resources over ``frames``."""
+    kept = lat_ms[int(len(lat_ms) * WARMUP_FRACTION) :]
+    return {
+        "frames": frames,
+        "fps": round(steady_fps(done), 2),
+        f"{latency}_p50_ms": percentile(kept, 50),
+        f"{latency}_p99_ms": percentile(kept, 99),
+        **res.as_dict(frames),
+    }
+
+
 def open_bench_engine(spec: dict[str, Any]) -> Any:
     from defectd.engines import open_engine
 
@@ -640,17 +656,12 @@ def work_naive(spec: dict[str, Any]) -> dict[str, Any]:
     if client is not None:
         client.loop_stop()
         client.disconnect()
-    kept = lat[int(len(lat) * WARMUP_FRACTION) :]
     return {
         "row": "naive",
         "engine": "torch-fp32 eager",
         "weights": weights,
         "batch": 1,
-        "frames": len(lat),
-        "fps": round(steady_fps(done), 2),
-        "puback_p50_ms": percentile(kept, 50),
-        "puback_p99_ms": percentile(kept, 99),
-        **res.as_dict(len(lat)),
+        **steady_state(len(lat), done, lat, "puback", res),
     }
 
 
@@ -757,17 +768,12 @@ def work_simple(spec: dict[str, Any]) -> dict[str, Any]:
     if client is not None:
         client.loop_stop()
         client.disconnect()
-    kept = lat[int(len(lat) * WARMUP_FRACTION) :]
     return {
         "row": "simple",
         "engine": f"openvino-{spec['precision']} AsyncInferQueue THROUGHPUT",
         "infer_requests": len(infer_queue),
         "batch": 1,
-        "frames": len(done),
-        "fps": round(steady_fps(done), 2),
-        "verdict_p50_ms": percentile(kept, 50),
-        "verdict_p99_ms": percentile(kept, 99),
-        **res.as_dict(len(done)),
+        **steady_state(len(done), done, lat, "verdict", res),
     }
 
 

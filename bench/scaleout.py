@@ -170,19 +170,12 @@ def collect(config: Path, name: str, parts: int, proc: subprocess.Popen[bytes]) 
     return run
 
 
-def daemon_run(
-    work: Path,
-    name: str,
-    args: argparse.Namespace,
-    *,
-    triton: str | None,
-    parts: int,
-    rate: float | None,
-) -> Run:
-    config = station_config(work, name, args, triton=triton, parts=parts, rate=rate)
+def daemon_run(config: Path, parts: int, timeout: float) -> Run:
+    """``defectd run`` on ``config`` (made by ``station_config``, named for its station) to
+    the end of its ``parts``, waited for at most ``timeout`` seconds."""
     proc = start(config)
-    proc.wait(args.timeout)
-    return collect(config, name, parts, proc)
+    proc.wait(timeout)
+    return collect(config, config.stem, parts, proc)
 
 
 def shared_run(work: Path, args: argparse.Namespace, triton: str, k: int) -> dict[str, Any]:
@@ -355,7 +348,10 @@ def main() -> int:
         for k in range(args.runs):
             for side in ("local", "triton") if k % 2 == 0 else ("triton", "local"):
                 url = server.grpc_url if side == "triton" else None
-                r = daemon_run(work, f"tp{k}-{side}", args, triton=url, parts=args.parts, rate=None)
+                config = station_config(
+                    work, f"tp{k}-{side}", args, triton=url, parts=args.parts, rate=None
+                )
+                r = daemon_run(config, args.parts, args.timeout)
                 rows["throughput"].append(
                     {
                         "run": k,
@@ -373,7 +369,10 @@ def main() -> int:
             for side in ("triton", "local") if k % 2 == 0 else ("local", "triton"):
                 url = server.grpc_url if side == "triton" else None
                 n = max(20, int(args.rate * (8 if args.quick else 30)))
-                r = daemon_run(work, f"lat{k}-{side}", args, triton=url, parts=n, rate=args.rate)
+                config = station_config(
+                    work, f"lat{k}-{side}", args, triton=url, parts=n, rate=args.rate
+                )
+                r = daemon_run(config, n, args.timeout)
                 ok = r.ok_latency()
                 rows["latency"].append(
                     {

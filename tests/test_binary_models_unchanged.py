@@ -30,6 +30,24 @@ MODEL = Path(__file__).resolve().parents[1] / "models" / "magnetic_tile" / "mode
 RECORDED_SHA256 = "2ad31e3077b0"
 PARTS, SIZE = 12, (250, 370)
 
+
+def _no_hit(
+    *, images: int, defective: int, accuracy: float, mean_image_iou: float | None = 0.0
+) -> dict[str, Any]:
+    """A class's recorded ``per_class`` entry: no predicted pixel on a true defect pixel of it
+    (Dice, IoU, precision and recall 0)."""
+    return {
+        "images": images,
+        "defective": defective,
+        "dice": 0.0,
+        "iou": 0.0,
+        "precision": 0.0,
+        "recall": 0.0,
+        "mean_image_iou": mean_image_iou,
+        "accuracy": accuracy,
+    }
+
+
 # `defectd eval --json` on the parts, recorded before multi-class models existed.
 EVAL_BEFORE: dict[str, Any] = {
     "dice": 0.0,
@@ -42,56 +60,11 @@ EVAL_BEFORE: dict[str, Any] = {
     "best_threshold": 0.01,
     "best_dice": 0.022836,
     "per_class": {
-        "chip": {
-            "images": 2,
-            "defective": 2,
-            "dice": 0.0,
-            "iou": 0.0,
-            "precision": 0.0,
-            "recall": 0.0,
-            "mean_image_iou": 0.0,
-            "accuracy": 0.5,
-        },
-        "crack": {
-            "images": 1,
-            "defective": 1,
-            "dice": 0.0,
-            "iou": 0.0,
-            "precision": 0.0,
-            "recall": 0.0,
-            "mean_image_iou": 0.0,
-            "accuracy": 0.0,
-        },
-        "free": {
-            "images": 6,
-            "defective": 0,
-            "dice": 0.0,
-            "iou": 0.0,
-            "precision": 0.0,
-            "recall": 0.0,
-            "mean_image_iou": None,
-            "accuracy": 0.333333,
-        },
-        "pit": {
-            "images": 1,
-            "defective": 1,
-            "dice": 0.0,
-            "iou": 0.0,
-            "precision": 0.0,
-            "recall": 0.0,
-            "mean_image_iou": 0.0,
-            "accuracy": 0.0,
-        },
-        "stain": {
-            "images": 2,
-            "defective": 2,
-            "dice": 0.0,
-            "iou": 0.0,
-            "precision": 0.0,
-            "recall": 0.0,
-            "mean_image_iou": 0.0,
-            "accuracy": 0.0,
-        },
+        "chip": _no_hit(images=2, defective=2, accuracy=0.5),
+        "crack": _no_hit(images=1, defective=1, accuracy=0.0),
+        "free": _no_hit(images=6, defective=0, accuracy=0.333333, mean_image_iou=None),
+        "pit": _no_hit(images=1, defective=1, accuracy=0.0),
+        "stain": _no_hit(images=2, defective=2, accuracy=0.0),
     },
 }
 # Per part: verdict, rule and (area px, score max) of each defect, recorded likewise.

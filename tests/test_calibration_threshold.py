@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import blob_batch
+from dataset_support import keep_manifest_rows
 from defectd.calibration.file import load_calibration
 from defectd.calibration.threshold import (
     SweepCollector,
@@ -202,10 +203,7 @@ def test_cli_split_without_defects_is_refused(
     tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data = write_blob_set(tmp_path / "data", per_split=4)
-    manifest = data / "manifest.csv"
-    lines = manifest.read_text().splitlines()
-    keep = [ln for ln in lines if not (",val," in ln and ln.endswith(",1"))]
-    manifest.write_text("\n".join(keep) + "\n")
+    keep_manifest_rows(data, lambda row: not (",val," in row and row.endswith(",1")))
     out = tmp_path / "c.json"
     code = main(threshold_cli(tiny_model, data, out))
     err = capsys.readouterr().err
@@ -232,9 +230,7 @@ def test_all_defective_split_is_calibrated_on_defect_free_tiles_and_says_so(
     tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data = write_blob_set(tmp_path / "data", per_split=8)
-    manifest = data / "manifest.csv"
-    rows = manifest.read_text().splitlines()
-    manifest.write_text("\n".join([rows[0], *(r for r in rows[1:] if r.endswith(",1"))]) + "\n")
+    keep_manifest_rows(data, lambda row: row.endswith(",1"))
     out = tmp_path / "calibration.json"
     args = ["calibrate", "threshold", "-m", str(tiny_model), "-d", str(data), "-o", str(out)]
     assert main([*args, "--target-escape", "0.25", "--negative-tile", "16", "--json"]) == 0

@@ -243,15 +243,21 @@ def test_drift_settings_are_validated_with_the_key_named(tmp_path: Path) -> None
     assert "'hue'" in text
 
 
-def test_config_check_names_a_bad_drift_key(
-    tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def _drift_station(tmp_path: Path, tiny_model: Path, drift: str, rest: str = "") -> Path:
+    """``s.toml``: a 64 x 64 synthetic camera on a private copy of ``tiny_model``, the
+    ``[drift]`` lines ``drift``, then the sections ``rest``."""
     model = copy_model(tiny_model, tmp_path / "model")
     path = tmp_path / "s.toml"
     path.write_text(
-        synthetic_station("st", model)
-        + "\nheight = 64\nwidth = 64\n[drift]\nfalse_alarm_rate = 0.5\n"
+        synthetic_station("st", model) + f"\nheight = 64\nwidth = 64\n[drift]\n{drift}\n{rest}"
     )
+    return path
+
+
+def test_config_check_names_a_bad_drift_key(
+    tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _drift_station(tmp_path, tiny_model, "false_alarm_rate = 0.5")
     assert main(["config", "check", str(path)]) == 2
     assert "drift.false_alarm_rate" in capsys.readouterr().err
 
@@ -259,13 +265,11 @@ def test_config_check_names_a_bad_drift_key(
 def test_card_reference_without_a_profile_in_the_card_is_refused_by_check_and_run(
     tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    model = copy_model(tiny_model, tmp_path / "model")
-    path = tmp_path / "s.toml"
-    path.write_text(
-        synthetic_station("st", model)
-        + '\nheight = 64\nwidth = 64\n[drift]\nreference = "card"\n'
-        + f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n'
-        + NO_BROKER_NO_HEALTH
+    path = _drift_station(
+        tmp_path,
+        tiny_model,
+        'reference = "card"',
+        f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n{NO_BROKER_NO_HEALTH}',
     )
     assert main(["config", "check", str(path)]) == 2
     check = capsys.readouterr().err.strip().splitlines()[-1]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from dataset_support import keep_manifest_rows
 from defectd.cli import main
 from defectd.data.metrics import image_stats, tolerant_scores
 from defectd.model.card import ModelCard
@@ -225,10 +226,7 @@ def test_json_of_an_all_defective_split_has_no_nan_and_says_why(
     model_files: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data = write_set(tmp_path / "data")
-    manifest = data / "manifest.csv"
-    rows = manifest.read_text().splitlines()
-    kept = [rows[0], *(r for r in rows[1:] if r.endswith(",1"))]
-    manifest.write_text("\n".join(kept) + "\n")
+    keep_manifest_rows(data, lambda row: row.endswith(",1"))
     rc, out, _ = run_eval(capsys, "--model", str(model_files[0]), "--data", str(data), "--json")
     result = strict_json(out)
     assert rc == 0
