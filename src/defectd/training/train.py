@@ -15,6 +15,11 @@ The learning rate warms up linearly, then follows a cosine to ``min_lr_ratio * l
 ``time_limit_min`` the schedule runs on whichever is further along, steps or wall time, so a
 time-limited run still ends with a decayed learning rate (it is then no longer bit-for-bit
 reproducible, since wall time decides when it stops).
+
+Over 600 lines because the loop stays one function to read top to bottom (``train``: resume,
+schedule, time limit, validation, checkpoints), and the card it completes (``finish_card``,
+the operating points chosen on the validation split) stays with the run that measured them;
+losses, augmentation, data loading and evaluation live in their own modules.
 """
 
 from __future__ import annotations

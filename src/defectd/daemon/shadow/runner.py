@@ -16,6 +16,11 @@ pixel IoU of the two masks; a disagreement is archived (image, both masks, truth
 side-by-side overlay, ``record.json``) under ``<state_dir>/shadow/disagreements/<stem>/``.
 Everything is recorded in ``ShadowStore`` (``defectd shadow report``), counted in the
 ``defectd_shadow_*`` metrics and summarised on the MQTT ``shadow`` topic.
+
+Over 600 lines because the candidate's set-up (its camera setups, calibration and config,
+derived from the station's), the feeder thread, the comparison with the live verdict and the
+disagreement archive all work on the runner's one queue, tally and store; the ``[shadow]``
+settings (``config``) and the SQLite record with its report (``store``) live beside it.
 """
 
 from __future__ import annotations
