@@ -6,16 +6,25 @@ Real components: the tiny ONNX model on ONNX Runtime, viky.cti for GenICam, real
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import socket
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 import pytest
 
+import defectd.engines
 from defectd.cli import main
+from defectd.cli.app import Injected
 from defectd.daemon.config import load_station_config
 from defectd.daemon.preflight import check_station
+from defectd.engines.base import Engine
 from defectd.errors import ConfigError
 from defectd.model.card import card_path
 from defectd.pipeline.sources.gentl import bundled_producer
@@ -245,3 +254,68 @@ def test_cameras_are_opened_only_with_the_cameras_option(station: Path) -> None:
     station.write_text(genicam.replace('serial = "7"', 'serial = "0"'))
     result = check_station(load_station_config(station, env={}), open_cameras=True)
     assert result.cameras_opened == ("cam0",)
+
+
+class CountingOpener:
+    """An engine opener (``defectd.daemon.station.EngineOpener``) that opens the real engine and
+    counts the engines it opened and how many of them were closed. Installed in place of
+    ``defectd.engines.open_engine`` too, so an open that bypasses the injected one counts."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.opened = 0
+        self.closed = 0
+        self._open = defectd.engines.open_engine
+        monkeypatch.setattr(defectd.engines, "open_engine", self)
+
+    def __call__(self, model_path: Path, **options: Any) -> Engine:
+        engine = self._open(model_path, **options)
+        self.opened += 1
+        close = engine.close
+
+        def counted_close() -> None:
+            self.closed += 1
+            close()
+
+        engine.close = counted_close  # type: ignore[method-assign]
+        return engine
+
+
+def _stop_when_ready(sock: socket.socket) -> None:
+    """Send this process SIGTERM once ``READY=1`` arrives on the notify socket (or after 60 s)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if "READY=1" in sock.recv(4096).decode().splitlines():
+                break
+        except TimeoutError:
+            continue
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_run_opens_the_model_once_and_closes_it(
+    station: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    quiet = "[mqtt]\nport = 1\n[health]\nenabled = false"  # no broker, no port to pick
+    _edit(station, '[health]\naddress = "127.0.0.1:0"', quiet)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify.sock"))
+    opener = CountingOpener(monkeypatch)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(tmp_path / "notify.sock"))
+        sock.settimeout(0.2)
+        stopper = threading.Thread(target=_stop_when_ready, args=(sock,), name="stop-when-ready")
+        stopper.start()
+        code = main(["run", "--config", str(station)], injected=Injected(engine_opener=opener))
+        stopper.join()
+    assert code == 0
+    assert (opener.opened, opener.closed) == (1, 1)
+
+
+def test_run_refused_after_the_model_opened_closes_it(
+    station: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    station.write_text(BASE + "[pipeline]\ntile_overlap_px = 64\n")
+    opener = CountingOpener(monkeypatch)
+    assert main(["run", "--config", str(station)], injected=Injected(engine_opener=opener)) == 2
+    assert "pipeline.tile_overlap_px=64" in capsys.readouterr().err
+    assert (opener.opened, opener.closed) == (1, 1)

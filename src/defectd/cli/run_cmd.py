@@ -61,12 +61,21 @@ def run(
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--log-level") from exc
     station = load_station_config(config)
-    check_station(station)  # the same checks as `defectd config check`, same messages
     injected = ctx.find_object(Injected) or Injected()
-    service = Service(
-        station,
-        config_path=config,
-        notifier=SdNotifier(),
-        engine_opener=injected.engine_opener or open_engine,
-    )
-    raise typer.Exit(service.serve())
+    opener = injected.engine_opener or open_engine
+    # The same checks as `defectd config check`, same messages; the model it opens (with the
+    # service's opener, cache and warm-up) is the service's: a start compiles it once.
+    checked = check_station(station, opener=opener)
+    try:
+        service = Service(
+            station,
+            config_path=config,
+            notifier=SdNotifier(),
+            engine_opener=opener,
+            model=checked.loaded,
+        )
+    except BaseException:
+        if checked.loaded is not None:
+            checked.loaded.engine.close()
+        raise
+    raise typer.Exit(service.serve())  # the service closes the model's engine

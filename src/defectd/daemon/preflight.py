@@ -2,7 +2,7 @@
 
 ``check_station(config)`` is called by ``defectd config check`` and, before anything is
 started, by ``defectd run``; so a config that the check accepts starts, and one it rejects
-fails ``run`` with the very same message. It opens, and closes again:
+fails ``run`` with the very same message. It opens, and closes again (but see ``opener``):
 
 - the model as the daemon will run it: the file is ONNX (or a ``.pt`` checkpoint / ``.plan``),
   its card is present and valid and agrees with the graph, and the engine opens on the chosen
@@ -20,6 +20,10 @@ fails ``run`` with the very same message. It opens, and closes again:
 
 Every problem is named by its key as written in the file, all in one ``ConfigError`` line:
 ``station.toml: model.path: ...; cameras.0.producers: ...``.
+
+``defectd run`` passes its engine ``opener``: the model is then opened as the service opens it
+(``load_model``: its compile cache, its warm-up) and, when every check passes, handed back open
+in ``StationCheck.loaded`` for the service's first generation, so a start compiles it once.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from defectd.daemon.config import StationConfig, one_line
 from defectd.daemon.drift import check_reference
@@ -45,6 +49,9 @@ from defectd.pipeline.sources import (
     SyntheticSourceConfig,
 )
 
+if TYPE_CHECKING:
+    from defectd.daemon.station import EngineOpener, LoadedModel
+
 T = TypeVar("T")
 
 
@@ -57,6 +64,9 @@ class StationCheck:
     model_sha256: str
     cameras_opened: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()  # e.g. model.precision differs from a calibration file's
+    # With an ``opener``: the model, open and warmed up; the caller owns it and closes its
+    # engine. None without one, and for TensorRT (checked without a build).
+    loaded: LoadedModel | None = None
 
 
 class _Problems:
@@ -149,14 +159,17 @@ class _Model:
     engine_name: str
     card: ModelCard
     sha256: str
+    loaded: LoadedModel | None = None  # opened by ``load_model`` (an ``opener`` was given)
 
 
-def _open_model(config: StationConfig, precision: str | None) -> _Model:
+def _open_model(
+    config: StationConfig, precision: str | None, opener: EngineOpener | None = None
+) -> _Model:
     """Open the model as ``load_model`` will (at ``precision``, from ``model_precision``) and
-    run one batch; TensorRT is checked without a build (a build takes minutes). The caller
-    closes the engine."""
+    run one batch; with ``opener``, open it with ``load_model`` itself. TensorRT is checked
+    without a build (a build takes minutes). The caller closes the engine."""
     # Runtimes are imported here: loading a config needs none of them.
-    from defectd.daemon.station import warm_up  # noqa: PLC0415
+    from defectd.daemon.station import load_model, warm_up  # noqa: PLC0415
     from defectd.engines import choose_backend, open_engine  # noqa: PLC0415
 
     m = config.model
@@ -174,6 +187,9 @@ def _open_model(config: StationConfig, precision: str | None) -> _Model:
         if m.path.suffix.lower() != ".plan":
             check_onnx_against_card(m.path, read_onnx_io(m.path), card)
         return _Model(None, "tensorrt (not built)", card, digest)
+    if opener is not None:
+        loaded = load_model(config, opener=opener)
+        return _Model(loaded.engine, loaded.engine.name, loaded.card, digest, loaded)
     card = _card(m.path)
     engine = open_engine(
         m.path,
@@ -298,8 +314,14 @@ def _check_shadow(config: StationConfig, problems: _Problems, warnings: list[str
             model.engine.close()
 
 
-def check_station(config: StationConfig, *, open_cameras: bool = False) -> StationCheck:
+def check_station(
+    config: StationConfig, *, open_cameras: bool = False, opener: EngineOpener | None = None
+) -> StationCheck:
     """Open (and close) everything ``defectd run`` opens before its first frame; see the module.
+
+    With ``opener`` the model is opened with it as the service opens it (this writes its compile
+    cache) and returned open in ``StationCheck.loaded``; the caller then owns its engine. The
+    check closes it itself when it raises.
 
     Raises one ``ConfigError`` naming the config file and every key at fault.
     """
@@ -335,29 +357,34 @@ def check_station(config: StationConfig, *, open_cameras: bool = False) -> Stati
     model = None
     if choice is not None:
         warnings.extend(f"model.precision: {d.message()}" for d in choice.differs)
-        model = problems.attempt("model.path", lambda: _open_model(config, choice.precision))
-    if model is not None:
-        card = model.card
-        problems.attempt("drift.reference", lambda: check_reference(config.drift, card))
-        try:
+        precision = choice.precision
+        model = problems.attempt("model.path", lambda: _open_model(config, precision, opener))
+    handed = False
+    try:
+        if model is not None:
+            card = model.card
+            problems.attempt("drift.reference", lambda: check_reference(config.drift, card))
             problems.attempt("pipeline", lambda: _assemble_pipeline(model, config, setups))
-        finally:
-            if model.engine is not None:
-                model.engine.close()
-    _check_shadow(config, problems, warnings)
-    opened: tuple[str, ...] = ()
-    if open_cameras and not problems.lines:
-        opened = _open_cameras(config, problems)
-    if problems.lines:
-        raise ConfigError(one_line(f"{config.source_path}: " + "; ".join(problems.lines)))
-    assert model is not None
-    return StationCheck(
-        engine=model.engine_name,
-        model=model.card.name,
-        model_sha256=model.sha256,
-        cameras_opened=opened,
-        warnings=tuple(warnings),
-    )
+        _check_shadow(config, problems, warnings)
+        opened: tuple[str, ...] = ()
+        if open_cameras and not problems.lines:
+            opened = _open_cameras(config, problems)
+        if problems.lines:
+            raise ConfigError(one_line(f"{config.source_path}: " + "; ".join(problems.lines)))
+        assert model is not None
+        result = StationCheck(
+            engine=model.engine_name,
+            model=model.card.name,
+            model_sha256=model.sha256,
+            cameras_opened=opened,
+            warnings=tuple(warnings),
+            loaded=model.loaded,
+        )
+        handed = model.loaded is not None
+        return result
+    finally:
+        if model is not None and model.engine is not None and not handed:
+            model.engine.close()
 
 
 __all__ = ["StationCheck", "check_station", "creatable"]

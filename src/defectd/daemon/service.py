@@ -57,7 +57,7 @@ from defectd.daemon.sdnotify import SdNotifier
 from defectd.daemon.sequence import SequenceStore
 from defectd.daemon.shadow.runner import ShadowRunner
 from defectd.daemon.shadow.store import ModelRef
-from defectd.daemon.station import EngineOpener, Generation, build_generation
+from defectd.daemon.station import EngineOpener, Generation, LoadedModel, build_generation
 from defectd.daemon.telemetry import EngineInfo, StationMetrics
 from defectd.daemon.view import OperatorView, station_panel
 from defectd.engines import open_engine
@@ -99,7 +99,11 @@ def _model_state(gen: Generation) -> ModelState:
 class Service:
     """The daemon. ``serve()`` runs it to the end and returns the exit code.
 
-    ``engine_opener`` opens the model's engine (``open_engine``; tests wrap it). Tests and
+    ``engine_opener`` opens the model's engine (``open_engine``; tests wrap it). ``model``:
+    the model already opened for ``config`` (``defectd run``'s pre-flight check, which opened it
+    with ``engine_opener``), used by the first generation instead of opening it again; the
+    service owns it from construction on and closes its engine in ``shutdown``, also when the
+    start fails before the model is used. Tests and
     ``defectd demo`` pass ``observers`` (called with every result, from pipeline threads),
     ``on_tick`` (called from the main loop), ``max_runtime_s`` (counted from ready) or
     ``stop_after_results`` to end it without a signal.
@@ -112,6 +116,7 @@ class Service:
         config_path: Path | None = None,
         notifier: SdNotifier | None = None,
         engine_opener: EngineOpener = open_engine,
+        model: LoadedModel | None = None,
         observers: Sequence[ResultObserver] = (),
         on_tick: Callable[[Service], None] | None = None,
         max_runtime_s: float | None = None,
@@ -128,6 +133,7 @@ class Service:
         self.should_exit = False
         self.reload_requested = False
         self._engine_opener = engine_opener
+        self._handed = model  # until the first generation takes it (or shutdown closes it)
         self._on_tick = on_tick
         self._max_runtime_s = max_runtime_s
         self._stop_after = stop_after_results
@@ -242,7 +248,10 @@ class Service:
         check_outbox_file(cfg.outbox.path)
         self._sequence = SequenceStore(cfg.state_dir)
         self.notifier.status("loading the model")
-        gen = self._build(cfg)
+        handed, self._handed = self._handed, None
+        gen = build_generation(
+            cfg, self._router, opener=self._engine_opener, clock=self._clock, model=handed
+        )
         self._intake.set_first(gen)
         if self._drift is not None:
             try:
@@ -363,6 +372,9 @@ class Service:
                 self.final_stats = gen.pipeline.stats()
                 gen.pipeline.stop(timeout=deadline.step(0.5))
             gen.model.engine.close()
+        if self._handed is not None:  # the start failed before the first generation took it
+            self._handed.engine.close()
+            self._handed = None
         if self._line is not None:
             self._line.stop()  # parts still waiting for a frame get error:no_frame
         if self._shadow is not None:

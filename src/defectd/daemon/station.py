@@ -77,10 +77,15 @@ def build_generation(
     *,
     opener: EngineOpener = open_engine,
     clock: Clock = SYSTEM_CLOCK,
+    model: LoadedModel | None = None,
 ) -> Generation:
     """Open and warm up the model, read the cameras' calibration and build (not start) the
-    pipeline that calls ``on_result``. The engine is closed again when a later step fails."""
-    model = load_model(config, opener=opener)
+    pipeline that calls ``on_result``. The engine is closed again when a later step fails.
+
+    ``model``: ``config``'s model, already opened by ``load_model`` (``defectd run``'s pre-flight
+    check); it is used instead of opening one and owned from here like one opened here."""
+    if model is None:
+        model = load_model(config, opener=opener)
     try:
         pipeline = Pipeline(
             model.engine,
