@@ -189,6 +189,12 @@ def _open_model(
         return _Model(None, "tensorrt (not built)", card, digest)
     if opener is not None:
         loaded = load_model(config, opener=opener)
+        if m.warmup < 1:  # the check runs one batch whatever the warm-up
+            try:
+                warm_up(loaded.engine, 1)
+            except BaseException:
+                loaded.engine.close()
+                raise
         return _Model(loaded.engine, loaded.engine.name, loaded.card, digest, loaded)
     card = _card(m.path)
     engine = open_engine(
@@ -358,7 +364,10 @@ def check_station(
     if choice is not None:
         warnings.extend(f"model.precision: {d.message()}" for d in choice.differs)
         precision = choice.precision
-        model = problems.attempt("model.path", lambda: _open_model(config, precision, opener))
+        # Kept for the service only when nothing is wrong so far: a config that fails here
+        # anyway is opened as `config check` opens it (no cache written, same messages).
+        keep = opener if not problems.lines else None
+        model = problems.attempt("model.path", lambda: _open_model(config, precision, keep))
     handed = False
     try:
         if model is not None:
