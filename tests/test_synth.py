@@ -201,3 +201,72 @@ def test_synth_command_names_a_bad_surface(
     code = main(["synth", "--out", str(tmp_path / "x"), "--surfaces", "brushed,felt"])
     assert code == 2
     assert "error: surfaces: unknown 'felt'" in capsys.readouterr().err
+
+
+def test_class_labelled_set_is_the_binary_set_plus_index_masks(tmp_path: Path) -> None:
+    args: dict[str, Any] = {"seed": 3, "height": 40, "width": 48, "defect_rate": 0.8}
+    plain = write_dataset(tmp_path / "plain", 16, **args)
+    labelled = write_dataset(tmp_path / "labelled", 16, class_masks=True, **args)
+    assert (labelled.parent / "classes.txt").read_text().split() == list(DEFECTS)
+    assert not (plain.parent / "classes.txt").exists()
+    assert not (plain.parent / "masks_cls").exists()
+    for a, b in zip(_read_manifest(plain), _read_manifest(labelled), strict=True):
+        assert (a["stem"], a["split"], a["has_defect"]) == (b["stem"], b["split"], b["has_defect"])
+        for key in ("image", "mask"):
+            assert (plain.parent / a[key]).read_bytes() == (labelled.parent / b[key]).read_bytes()
+        index = cv2.imread(str(labelled.parent / b["mask_classes"]), cv2.IMREAD_UNCHANGED)
+        mask = cv2.imread(str(labelled.parent / b["mask"]), cv2.IMREAD_UNCHANGED)
+        assert np.array_equal(index > 0, mask > 0)
+        kinds = sorted(DEFECTS[v - 1] for v in np.unique(index) if v)
+        assert b["cls"] == ("+".join(kinds) or "free")
+
+
+def test_class_index_masks_hold_the_kind_the_renderer_drew(tmp_path: Path) -> None:
+    manifest = write_dataset(tmp_path, 12, seed=5, height=48, width=48, class_masks=True)
+    for i, row in enumerate(_read_manifest(manifest)):
+        rng = np.random.default_rng([5, i])
+        surface = SURFACES[int(rng.integers(0, len(SURFACES)))]
+        part = PartRenderer(48, 48, bank_size=16).render(rng, surface=surface, defect_prob=0.3)
+        index = cv2.imread(str(tmp_path / row["mask_classes"]), cv2.IMREAD_UNCHANGED)
+        assert np.array_equal(index, part.labels)
+
+
+def test_class_labelled_set_gives_a_class_per_defect_kind(tmp_path: Path) -> None:
+    from defectd.data.datasets import open_dataset
+
+    write_dataset(tmp_path, 24, seed=2, height=32, width=32, defect_rate=0.9, class_masks=True)
+    ds = open_dataset(tmp_path)
+    assert ds.defect_classes() == DEFECTS
+    for sample in ds.samples():
+        labels = ds.load_labels(sample, (32, 32), DEFECTS)  # checks every mask against its cls
+        assert np.array_equal(labels > 0, ds.load_mask(sample, (32, 32)) > 0)
+
+
+def test_rewriting_a_class_labelled_set_as_binary_leaves_no_class_files(tmp_path: Path) -> None:
+    write_dataset(tmp_path, 4, height=16, width=16, class_masks=True)
+    write_dataset(tmp_path, 4, height=16, width=16)
+    assert not (tmp_path / "classes.txt").exists()
+    assert not any((tmp_path / "masks_cls").iterdir())
+    assert "mask_classes" not in (tmp_path / "manifest.csv").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("cli_logging")
+def test_a_multiclass_model_trains_on_a_class_labelled_synthetic_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from defectd.model.checkpoint import load_checkpoint
+
+    data = tmp_path / "synth"
+    synth_args = ["--out", str(data), "--count", "40", "--size", "32", "--defect-rate", "0.8"]
+    assert main(["synth", *synth_args, "--classes", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["label_classes"] == list(DEFECTS)
+    run = tmp_path / "run"
+    train_args = ["--data", str(data), "--out", str(run), "--classes", "auto", "--size", "32"]
+    tiny = ["--base", "4", "--depth", "2", "--epochs", "1", "--steps-per-epoch", "2"]
+    assert main(["train", *train_args, *tiny, "--augment", "off", "--threads", "1"]) == 0
+    net, card = load_checkpoint(run / "best.pt")
+    assert card.classes == DEFECTS
+    assert set(card.per_class) == set(DEFECTS)
+    assert net.head.out_channels == len(DEFECTS)

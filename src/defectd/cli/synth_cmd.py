@@ -45,13 +45,22 @@ def synth(
     colour: Annotated[
         bool, typer.Option("--colour", "--color", help="Write RGB images instead of grey.")
     ] = False,
+    classes: Annotated[
+        bool,
+        typer.Option(
+            "--classes",
+            help="Also write class labels for a multi-class model: masks_cls/ (0 good, i = line "
+            "i of classes.txt: scratch, crack, pit, stain, chip) and the manifest's mask_classes.",
+        ),
+    ] = False,
     as_json: JsonSummary = False,
 ) -> None:
     """Render synthetic parts with exact defect masks, as a dataset for training.
 
     Surfaces: brushed, cast, woven, tiled. Defects: scratch, crack, pit, stain, chip.
 
-    Writes images/, masks/ (0 good, 255 defect) and manifest.csv (70/15/15 train/val/test).
+    Writes images/, masks/ (0 good, 255 defect) and manifest.csv (70/15/15 train/val/test);
+    with --classes also masks_cls/ and classes.txt, for `defectd train --classes auto`.
     """
     from defectd.data.datasets import open_dataset
     from defectd.data.synth import write_dataset
@@ -69,6 +78,7 @@ def synth(
         surfaces=names,
         channels=3 if colour else 1,
         progress=not as_json,
+        class_masks=classes,
     )
     seconds = time.perf_counter() - t0
     ds = open_dataset(out)
@@ -91,6 +101,8 @@ def synth(
         "seconds": round(seconds, 3),
         "fingerprint": ds.fingerprint(),
     }
+    if classes:
+        summary["label_classes"] = list(ds.label_classes)
     if as_json:
         typer.echo(json.dumps(summary))
         return

@@ -67,6 +67,14 @@ MANIFEST_COLUMNS = (
     "group",
 )
 
+# A class-labelled set (multi-class models) adds the class-index mask column after ``mask``,
+# with the files in ``masks_cls/`` and the names of the values 1, 2, ... in ``classes.txt``:
+# NEU-Seg's layout, written the same way by synth, the daemon's archive and from-archive.
+CLASS_INDEX_COLUMN = "mask_classes"
+CLASS_INDEX_DIR = "masks_cls"
+CLASSES_FILE = "classes.txt"
+LABELLED_COLUMNS = (*MANIFEST_COLUMNS[:4], CLASS_INDEX_COLUMN, *MANIFEST_COLUMNS[4:])
+
 Layout = Literal["manifest", "mvtec"]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MVTEC_VAL_PERCENT = 20
@@ -263,11 +271,35 @@ class Dataset:
 def _label_classes(root: Path, samples: Sequence[Sample]) -> tuple[str, ...]:
     """Names of the class-index masks' values 1, 2, ...: ``classes.txt`` (one per line) or the
     sorted class names of the samples that have an index mask; ``()`` when none has one."""
-    listing = root / "classes.txt"
-    if listing.is_file():
-        names = tuple(line.strip() for line in listing.read_text(encoding="utf-8").splitlines())
-        return tuple(n for n in names if n)
+    listed = read_classes(root)
+    if listed:
+        return listed
     return tuple(sorted({n for s in samples if s.mask_classes is not None for n in s.class_names}))
+
+
+def read_classes(root: Path) -> tuple[str, ...]:
+    """The names in ``root/classes.txt`` (value ``i`` of a class-index mask is name ``i``);
+    ``()`` when there is no such file."""
+    listing = root / CLASSES_FILE
+    if not listing.is_file():
+        return ()
+    names = (line.strip() for line in listing.read_text(encoding="utf-8").splitlines())
+    return tuple(n for n in names if n)
+
+
+def write_classes(root: Path, names: Sequence[str]) -> None:
+    """Write ``root/classes.txt``, one name per line (atomically: readers never see half)."""
+    listing = root / CLASSES_FILE
+    tmp = listing.with_name(f"{CLASSES_FILE}.tmp")
+    tmp.write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
+    tmp.replace(listing)
+
+
+def index_cls(index: NDArray[np.uint8], names: Sequence[str]) -> str:
+    """The manifest ``cls`` of a class-index mask: the sorted names of the values it holds,
+    joined by ``+`` (``"pit+scratch"``; NEU-Seg's convention); ``""`` when it holds none."""
+    present = np.flatnonzero(np.bincount(index.ravel(), minlength=len(names) + 1)[1:])
+    return "+".join(sorted(names[int(v)] for v in present))
 
 
 def _relative(path: Path, root: Path) -> str:

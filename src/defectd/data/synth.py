@@ -13,7 +13,9 @@ Defects: ``scratch`` (thin, long, slightly curved line), ``crack`` (branching ja
 an edge or corner). The mask marks exactly the pixels a defect changed.
 
 :func:`write_dataset` writes the manifest layout that :func:`defectd.data.datasets.open_dataset`
-reads (``images/``, ``masks/``, ``manifest.csv``), like the shipped magnetic-tile set.
+reads (``images/``, ``masks/``, ``manifest.csv``), like the shipped magnetic-tile set; with
+``class_masks`` also NEU-Seg's class labels (``masks_cls/``, ``classes.txt``), so a multi-class
+model (one channel per defect kind) trains on it with ``defectd train --classes auto``.
 
 Over 600 lines because each surface and each defect kind is a short drawing routine that reads
 best next to the others it must look consistent with; the renderer, the dataset writer and the
@@ -42,7 +44,14 @@ from numpy.typing import NDArray
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-from defectd.data.datasets import MANIFEST_COLUMNS
+from defectd.data.datasets import (
+    CLASS_INDEX_DIR,
+    CLASSES_FILE,
+    LABELLED_COLUMNS,
+    MANIFEST_COLUMNS,
+    index_cls,
+    write_classes,
+)
 from defectd.errors import ConfigError, DataError
 from defectd.log import get_logger
 
@@ -630,6 +639,7 @@ class _Row:
     cls: str
     has_defect: bool
     defect_fraction: float
+    labels: str = ""  # manifest ``cls`` of a class-labelled set: the kinds present, a+b
 
 
 def _assign_splits(
@@ -680,6 +690,7 @@ def write_dataset(
     channels: int = 1,
     splits: tuple[float, float, float] = (0.7, 0.15, 0.15),
     progress: bool = False,
+    class_masks: bool = False,
 ) -> Path:
     """Write ``count`` synthetic parts to ``out`` in the manifest layout; returns the manifest.
 
@@ -689,6 +700,12 @@ def write_dataset(
     drawn or ``free``; every part is its own ``group``. Part ``i`` is rendered from
     ``default_rng([seed, i])``, so the images do not depend on ``count``; splits have exact
     proportions, stratified by good/defective. The same arguments give the same bytes.
+
+    ``class_masks`` adds the class labels a multi-class model trains on, in NEU-Seg's layout:
+    ``masks_cls/<stem>.png`` (0 good, value ``i`` = line ``i`` of ``classes.txt``, which lists
+    ``DEFECTS`` in order: the values of ``SynthPart.labels``), the manifest column
+    ``mask_classes``, and ``cls`` naming every kind present (sorted, joined by ``+``). Images,
+    binary masks, stems and splits are those of the same set without it.
 
     ``out`` must be new, empty, or an earlier synthetic set (it has ``synth.json``), which is
     replaced. Raises ``ConfigError`` on invalid arguments and ``DataError`` for any other folder.
@@ -716,12 +733,17 @@ def write_dataset(
             )
         marker.unlink()  # an interrupted rewrite leaves no marker: the folder is then refused
         (out / "manifest.csv").unlink(missing_ok=True)
-        for sub in ("images", "masks"):
+        (out / CLASSES_FILE).unlink(missing_ok=True)
+        for sub in ("images", "masks", CLASS_INDEX_DIR):
             for stale in (out / sub).glob("*.png"):
                 stale.unlink()
     images, masks = out / "images", out / "masks"
     images.mkdir(parents=True, exist_ok=True)
     masks.mkdir(parents=True, exist_ok=True)
+    index_dir = out / CLASS_INDEX_DIR if class_masks else None
+    if index_dir is not None:
+        index_dir.mkdir(exist_ok=True)
+        write_classes(out, DEFECTS)
 
     t0 = time.perf_counter()
     rows: list[_Row] = []
@@ -738,10 +760,12 @@ def write_dataset(
                 rng, surface=surf[int(rng.integers(0, len(surf)))], defect_prob=defect_rate
             )
             stem = f"{part.cls}_{i:06d}"
+            index = None if index_dir is None else index_dir / f"{stem}.png"
             pending.append(
-                pool.submit(_write_pair, images / f"{stem}.png", masks / f"{stem}.png", part)
+                pool.submit(_write_pair, images / f"{stem}.png", masks / f"{stem}.png", part, index)
             )
-            rows.append(_Row(stem, part.cls, bool(part.defects), float(part.mask.mean())))
+            labels = "" if index is None else _labels_cls(part)
+            rows.append(_Row(stem, part.cls, bool(part.defects), float(part.mask.mean()), labels))
             while len(pending) > 2 * _WRITERS or (i == count - 1 and pending):
                 pending.popleft().result()  # re-raises a failed write here
                 advance()
@@ -750,14 +774,16 @@ def write_dataset(
     tmp = manifest.with_name("manifest.csv.tmp")
     with tmp.open("w", newline="") as fh:
         writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(MANIFEST_COLUMNS)
+        writer.writerow(MANIFEST_COLUMNS if index_dir is None else LABELLED_COLUMNS)
         for r, split in zip(rows, names, strict=True):
+            index_col = [] if index_dir is None else [f"{CLASS_INDEX_DIR}/{r.stem}.png"]
             writer.writerow(
                 [
                     r.stem,
-                    r.cls,
+                    r.labels or r.cls,
                     f"images/{r.stem}.png",
                     f"masks/{r.stem}.png",
+                    *index_col,
                     split,
                     width,
                     height,
@@ -777,11 +803,24 @@ def write_dataset(
         "channels": channels,
         "splits": list(splits),
     }
+    if class_masks:  # only then: the settings (and README) of a binary set stay as they were
+        settings["class_masks"] = True
     marker.write_text(json.dumps(settings, indent=2) + "\n")
+    columns = MANIFEST_COLUMNS if index_dir is None else LABELLED_COLUMNS
+    classes_line = (
+        ""
+        if index_dir is None
+        else f"- `{CLASS_INDEX_DIR}/<stem>.png`: the class of every pixel, 0 = good, "
+        + ", ".join(f"{i} = {k}" for i, k in enumerate(DEFECTS, start=1))
+        + f" (`{CLASSES_FILE}`); `cls` names the classes present, joined by `+`\n"
+    )
     (out / "README.md").write_text(
         "# Synthetic defect parts (defectd synth)\n\n"
         "- `images/<stem>.png`, `masks/<stem>.png` (0 = good, 255 = defect; same size)\n"
-        "- `manifest.csv`: " + ", ".join(MANIFEST_COLUMNS) + "\n"
+        + classes_line
+        + "- `manifest.csv`: "
+        + ", ".join(columns)
+        + "\n"
         "- settings: `" + json.dumps(settings) + "`\n"
     )
     log.info(
@@ -794,11 +833,24 @@ def write_dataset(
     return manifest
 
 
-def _write_pair(image_path: Path, mask_path: Path, part: SynthPart) -> None:
-    """Write a part's image (RGB stored as PNG's usual BGR order) and its 0/255 mask."""
+def _labels_cls(part: SynthPart) -> str:
+    """``cls`` of a part in a class-labelled set: every kind its labels hold (``free`` if none;
+    a defect drawn entirely over an earlier one holds no pixel of its own)."""
+    assert part.labels is not None  # every rendered part has them
+    return index_cls(part.labels, DEFECTS) or GOOD_CLASS
+
+
+def _write_pair(
+    image_path: Path, mask_path: Path, part: SynthPart, index_path: Path | None = None
+) -> None:
+    """Write a part's image (RGB stored as PNG's usual BGR order), its 0/255 mask and, when
+    ``index_path`` is given, its class-index mask (``part.labels``)."""
     image = part.image if part.image.ndim == 2 else part.image[:, :, ::-1]
     _imwrite(image_path, image)
     _imwrite(mask_path, part.mask * np.uint8(255))
+    if index_path is not None:
+        assert part.labels is not None
+        _imwrite(index_path, part.labels)
 
 
 def _imwrite(path: Path, image: NDArray[np.uint8]) -> None:
