@@ -206,3 +206,99 @@ def _mask_of(shape: tuple[int, ...]) -> np.ndarray:
     mask = np.zeros(shape[:2], np.uint8)
     mask[12:18, 10:16] = 1
     return mask
+
+
+CHIP_STAIN = ("chip", "stain")
+
+
+def _class_mask() -> np.ndarray:
+    """A multi-class model's mask: class index k + 1 (chip 1, stain 2)."""
+    mask = np.zeros(SHAPE, np.uint8)
+    mask[12:18, 10:16] = 1
+    mask[40:44, 60:70] = 2
+    return mask
+
+
+def _read_png(path: Path) -> np.ndarray:
+    return cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+
+
+def test_multiclass_prediction_keeps_its_class_index_mask(tmp_path: Path) -> None:
+    from defectd.data.datasets import open_dataset
+
+    archive = Archive(ArchiveConfig(dir=tmp_path, pass_sample=0.0))
+    archive.start()
+    archive.submit(_inspection(1, Verdict.FAIL), _image(1), _class_mask(), classes=CHIP_STAIN)
+    archive.stop()
+    (row,) = _manifest(tmp_path)
+    assert (tmp_path / "classes.txt").read_text().split() == list(CHIP_STAIN)
+    assert row["cls"] == "chip+stain"
+    assert np.array_equal(_read_png(tmp_path / row["mask_classes"]), _class_mask())
+    assert int((_read_png(tmp_path / row["mask"]) > 0).sum()) == 36 + 40
+    ds = open_dataset(tmp_path)
+    (sample,) = ds.samples()
+    labels = ds.load_labels(sample, SHAPE, CHIP_STAIN)  # bit k = class k
+    assert int((labels == 1).sum()) == 36 and int((labels == 2).sum()) == 40
+
+
+def test_truth_classes_take_the_archive_values_and_extend_them(tmp_path: Path) -> None:
+    truth_names = ("scratch", "crack", "pit", "stain", "chip")  # the synthetic line's values
+    labels = np.zeros(SHAPE, np.uint8)
+    labels[0:2, 0:4] = 1  # scratch: not a class of the model
+    labels[30:33, 30:33] = 4  # stain
+    archive = Archive(ArchiveConfig(dir=tmp_path, pass_sample=0.0))
+    archive.start()
+    archive.submit(
+        _inspection(1, Verdict.FAIL), _image(1), _class_mask(), truth=(labels > 0).astype(np.uint8),
+        truth_kinds=["scratch", "stain"], classes=CHIP_STAIN, truth_labels=labels,
+        truth_classes=truth_names,
+    )  # fmt: skip
+    archive.stop()
+    (row,) = _manifest(tmp_path)
+    # The model's classes first, then the truth's other class the part holds; no unseen kind.
+    assert (tmp_path / "classes.txt").read_text().split() == ["chip", "stain", "scratch"]
+    index = _read_png(tmp_path / row["mask_classes"])
+    assert int((index == 3).sum()) == 8 and int((index == 2).sum()) == 9 and index.max() == 3
+    assert row["cls"] == "scratch+stain"
+
+
+def test_binary_model_archive_has_no_class_files_even_with_truth_labels(tmp_path: Path) -> None:
+    from defectd.data.datasets import MANIFEST_COLUMNS
+
+    archive = Archive(ArchiveConfig(dir=tmp_path, pass_sample=0.0))
+    archive.start()
+    labels = _mask() * np.uint8(3)
+    archive.submit(
+        _inspection(1, Verdict.FAIL), _image(1), _mask(), truth=_mask(), truth_kinds=["pit"],
+        truth_labels=labels, truth_classes=("scratch", "crack", "pit"),
+    )  # fmt: skip
+    archive.stop()
+    header = (tmp_path / "manifest.csv").read_text().splitlines()[0]
+    assert tuple(header.split(",")) == MANIFEST_COLUMNS
+    assert not (tmp_path / "classes.txt").exists() and not (tmp_path / "masks_cls").exists()
+
+
+def test_archive_gains_the_class_column_and_keeps_it_across_restarts(tmp_path: Path) -> None:
+    config = ArchiveConfig(dir=tmp_path, pass_sample=0.0, overlays=False)
+    archive = Archive(config)
+    archive.start()
+    archive.submit(_inspection(1, Verdict.FAIL), _image(1), _mask())  # a binary model first
+    archive.stop()
+    archive = Archive(config)
+    archive.start()
+    archive.submit(_inspection(2, Verdict.FAIL), _image(2), _class_mask(), classes=CHIP_STAIN)
+    archive.stop()
+    archive = Archive(config)
+    archive.start()
+    # A later model with the classes in another order and one more: values keep their meaning.
+    mask = np.zeros(SHAPE, np.uint8)
+    mask[5:7, 5:7], mask[50:52, 5:7] = 1, 3  # stain, pit
+    archive.submit(_inspection(3, Verdict.FAIL), _image(3), mask, classes=("stain", "chip", "pit"))
+    archive.stop()
+    binary, first, later = _manifest(tmp_path)
+    assert binary["mask_classes"] == "" and binary["cls"] == "defect"
+    assert first["cls"] == "chip+stain"
+    assert (tmp_path / "classes.txt").read_text().split() == ["chip", "stain", "pit"]
+    index = _read_png(tmp_path / later["mask_classes"])
+    assert set(np.unique(index)) == {0, 2, 3} and index[5, 5] == 2 and index[50, 5] == 3
+    assert later["cls"] == "pit+stain"

@@ -11,6 +11,19 @@ it as is::
     ARCHIVE/results/<stem>.json    the inspection result (as published) + where the mask came from
     ARCHIVE/manifest.csv           stem,cls,image,mask,split,width,height,has_defect,...
 
+With a multi-class model the archive also keeps each part's class-index mask, in NEU-Seg's
+layout as ``defectd synth --classes`` writes it::
+
+    ARCHIVE/masks_cls/<stem>.png   0 = good, value i = line i of classes.txt
+    ARCHIVE/classes.txt            the classes, in the order their values were given
+    ARCHIVE/manifest.csv           ... plus mask_classes; cls names the classes present (a+b)
+
+Values never change meaning: ``classes.txt`` starts with the model's classes and only grows
+(a later model with other classes, or a truth naming a class the model lacks, appends it), so
+one archive stays one data set across model changes. The truth of a synthetic line carries its
+classes (``truth_labels``, ``truth_classes``); a model's prediction has the card's. Binary
+models' archives are as they always were (no class files, no extra column).
+
 Masks are ground truth when the source carries it (synthetic line, replay of a labelled set),
 otherwise the model's own prediction (``label_source`` in the result JSON): review them before
 retraining on them. Parts whose verdict is ``error`` were not inspected: they have no label, so
@@ -41,7 +54,16 @@ import numpy as np
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from defectd.data.datasets import MANIFEST_COLUMNS
+from defectd.data.datasets import (
+    CLASS_INDEX_COLUMN,
+    CLASS_INDEX_DIR,
+    LABELLED_COLUMNS,
+    MANIFEST_COLUMNS,
+    index_cls,
+    read_classes,
+    remap_index,
+    write_classes,
+)
 from defectd.data.palette import class_bgr
 from defectd.errors import ConfigError
 from defectd.log import get_logger
@@ -106,6 +128,10 @@ class _Item:
     mask: NDArray[np.uint8] | None
     label_source: str
     kinds: tuple[str, ...]
+    # A multi-class part's class-index mask (value i = index_names[i - 1]); None: binary only.
+    index: NDArray[np.uint8] | None = None
+    index_names: tuple[str, ...] = ()
+    classes: tuple[str, ...] = ()  # the card's classes of the model that inspected the part
 
 
 @dataclass(slots=True)
@@ -145,12 +171,16 @@ def sampled(result_id: str, fraction: float) -> bool:
     return u < fraction
 
 
-def bbox_mask(inspection: Inspection, shape: tuple[int, int]) -> NDArray[np.uint8]:
-    """A coarse ``(H, W)`` uint8 {0,1} mask from the defects' boxes (when no pixel mask came)."""
+def bbox_mask(
+    inspection: Inspection, shape: tuple[int, int], classes: Sequence[str] = ("defect",)
+) -> NDArray[np.uint8]:
+    """A coarse ``(H, W)`` uint8 mask from the defects' boxes (when no pixel mask came):
+    {0, 1} for one class, else the box of each defect set to its class index + 1."""
     mask = np.zeros(shape, np.uint8)
     for d in inspection.defects:
         x, y, w, h = d.bbox
-        mask[max(y, 0) : y + h, max(x, 0) : x + w] = 1
+        value = classes.index(d.cls) + 1 if len(classes) > 1 and d.cls in classes else 1
+        mask[max(y, 0) : y + h, max(x, 0) : x + w] = value
     return mask
 
 
@@ -212,6 +242,9 @@ class Archive:
         # Per-camera pass sampling while drift monitoring reports drift (replaced whole, so
         # readers in other threads see either the old or the new mapping).
         self._pass_sample: dict[str, float] = {}
+        # Names of the class-index masks' values (classes.txt; only grows). Writer thread only.
+        self._classes: list[str] = []
+        self._labelled = False  # the manifest has the mask_classes column
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -304,28 +337,46 @@ class Archive:
         *,
         truth: NDArray[np.uint8] | None = None,
         truth_kinds: Sequence[str] = (),
+        classes: Sequence[str] = ("defect",),
+        truth_labels: NDArray[np.uint8] | None = None,
+        truth_classes: Sequence[str] = (),
     ) -> bool:
         """Queue a part for writing if the policy keeps it; returns whether it was queued.
 
         ``image`` is the frame as grabbed (``(H, W)`` or ``(H, W, 3)`` RGB, not modified
-        afterwards by the caller); ``mask`` the predicted ``(H, W)`` uint8 {0,1} mask;
-        ``truth`` the true mask when the source knows it (preferred as the label) and
-        ``truth_kinds`` the defect kinds it holds (the manifest's ``cls``).
+        afterwards by the caller); ``mask`` the predicted ``(H, W)`` uint8 mask of the model
+        whose card has ``classes`` ({0, 1} for one class, else class index ``k + 1`` of
+        ``classes[k]``); ``truth`` the true mask when the source knows it (preferred as the
+        label), ``truth_kinds`` the defect kinds it holds (the manifest's ``cls``) and, for a
+        multi-class model, ``truth_labels`` its class-index mask (value ``i`` =
+        ``truth_classes[i - 1]``).
         """
         if not self.wants(inspection):
             return False
+        names = tuple(classes)
+        multiclass = len(names) > 1
+        index: NDArray[np.uint8] | None = None
         if truth is not None:
             label, source = truth, "truth"
+            if multiclass and truth_labels is not None and truth_classes:
+                index, names = truth_labels, tuple(truth_classes)
         elif inspection.verdict is Verdict.ERROR:
             label, source = None, "none"
         elif mask is not None:
             label, source = mask, "prediction"
+            index = mask if multiclass else None
         elif inspection.verdict is Verdict.PASS:
             label, source = None, "prediction"
         else:
-            label, source = bbox_mask(inspection, image.shape[:2]), "prediction-bbox"
+            label, source = bbox_mask(inspection, image.shape[:2], names), "prediction-bbox"
+            index = label if multiclass else None
+        if index is None:
+            names = ()
+        item = _Item(
+            inspection, image, label, source, tuple(truth_kinds), index, names, tuple(classes)
+        )
         try:
-            self._queue.put_nowait(_Item(inspection, image, label, source, tuple(truth_kinds)))
+            self._queue.put_nowait(item)
         except queue.Full:
             with self._lock:
                 self._skipped += 1
@@ -396,6 +447,9 @@ class Archive:
         if item.mask is not None:
             files["masks"] = _png((item.mask > 0).astype(np.uint8) * 255)
             mask_rel = f"masks/{stem}.png"
+        index = self._archive_index(item) if has_defect else None
+        if index is not None:
+            files[CLASS_INDEX_DIR] = _png(index)
         if self.config.overlays:
             files["overlays"] = _png(render_overlay(item.image, item.mask, ins))
         result = ins.to_dict() | {"label_source": item.label_source, "stem": stem}
@@ -411,6 +465,8 @@ class Archive:
             cls = "error"
         elif not has_defect:
             cls = "free"
+        elif index is not None:
+            cls = index_cls(index, self._classes) or (kinds[0] if kinds else "defect")
         else:
             cls = kinds[0] if kinds else "defect"
         row = {
@@ -425,6 +481,8 @@ class Archive:
             "defect_fraction": f"{fraction:.6f}",
             "group": stem,
         }
+        if index is not None:
+            row[CLASS_INDEX_COLUMN] = f"{CLASS_INDEX_DIR}/{stem}.png"
         self._append_row(row)
         with self._lock:
             self._entries.append(_Entry(stem, size))
@@ -434,11 +492,36 @@ class Archive:
         if self._bytes > self.quota_bytes:
             self._prune()
 
+    def _archive_index(self, item: _Item) -> NDArray[np.uint8] | None:
+        """The defective part's class-index mask in the archive's values (``classes.txt``,
+        grown by the names it lacks); None for a part without class labels."""
+        if item.index is None:
+            return None
+        # The model's classes first, then any other class this part holds (a truth's kind the
+        # model lacks); a class the part does not hold adds nothing.
+        known = len(self._classes)
+        self._classes.extend(c for c in dict.fromkeys(item.classes) if c not in self._classes)
+        index = remap_index(item.index, item.index_names, self._classes)
+        if len(self._classes) > known:
+            write_classes(self.root, self._classes)
+        (self.root / CLASS_INDEX_DIR).mkdir(exist_ok=True)
+        if not self._labelled:
+            # The first class-labelled part: the manifest gains the mask_classes column.
+            self._labelled = True
+            with self._lock:
+                rows = list(self._rows.values())
+            self._rewrite_manifest(rows)
+        return index
+
+    @property
+    def _columns(self) -> tuple[str, ...]:
+        return LABELLED_COLUMNS if self._labelled else MANIFEST_COLUMNS
+
     def _append_row(self, row: dict[str, str]) -> None:
         path = self.root / "manifest.csv"
         new = not path.exists()
         with path.open("a", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS)
+            writer = csv.DictWriter(fh, fieldnames=self._columns)
             if new:
                 writer.writeheader()
             writer.writerow(row)
@@ -464,14 +547,14 @@ class Archive:
         path = self.root / "manifest.csv"
         tmp = path.with_suffix(".csv.tmp")
         with tmp.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS)
+            writer = csv.DictWriter(fh, fieldnames=self._columns)
             writer.writeheader()
             writer.writerows(rows)
         os.replace(tmp, path)
 
     def _remove_files(self, stem: str) -> int:
         removed = 0
-        for sub in _SUBDIRS:
+        for sub in (*_SUBDIRS, CLASS_INDEX_DIR):
             for path in (self.root / sub).glob(f"{stem}.*"):
                 path.unlink(missing_ok=True)
                 removed += 1
@@ -484,10 +567,14 @@ class Archive:
         rows: list[dict[str, str]] = []
         if path.exists():
             with path.open(newline="") as fh:
-                rows = [dict(r) for r in csv.DictReader(fh)]
+                reader = csv.DictReader(fh)
+                rows = [dict(r) for r in reader]
+                self._labelled = CLASS_INDEX_COLUMN in (reader.fieldnames or ())
+        self._classes = list(read_classes(self.root))
         known = {r["stem"] for r in rows}
         orphans = 0
-        for sub in _SUBDIRS:
+        present = [s for s in (*_SUBDIRS, CLASS_INDEX_DIR) if (self.root / s).is_dir()]
+        for sub in present:
             for file in (self.root / sub).iterdir():
                 if file.stem not in known:
                     file.unlink(missing_ok=True)
@@ -495,7 +582,7 @@ class Archive:
         for row in sorted(rows, key=lambda r: r["stem"]):
             size = sum(
                 p.stat().st_size
-                for sub in _SUBDIRS
+                for sub in present
                 for p in (self.root / sub).glob(f"{row['stem']}.*")
             )
             self._entries.append(_Entry(row["stem"], size))

@@ -169,6 +169,9 @@ class ResultRouter:
                 result.mask,
                 truth=meta.get("truth_mask"),
                 truth_kinds=meta.get("truth_kinds") or (),
+                classes=result.classes,
+                truth_labels=meta.get("truth_labels"),
+                truth_classes=meta.get("truth_classes") or (),
             )
         for observer in self._observers:
             try:

@@ -302,6 +302,23 @@ def index_cls(index: NDArray[np.uint8], names: Sequence[str]) -> str:
     return "+".join(sorted(names[int(v)] for v in present))
 
 
+def remap_index(
+    index: NDArray[np.uint8], names: Sequence[str], into: list[str]
+) -> NDArray[np.uint8]:
+    """``index`` (value ``i`` = ``names[i - 1]``) in the values of ``into`` (value ``i`` =
+    ``into[i - 1]``), as a new array. A class that ``index`` holds and ``into`` lacks is
+    appended to ``into``, so values already given never change meaning; a value beyond
+    ``names`` becomes 0."""
+    held = np.flatnonzero(np.bincount(index.ravel(), minlength=256)[1:])
+    lacking = (names[int(v)] for v in held if v < len(names) and names[int(v)] not in into)
+    into.extend(dict.fromkeys(lacking))
+    lut = np.zeros(256, np.uint8)
+    for value, name in enumerate(names, start=1):
+        if name in into:
+            lut[value] = into.index(name) + 1
+    return lut[index]
+
+
 def _relative(path: Path, root: Path) -> str:
     try:
         return path.relative_to(root).as_posix()

@@ -79,16 +79,19 @@ log = get_logger(__name__)
 class PipelineResult:
     """What the sink receives for every submitted frame.
 
-    ``mask`` is the ``(H, W)`` uint8 {0, 1} defect mask in full-frame pixels (a new array the
-    receiver owns; zero outside the ROI), ``None`` for ``error`` verdicts. ``score`` is the
-    highest defect probability in the ROI (before thresholding; what drift monitoring watches),
-    ``None`` for ``error`` verdicts.
+    ``mask`` is the ``(H, W)`` uint8 defect mask in full-frame pixels (a new array the
+    receiver owns; zero outside the ROI), ``None`` for ``error`` verdicts: {0, 1} for a
+    one-class model, the class index ``k + 1`` of ``classes[k]`` for a multi-class one.
+    ``score`` is the highest defect probability in the ROI (before thresholding; what drift
+    monitoring watches), ``None`` for ``error`` verdicts. ``classes`` are the card's classes
+    of the model that inspected the frame, in channel order.
     """
 
     inspection: Inspection
     frame: Frame
     mask: NDArray[np.uint8] | None
     score: float | None = None
+    classes: tuple[str, ...] = ("defect",)
 
 
 ResultSink = Callable[[PipelineResult], None]
@@ -581,7 +584,8 @@ class Pipeline:
             if code is not None:
                 c.errors[code.value] += 1
         try:
-            self._on_result(PipelineResult(inspection, job.frame, mask, score))
+            classes = job.slot.card.classes if job.slot is not None else ("defect",)
+            self._on_result(PipelineResult(inspection, job.frame, mask, score, classes))
         except Exception as exc:  # a broken sink must not stop the line
             with self._lock:
                 self._counters.sink_errors += 1

@@ -3,7 +3,8 @@
 Each frame carries the truth the renderer drew, so the whole daemon can be checked end to end:
 ``meta["truth_mask"]`` ``(H, W)`` uint8 {0, 1}, ``meta["truth_defective"]`` bool,
 ``meta["truth_kinds"]`` tuple of defect kinds, ``meta["truth_labels"]`` ``(H, W)`` uint8
-class-index mask (``DEFECTS.index(kind) + 1``), ``meta["surface"]``. The line is a pure
+class-index mask (``DEFECTS.index(kind) + 1``) with ``meta["truth_classes"]`` naming its
+values (``DEFECTS``), ``meta["surface"]``. The line is a pure
 function of ``seed``: the n-th part is the same on every run and machine.
 
 With ``trigger = "request"`` the line renders one part per ``fire_trigger(world_key)``: the
@@ -28,7 +29,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from defectd.data.synth import SURFACES, PartRenderer
+from defectd.data.synth import DEFECTS, SURFACES, PartRenderer
 from defectd.errors import CameraError
 from defectd.pipeline.parts import synthetic_part_defective, synthetic_part_key
 from defectd.pipeline.sources.base import EventKind, SourceState, SyntheticSourceConfig
@@ -146,6 +147,7 @@ class SyntheticSource(ThreadedSource):
             "truth_defective": bool(part.defects),
             "truth_kinds": part.defects,
             "truth_labels": part.labels,
+            "truth_classes": DEFECTS,
             "surface": part.surface,
         }
         return apply_drift(cfg, part.image, n), truth
