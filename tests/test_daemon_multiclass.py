@@ -88,11 +88,14 @@ def chip_stain_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pa
     return onnx, data
 
 
-def station_toml(tmp: Path, model: Path, calibration: Path, port: int) -> Path:
+def station_toml(
+    tmp: Path, model: Path, calibration: Path | None, port: int, extra: str = ""
+) -> Path:
     path = tmp / "station.toml"
+    camera_calibration = "" if calibration is None else f'calibration = "{calibration}"'
     path.write_text(
         f"""{synthetic_station("mc", model)}
-calibration = "{calibration}"
+{camera_calibration}
 height = {SIZE}
 width = {SIZE}
 rate_hz = 50
@@ -103,7 +106,7 @@ defect_rate = {DEFECT_RATE}
 [rules]
 rules = [{{ kind = "area", class = "chip", min_area_px = 1 }}]
 {run_to_the_end(port, tmp / "state")}
-"""
+{extra}"""
     )
     return path
 
@@ -186,3 +189,55 @@ def test_rules_by_class_decide_as_the_per_class_points_do_offline(
     assert classes_seen == set(CLASSES)  # both classes were found: the check has teeth
     assert passed_with_stains > 0  # a stain alone does not fail a part under a chip rule
     assert set(online.values()) == {True, False}
+
+
+def test_the_archive_keeps_class_labels_that_become_a_multiclass_training_set(
+    tmp_path: Path,
+    chip_stain_model: tuple[Path, Path],
+    mosquitto: Any,
+    mqtt_collector: Any,
+) -> None:
+    from defectd.data.datasets import open_dataset
+    from defectd.data.from_archive import dataset_from_archive
+
+    model, _ = chip_stain_model
+    broker = mosquitto()
+    collector = mqtt_collector(broker.host, broker.port, "defectd/mc/+/result")
+    extra = "[archive]\npass_sample = 1.0\noverlays = false\n"
+    config = load_station_config(station_toml(tmp_path, model, None, broker.port, extra))
+    service = Service(config, notifier=SdNotifier({}), install_signals=False)
+    assert service.serve() == 0
+    assert collector.wait_for(lambda _: len(collector.payloads("/result")) >= PARTS, 20)
+    archive = tmp_path / "state" / "archive"
+    # The model's classes take the first values; a kind only the line's truth names follows.
+    names = (archive / "classes.txt").read_text().split()
+    assert tuple(names[:2]) == CLASSES and set(names) <= set(DEFECTS)
+
+    renderer = PartRenderer(SIZE, SIZE)
+    rng = np.random.default_rng(SEED)
+    truth = [renderer.render(rng, defect_prob=DEFECT_RATE).labels for _ in range(PARTS)]
+    with (archive / "manifest.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == PARTS  # every part: fails, errors and (pass_sample 1) passes
+    defective = 0
+    for row in rows:
+        result = json.loads((archive / "results" / f"{row['stem']}.json").read_text())
+        labels = truth[int(result["part_id"].split("-")[1])]
+        assert labels is not None and result["label_source"] == "truth"
+        if not labels.any():
+            assert row["mask_classes"] == "" and row["cls"] == "free"
+            continue
+        defective += 1
+        index = cv2.imread(str(archive / row["mask_classes"]), cv2.IMREAD_UNCHANGED)
+        kinds = [names[v - 1] for v in np.unique(index) if v]
+        assert row["cls"] == "+".join(sorted(kinds))
+        for value, kind in enumerate(DEFECTS, start=1):  # each true pixel keeps its kind
+            if kind in names:
+                assert np.array_equal(index == names.index(kind) + 1, labels == value), kind
+    assert defective > 0
+
+    report = dataset_from_archive(archive, out=tmp_path / "retrain")
+    assert report.classes == names and report.included == PARTS
+    ds = open_dataset(tmp_path / "retrain")
+    for sample in ds.samples():  # every index mask agrees with its cls for the model's classes
+        ds.load_labels(sample, (SIZE, SIZE), CLASSES)

@@ -185,3 +185,100 @@ def test_from_archive_command_reports_json(
     assert report["included"] == 6 and set(report["splits"]) == {"train"}
     assert main([*args, "--unlabelled", "maybe"]) == 2
     assert "--unlabelled: choose skip or review" in capsys.readouterr().err
+
+
+CHIP_STAIN = ("chip", "stain")
+
+
+def _multiclass_archive(root: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    """A chip/stain model's station on the synthetic line: fails with true class labels
+    (the line's values, ``DEFECTS``), one fail with only the model's prediction, passes.
+    Returns the archive and each truth part's class-index mask by part id."""
+    from defectd.data.synth import DEFECTS, PartRenderer
+
+    archive = Archive(ArchiveConfig(dir=root, pass_sample=1.0, overlays=False), root)
+    archive.start()
+    renderer = PartRenderer(SIZE, SIZE)
+    rng = np.random.default_rng(4)
+    truths: dict[str, np.ndarray] = {}
+    for seq in range(8):
+        part = renderer.render(rng, defect_prob=1.0 if seq < 5 else 0.0, kinds=CHIP_STAIN)
+        verdict = Verdict.FAIL if part.defects else Verdict.PASS
+        assert part.labels is not None
+        ins = _part(seq, verdict, part_id=f"P{seq}")
+        if seq == 4:  # no truth: the model's prediction (chip = 1, stain = 2)
+            predicted = np.zeros((SIZE, SIZE), np.uint8)
+            predicted[2:6, 2:6] = 2
+            archive.submit(ins, part.image, predicted, classes=CHIP_STAIN)
+            continue
+        archive.submit(
+            ins, part.image, part.mask, truth=part.mask, truth_kinds=part.defects,
+            classes=CHIP_STAIN, truth_labels=part.labels, truth_classes=DEFECTS,
+        )  # fmt: skip
+        # The line's stain (4) and chip (5) in the archive's values: chip 1, stain 2.
+        truths[f"P{seq}"] = np.array([0, 0, 0, 0, 2, 1], np.uint8)[part.labels]
+    archive.stop()
+    return root, truths
+
+
+def test_a_multiclass_archive_becomes_a_class_labelled_training_set(tmp_path: Path) -> None:
+    archive, truths = _multiclass_archive(tmp_path / "archive")
+    report = dataset_from_archive(archive, out=tmp_path / "ds")
+    assert report.by_label == {"truth": 7} and report.classes == list(CHIP_STAIN)
+    assert len(report.unlabelled) == 1  # the fail with only the model's prediction
+    ds = open_dataset(tmp_path / "ds")
+    assert ds.defect_classes() == CHIP_STAIN
+    rows = {r["stem"]: r for r in _rows(tmp_path / "ds" / "manifest.csv")}
+    for sample in ds.samples():
+        labels = ds.load_labels(sample, (SIZE, SIZE), CHIP_STAIN)  # checks index against cls
+        index = np.where(labels & 1, 1, np.where(labels & 2, 2, 0))
+        assert np.array_equal(index, truths[rows[sample.stem]["part_id"]])
+
+
+def test_merging_a_class_labelled_set_revalues_its_masks_into_the_archive_classes(
+    tmp_path: Path,
+) -> None:
+    from defectd.data.synth import DEFECTS
+
+    archive, _ = _multiclass_archive(tmp_path / "archive")
+    original = tmp_path / "original"
+    write_dataset(original, 12, seed=1, height=SIZE, width=SIZE, defect_rate=1.0,
+                  class_masks=True)  # fmt: skip
+    report = dataset_from_archive(archive, out=tmp_path / "ds", merge=original)
+    assert report.original == 12
+    out = open_dataset(tmp_path / "ds")
+    assert out.label_classes[:2] == CHIP_STAIN  # the archive's values keep their meaning
+    assert set(out.label_classes) <= {*CHIP_STAIN, *DEFECTS}
+    before = open_dataset(original)
+    for sample in before.samples():
+        moved = next(s for s in out.samples() if s.stem == sample.stem)
+        want = before.load_labels(sample, (SIZE, SIZE), DEFECTS)
+        got = out.load_labels(moved, (SIZE, SIZE), DEFECTS)
+        assert np.array_equal(want, got), sample.stem
+
+
+def test_a_coco_review_of_a_multiclass_archive_paints_each_category(tmp_path: Path) -> None:
+    archive, _ = _multiclass_archive(tmp_path / "archive")
+    stem = next(  # the fail with only the model's prediction
+        r["stem"]
+        for r in _rows(archive / "manifest.csv")
+        if json.loads((archive / "results" / f"{r['stem']}.json").read_text())["seq"] == 4
+    )
+    coco = {
+        "images": [{"id": 0, "file_name": f"{stem}.png", "width": SIZE, "height": SIZE}],
+        "annotations": [
+            {"id": 1, "image_id": 0, "category_id": 1, "segmentation": [[2, 2, 9, 2, 9, 9, 2, 9]]},
+            {"id": 2, "image_id": 0, "category_id": 2,
+             "segmentation": [[20, 20, 27, 20, 27, 27, 20, 27]]},
+        ],
+        "categories": [{"id": 1, "name": "stain"}, {"id": 2, "name": "scratch"}],
+    }  # fmt: skip
+    (tmp_path / "coco.json").write_text(json.dumps(coco))
+    report = dataset_from_archive(archive, out=tmp_path / "ds", labels=tmp_path / "coco.json")
+    assert report.by_label["reviewed"] == 1 and not report.unlabelled
+    assert report.classes == [*CHIP_STAIN, "scratch"]  # a category the archive lacked
+    ds = open_dataset(tmp_path / "ds")
+    sample = next(s for s in ds.samples() if s.stem == stem)
+    assert sample.cls == "scratch+stain"
+    index = cv2.imread(str(sample.mask_classes), cv2.IMREAD_UNCHANGED)
+    assert index[5, 5] == 2 and index[23, 23] == 3 and index[15, 15] == 0

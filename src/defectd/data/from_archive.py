@@ -27,6 +27,17 @@ are, split kept), with provenance columns after the standard ones: ``source``
 (``archive``/``original``), ``source_dir``, ``part_id``, ``seq``, ``camera``, ``result_id``,
 ``verdict``, ``label_source``, ``model_sha256``. Archived parts keep the archive's split (a
 crc32 of the stem, so a part never moves) unless ``archive_split`` names one split for all.
+
+**Class labels.** When the archive holds class-index masks (a multi-class model's station,
+``classes.txt`` and ``masks_cls/``), or the merged set does, the output is class-labelled in
+the same layout: ``masks_cls/<stem>.png`` (0 = good, value ``i`` = line ``i`` of the output's
+``classes.txt``, which starts with the archive's classes, so their values stay), the
+``mask_classes`` column, and ``cls`` naming every class present (``a+b``). A true label keeps
+the archive's class-index mask; a COCO review paints each annotation with its category (a
+category the archive lacks is appended); the merged set's index masks are re-valued into the
+output's classes. A reviewed mask folder is binary (0/255): those parts get ``cls =
+"defect"`` and no class-index mask, so review a multi-class line in a COCO tool. A binary
+archive merged with a binary set gives exactly the output it always did.
 """
 
 from __future__ import annotations
@@ -43,7 +54,19 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from defectd.data.datasets import IMAGE_SUFFIXES, MANIFEST_COLUMNS, open_dataset
+from defectd.data.datasets import (
+    CLASS_INDEX_COLUMN,
+    CLASS_INDEX_DIR,
+    IMAGE_SUFFIXES,
+    LABELLED_COLUMNS,
+    MANIFEST_COLUMNS,
+    Dataset,
+    index_cls,
+    open_dataset,
+    read_classes,
+    remap_index,
+    write_classes,
+)
 from defectd.data.importer import read_coco, read_mask_file
 from defectd.errors import ConfigError, DataError
 
@@ -68,11 +91,14 @@ GOOD_CLASS = "free"
 
 @dataclass(frozen=True, slots=True)
 class Label:
-    """A reviewed label: ``(H, W)`` uint8 {0, 1} and the class it names (``free`` when empty)."""
+    """A reviewed label: ``(H, W)`` uint8 {0, 1} and the class it names (``free`` when empty);
+    from COCO also the class-index mask (value ``i`` = ``names[i - 1]``)."""
 
     mask: NDArray[np.uint8]
     cls: str
     file: str
+    index: NDArray[np.uint8] | None = None
+    names: tuple[str, ...] = ()
 
 
 @dataclass
@@ -91,6 +117,7 @@ class FromArchiveReport:
     unmatched_labels: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     unlabelled_policy: str = "skip"
+    classes: list[str] | None = None  # a class-labelled output's classes.txt
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -105,7 +132,7 @@ class FromArchiveReport:
             "splits": self.splits,
             "unmatched_labels": self.unmatched_labels,
             "problems": self.problems,
-        }
+        } | ({} if self.classes is None else {"classes": self.classes})
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,7 +234,8 @@ def _coco_labels(
         mask, area, errors = coco.image_mask(entry.get("id"), height, width)
         report.problems.extend(f"{entry['file_name']}: {e}" for e in errors)
         cls = max(area, key=lambda k: area[k]) if mask.any() else GOOD_CLASS
-        labels[stem] = Label(mask, cls, entry["file_name"])
+        index, names, _ = coco.image_index(entry.get("id"), height, width)
+        labels[stem] = Label(mask, cls, entry["file_name"], index, names)
     return labels
 
 
@@ -248,17 +276,48 @@ def _count(report: FromArchiveReport, split: str, defective: bool) -> None:
     c["defective" if defective else "good"] += 1
 
 
+def _read_index(path: Path) -> NDArray[np.uint8] | None:
+    data = np.fromfile(path, np.uint8) if path.is_file() else None
+    img = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE) if data is not None and data.size else None
+    return None if img is None else np.asarray(img, np.uint8)
+
+
+def _write_index(
+    out: Path, stem: str, index: NDArray[np.uint8], names: Sequence[str], classes: list[str]
+) -> tuple[str, str]:
+    """Write ``index`` (value i = ``names[i - 1]``) re-valued into ``classes`` (grown where it
+    lacks one) as ``masks_cls/<stem>.png``; its column value and the ``cls`` it gives.
+    An index holding no class is not written (``("", "")``): its part keeps its ``cls``."""
+    values = remap_index(index, names, classes)
+    held = index_cls(values, classes)
+    if not held:
+        return "", ""
+    rel = f"{CLASS_INDEX_DIR}/{stem}.png"
+    _write_png(out / rel, values)
+    return rel, held
+
+
 def _archive_row(
-    archive: Path, out: Path, part: _Part, label: Label | None, *, source: str, split: str
+    archive: Path,
+    out: Path,
+    part: _Part,
+    label: Label | None,
+    *,
+    source: str,
+    split: str,
+    classes: list[str] | None = None,
 ) -> tuple[dict[str, str], bool] | str:
     """Copy one archived part into ``out``; its manifest row and whether it is defective,
-    or why it cannot be used."""
+    or why it cannot be used. ``classes``: the output's class names for a class-labelled
+    output (grown by the classes a label adds), None for a binary one."""
     image = archive / (part.row.get("image") or f"images/{part.stem}.png")
     size = _image_size(image)
     if size is None:
         return f"{part.stem}: image {image} missing or unreadable"
     mask: NDArray[np.uint8] | None
     cls: str
+    index: NDArray[np.uint8] | None = None
+    names: tuple[str, ...] = ()
     if label is not None:
         mask, cls = label.mask, label.cls
         if (mask.shape[1], mask.shape[0]) != size:
@@ -266,6 +325,7 @@ def _archive_row(
                 f"{part.stem}: label {label.file} is {mask.shape[1]}x{mask.shape[0]}, "
                 f"the archived image {size[0]}x{size[1]}"
             )
+        index, names = label.index, label.names
     elif source == "truth":
         mask_rel = part.row.get("mask") or ""
         mask_file = archive / mask_rel if mask_rel else None
@@ -277,6 +337,12 @@ def _archive_row(
             except DataError as exc:
                 return str(exc)
         cls = (part.row.get("cls") or "defect") if mask.any() else GOOD_CLASS
+        index_rel = part.row.get(CLASS_INDEX_COLUMN) or ""
+        if classes is not None and index_rel:
+            index = _read_index(archive / index_rel)
+            if index is None or index.shape != mask.shape:
+                return f"{part.stem}: class-index mask {archive / index_rel} missing or unusable"
+            names = read_classes(archive)
     elif source == "verdict-pass":
         mask, cls = None, GOOD_CLASS
     else:  # unlabelled, kept for review
@@ -288,6 +354,10 @@ def _archive_row(
     if mask is not None:
         mask_rel = f"masks/{part.stem}.png"
         _write_png(out / mask_rel, (mask > 0).astype(np.uint8) * np.uint8(255))
+    index_rel = ""
+    if classes is not None and index is not None and defective:
+        index_rel, held = _write_index(out, part.stem, index, names, classes)
+        cls = held or cls
     result = part.result
     row = {
         "stem": part.stem,
@@ -300,6 +370,7 @@ def _archive_row(
         "has_defect": "1" if defective else "0",
         "defect_fraction": f"{float(mask.mean()) if defective and mask is not None else 0.0:.6f}",
         "group": part.row.get("group") or part.stem,
+        **({CLASS_INDEX_COLUMN: index_rel} if classes is not None else {}),
         "source": "archive",
         "source_dir": str(archive),
         "part_id": part.part_id,
@@ -314,10 +385,15 @@ def _archive_row(
 
 
 def _original_rows(
-    merge: Path, out: Path, taken: set[str], report: FromArchiveReport
+    ds: Dataset,
+    out: Path,
+    taken: set[str],
+    report: FromArchiveReport,
+    classes: list[str] | None = None,
 ) -> list[dict[str, str]]:
-    """The original dataset's samples, files copied as they are (masks keep their values)."""
-    ds = open_dataset(merge)
+    """The original dataset's samples, files copied as they are (masks keep their values;
+    class-index masks are re-valued into ``classes`` for a class-labelled output)."""
+    merge = ds.root
     known: dict[str, dict[str, str]] = {}
     if ds.layout == "manifest":
         known = {r.get("stem", ""): r for r in _read_rows(merge / "manifest.csv")}
@@ -334,6 +410,16 @@ def _original_rows(
         if s.mask is not None and s.mask.is_file():
             mask_rel = f"masks/{s.stem}{s.mask.suffix.lower()}"
             shutil.copyfile(s.mask, out / mask_rel)
+        labelled: dict[str, str] = {}
+        if classes is not None:
+            labelled[CLASS_INDEX_COLUMN] = ""
+            index = None if s.mask_classes is None else _read_index(s.mask_classes)
+            if s.mask_classes is not None and index is None:
+                raise DataError(f"{s.mask_classes}: class-index mask missing or unreadable")
+            if index is not None:
+                labelled[CLASS_INDEX_COLUMN], _ = _write_index(
+                    out, s.stem, index, ds.label_classes, classes
+                )
         old = known.get(s.stem, {})
         rows.append(
             {
@@ -347,6 +433,7 @@ def _original_rows(
                 "has_defect": "1" if s.has_defect else "0",
                 "defect_fraction": old.get("defect_fraction", ""),
                 "group": s.group,
+                **labelled,
                 "source": "original",
                 "source_dir": str(merge),
                 "label_source": old.get("label_source", "") or "original",
@@ -383,11 +470,20 @@ def dataset_from_archive(
     parts = _archived_parts(archive, report)
     report.archived = len(parts)
     reviewed = read_labels(labels, parts, report) if labels is not None else {}
+    original = open_dataset(merge) if merge is not None else None
+    # A class-labelled output when either side has class labels; else exactly as before.
+    archive_classes = read_classes(archive)
+    classes: list[str] | None = None
+    if archive_classes or (original is not None and original.label_classes):
+        classes = list(archive_classes)
     if out.exists() and force:
-        for sub in ("images", "masks"):
+        for sub in ("images", "masks", CLASS_INDEX_DIR):
             shutil.rmtree(out / sub, ignore_errors=True)
+        (out / "classes.txt").unlink(missing_ok=True)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
+    if classes is not None:
+        (out / CLASS_INDEX_DIR).mkdir(exist_ok=True)
 
     rows: list[dict[str, str]] = []
     for done, part in enumerate(parts, start=1):
@@ -413,7 +509,7 @@ def dataset_from_archive(
             split = archive_split
         else:
             split = kept if kept in ("train", "val", "test") else "train"
-        made = _archive_row(archive, out, part, label, source=source, split=split)
+        made = _archive_row(archive, out, part, label, source=source, split=split, classes=classes)
         if isinstance(made, str):
             report.problems.append(made)
         else:
@@ -429,12 +525,17 @@ def dataset_from_archive(
             f"{archive}: no archived part has a label ({len(parts)} parts, "
             f"{len(report.unlabelled)} unlabelled): label them and pass --labels"
         )
-    if merge is not None:
-        rows.extend(_original_rows(merge, out, {r["stem"] for r in rows}, report))
+    if original is not None:
+        rows.extend(_original_rows(original, out, {r["stem"] for r in rows}, report, classes))
+    columns: tuple[str, ...] = COLUMNS
+    report.classes = classes
+    if classes is not None:
+        write_classes(out, classes)
+        columns = (*LABELLED_COLUMNS, *PROVENANCE_COLUMNS)
     manifest = out / "manifest.csv"
     tmp = manifest.with_name("manifest.csv.tmp")
     with tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(fh, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
     tmp.replace(manifest)

@@ -29,7 +29,7 @@ import json
 import random
 import shutil
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -251,15 +251,36 @@ class CocoFile:
         mask = np.zeros((height, width), np.uint8)
         area: Counter[str] = Counter()
         errors: list[str] = []
+        for name, one in self._drawn(image_id, height, width, errors):
+            mask |= one
+            area[name] += int(one.sum())
+        return mask, area, errors
+
+    def image_index(
+        self, image_id: Any, height: int, width: int
+    ) -> tuple[NDArray[np.uint8], tuple[str, ...], list[str]]:
+        """An image's annotations as a ``(height, width)`` uint8 class-index mask (value ``i``
+        = the ``i``-th of the returned category names; where annotations overlap the later
+        one wins), the names, and the annotations that cannot be drawn (as ``image_mask``)."""
+        names = tuple(dict.fromkeys((*self.categories.values(), DEFECT_CLASS)))
+        index = np.zeros((height, width), np.uint8)
+        errors: list[str] = []
+        for name, one in self._drawn(image_id, height, width, errors):
+            index[one > 0] = names.index(name) + 1
+        return index, names, errors
+
+    def _drawn(
+        self, image_id: Any, height: int, width: int, errors: list[str]
+    ) -> Iterator[tuple[str, NDArray[np.uint8]]]:
+        """``(category name, {0, 1} mask)`` per annotation of the image that can be drawn;
+        the others are added to ``errors``."""
         for ann in self.by_image.get(image_id, []):
             try:
                 one = coco_mask(ann.get("segmentation"), height, width)
             except (DataError, ValueError, TypeError, KeyError) as exc:
                 errors.append(f"annotation {ann.get('id')}: {exc}")
                 continue
-            mask |= one
-            area[self.categories.get(ann.get("category_id"), DEFECT_CLASS)] += int(one.sum())
-        return mask, area, errors
+            yield self.categories.get(ann.get("category_id"), DEFECT_CLASS), one
 
 
 def read_coco(annotations: Path) -> CocoFile:
