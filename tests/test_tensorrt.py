@@ -17,7 +17,7 @@ import torch
 from structlog.testing import capture_logs
 
 from defectd.engines import open_engine
-from defectd.engines.base import EngineSpec
+from defectd.engines.base import EngineSpec, OpenRequest
 from defectd.engines.plan_cache import (
     Device,
     PlanKey,
@@ -29,7 +29,7 @@ from defectd.engines.plan_cache import (
     timing_cache_path,
     write_plan,
 )
-from defectd.engines.tensorrt_backend import resolve_plan
+from defectd.engines.tensorrt_backend import PRECISIONS, resolve_plan
 from defectd.errors import EngineError
 from defectd.model import card_path, load_card
 
@@ -271,3 +271,107 @@ def test_opening_a_foreign_plan_file_names_it(tmp_path: Path) -> None:
     plan.write_bytes(b"\x00raw engine bytes from elsewhere")
     with pytest.raises(EngineError, match=r"station\.plan: not a defectd TensorRT plan"):
         open_engine(plan)
+
+
+# Multi-class models: a plan has one output channel per class of the card, as the ONNX Runtime
+# and OpenVINO engines do. Without a GPU these tests check what decides the plan (its key,
+# the ONNX it is built from, the output shape it must have); the GPU test below runs it.
+
+CLASSES = ("scratch", "pit", "stain")
+SPEC3 = dataclasses.replace(SPEC, outputs=len(CLASSES))
+
+
+@pytest.fixture(scope="module")
+def three_class_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``model.onnx`` + card of an untrained 3-class U-Net (base 4, depth 2, 1x64x64)."""
+    from defectd.model import ModelCard, UNet, UNetConfig
+    from defectd.model.export import export_onnx
+
+    torch.manual_seed(0)
+    card = ModelCard(
+        name="three", input={"channels": 1, "height": 64, "width": 64}, classes=CLASSES
+    )
+    net = UNet(UNetConfig(base=4, depth=2, out_channels=len(CLASSES))).eval()
+    out = tmp_path_factory.mktemp("three") / "model.onnx"
+    export_onnx(net, card, out)
+    return out
+
+
+def test_one_class_plan_keys_and_file_names_are_what_they_were() -> None:
+    # The digest a one-class key had before keys carried output channels: cached plans of
+    # binary models keep their names and are loaded, not rebuilt.
+    assert key().digest() == "a016e04ea13d1724689614174179bc2ab1653dd54f2b49f9ac29629427c55ead"
+    assert "outputs" not in key().as_dict()
+
+
+def test_a_multiclass_model_plan_is_keyed_by_its_output_channels(
+    three_class_model: Path, tmp_path: Path
+) -> None:
+    from defectd.engines.model_file import prepare_onnx
+
+    model = prepare_onnx(
+        OpenRequest(three_class_model, "tensorrt", PRECISIONS, "fp32", min_batch=1, max_batch=8)
+    )
+    assert model.spec.outputs == len(CLASSES)
+    _, k, plan = resolve_plan(
+        three_class_model, model.card, model.spec, precision="fp32", device=H100,
+        cache_dir=tmp_path,
+    )  # fmt: skip
+    assert k.outputs == len(CLASSES)
+    one = dataclasses.replace(k, outputs=1)
+    assert k.digest() != one.digest() and plan != plan_path(tmp_path, "model", one)
+    write_plan(plan, k, b"three-class plan")
+    stored, _ = read_plan(plan)
+    assert stored == k and load_cached(plan, one) is None
+
+
+def test_a_plan_opened_by_path_has_the_output_channels_of_its_key() -> None:
+    from defectd.engines.tensorrt_backend import plan_spec
+
+    spec = plan_spec(key(outputs=3), None, 4)
+    assert spec.outputs == 3 and (spec.min_batch, spec.max_batch) == (1, 4)
+    assert plan_spec(key(), None, None).outputs == 1
+
+
+def test_a_plan_whose_output_lacks_a_channel_per_class_is_refused() -> None:
+    from defectd.engines.tensorrt_backend import check_plan_output
+
+    check_plan_output((-1, 3, 64, 64), SPEC3, Path("m.plan"))
+    check_plan_output((-1, 1, 64, 64), SPEC, Path("m.plan"))
+    with pytest.raises(EngineError, match=r"m\.plan: plan output is \(-1, 1, 64, 64\).*3 chan"):
+        check_plan_output((-1, 1, 64, 64), SPEC3, Path("m.plan"))
+
+
+def test_fp16_copy_of_a_multiclass_model_keeps_a_channel_per_class(
+    three_class_model: Path, tmp_path: Path
+) -> None:
+    import onnxruntime as ort
+
+    card = load_card(three_class_model)
+    onnx_path, _, _ = resolve_plan(
+        three_class_model, card, SPEC3, precision="fp16", device=H100, cache_dir=tmp_path
+    )
+    x = np.random.default_rng(0).normal(size=(2, 1, 64, 64)).astype(np.float32)
+    half = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    full = ort.InferenceSession(str(three_class_model), providers=["CPUExecutionProvider"])
+    got, want = half.run(None, {"image": x})[0], full.run(None, {"image": x})[0]
+    assert got.shape == want.shape == (2, len(CLASSES), 64, 64)
+    assert float(np.abs(got - want).max()) < 5e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not has_gpu_and_trt, reason="needs an NVIDIA GPU and tensorrt")
+def test_tensorrt_multiclass_plan_matches_onnx_runtime_channel_by_channel(
+    three_class_model: Path, tmp_path: Path
+) -> None:
+    x = np.random.default_rng(5).normal(size=(3, 1, 64, 64)).astype(np.float32)
+    ref_engine = open_engine(three_class_model, backend="ort", precision="fp32")
+    ref = ref_engine.infer(x)
+    ref_engine.close()
+    engine = open_engine(
+        three_class_model, backend="tensorrt", precision="fp32", max_batch=4, cache_dir=tmp_path
+    )
+    out = engine.infer(x)
+    engine.close()
+    assert out.shape == ref.shape == (3, len(CLASSES), 64, 64)
+    assert float(np.abs(out - ref).max()) <= 1e-3

@@ -3,10 +3,12 @@
 A TensorRT plan only runs on the GPU model and TensorRT version it was built with, for the
 shapes of its optimisation profile. So each plan is stored under a key made of everything
 that decides it: the sha256 of the ONNX actually built (after fp16 conversion, if any),
-the precision, the input ``C, H, W``, the batch profile ``min/opt/max``, the TensorRT
-version and the GPU's name and compute capability. The key travels *inside* the plan file
-(a small JSON header before the serialised engine, with the plan's own sha256), so a plan
-copied without its key cannot exist; a plan whose key does not match is rebuilt, never loaded.
+the precision, the input ``C, H, W``, the output channels ``K`` (one per class of the card;
+left out of the key's JSON for a one-class model, so its plans keep their names), the batch
+profile ``min/opt/max``, the TensorRT version and the GPU's name and compute capability.
+The key travels *inside* the plan file (a small JSON header before the serialised engine,
+with the plan's own sha256), so a plan copied without its key cannot exist; a plan whose key
+does not match is rebuilt, never loaded.
 
 File layout: ``b"DEFECTD-TRT-PLAN\\n"``, 4-byte little-endian header length, UTF-8 JSON
 header ``{"key": {...}, "plan_sha256": "..."}``, then the TensorRT plan bytes.
@@ -97,6 +99,7 @@ class PlanKey:
     gpu: str
     compute_capability: str
     format: int = PLAN_FORMAT
+    outputs: int = 1  # probability channels out: one per class of the card
 
     @classmethod
     def make(
@@ -106,6 +109,8 @@ class PlanKey:
         chw: tuple[int, int, int],
         profile: Profile,
         device: Device,
+        *,
+        outputs: int = 1,
     ) -> PlanKey:
         return cls(
             onnx_sha256=onnx_sha256,
@@ -119,6 +124,7 @@ class PlanKey:
             tensorrt=device.tensorrt,
             gpu=device.gpu,
             compute_capability=device.compute_capability,
+            outputs=outputs,
         )
 
     @property
@@ -129,9 +135,17 @@ class PlanKey:
     def device(self) -> Device:
         return Device(self.tensorrt, self.gpu, self.compute_capability)
 
+    def as_dict(self) -> dict[str, Any]:
+        """The key as stored and hashed: ``outputs`` only where it is not 1, so a one-class
+        model's key (and the name of its plan) is what it was before keys had outputs."""
+        data = asdict(self)
+        if data["outputs"] == 1:
+            del data["outputs"]
+        return data
+
     def digest(self) -> str:
         """sha256 of the key's canonical JSON; names the plan file."""
-        blob = json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
+        blob = json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()
 
     def differences(self, other: PlanKey) -> list[str]:
@@ -145,7 +159,7 @@ class PlanKey:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PlanKey:
         names = {f.name for f in fields(cls)}
-        if not isinstance(data, dict) or not names - {"format"} <= data.keys():
+        if not isinstance(data, dict) or not names - {"format", "outputs"} <= data.keys():
             raise ValueError("plan key is incomplete")
         return cls(**{k: v for k, v in data.items() if k in names})
 
@@ -173,7 +187,7 @@ def timing_cache_path(cache_dir: Path, device: Device) -> Path:
 def write_plan(path: Path, key: PlanKey, plan: bytes) -> None:
     """Write key header + plan atomically (temp file + rename): readers never see half a plan."""
     header = json.dumps(
-        {"key": asdict(key), "plan_sha256": hashlib.sha256(plan).hexdigest()}, sort_keys=True
+        {"key": key.as_dict(), "plan_sha256": hashlib.sha256(plan).hexdigest()}, sort_keys=True
     ).encode()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

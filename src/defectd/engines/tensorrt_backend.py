@@ -6,6 +6,10 @@ I/O, see ``defectd.engines.fp16``), int8 from a QDQ ONNX (``defectd.calibration.
 optimisation profile covers the batch range; the timing cache and the plans live in the cache
 directory, plans under a key that must match exactly (see ``defectd.engines.plan_cache``).
 
+The plan's output has one channel per class of the card (``(N, K, H, W)``, ``K = 1`` for a
+one-class model), as the ONNX Runtime and OpenVINO engines give it: ``K`` is part of the plan
+key, sizes the output buffers and is checked against the plan's own output shape.
+
 At run time the input and output live in device buffers sized for the largest batch (torch
 CUDA tensors), staged through pinned host buffers, and every call is
 ``set_input_shape`` + ``execute_async_v3`` on the engine's own CUDA stream.
@@ -152,7 +156,9 @@ def resolve_plan(
     """
     profile = Profile.make(spec.min_batch, spec.max_batch, opt_batch)
     onnx_path = tensorrt_onnx(model_path, card, precision, cache_dir)
-    key = PlanKey.make(file_sha256(onnx_path), precision, spec.chw, profile, device)
+    key = PlanKey.make(
+        file_sha256(onnx_path), precision, spec.chw, profile, device, outputs=spec.outputs
+    )
     return onnx_path, key, plan_path(cache_dir, model_path.stem, key)
 
 
@@ -237,6 +243,18 @@ def build_plan(
     return bytes(serialized)
 
 
+def check_plan_output(shape: tuple[int, ...], spec: EngineSpec, source: Path) -> None:
+    """The plan's output tensor shape (``-1`` for a dynamic batch) must be ``(N, K, H, W)``
+    with ``K = spec.outputs`` and the input's ``H, W``; ``EngineError`` naming the plan and
+    both shapes otherwise (a plan built for another model's classes, say)."""
+    want = (spec.outputs, spec.height, spec.width)
+    if len(shape) != 4 or tuple(shape[1:]) != want:
+        raise EngineError(
+            f"{source}: plan output is {tuple(shape)}, expected (N, {', '.join(map(str, want))})"
+            f": {spec.outputs} channel(s), one per class of the model card"
+        )
+
+
 class TensorRTEngine:
     """A deserialised plan with preallocated device buffers for the largest batch."""
 
@@ -263,6 +281,7 @@ class TensorRTEngine:
         for name in (self._in, self._out):
             if self._engine.get_tensor_dtype(name) != trt.DataType.FLOAT:
                 raise EngineError(f"{source}: plan tensor {name!r} is not float32")
+        check_plan_output(tuple(self._engine.get_tensor_shape(self._out)), spec, source)
         self._context = self._engine.create_execution_context()
         import torch  # noqa: PLC0415  (deferred: torch is heavy)
 
@@ -312,7 +331,8 @@ class TensorRTEngine:
         return self._source
 
     def infer(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
-        """``(N, C, H, W)`` float32 -> ``(N, 1, H, W)`` float32 probabilities (new array)."""
+        """``(N, C, H, W)`` float32 -> ``(N, K, H, W)`` float32 probabilities (new array),
+        ``K = spec.outputs``: one channel per class of the card."""
         import torch  # noqa: PLC0415  (loaded by __init__; deferred for a light module import)
 
         self._spec.check(batch)
@@ -388,14 +408,20 @@ def open_plan_file(path: Path, min_batch: int | None, max_batch: int | None) -> 
     stored, plan = read_plan(path)
     trt, device = require_tensorrt()
     check_device(path, stored, device)
-    spec = EngineSpec(
+    return TensorRTEngine(trt, plan, stored, plan_spec(stored, min_batch, max_batch), path)
+
+
+def plan_spec(stored: PlanKey, min_batch: int | None, max_batch: int | None) -> EngineSpec:
+    """The engine spec of a plan opened by path, from its key: input, output channels (one per
+    class of the model it was built from) and the batch range asked for, else the plan's."""
+    return EngineSpec(
         channels=stored.channels,
         height=stored.height,
         width=stored.width,
         min_batch=stored.min_batch if min_batch is None else min_batch,
         max_batch=stored.max_batch if max_batch is None else max_batch,
+        outputs=stored.outputs,
     )
-    return TensorRTEngine(trt, plan, stored, spec, path)
 
 
 def open_request(request: OpenRequest) -> TensorRTEngine:
