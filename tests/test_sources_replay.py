@@ -60,6 +60,21 @@ def test_a_manifest_dataset_replays_with_its_truth(tmp_path: Path) -> None:
         assert f.meta["truth_defective"] == bool(f.meta["truth_mask"].any())
     assert any(f.meta["truth_defective"] for f in frames)
     assert all(f.part_id for f in frames)
+    assert not any("truth_labels" in f.meta for f in frames)
+
+
+def test_a_class_labelled_dataset_replays_with_its_class_index_truth(tmp_path: Path) -> None:
+    from defectd.data.synth import DEFECTS
+
+    root = write_dataset(tmp_path / "ds", 8, seed=1, height=32, width=32, defect_rate=1.0,
+                         class_masks=True)  # fmt: skip
+    frames, _, _ = play(ReplaySourceConfig(camera="replay", path=root))
+    assert len(frames) == 8
+    for f in frames:
+        index = cv2.imread(str(root.parent / "masks_cls" / f"{f.part_id}.png"), 0)
+        assert np.array_equal(f.meta["truth_labels"], index)
+        assert f.meta["truth_classes"] == DEFECTS
+        assert np.array_equal(f.meta["truth_labels"] > 0, f.meta["truth_mask"] > 0)
 
 
 def test_a_folder_of_images_plays_sorted_by_name_in_rgb(tmp_path: Path) -> None:

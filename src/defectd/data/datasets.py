@@ -220,6 +220,14 @@ class Dataset:
         out[binary > 0] = np.uint8(1 << classes.index(names[0]))
         return out
 
+    def load_index(self, sample: Sample, shape: tuple[int, int]) -> NDArray[np.uint8] | None:
+        """The sample's class-index mask, ``(H, W)`` uint8 (0 = good, value ``i`` =
+        ``label_classes[i - 1]``), checked against its ``cls``; ``None`` without one.
+        ``DataError`` naming the file as for :meth:`load_labels`."""
+        if sample.mask_classes is None:
+            return None
+        return self._load_index(sample, shape)
+
     def _load_index(self, sample: Sample, shape: tuple[int, int]) -> NDArray[np.uint8]:
         assert sample.mask_classes is not None
         path = sample.mask_classes

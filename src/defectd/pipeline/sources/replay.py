@@ -4,7 +4,9 @@
 - a dataset folder or its ``manifest.csv`` (as the daemon's archive and ``defectd synth`` write it,
   or an MVTec AD category): frames carry the truth when the dataset has it
   (``meta["truth_mask"]`` ``(H, W)`` uint8 {0, 1}, ``meta["truth_defective"]``,
-  ``meta["truth_kinds"]``) and ``part_id`` is the sample's stem;
+  ``meta["truth_kinds"]``; for a class-labelled set also ``meta["truth_labels"]``, its
+  class-index mask, with ``meta["truth_classes"]`` naming the values) and ``part_id`` is the
+  sample's stem;
 - any other folder: its image files, sorted by name (``part_id`` = file stem);
 - a video file, read with OpenCV (``part_id`` = ``<stem>-<frame index>``).
 Images are ``(H, W)`` uint8 for ``channels = 1`` or ``(H, W, 3)`` uint8 RGB for 3.
@@ -96,9 +98,13 @@ class ReplaySource(ThreadedSource):
                 try:
                     image = ds.load_image(sample, channels)
                     mask = ds.load_mask(sample, (image.shape[0], image.shape[1]))
+                    index = ds.load_index(sample, (image.shape[0], image.shape[1]))
                 except DataError as exc:
                     self._skip(exc)
                     continue
+                classes: dict[str, Any] = {}
+                if index is not None:
+                    classes = {"truth_labels": index, "truth_classes": ds.label_classes}
                 yield _Item(
                     sample.stem,
                     image,
@@ -108,6 +114,7 @@ class ReplaySource(ThreadedSource):
                         "truth_kinds": (sample.cls,) if sample.has_defect else (),
                         "split": sample.split,
                         "source_path": str(sample.image),
+                        **classes,
                     },
                 )
         elif self._files:
