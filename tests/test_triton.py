@@ -169,9 +169,9 @@ def test_a_frozen_server_costs_at_most_the_timeouts_and_retries(
     finally:
         os.killpg(own_server.pid, signal.SIGCONT)
     # No hang: two tries, each bounded by the 300 ms timeout (the second spends it on the
-    # reconnect's liveness check), one back-off, and up to 1 s for tearing down and setting up
-    # the gRPC channel, which takes that long on a 2-core machine busy with the rest of the suite.
-    assert 0.3 <= took < 2 * 0.3 + 0.05 + 1.0
+    # reconnect's liveness check), one back-off, and up to 2 s for tearing down and setting up
+    # the gRPC channel (1.58 s in all was seen on a 2-core machine busy with the rest of the suite).
+    assert 0.3 <= took < 2 * 0.3 + 0.05 + 2.0
     engine.close()
 
 
