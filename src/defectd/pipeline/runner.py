@@ -518,6 +518,11 @@ class Pipeline:
 
     # ------------------------------------------------------------------ verdicts
 
+    def _slot_of(self, job: Job) -> ModelSlot:
+        """The model ``job`` ran on, or (a job that failed before it had one) the current one:
+        the model its verdict names."""
+        return job.slot if job.slot is not None else self._slot
+
     def _inspection(
         self,
         job: Job,
@@ -529,7 +534,7 @@ class Pipeline:
         latencies: dict[str, float] | None = None,
     ) -> Inspection:
         frame = job.frame
-        slot = job.slot if job.slot is not None else self._slot
+        slot = self._slot_of(job)
         card = slot.card
         image = frame.image
         return Inspection(
@@ -584,7 +589,7 @@ class Pipeline:
             if code is not None:
                 c.errors[code.value] += 1
         try:
-            classes = job.slot.card.classes if job.slot is not None else ("defect",)
+            classes = self._slot_of(job).card.classes
             self._on_result(PipelineResult(inspection, job.frame, mask, score, classes))
         except Exception as exc:  # a broken sink must not stop the line
             with self._lock:
