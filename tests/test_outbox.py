@@ -6,14 +6,16 @@ import signal
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
 from defectd.errors import PublishError
+from defectd.publish import outbox as outbox_module
 from defectd.publish.config import OutboxConfig
-from defectd.publish.outbox import PRIORITY_DROP_FIRST, PRIORITY_KEEP, Outbox
+from defectd.publish.outbox import PRIORITY_DROP_FIRST, PRIORITY_KEEP, Outbox, OutboxMessage
 
 
 class Clock:
@@ -142,3 +144,53 @@ def test_put_after_close_is_an_error(tmp_path: Path) -> None:
     ob.close()
     with pytest.raises(PublishError, match="closed"):
         ob.put("t", b"x", 1)
+
+
+def test_a_reader_that_keeps_up_is_served_the_rows_the_file_holds(tmp_path: Path) -> None:
+    with _outbox(tmp_path) as ob:
+        ids = ob.put_many(
+            [OutboxMessage(f"t/{i}", f"{i}".encode(), 1, False, PRIORITY_KEEP, "result",
+                           f"m{i}", note=("gate", i)) for i in range(3)]
+        )  # fmt: skip
+        served = ob.pending()
+        # What the writer noted rides along on rows served from memory, never on rows read
+        # back from the file; everything else is the stored row.
+        assert [r.note for r in served] == [("gate", i) for i in range(3)]
+        assert [replace(r, note=None) for r in served] == ob.get(ids)
+        assert [r.note for r in ob.get(ids)] == [None] * 3
+        later = ob.put("t/3", b"3", 1)
+        assert [r.id for r in ob.pending(after_id=ids[-1])] == [later]
+
+
+def test_rows_dropped_before_they_were_read_are_not_served(tmp_path: Path) -> None:
+    clock = Clock()
+    cfg = OutboxConfig(path=tmp_path / "o.sqlite", max_rows=10, max_age_s=60.0)
+    with Outbox(cfg, clock=clock) as ob:
+        first = ob.put("p", b"0", 1)
+        assert [r.id for r in ob.pending()] == [first]  # the reader has caught up
+        unread = [ob.put("p", f"{i}".encode(), 1) for i in range(1, 11)]  # evicts `first`
+        assert [r.id for r in ob.pending(after_id=first)] == unread
+        clock.t += 61.0
+        fresh = ob.put("p", b"11", 1, priority=PRIORITY_KEEP)  # evicts unread[0]
+        ob.maintain()  # expires the other unread pass rows
+        assert [r.id for r in ob.pending(after_id=first)] == [fresh]
+
+
+def test_rows_acknowledged_before_they_were_read_are_not_served(tmp_path: Path) -> None:
+    with _outbox(tmp_path) as ob:
+        ids = [ob.put("t", b"x", 1) for _ in range(3)]
+        ob.ack([ids[1]])
+        assert [r.id for r in ob.pending()] == [ids[0], ids[2]]
+
+
+def test_a_reader_that_falls_far_behind_reads_from_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(outbox_module, "_FRESH_MAX_ROWS", 3)
+    with _outbox(tmp_path) as ob:
+        ids = [ob.put(f"t/{i}", b"x", 1) for i in range(7)]
+        assert [r.id for r in ob.pending(limit=4)] == ids[:4]
+        assert [r.id for r in ob.pending(after_id=ids[3])] == ids[4:]
+        assert [r.id for r in ob.pending(after_id=ids[-1])] == []
+        new = ob.put("t/7", b"x", 1)
+        assert [r.id for r in ob.pending(after_id=ids[-1])] == [new]

@@ -47,7 +47,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from enum import Enum
-from typing import Any
+from typing import Any, NamedTuple
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode
@@ -63,8 +63,13 @@ from defectd.pipeline.inspection import Inspection
 from defectd.pipeline.parts import expiry_interval_s, is_late
 from defectd.publish import messages as m
 from defectd.publish.config import MqttConfig, OutboxConfig, check_topic_level
-from defectd.publish.connection import backoff_delay, connect_options, describe_reason, make_client
-from defectd.publish.connection import properties as _properties
+from defectd.publish.connection import (
+    MessageProperties,
+    backoff_delay,
+    connect_options,
+    describe_reason,
+    make_client,
+)
 from defectd.publish.failsafe import (
     DirectMessage,
     DirectQueue,
@@ -88,6 +93,9 @@ _REFUSED_RETRY_S = 30.0
 _EVENT_MIN_INTERVAL_S = 10.0
 _LATENCY_WINDOW = 10_000
 _RESULT_KINDS = (m.Kind.RESULT.value, m.Kind.REJECT.value)
+_SCHEMA_VERSION = str(m.SCHEMA_VERSION)
+# The user property that carries a message's id, by kind (results and rejects: result_id).
+_ID_PROPERTY = {m.Kind.EVENT.value: "event_id", m.Kind.SHADOW.value: "message_id"}
 
 
 class Link(Enum):
@@ -294,15 +302,18 @@ class Publisher:
         reject = m.is_reject(inspection)
         priority = PRIORITY_KEEP if reject else PRIORITY_DROP_FIRST
         qos = self._config.result_qos
+        result = m.result_message(inspection, now)
+        gate = _gate_of_message(result)  # the publisher reads it back without decoding
         rows = [
             OutboxMessage(
                 self._topics.result(camera),
-                m.encode(m.result_message(inspection, now)),
+                m.encode(result),
                 qos,
                 False,
                 priority,
                 m.Kind.RESULT.value,
                 inspection.result_id,
+                gate,
             )
         ]
         if reject:
@@ -315,6 +326,7 @@ class Publisher:
                     PRIORITY_KEEP,
                     m.Kind.REJECT.value,
                     inspection.result_id,
+                    gate,
                 )
             )
         if inspection.response_topic is not None:
@@ -519,19 +531,27 @@ class Publisher:
         return client
 
     def _props(
-        self, kind: str, message_id: str | None, *, will_message: bool = False
+        self,
+        kind: str,
+        message_id: str | None,
+        *,
+        will_message: bool = False,
+        expiry_s: int | None = None,
+        correlation: bytes | None = None,
     ) -> Properties | None:
         if not self._v5:
             return None
-        props = _properties(PacketTypes.WILLMESSAGE if will_message else PacketTypes.PUBLISH)
-        props.ContentType = m.CONTENT_TYPE
-        props.PayloadFormatIndicator = 1
-        user = [("schema_version", str(m.SCHEMA_VERSION)), ("kind", kind)]
+        user = [("schema_version", _SCHEMA_VERSION), ("kind", kind)]
         if message_id is not None:
-            name = {m.Kind.EVENT.value: "event_id", m.Kind.SHADOW.value: "message_id"}
-            user.append((name.get(kind, "result_id"), message_id))
-        props.UserProperty = user
-        return props
+            user.append((_ID_PROPERTY.get(kind, "result_id"), message_id))
+        return MessageProperties(
+            PacketTypes.WILLMESSAGE if will_message else PacketTypes.PUBLISH,
+            content_type=m.CONTENT_TYPE,
+            payload_format=1,
+            user=user,
+            expiry_s=expiry_s,
+            correlation=correlation,
+        )
 
     # paho callbacks run inside loop_read/loop_write on the publisher thread: record only.
     def _on_connect(self, client: mqtt.Client, reason_code: ReasonCode, session: bool) -> None:
@@ -806,7 +826,8 @@ class Publisher:
         gate_expiry: int | None = None
         correlation: str | None = None
         if row.kind in _RESULT_KINDS:
-            deadline, correlation, camera = _gate_of(payload)
+            gate = row.note if isinstance(row.note, _Gate) else _gate_of(payload)
+            deadline, correlation, camera = gate
             now = self._clock()
             if is_late(deadline, now):
                 if row.kind == m.Kind.RESULT.value and topic == self._topics.result(camera):
@@ -820,17 +841,19 @@ class Publisher:
                     return True
             else:
                 gate_expiry = expiry_interval_s(deadline, now)
-        props = self._props(row.kind, row.message_id)
-        if props is not None and self._config.message_expiry_s is not None and not row.retain:
+        expiry_s = None
+        if self._config.message_expiry_s is not None and not row.retain:
             left = self._config.message_expiry_s - (self._clock() - row.created)
-            props.MessageExpiryInterval = max(1, math.ceil(left))
-        if props is not None and gate_expiry is not None:
+            expiry_s = max(1, math.ceil(left))
+        if gate_expiry is not None:
             # The verdict is worthless once its part has passed the gate.
-            props.MessageExpiryInterval = min(
-                gate_expiry, getattr(props, "MessageExpiryInterval", gate_expiry)
-            )
-        if props is not None and correlation:
-            props.CorrelationData = bytes.fromhex(correlation)
+            expiry_s = gate_expiry if expiry_s is None else min(gate_expiry, expiry_s)
+        props = self._props(
+            row.kind,
+            row.message_id,
+            expiry_s=expiry_s,
+            correlation=bytes.fromhex(correlation) if correlation else None,
+        )
         info = client.publish(topic, payload, qos=row.qos, retain=row.retain, properties=props)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             # NO_CONN: paho keeps the message and sends it after the reconnect.
@@ -962,19 +985,33 @@ class Publisher:
             client.loop_write()
 
 
-def _gate_of(payload: bytes) -> tuple[float | None, str | None, str]:
-    """Gate deadline (epoch s), correlation (hex) and camera of a result or reject payload.
+class _Gate(NamedTuple):
+    """What the publisher needs of a result or reject to send it on time."""
 
-    Read from the stored payload, so rows written before a restart are judged the same way.
-    """
+    deadline: float | None  # the part's gate (epoch s)
+    correlation: str | None  # the trigger's correlation data (hex)
+    camera: str
+
+
+def _gate_of(payload: bytes) -> _Gate:
+    """The gate of a stored result or reject payload (rows read back from the outbox file),
+    so that rows written before a restart are judged the same way as fresh ones."""
     try:
-        message = json.loads(payload)
+        return _gate_of_message(json.loads(payload))
+    except ValueError:
+        return _Gate(None, None, "")
+
+
+def _gate_of_message(message: Any) -> _Gate:
+    try:
         gate = message.get("gate_deadline")
         deadline = float(gate["epoch"]) if isinstance(gate, dict) else None
         correlation = message.get("correlation")
-        return deadline, correlation if isinstance(correlation, str) else None, message["camera"]
+        return _Gate(
+            deadline, correlation if isinstance(correlation, str) else None, message["camera"]
+        )
     except (ValueError, KeyError, TypeError, AttributeError):
-        return None, None, ""
+        return _Gate(None, None, "")
 
 
 def _describe_exc(exc: BaseException) -> str:

@@ -44,6 +44,7 @@ import sqlite3
 import threading
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,6 +207,7 @@ class OutboxMessage:
     priority: int = PRIORITY_DROP_FIRST
     kind: str = ""
     message_id: str | None = None
+    note: object = None  # what the writer knows of the message; not stored (see OutboxRow)
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +224,9 @@ class OutboxRow:
     message_id: str | None
     created: float
     crc: int | None = None  # CRC-32 of payload (None for rows stored by older versions)
+    # The writer's ``OutboxMessage.note`` on rows served from memory; None on rows read back
+    # from the file (after a restart, a backlog): the reader works it out from the payload.
+    note: object = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,6 +295,7 @@ def _chunks(ids: Sequence[int]) -> Iterable[Sequence[int]]:
 
 
 _Dropped = tuple[int, int, str, "str | None"]  # id, priority, kind, message_id
+_FRESH_MAX_ROWS = 4096  # rows kept in memory for a reader that keeps up (~3 MB of results)
 
 
 class Outbox:
@@ -336,6 +342,7 @@ class Outbox:
             self._w.execute(f"PRAGMA wal_autocheckpoint={max(16, config.wal_max_bytes // 4096)}")
             self._incremental = int(self._w.execute("PRAGMA auto_vacuum").fetchone()[0]) == 2
             self._depth = int(self._r.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+            last_id = int(self._r.execute("SELECT COALESCE(MAX(id), 0) FROM outbox").fetchone()[0])
         except sqlite3.Error as exc:
             self._release_lock_file()
             raise PublishError(f"outbox {self._path}: cannot open: {exc}") from exc
@@ -343,6 +350,14 @@ class Outbox:
             self._release_lock_file()
             raise
         self._put = 0
+        # Rows stored since the reader last caught up, in id order, so that ``pending`` serves
+        # a publisher that keeps up from memory instead of reading back what was just written.
+        # Every stored row with an id above ``_fresh_after`` is in ``_fresh`` (ids only grow:
+        # AUTOINCREMENT). A drop or an overflow empties it, and reads go to the file again.
+        self._fresh_lock = threading.Lock()
+        self._fresh: deque[OutboxRow] = deque()
+        self._fresh_after = last_id
+        self._last_id = last_id
         self._acked = 0
         self._drops = _DropTally()  # since the outbox was opened (``stats``)
         self._pending = _DropTally()  # since the last ``take_drops``
@@ -659,10 +674,11 @@ class Outbox:
         damage); the messages are then not in the outbox.
         """
         now = self._clock()
+        crcs = [zlib.crc32(m.payload) for m in messages]
 
         def insert(conn: sqlite3.Connection) -> tuple[list[int], list[_Dropped]]:
             ids: list[int] = []
-            for m in messages:
+            for m, crc in zip(messages, crcs, strict=True):
                 cur = conn.execute(
                     "INSERT INTO outbox (topic, payload, qos, retain, priority, kind,"
                     " message_id, created, crc) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -675,7 +691,7 @@ class Outbox:
                         m.kind,
                         m.message_id,
                         now,
-                        zlib.crc32(m.payload),
+                        crc,
                     ),
                 )
                 ids.append(int(cur.lastrowid or 0))
@@ -690,7 +706,25 @@ class Outbox:
             self._put += len(ids)
             if dropped:
                 self._count_drops(dropped, expired=False)
+            rows = [
+                OutboxRow(
+                    i, m.topic, m.payload, m.qos, m.retain, m.priority, m.kind, m.message_id,
+                    now, crc, m.note,
+                )
+                for i, m, crc in zip(ids, messages, crcs, strict=True)
+            ]  # fmt: skip
+            with self._fresh_lock:
+                self._last_id = max(self._last_id, *ids)
+                if dropped or len(self._fresh) + len(rows) > _FRESH_MAX_ROWS:
+                    self._forget_fresh()
+                else:
+                    self._fresh.extend(rows)
         return ids
+
+    def _forget_fresh(self) -> None:
+        """Serve every row stored so far from the file (``_fresh_lock`` held)."""
+        self._fresh.clear()
+        self._fresh_after = self._last_id
 
     def _evict(self, conn: sqlite3.Connection, n: int) -> list[_Dropped]:
         rows = conn.execute(
@@ -758,7 +792,19 @@ class Outbox:
 
     def pending(self, after_id: int = 0, limit: int = 100) -> list[OutboxRow]:
         """Up to ``limit`` stored rows with ``id > after_id``, oldest first (rows that fail
-        their checksum are left out). Raises ``PublishError`` when the file cannot be read."""
+        their checksum are left out). Raises ``PublishError`` when the file cannot be read.
+
+        A reader that has caught up (``after_id`` at or past the rows read from the file) gets
+        the rows stored since from memory, the same rows the file holds; rows up to
+        ``after_id`` are then forgotten there: ``after_id`` only grows for such a reader.
+        """
+        with self._fresh_lock:
+            if after_id >= self._fresh_after:
+                fresh = self._fresh
+                while fresh and fresh[0].id <= after_id:
+                    fresh.popleft()
+                self._fresh_after = after_id
+                return [fresh[i] for i in range(min(limit, len(fresh)))]
         with self._rlock:
             return self._read(
                 f"SELECT {_COLUMNS} FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
@@ -800,6 +846,10 @@ class Outbox:
             self._depth -= removed
             self._acked += removed
             self._bad_rows.difference_update(ids)
+        with self._fresh_lock:
+            if max(ids) > self._fresh_after:  # acknowledged before it was read: not pending
+                gone = set(ids)
+                self._fresh = deque(r for r in self._fresh if r.id not in gone)
         return removed
 
     def maintain(self) -> None:
@@ -845,6 +895,8 @@ class Outbox:
                 )
                 self._depth -= len(expired)
                 self._count_drops(expired, expired=True)
+                with self._fresh_lock:
+                    self._forget_fresh()
 
     def take_drops(self) -> DropSummary | None:
         """Drops since the previous call (None when there were none)."""
