@@ -838,13 +838,19 @@ class Pipeline:
                 best.fill(-1.0)
             found: list[Defect] = []
             score = 0.0  # the highest probability of any class in the ROI (drift monitoring)
+            # The engine's map as it is when one tile covers the fitted image, and the fitted
+            # map as it is when fitting changed nothing (no copies of a whole frame for nothing).
+            whole = plan.count == 1 and (plan.tile_h, plan.tile_w) == geo.fitted
+            restore = geo.fitted != geo.roi_shape or (geo.mode != "tile" and not geo.fit.identity)
             for k, (cls, params) in enumerate(per_class):
                 channel = tiles if len(per_class) == 1 else [t[k] for t in tiles]
-                tile_buf = scratch.get("tile", (plan.tile_h, plan.tile_w), np.float32)
-                stitch(plan, channel, fitted, tile_buf)
-                prob = fitted
-                if geo.fitted != geo.roi_shape or geo.mode != "tile":
-                    prob = geo.restore(fitted, scratch.get("roi", geo.roi_shape, np.float32))
+                if whole:
+                    prob = channel[0]
+                else:
+                    tile_buf = scratch.get("tile", (plan.tile_h, plan.tile_w), np.float32)
+                    prob = stitch(plan, channel, fitted, tile_buf)
+                if restore:
+                    prob = geo.restore(prob, scratch.get("roi", geo.roi_shape, np.float32))
                 bad = check_probabilities(prob)
                 if bad is not None:
                     raise FrameError(
