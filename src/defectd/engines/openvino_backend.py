@@ -214,11 +214,11 @@ class OpenVinoEngine(OnnxEngine):
 
     def at_size(self, height: int, width: int) -> OpenVinoEngine:
         """The same model and precision compiled for single ``(C, height, width)`` images (a
-        fully convolutional model inspecting a large frame in a few large windows), in latency
-        mode: one window at a time on every core, so the activations of one window are held
-        (a stream per core would hold one each). Per pixel it costs the same CPU as tiles in
-        throughput mode on the development machine. The caller closes it. ``EngineError``
-        when the model cannot take that size."""
+        fully convolutional model inspecting a large frame in a few large windows), in this
+        engine's mode: in throughput mode a window per stream runs at once, each on one core
+        (the pipeline shares its window budget, ``full_frame_max_px``, among them), in latency
+        mode one window at a time on every core. The caller closes it. ``EngineError`` when
+        the model cannot take that size."""
         spec = EngineSpec(
             self._spec.channels, height, width, 1, 1, self._spec.dtype, self._spec.outputs
         )
@@ -226,7 +226,7 @@ class OpenVinoEngine(OnnxEngine):
             replace(self._model, spec=spec),
             threads=self._threads,
             cache_dir=self._cache_dir,
-            mode="latency",
+            mode=self._mode,
         )
 
     def _run(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:

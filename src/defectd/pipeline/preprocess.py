@@ -146,11 +146,18 @@ def make_geometry(
 
 
 def full_frame_window(
-    card: ModelCard, config: PipelineConfig, mode: FitPolicy, fitted_hw: tuple[int, int]
+    card: ModelCard,
+    config: PipelineConfig,
+    mode: FitPolicy,
+    fitted_hw: tuple[int, int],
+    *,
+    at_once: int = 1,
 ) -> tuple[int, int] | None:
     """The window a ``fitted_hw`` image is inspected in when the station allows full-frame
     inference (``[pipeline] full_frame``), the policy is ``tile`` and the card's model is
-    fully convolutional (``defectd.model.fit.window_size``); ``None``: model-sized tiles."""
+    fully convolutional (``defectd.model.fit.window_size``); ``None``: model-sized tiles.
+    ``at_once`` windows run in parallel (the engine's requests): they share
+    ``full_frame_max_px``, so the activations held stay within the same bound."""
     multiple = fully_convolutional(card.architecture)
     model_hw = (card.input.height, card.input.width)
     if not config.full_frame or mode != "tile" or multiple is None or fitted_hw == model_hw:
@@ -162,7 +169,7 @@ def full_frame_window(
         model_hw,
         multiple=multiple,
         overlap=config.tile_overlap_px,
-        max_pixels=config.full_frame_max_px,
+        max_pixels=max(config.full_frame_max_px // max(at_once, 1), model_hw[0] * model_hw[1]),
     )
     return None if window == model_hw else window
 
@@ -176,10 +183,11 @@ class Preprocessor:
     """
 
     def __init__(
-        self, card: ModelCard, config: PipelineConfig, pool: BufferPool, *, windows: bool = False
+        self, card: ModelCard, config: PipelineConfig, pool: BufferPool, *, windows: int = 0
     ) -> None:
         self.card = card
-        self._windows = windows  # the engine can run full-frame windows (``at_size``)
+        # How many full-frame windows the engine runs at once (``at_size``); 0: it cannot.
+        self._windows = windows
         self.config = config
         self.pool = pool
         self._channels = card.input.channels
@@ -211,7 +219,9 @@ class Preprocessor:
             window = None
             if self._windows:
                 fitted = plan_fit((roi[3], roi[2]), self._model_hw, mode).fitted
-                window = full_frame_window(self.card, self.config, mode, fitted)
+                window = full_frame_window(
+                    self.card, self.config, mode, fitted, at_once=self._windows
+                )
             geo = make_geometry(
                 frame_hw,
                 roi,

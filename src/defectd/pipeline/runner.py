@@ -644,7 +644,7 @@ class Pipeline:
             slot = self._acquire_slot()
             job.take_slot(slot)
             if pre is None or pre.card is not slot.card:
-                windows = hasattr(slot.engine, "at_size")
+                windows = engine_concurrency(slot.engine) if hasattr(slot.engine, "at_size") else 0
                 pre = Preprocessor(slot.card, self.config, self._pool, windows=windows)
             try:
                 prepared = pre(job.frame, job.setup)
