@@ -106,7 +106,13 @@ def train_command(
     crop: Annotated[
         int | None, typer.Option(help="Train on crops of this size (validation: whole images).")
     ] = None,
-    augment: Annotated[str, typer.Option(help="default, light (no rotations) or off.")] = "default",
+    augment: Annotated[
+        str,
+        typer.Option(
+            help="flip (mirror images), default (+ rotations, scale, photometric), light (no"
+            " rotations) or off."
+        ),
+    ] = "flip",
     val_every: Annotated[int, typer.Option("--val-every", help="Validate every N epochs.")] = 1,
     select_by: Annotated[
         str, typer.Option("--select-by", help="Best checkpoint by val 'dice' or 'dice+auroc'.")

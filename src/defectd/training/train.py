@@ -102,7 +102,9 @@ class TrainConfig:
     defect_fraction: float = 0.5  # share of defective images the sampler draws
     steps_per_epoch: int | None = None  # default: one pass over the split's size
     crop: int | None = None  # train on crops of the fitted image (validation: whole images)
-    augment: AugmentPreset = "default"
+    # flip: mirror images only. The default preset's photometric and rotation ops slowed
+    # learning more than they helped on CPU budgets (docs/training.md, "Small data").
+    augment: AugmentPreset = "flip"
     bf16: bool | None = None  # None: when the CPU has bf16 instructions
     threads: int | None = None  # None: every core this process may use
     seed: int = 0
