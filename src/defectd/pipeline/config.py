@@ -81,8 +81,9 @@ class PipelineConfig(_Frozen):
     # model (the card's architecture says so; engines that can compile another input size):
     # inspected in as few large windows as cover it (the whole frame when it is at most
     # full_frame_max_px pixels), not in model-sized tiles that repeat up to a third of it in
-    # their overlaps. Windows run one at a time on every core: full_frame_max_px bounds the
-    # pixels of one window, so the memory an inference holds. Off: model-sized tiles.
+    # their overlaps. The engine runs as many windows at once as it has requests (a stream
+    # each in throughput mode, one on every core in latency mode): they share
+    # full_frame_max_px, which so bounds the memory inferences hold. Off: model-sized tiles.
     full_frame: bool = True
     full_frame_max_px: Annotated[int, Field(ge=4096, le=1 << 28)] = 1 << 20
     preprocess_workers: Annotated[int, Field(ge=1, le=32)] = 1
