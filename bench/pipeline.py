@@ -965,6 +965,16 @@ def choose_precision(model: Path, asked: str, quantize: bool, workdir: Path) -> 
     return model, "bf16" if "BF16" in cpu_capabilities() else "fp32"
 
 
+def settle(below: float, max_s: float = 180.0) -> float:
+    """Wait until the 1-minute load average is under ``below`` (at most ``max_s``); seconds
+    waited. The average trails: a row that starts at 1.0 and keeps two cores busy for 30 s
+    ends near 1.4, so the whole row runs under 1.5."""
+    t0 = time.monotonic()
+    while os.getloadavg()[0] >= below and time.monotonic() - t0 < max_s:
+        time.sleep(2.0)
+    return round(time.monotonic() - t0, 1)
+
+
 def run_worker(mode: str, spec: dict[str, Any]) -> dict[str, Any]:
     proc = subprocess.run(
         [sys.executable, __file__, "--worker", mode, "--spec", json.dumps(spec)],
@@ -1094,8 +1104,8 @@ def print_rows(console: Any, report: dict[str, Any], rows: dict[str, Any]) -> No
     console.print(
         "e2e = grab -> result delivered to a subscriber (~PUBACK); the engine-only row shows "
         f"its batch latency; CPU % is of one core; {report['cpu_model']}, "
-        f"{report['cpu_count']} cores, load average (1 min) at each run "
-        f"{report['load_avg_1m_per_run']}, at the end {report['load_avg_1m']}"
+        f"{report['cpu_count']} cores, load average (1 min) at the start of each run "
+        f"{report['load_avg_1m_per_run']}, at its end {report.get('load_avg_1m_end_of_run')}"
     )
 
 
@@ -1159,6 +1169,13 @@ def main() -> None:
     )
     parser.add_argument(
         "--no-naive", action="store_true", help="leave out the torch eager footnote row"
+    )
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=0.0,
+        help="before each row wait (at most 3 min) until the 1-minute load average is below"
+        " this, e.g. 1.0: a row that saturates both cores then ends under ~1.5 (0: no wait)",
     )
     parser.add_argument("--quick", action="store_true", help="fewer frames, one run (< 60 s)")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
@@ -1233,7 +1250,9 @@ def main() -> None:
             "simple": [],
             "naive": [],
         }
-        loads: list[float] = []
+        loads: list[float] = []  # at the start of each row
+        loads_end: list[float] = []  # at its end
+        settled: list[float] = []  # seconds waited for the load to fall (--settle)
         bracket_s = 2.0 if args.quick else 8.0
         naive_frames = 8 if args.quick else max(24, frames // 10)
         for r in range(repeats):
@@ -1255,10 +1274,13 @@ def main() -> None:
                 if r == 0 and not args.no_naive:
                     modes.append(("naive", "naive", {"frames": naive_frames}))
             for row, mode, extra in modes:
+                if args.settle:
+                    settled.append(settle(args.settle))
                 loads.append(round(os.getloadavg()[0], 2))
                 if sub is not None:
                     sub.row = f"{row}-{r}"
                 result = run_worker(mode, {**base, **extra, "seed": r})
+                loads_end.append(round(os.getloadavg()[0], 2))
                 if sub is not None:
                     time.sleep(0.5)  # the last deliveries
                     result.update(sub.take(f"{row}-{r}", result["frames"]))
@@ -1297,7 +1319,9 @@ def main() -> None:
         "cpu_count": os.cpu_count(),
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "load_avg_1m_per_run": loads,
-        "load_avg_1m_max": max([*loads, round(os.getloadavg()[0], 2)]),
+        "load_avg_1m_end_of_run": loads_end,
+        "load_avg_1m_max": max([*loads, *loads_end, round(os.getloadavg()[0], 2)]),
+        "settle": {"below": args.settle, "waited_s": settled} if args.settle else None,
     }
     rows = {name: median_row(rs) for name, rs in runs.items() if rs}
     if rows:
