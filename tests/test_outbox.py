@@ -194,3 +194,9 @@ def test_a_reader_that_falls_far_behind_reads_from_the_file(
         assert [r.id for r in ob.pending(after_id=ids[-1])] == []
         new = ob.put("t/7", b"x", 1)
         assert [r.id for r in ob.pending(after_id=ids[-1])] == [new]
+
+
+def test_storing_nothing_stores_nothing(tmp_path: Path) -> None:
+    with _outbox(tmp_path) as ob:
+        assert ob.put_many([]) == []
+        assert ob.depth == 0 and ob.pending() == []

@@ -714,7 +714,7 @@ class Outbox:
                 for i, m, crc in zip(ids, messages, crcs, strict=True)
             ]  # fmt: skip
             with self._fresh_lock:
-                self._last_id = max(self._last_id, *ids)
+                self._last_id = max([self._last_id, *ids])
                 if dropped or len(self._fresh) + len(rows) > _FRESH_MAX_ROWS:
                     self._forget_fresh()
                 else:
