@@ -249,9 +249,7 @@ class Service:
         self._sequence = SequenceStore(cfg.state_dir)
         self.notifier.status("loading the model")
         handed, self._handed = self._handed, None
-        gen = build_generation(
-            cfg, self._router, opener=self._engine_opener, clock=self._clock, model=handed
-        )
+        gen = self._build(cfg, model=handed)
         self._intake.set_first(gen)
         if self._drift is not None:
             try:
@@ -411,8 +409,11 @@ class Service:
             )
         self.notifier.close()
 
-    def _build(self, cfg: StationConfig) -> Generation:
-        return build_generation(cfg, self._router, opener=self._engine_opener, clock=self._clock)
+    def _build(self, cfg: StationConfig, model: LoadedModel | None = None) -> Generation:
+        """A generation for ``cfg`` (start and reload); ``model``: one already open for it."""
+        return build_generation(
+            cfg, self._router, opener=self._engine_opener, clock=self._clock, model=model
+        )
 
     # ------------------------------------------------------------------ signals
 
