@@ -44,9 +44,10 @@ def properties(packet_type: int) -> Properties:
 class MessageProperties(Properties):
     """The MQTT 5 properties of one PUBLISH (or will), encoded once when made.
 
-    paho packs a ``Properties`` attribute by attribute in Python each time it sends one, after
-    validating every assignment: about 0.3 ms of the publisher thread per message, more than
-    the rest of a publish, on a line that publishes hundreds a second. This holds the bytes;
+    paho builds its property tables for every ``Properties``, validates every assignment and
+    packs attribute by attribute in Python each time it sends one: about 60 µs of the
+    publisher thread per message on the development machine (this class: 7 µs), on a line
+    that publishes hundreds a second. This holds the bytes;
     the attributes are set too (logs, tests), and ``pack`` returns the bytes (MQTT 5.0
     section 2.2.2: property length, then identifier and value for each property).
     """
