@@ -150,6 +150,9 @@ def test_a_station_evaluates_and_calibrates_onnx_models_without_torch(
         NO_TRAINING,
         *("calibrate", "threshold", "--model", str(DEMO_MODEL), "--data", str(parts)),
         *("--split", "test", "--out", str(tmp_path / "cal.json"), "--json"),
+        # A target every model reaches on a split of four parts: this test is about running
+        # without torch, not about the demo model on one upscaled 96 px scratch.
+        *("--target-false-reject", "0.5"),
     )
     assert calibrated.returncode == 0, calibrated.stderr
     section = json.loads((tmp_path / "cal.json").read_text())["threshold"]
