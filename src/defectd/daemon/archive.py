@@ -30,6 +30,10 @@ retraining on them. Parts whose verdict is ``error`` were not inspected: they ha
 they get an empty mask column, ``cls = "error"`` and the split ``review`` (never ``train``,
 ``val`` or ``test``) until someone labels them. Stems start with the grab time (UTC), so they
 sort by age; when the files exceed the disk quota the oldest parts are removed first.
+
+Over 600 lines because the writer thread, the manifest it keeps in step with the files, the
+quota pruning and the reload of an archive left by an earlier run share one lock and one file
+layout, and read best next to each other.
 """
 
 from __future__ import annotations
