@@ -25,7 +25,7 @@ from defectd.pipeline.config import PipelineConfig
 from defectd.pipeline.frame import Frame
 from defectd.pipeline.runner import Pipeline, PipelineResult
 
-MODEL = Path(__file__).resolve().parents[1] / "models" / "magnetic_tile" / "model.onnx"
+MODEL = Path(__file__).resolve().parent / "data" / "magnetic_tile_v1" / "model.onnx"
 # The model the numbers below were recorded with: another model has other numbers.
 RECORDED_SHA256 = "2ad31e3077b0"
 PARTS, SIZE = 12, (250, 370)
