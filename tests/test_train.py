@@ -147,6 +147,24 @@ def test_same_seed_gives_the_same_weights(tiny_run: TrainConfig, tmp_path: Path)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
+def test_select_by_last_makes_the_final_epoch_best_with_a_completed_card(
+    tiny_run: TrainConfig, tmp_path: Path
+) -> None:
+    config = replace(
+        tiny_run, out=tmp_path / "run", epochs=3, steps_per_epoch=4, val_every=2, select_by="last"
+    )
+    train(config)
+    best = read_checkpoint(config.out / "best.pt")
+    last = read_checkpoint(config.out / "last.pt")
+    assert best["epoch"] == last["epoch"] == 3  # epoch 3 is not on the val_every grid
+    assert all(torch.equal(best["model"][k], last["model"][k]) for k in last["model"])
+    _, card = load_checkpoint(config.out / "best.pt")
+    assert 0.0 < card.threshold < 1.0
+    assert "val_dice" in card.metrics
+    assert card.training.epochs == 3
+
+
 def test_lr_schedule_warms_up_then_decays_to_floor() -> None:
     assert lr_factor(0.05, 0.1, 0.01) == pytest.approx(0.5)
     assert lr_factor(0.1, 0.1, 0.01) == pytest.approx(1.0)

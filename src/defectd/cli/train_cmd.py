@@ -115,7 +115,12 @@ def train_command(
     ] = "flip",
     val_every: Annotated[int, typer.Option("--val-every", help="Validate every N epochs.")] = 1,
     select_by: Annotated[
-        str, typer.Option("--select-by", help="Best checkpoint by val 'dice' or 'dice+auroc'.")
+        str,
+        typer.Option(
+            "--select-by",
+            help="best.pt: the epoch with the best val 'dice' or 'dice+auroc', or the 'last'"
+            " (final) epoch; its card is completed on val either way.",
+        ),
     ] = "dice",
     seed: Annotated[int, typer.Option(help="Seed of weights, sampling and augmentation.")] = 0,
     time_limit: Annotated[
@@ -189,7 +194,7 @@ def train_command(
         "--resize": (resize, ("resize", "pad")),
         "--loss": (loss, LOSS_KINDS),
         "--augment": (augment, ("default", "light", "flip", "off")),
-        "--select-by": (select_by, ("dice", "dice+auroc")),
+        "--select-by": (select_by, ("dice", "dice+auroc", "last")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:

@@ -2,8 +2,9 @@
 
 ``train(TrainConfig(...))`` writes into ``config.out``:
 
-* ``best.pt`` — the checkpoint with the best validation Dice, its card completed at the end
-  (threshold chosen on the validation split, validation metrics, data hash, command line);
+* ``best.pt`` — the checkpoint with the best validation Dice (``select_by``: or Dice + image
+  AUROC, or simply the final epoch), its card completed at the end (threshold chosen on the
+  validation split, validation metrics, data hash, command line);
 * ``last.pt`` — weights, optimiser, step and RNG states after each epoch, for ``resume``;
 * ``history.jsonl`` — one JSON object per epoch (loss, lr, validation metrics, seconds).
 
@@ -74,7 +75,7 @@ from defectd.training.torchdata import (
 log = get_logger(__name__)
 
 AugmentPreset = Literal["default", "light", "flip", "off"]
-SelectBy = Literal["dice", "dice+auroc"]
+SelectBy = Literal["dice", "dice+auroc", "last"]
 
 
 @dataclass(frozen=True)
@@ -560,7 +561,13 @@ def train(
                 # None on a split without good images (all-defective sets): JSON has no NaN.
                 "auroc": None if math.isnan(ev.report.auroc) else round(ev.report.auroc, 5),
             }
-            score = _selection_score(ev, config.select_by)
+            # "last": every validated epoch replaces the one before, so best.pt ends as the
+            # final epoch (always validated), with its card completed like any other.
+            score = (
+                float(epoch)
+                if config.select_by == "last"
+                else _selection_score(ev, config.select_by)
+            )
             if score > best_score:
                 best_score = score
                 save_checkpoint(best_path, net, card, epoch=epoch, step=step, best=best_score)
