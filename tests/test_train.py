@@ -19,7 +19,7 @@ from defectd.model.card import ModelCard
 from defectd.model.checkpoint import load_checkpoint, read_checkpoint
 from defectd.model.unet import UNet
 from defectd.training.evaluate import TorchPredictor, evaluate
-from defectd.training.train import TrainConfig, lr_factor, train
+from defectd.training.train import TrainConfig, _selection_score, lr_factor, train
 from training_support import tiny_training
 
 SIZE = 64
@@ -163,6 +163,12 @@ def test_select_by_last_makes_the_final_epoch_best_with_a_completed_card(
     assert 0.0 < card.threshold < 1.0
     assert "val_dice" in card.metrics
     assert card.training.epochs == 3
+    # The rule itself: a later epoch wins under "last" even when its val Dice is worse.
+    net, _ = load_checkpoint(config.out / "best.pt")
+    ev = evaluate(open_dataset(config.data), "val", TorchPredictor(net), card)
+    better, worse = replace(ev, best_dice=0.9), replace(ev, best_dice=0.1)
+    assert _selection_score(worse, "last", 3) > _selection_score(better, "last", 2)
+    assert _selection_score(worse, "dice", 3) < _selection_score(better, "dice", 2)
 
 
 def test_lr_schedule_warms_up_then_decays_to_floor() -> None:

@@ -252,7 +252,11 @@ def lr_factor(progress: float, warmup: float, min_ratio: float) -> float:
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def _selection_score(ev: Evaluation, select_by: SelectBy) -> float:
+def _selection_score(ev: Evaluation, select_by: SelectBy, epoch: int) -> float:
+    """What ``best.pt`` keeps the highest of. ``last``: the epoch itself, so every validated
+    epoch replaces the one before and ``best.pt`` ends as the final epoch (always validated)."""
+    if select_by == "last":
+        return float(epoch)
     auroc = ev.report.auroc
     if select_by == "dice+auroc" and not math.isnan(auroc):
         return ev.best_dice + auroc
@@ -561,13 +565,7 @@ def train(
                 # None on a split without good images (all-defective sets): JSON has no NaN.
                 "auroc": None if math.isnan(ev.report.auroc) else round(ev.report.auroc, 5),
             }
-            # "last": every validated epoch replaces the one before, so best.pt ends as the
-            # final epoch (always validated), with its card completed like any other.
-            score = (
-                float(epoch)
-                if config.select_by == "last"
-                else _selection_score(ev, config.select_by)
-            )
+            score = _selection_score(ev, config.select_by, epoch)
             if score > best_score:
                 best_score = score
                 save_checkpoint(best_path, net, card, epoch=epoch, step=step, best=best_score)
