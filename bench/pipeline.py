@@ -59,7 +59,7 @@ from typing import Any
 
 import numpy as np
 
-from _common import cpu_model
+from _common import cpu_model, cpu_ticks, steal_percent
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = (
@@ -1105,13 +1105,18 @@ def print_rows(console: Any, report: dict[str, Any], rows: dict[str, Any]) -> No
         "e2e = grab -> result delivered to a subscriber (~PUBACK); the engine-only row shows "
         f"its batch latency; CPU % is of one core; {report['cpu_model']}, "
         f"{report['cpu_count']} cores, load average (1 min) at the start of each run "
-        f"{report['load_avg_1m_per_run']}, at its end {report.get('load_avg_1m_end_of_run')}"
+        f"{report['load_avg_1m_per_run']}, at its end {report.get('load_avg_1m_end_of_run')}; "
+        f"CPU time stolen by the hypervisor per run (%) {report.get('steal_percent_per_run')}"
     )
 
 
-def checks(ratios: dict[str, float], rows: dict[str, Any], load_max: float) -> dict[str, Any]:
-    """The targets of this bench, met or not, from this run (quiet: load average < 1.5)."""
+def checks(
+    ratios: dict[str, float], rows: dict[str, Any], load_max: float, steal_max: float | None
+) -> dict[str, Any]:
+    """The targets of this bench, met or not, from this run (quiet: load average < 1.5; on a
+    virtual machine also under 2% of the CPU time stolen by the host in every row)."""
     out: dict[str, Any] = {"quiet_machine": load_max < 1.5}
+    out["low_steal"] = None if steal_max is None else steal_max < 2.0
     if "pipeline_vs_simple" in ratios:
         out["fps_vs_simple_ge_1"] = ratios["pipeline_vs_simple"] >= 1.0
     if "p99_pipeline_vs_simple" in ratios:
@@ -1253,6 +1258,7 @@ def main() -> None:
         loads: list[float] = []  # at the start of each row
         loads_end: list[float] = []  # at its end
         settled: list[float] = []  # seconds waited for the load to fall (--settle)
+        steals: list[float | None] = []  # % of CPU time the hypervisor took, per row
         bracket_s = 2.0 if args.quick else 8.0
         naive_frames = 8 if args.quick else max(24, frames // 10)
         for r in range(repeats):
@@ -1279,8 +1285,10 @@ def main() -> None:
                 loads.append(round(os.getloadavg()[0], 2))
                 if sub is not None:
                     sub.row = f"{row}-{r}"
+                ticks = cpu_ticks()
                 result = run_worker(mode, {**base, **extra, "seed": r})
                 loads_end.append(round(os.getloadavg()[0], 2))
+                steals.append(steal_percent(ticks, cpu_ticks()))
                 if sub is not None:
                     time.sleep(0.5)  # the last deliveries
                     result.update(sub.take(f"{row}-{r}", result["frames"]))
@@ -1321,6 +1329,7 @@ def main() -> None:
         "load_avg_1m_per_run": loads,
         "load_avg_1m_end_of_run": loads_end,
         "load_avg_1m_max": max([*loads, *loads_end, round(os.getloadavg()[0], 2)]),
+        "steal_percent_per_run": steals,
         "settle": {"below": args.settle, "waited_s": settled} if args.settle else None,
     }
     rows = {name: median_row(rs) for name, rs in runs.items() if rs}
@@ -1355,7 +1364,10 @@ def main() -> None:
         report["engine"] = rows["pipeline"]["engine"]
         report["rows"] = rows
         report["ratios"] = ratios
-        report["checks"] = checks(ratios, rows, report["load_avg_1m_max"])
+        stolen = [v for v in report["steal_percent_per_run"] if v is not None]
+        report["checks"] = checks(
+            ratios, rows, report["load_avg_1m_max"], max(stolen) if stolen else None
+        )
     if truth is not None:
         report["truth"] = truth["truth"]
         report["truth_missing"] = truth["missing_verdicts"]
