@@ -66,6 +66,26 @@ def test_windows_cover_the_frame_within_the_pixel_budget_with_less_overlap_than_
     assert windows * wh * ww < tiles * 64 * 64
 
 
+def test_a_float32_engine_gets_half_the_window_pixels_of_a_16_bit_one() -> None:
+    """The budget bounds the bytes the windows' activations hold: twice the bytes per pixel in
+    float32, so half the pixels (two windows at once: 256 K px each for bf16, 128 K for fp32)."""
+    card = load_card(Path(__file__).parent / "data" / "magnetic_tile_v1" / "model.onnx")
+    arch = {"type": "unet", "depth": 4, "norm": "batch"}
+    card = card.model_copy(
+        update={
+            "architecture": arch,
+            "input": card.input.model_copy(update={"height": 256, "width": 256, "resize": "tile"}),
+        }
+    )
+    cfg = PipelineConfig()
+    half = cfg.full_frame_max_px // 2
+    bf16 = full_frame_window(card, cfg, "tile", (2048, 2448), at_once=2)
+    fp32 = full_frame_window(card, cfg, "tile", (2048, 2448), at_once=2, float32=True)
+    assert bf16 is not None and fp32 is not None
+    assert half // 2 < bf16[0] * bf16[1] <= half
+    assert fp32[0] * fp32[1] <= half // 2
+
+
 def test_full_frame_probabilities_equal_the_tiled_ones_within_tolerance(tile_model: Path) -> None:
     card = load_card(tile_model)
     engine = open_engine(tile_model, backend="openvino", precision="fp32", max_batch=1)

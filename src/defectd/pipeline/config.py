@@ -83,7 +83,9 @@ class PipelineConfig(_Frozen):
     # full_frame_max_px pixels), not in model-sized tiles that repeat up to a third of it in
     # their overlaps. The engine runs as many windows at once as it has requests (a stream
     # each in throughput mode, one on every core in latency mode): they share
-    # full_frame_max_px, which so bounds the memory inferences hold. Off: model-sized tiles.
+    # full_frame_max_px, which so bounds the memory inferences hold. The budget counts
+    # pixels at 16-bit activations (bf16, fp16, int8 engines): an engine computing in float32
+    # holds twice the bytes per pixel and gets half the pixels. Off: model-sized tiles.
     full_frame: bool = True
     full_frame_max_px: Annotated[int, Field(ge=4096, le=1 << 28)] = 1 << 20
     preprocess_workers: Annotated[int, Field(ge=1, le=32)] = 1

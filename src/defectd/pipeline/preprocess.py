@@ -152,12 +152,15 @@ def full_frame_window(
     fitted_hw: tuple[int, int],
     *,
     at_once: int = 1,
+    float32: bool = False,
 ) -> tuple[int, int] | None:
     """The window a ``fitted_hw`` image is inspected in when the station allows full-frame
     inference (``[pipeline] full_frame``), the policy is ``tile`` and the card's model is
     fully convolutional (``defectd.model.fit.window_size``); ``None``: model-sized tiles.
     ``at_once`` windows run in parallel (the engine's requests): they share
-    ``full_frame_max_px``, so the activations held stay within the same bound."""
+    ``full_frame_max_px``, so the activations held stay within the same bound. The budget
+    counts pixels of 16-bit activations (bf16, fp16; int8 engines alike): an engine that
+    computes in ``float32`` holds twice the bytes per pixel and gets half the pixels."""
     multiple = fully_convolutional(card.architecture)
     model_hw = (card.input.height, card.input.width)
     if not config.full_frame or mode != "tile" or multiple is None or fitted_hw == model_hw:
@@ -169,7 +172,10 @@ def full_frame_window(
         model_hw,
         multiple=multiple,
         overlap=config.tile_overlap_px,
-        max_pixels=max(config.full_frame_max_px // max(at_once, 1), model_hw[0] * model_hw[1]),
+        max_pixels=max(
+            config.full_frame_max_px // max(at_once, 1) // (2 if float32 else 1),
+            model_hw[0] * model_hw[1],
+        ),
     )
     return None if window == model_hw else window
 
@@ -183,11 +189,18 @@ class Preprocessor:
     """
 
     def __init__(
-        self, card: ModelCard, config: PipelineConfig, pool: BufferPool, *, windows: int = 0
+        self,
+        card: ModelCard,
+        config: PipelineConfig,
+        pool: BufferPool,
+        *,
+        windows: int = 0,
+        float32: bool = False,
     ) -> None:
         self.card = card
         # How many full-frame windows the engine runs at once (``at_size``); 0: it cannot.
         self._windows = windows
+        self._float32 = float32  # the engine computes in float32: half the window pixels
         self.config = config
         self.pool = pool
         self._channels = card.input.channels
@@ -220,7 +233,12 @@ class Preprocessor:
             if self._windows:
                 fitted = plan_fit((roi[3], roi[2]), self._model_hw, mode).fitted
                 window = full_frame_window(
-                    self.card, self.config, mode, fitted, at_once=self._windows
+                    self.card,
+                    self.config,
+                    mode,
+                    fitted,
+                    at_once=self._windows,
+                    float32=self._float32,
                 )
             geo = make_geometry(
                 frame_hw,

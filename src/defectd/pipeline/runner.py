@@ -645,7 +645,13 @@ class Pipeline:
             job.take_slot(slot)
             if pre is None or pre.card is not slot.card:
                 windows = engine_concurrency(slot.engine) if hasattr(slot.engine, "at_size") else 0
-                pre = Preprocessor(slot.card, self.config, self._pool, windows=windows)
+                pre = Preprocessor(
+                    slot.card,
+                    self.config,
+                    self._pool,
+                    windows=windows,
+                    float32=getattr(slot.engine, "precision", "fp32") == "fp32",
+                )
             try:
                 prepared = pre(job.frame, job.setup)
             except FrameError as failure:
