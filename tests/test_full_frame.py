@@ -68,7 +68,7 @@ def test_windows_cover_the_frame_within_the_pixel_budget_with_less_overlap_than_
 
 def test_a_float32_engine_gets_half_the_window_pixels_of_a_16_bit_one() -> None:
     """The budget bounds the bytes the windows' activations hold: twice the bytes per pixel in
-    float32, so half the pixels (two windows at once: 256 K px each for bf16, 128 K for fp32)."""
+    float32, so half the pixels (two windows at once: 512 K px each for bf16, 256 K for fp32)."""
     card = load_card(Path(__file__).parent / "data" / "magnetic_tile_v1" / "model.onnx")
     arch = {"type": "unet", "depth": 4, "norm": "batch"}
     card = card.model_copy(
