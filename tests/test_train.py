@@ -17,9 +17,16 @@ from defectd.data.synth import render_part
 from defectd.errors import ConfigError, DataError
 from defectd.model.card import ModelCard
 from defectd.model.checkpoint import load_checkpoint, read_checkpoint
-from defectd.model.unet import UNet
+from defectd.model.unet import UNet, UNetConfig
+from defectd.training.averaging import WeightAverage
 from defectd.training.evaluate import TorchPredictor, evaluate
-from defectd.training.train import TrainConfig, _selection_score, lr_factor, train
+from defectd.training.train import (
+    EpochRecord,
+    TrainConfig,
+    _selection_score,
+    lr_factor,
+    train,
+)
 from training_support import tiny_training
 
 SIZE = 64
@@ -169,6 +176,63 @@ def test_select_by_last_makes_the_final_epoch_best_with_a_completed_card(
     better, worse = replace(ev, best_dice=0.9), replace(ev, best_dice=0.1)
     assert _selection_score(worse, "last", 3) > _selection_score(better, "last", 2)
     assert _selection_score(worse, "dice", 3) < _selection_score(better, "dice", 2)
+
+
+@pytest.mark.slow
+def test_average_last_makes_the_final_model_the_mean_of_the_last_epochs(
+    tiny_run: TrainConfig, tmp_path: Path
+) -> None:
+    # 4 epochs, the last half averaged: the weights after epochs 3 and 4.
+    config = replace(
+        tiny_run,
+        out=tmp_path / "avg",
+        epochs=4,
+        steps_per_epoch=3,
+        val_every=1,
+        select_by="last",
+        average_last=0.5,
+    )
+    trained: dict[int, dict[str, torch.Tensor]] = {}  # last.pt: the network as trained
+
+    def keep(record: EpochRecord) -> None:
+        trained[record.epoch] = read_checkpoint(config.out / "last.pt")["model"]
+
+    train(config, on_epoch=keep)
+    history = [json.loads(x) for x in (config.out / "history.jsonl").read_text().splitlines()]
+    final = history[-1]["val"]
+    assert final["averaged_epochs"] == 2
+    assert {"last_epoch_dice", "last_epoch_auroc"} <= final.keys()
+    assert "averaged_epochs" not in history[-2]["val"]
+
+    best = read_checkpoint(config.out / "best.pt")["model"]
+    params = {name for name, _ in UNet(config.unet()).named_parameters()}
+    for name in params:
+        mean = (trained[3][name] + trained[4][name]) / 2
+        assert torch.allclose(best[name], mean, atol=1e-6), name
+    assert not torch.allclose(best["head.weight"], trained[4]["head.weight"])
+    # Batch norm: statistics recomputed for the mean weights, not the last epoch's.
+    bn = [k for k in best if k.endswith("running_mean")]
+    assert bn and any(not torch.allclose(best[k], trained[4][k]) for k in bn)
+    _, card = load_checkpoint(config.out / "best.pt")
+    assert 0.0 < card.threshold < 1.0 and "val_dice" in card.metrics
+
+
+def test_average_last_out_of_range_is_refused(tmp_path: Path) -> None:
+    config = replace(tiny_config(tmp_path, tmp_path / "run"), average_last=1.0)
+    with pytest.raises(ConfigError, match=r"--average-last 1\.0"):
+        config.check()
+
+
+def test_weight_average_is_the_running_mean() -> None:
+    nets = [UNet(UNetConfig(base=4, depth=2)) for _ in range(3)]
+    average = WeightAverage()
+    for net in nets:
+        average.add(net)
+    x = torch.rand(2, 1, 16, 16)
+    mean = average.network(nets[-1], [(x, x)])
+    for name, p in mean.named_parameters():
+        expected = sum(dict(n.named_parameters())[name].detach() for n in nets) / 3
+        assert torch.allclose(p, expected, atol=1e-6), name
 
 
 def test_lr_schedule_warms_up_then_decays_to_floor() -> None:

@@ -122,6 +122,14 @@ def train_command(
             " (final) epoch; its card is completed on val either way.",
         ),
     ] = "dice",
+    average_last: Annotated[
+        float,
+        typer.Option(
+            "--average-last",
+            help="Final model = mean of the weights after each epoch in this last share of the"
+            " run (e.g. 0.25), batch-norm statistics recomputed; 0: the last epoch as trained.",
+        ),
+    ] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of weights, sampling and augmentation.")] = 0,
     time_limit: Annotated[
         float | None,
@@ -220,6 +228,7 @@ def train_command(
         augment=augment,  # type: ignore[arg-type]
         val_every=val_every,
         select_by=select_by,  # type: ignore[arg-type]
+        average_last=average_last,
         seed=seed,
         time_limit_min=time_limit,
         bf16=bf16,

@@ -56,6 +56,7 @@ from defectd.model.card import (
 from defectd.model.checkpoint import load_matching, read_checkpoint, save_checkpoint
 from defectd.model.unet import Norm, UNet, UNetConfig
 from defectd.training.augment import Augment, AugmentConfig
+from defectd.training.averaging import WeightAverage
 from defectd.training.evaluate import (
     Evaluation,
     Prediction,
@@ -113,6 +114,9 @@ class TrainConfig:
     val_split: str = "val"
     val_every: int = 1
     select_by: SelectBy = "dice"
+    # > 0: the final model is the mean of the weights after each epoch ending in this last
+    # share of the run, batch-norm statistics recomputed (defectd.training.averaging).
+    average_last: float = 0.0
     image_score: ImageScore = "max"
     time_limit_min: float | None = None
     name: str = ""
@@ -152,6 +156,10 @@ class TrainConfig:
             raise ConfigError(f"--defect-fraction {self.defect_fraction}: must be within [0, 1]")
         if self.time_limit_min is not None and self.time_limit_min <= 0:
             raise ConfigError(f"--time-limit {self.time_limit_min}: must be positive minutes")
+        if not 0.0 <= self.average_last < 1.0:
+            raise ConfigError(
+                f"--average-last {self.average_last}: expected a share of the run in [0, 1)"
+            )
         if not self.classes or len(set(self.classes)) != len(self.classes):
             raise ConfigError(f"--classes {','.join(self.classes)}: expected distinct names")
         if len(self.classes) > MAX_CLASSES:
@@ -469,12 +477,15 @@ def train(
     total_steps = config.epochs * steps_per_epoch
     step, start_epoch, best_score, spent = 0, 0, -math.inf, 0.0
     history: list[EpochRecord] = []
+    average = WeightAverage() if config.average_last > 0 else None
     if state is not None:
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step, start_epoch = int(state["step"]), int(state["epoch"])
         best_score, spent = float(state["best"]), float(state["seconds"])
         history = [EpochRecord(**h) for h in state.get("history", [])]
+        if average is not None and state.get("average"):
+            average.load_state_dict(state["average"])
         torch.set_rng_state(state["torch_rng"])
         log.info("train_resumed", epoch=start_epoch, step=step, best=best_score)
     out.mkdir(parents=True, exist_ok=True)
@@ -541,6 +552,13 @@ def train(
                 break  # out of time: validate what we have
         epoch += 1
         last_epoch = epoch >= config.epochs or progress_now() >= 1.0
+        if average is not None and (last_epoch or progress_now() > 1.0 - config.average_last):
+            average.add(net)
+        # The final model: the averaged weights, when averaging; the network as trained else.
+        judged = net
+        if last_epoch and average is not None:
+            judged = average.network(net, loader, bf16=bf16)
+            log.info("train_averaged", epochs=average.count, share=config.average_last)
         record = EpochRecord(
             epoch=epoch,
             step=step,
@@ -552,7 +570,7 @@ def train(
             ev = evaluate(
                 dataset,
                 config.val_split,
-                TorchPredictor(net, bf16=bf16),
+                TorchPredictor(judged, bf16=bf16),
                 card,
                 threshold=0.5,
                 score=config.image_score,
@@ -565,10 +583,24 @@ def train(
                 # None on a split without good images (all-defective sets): JSON has no NaN.
                 "auroc": None if math.isnan(ev.report.auroc) else round(ev.report.auroc, 5),
             }
+            if judged is not net:  # what averaging changed: the last epoch's own weights
+                raw = evaluate(
+                    dataset,
+                    config.val_split,
+                    TorchPredictor(net, bf16=bf16),
+                    card,
+                    threshold=0.5,
+                    score=config.image_score,
+                )
+                record.val["averaged_epochs"] = average.count if average else 0
+                record.val["last_epoch_dice"] = round(raw.best_dice, 5)
+                record.val["last_epoch_auroc"] = (
+                    None if math.isnan(raw.report.auroc) else round(raw.report.auroc, 5)
+                )
             score = _selection_score(ev, config.select_by, epoch)
             if score > best_score:
                 best_score = score
-                save_checkpoint(best_path, net, card, epoch=epoch, step=step, best=best_score)
+                save_checkpoint(best_path, judged, card, epoch=epoch, step=step, best=best_score)
                 record.val["best"] = True
         record.seconds = round(time.perf_counter() - t_start, 1)
         history.append(record)
@@ -586,6 +618,7 @@ def train(
             seconds=time.perf_counter() - t_start,
             history=[asdict(h) for h in history],
             torch_rng=torch.get_rng_state(),
+            average=None if average is None else average.state_dict(),
         )
         log.info("epoch_done", **asdict(record))
         if on_epoch is not None:
