@@ -217,6 +217,30 @@ def test_average_last_makes_the_final_model_the_mean_of_the_last_epochs(
     assert 0.0 < card.threshold < 1.0 and "val_dice" in card.metrics
 
 
+@pytest.mark.slow
+def test_a_resumed_run_averages_the_same_weights_as_an_uninterrupted_one(
+    tiny_run: TrainConfig, tmp_path: Path
+) -> None:
+    config = replace(
+        tiny_run, epochs=4, steps_per_epoch=3, val_every=1, select_by="last", average_last=0.5
+    )
+    train(replace(config, out=tmp_path / "whole"))
+
+    class CrashError(Exception):
+        pass
+
+    def crash_after_epoch_3(record: EpochRecord) -> None:
+        if record.epoch == 3:  # epoch 3 is already in the running mean
+            raise CrashError
+
+    with pytest.raises(CrashError):
+        train(replace(config, out=tmp_path / "cut"), on_epoch=crash_after_epoch_3)
+    train(replace(config, out=tmp_path / "cut"), resume=True)
+    whole = read_checkpoint(tmp_path / "whole" / "best.pt")["model"]
+    resumed = read_checkpoint(tmp_path / "cut" / "best.pt")["model"]
+    assert all(torch.allclose(whole[k].float(), resumed[k].float(), atol=1e-6) for k in whole)
+
+
 def test_average_last_out_of_range_is_refused(tmp_path: Path) -> None:
     config = replace(tiny_config(tmp_path, tmp_path / "run"), average_last=1.0)
     with pytest.raises(ConfigError, match=r"--average-last 1\.0"):
