@@ -271,6 +271,12 @@ def _selection_score(ev: Evaluation, select_by: SelectBy, epoch: int) -> float:
     return ev.best_dice
 
 
+def _auroc_or_none(ev: Evaluation) -> float | None:
+    """The image AUROC for ``history.jsonl``, rounded; None on a split without good images
+    (all-defective sets), where it is undefined: JSON has no NaN."""
+    return None if math.isnan(ev.report.auroc) else round(ev.report.auroc, 5)
+
+
 def _normalisation_of(images: np.ndarray, channels: int) -> Normalisation:
     """Mean and standard deviation per channel of a ``(N, H, W[, 3])`` uint8 block."""
     flat = images.reshape(-1, channels).astype(np.float64) / 255.0
@@ -524,6 +530,17 @@ def train(
     )
     if on_estimate is not None:
         on_estimate(estimate_s, step_s, total_steps - step)
+
+    def validate(network: UNet) -> Evaluation:
+        return evaluate(
+            dataset,
+            config.val_split,
+            TorchPredictor(network, bf16=bf16),
+            card,
+            threshold=0.5,
+            score=config.image_score,
+        )
+
     epoch = start_epoch
     net.train()
     while epoch < config.epochs and progress_now() < 1.0:
@@ -567,36 +584,19 @@ def train(
             seconds=0.0,
         )
         if epoch % config.val_every == 0 or last_epoch:
-            ev = evaluate(
-                dataset,
-                config.val_split,
-                TorchPredictor(judged, bf16=bf16),
-                card,
-                threshold=0.5,
-                score=config.image_score,
-            )
+            ev = validate(judged)
             record.val = {
                 "dice": round(ev.best_dice, 5),
                 "threshold": ev.best_threshold,
                 "dice@0.5": round(ev.report.overall.dice, 5),
                 "iou@0.5": round(ev.report.overall.iou, 5),
-                # None on a split without good images (all-defective sets): JSON has no NaN.
-                "auroc": None if math.isnan(ev.report.auroc) else round(ev.report.auroc, 5),
+                "auroc": _auroc_or_none(ev),
             }
-            if judged is not net:  # what averaging changed: the last epoch's own weights
-                raw = evaluate(
-                    dataset,
-                    config.val_split,
-                    TorchPredictor(net, bf16=bf16),
-                    card,
-                    threshold=0.5,
-                    score=config.image_score,
-                )
-                record.val["averaged_epochs"] = average.count if average else 0
+            if judged is not net and average is not None:  # beside the mean: the last epoch
+                raw = validate(net)
+                record.val["averaged_epochs"] = average.count
                 record.val["last_epoch_dice"] = round(raw.best_dice, 5)
-                record.val["last_epoch_auroc"] = (
-                    None if math.isnan(raw.report.auroc) else round(raw.report.auroc, 5)
-                )
+                record.val["last_epoch_auroc"] = _auroc_or_none(raw)
             score = _selection_score(ev, config.select_by, epoch)
             if score > best_score:
                 best_score = score
