@@ -103,6 +103,29 @@ def test_eval_json_is_one_object_with_every_metric(
     assert set(result["per_class"]) == {"free", "square"}
     for key in ("dice", "iou", "precision", "recall", "accuracy", "auroc"):
         assert 0.0 <= result[key] <= 1.0
+    assert result["image_score"] == "max"
+    assert result["auroc_by_score"]["max"] == result["auroc"]
+    assert set(result["auroc_by_score"]) == {"max", "area"}
+
+
+def test_eval_image_score_decision_ranks_by_the_stations_decision(
+    model_files: tuple[Path, Path], data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc, out, _ = run_eval(
+        capsys, "--model", str(model_files[1]), "--data", str(data), "--json",
+        "--image-score", "decision", "--min-area", "1",
+    )  # fmt: skip
+    assert rc == 0
+    result = json.loads(out)
+    assert result["image_score"] == "decision"
+    scores = result["auroc_by_score"]
+    assert scores["decision"] == result["auroc"]
+    assert scores["decision"] == scores["max"]  # at a 1 px min area the two are one score
+    rc, _, err = run_eval(
+        capsys, "--model", str(model_files[1]), "--data", str(data), "--image-score", "peak"
+    )
+    assert rc != 0
+    assert "--image-score 'peak'" in err and "decision" in err
 
 
 def test_checkpoint_and_onnx_give_the_same_metrics(

@@ -6,13 +6,16 @@ import numpy as np
 import pytest
 
 from defectd.data.metrics import (
+    THRESHOLD_GRID,
     MetricsAccumulator,
     auroc,
+    decision_score,
     dice_score,
     image_stats,
     iou_score,
     remove_small,
 )
+from defectd.pipeline.postprocess import Postprocessor, PostprocessParams
 
 
 def _mask(shape: tuple[int, int], *boxes: tuple[int, int, int, int]) -> np.ndarray:
@@ -91,6 +94,66 @@ def test_image_accuracy_and_auroc_from_max_probability() -> None:
     rep = acc.report()
     assert rep.overall.accuracy == pytest.approx(2 / 3)
     assert rep.auroc == 1.0  # 0.9 beats 0.2 and 0.6
+
+
+def _blobby_map(seed: int) -> np.ndarray:
+    """A 48x40 probability map with a few bumps of different heights and sizes on noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:48, 0:40]
+    prob = rng.uniform(0.0, 0.3, (48, 40))
+    for _ in range(4):
+        cy, cx, r, h = rng.uniform(0, 48), rng.uniform(0, 40), rng.uniform(1, 6), rng.uniform(0, 1)
+        prob = np.maximum(prob, h * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r)))
+    return np.round(prob, 3).astype(np.float32)  # ties between pixels, as quantised maps have
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("min_area", [0, 1, 5, 30, 200])
+def test_decision_score_is_the_threshold_where_the_image_verdict_flips(
+    seed: int, min_area: int
+) -> None:
+    prob = _blobby_map(seed)
+    score = decision_score(prob, min_area)
+    post = Postprocessor()
+    below = np.nextafter(np.float32(score), np.float32(0))
+    for t in [float(v) for v in (*THRESHOLD_GRID, score, below)]:
+        offline = bool(remove_small(prob > np.float32(t), min_area).any())
+        station, _ = post(prob, PostprocessParams(threshold=t, min_area_px=min_area))
+        assert offline == (np.float32(score) > np.float32(t)), (t, score)  # in the map's dtype
+        assert bool(station) == offline, t  # the station's verdict is the same decision
+
+
+def test_decision_score_edges() -> None:
+    flat = np.full((4, 4), 0.7, np.float32)
+    assert decision_score(flat, 16) == pytest.approx(0.7)  # the whole map is one region
+    assert decision_score(flat, 17) == 0.0  # no region can be that large
+    assert decision_score(np.zeros((0, 0), np.float32), 5) == 0.0
+    peak = np.zeros((8, 8), np.float32)
+    peak[2, 2] = 0.9  # one hot pixel, the rest 0.4 in a 3x3 block around it
+    peak[1:4, 1:4] = np.maximum(peak[1:4, 1:4], 0.4)
+    assert decision_score(peak, 1) == pytest.approx(0.9)
+    assert decision_score(peak, 9) == pytest.approx(0.4)
+
+
+def test_report_gives_auroc_under_every_image_score() -> None:
+    # A good image with one bright speck, a defective one with a large faint region: the
+    # maximum ranks them wrongly, the station's decision at 10 px ranks them right.
+    good = np.zeros((20, 20), np.uint8)
+    speck = np.full((20, 20), 0.05, np.float32)
+    speck[3, 3] = 0.95
+    bad = _mask((20, 20), (5, 10, 5, 10))
+    faint = np.where(bad > 0, 0.6, 0.05).astype(np.float32)
+    acc = MetricsAccumulator(threshold=0.5, min_area_px=10, score="decision")
+    acc.add(speck, good)
+    acc.add(faint, bad)
+    rep = acc.report()
+    assert rep.auroc == 1.0
+    assert rep.auroc_by_score == {"max": 0.0, "area": 1.0, "decision": 1.0}
+    assert rep.as_dict()["auroc_by_score"]["max"] == 0.0
+    plain = MetricsAccumulator(threshold=0.5, min_area_px=10)
+    plain.add(speck, good)
+    plain.add(faint, bad)
+    assert set(plain.report().auroc_by_score) == {"max", "area"}  # decision not computed
 
 
 def test_per_class_table_splits_images_by_class() -> None:

@@ -73,7 +73,13 @@ def eval_command(
         typer.Option("--min-area", help="Drop predicted blobs under N px (default: the card's)."),
     ] = None,
     image_score: Annotated[
-        str, typer.Option("--image-score", help="AUROC score per image: max (probability) or area.")
+        str,
+        typer.Option(
+            "--image-score",
+            help="AUROC score per image: max (probability), area (predicted px) or decision "
+            "(the highest threshold at which a region of at least the min area survives: "
+            "the station's own decision variable).",
+        ),
     ] = "max",
     backend: Annotated[
         str, typer.Option(help="Engine: auto, ort, openvino, tensorrt; torch for a .pt.")
@@ -129,6 +135,7 @@ def eval_command(
     from rich.table import Table
 
     from defectd.data.datasets import open_dataset
+    from defectd.data.metrics import IMAGE_SCORES
     from defectd.training.evaluate import Prediction, evaluate, open_model, predict
     from defectd.training.overlays import (
         overlay,
@@ -138,8 +145,8 @@ def eval_command(
         write_overlay,
     )
 
-    if image_score not in ("max", "area"):
-        raise ConfigError(f"--image-score {image_score!r}: choose max or area")
+    if image_score not in IMAGE_SCORES:
+        raise ConfigError(f"--image-score {image_score!r}: choose {', '.join(IMAGE_SCORES)}")
     if threshold is not None and not 0.0 < threshold < 1.0:
         raise ConfigError(f"--threshold {threshold}: expected a value in (0, 1)")
     if batch_size < 1:
@@ -179,7 +186,7 @@ def eval_command(
                 opened.card,
                 threshold=threshold,
                 min_area_px=min_area,
-                score=image_score,  # type: ignore[arg-type]
+                score=image_score,
                 batch_size=batch_size,
                 tolerance_px=tolerance,
                 on_image=on_image,
@@ -219,6 +226,11 @@ def eval_command(
     for key in ("images", "defective", "dice", "iou", "precision", "recall", "mean_image_iou"):
         table.add_row(key, _fmt(out[key]))
     table.add_row("auroc (image, " + image_score + ")", _fmt(out["auroc"]))
+    others = {k: v for k, v in out.get("auroc_by_score", {}).items() if k != image_score}
+    if others:
+        table.add_row(
+            "auroc by other scores", ", ".join(f"{k} {_fmt(v)}" for k, v in others.items())
+        )
     table.add_row("accuracy (image)", _fmt(out["accuracy"]))
     table.add_row("threshold / min area px", f"{out['threshold']:.2f} / {out['min_area_px']}")
     table.add_row("best threshold on this split", f"{out['best_threshold']:.2f}")

@@ -28,7 +28,8 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-ImageScore = Literal["max", "area"]
+ImageScore = Literal["max", "area", "decision"]
+IMAGE_SCORES: tuple[ImageScore, ...] = ("max", "area", "decision")
 THRESHOLD_GRID: NDArray[np.float64] = np.round(np.arange(0.01, 0.96, 0.01), 2)
 
 
@@ -99,6 +100,40 @@ def remove_small(binary: NDArray[np.bool_], min_area_px: int) -> NDArray[np.bool
     return kept
 
 
+def decision_score(prob: NDArray[np.float32], min_area_px: int) -> float:
+    """The highest threshold at which ``prob`` keeps an 8-connected region of at least
+    ``min_area_px`` pixels: the image is judged defective at threshold ``t`` (``prob > t``,
+    regions under ``min_area_px`` removed, as :func:`remove_small` and the station do) exactly
+    when this score is above ``t`` (compared in the map's dtype). So sweeping ``t`` at a fixed
+    min area traces this score's ROC: it is the station's own decision variable. With
+    ``min_area_px <= 1`` it is the maximum probability; 0.0 when the whole map is smaller
+    than ``min_area_px``.
+
+    Binary search over the map's distinct values (about 17 labellings for 100k of them).
+    """
+    if prob.size == 0:
+        return 0.0
+    if min_area_px <= 1:
+        return float(prob.max())
+    values = np.unique(prob)
+
+    def holds(i: int) -> bool:
+        binary = (prob >= values[i]).astype(np.uint8)
+        count, _, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
+        return count > 1 and int(stats[1:, cv2.CC_STAT_AREA].max()) >= min_area_px
+
+    if not holds(0):
+        return 0.0
+    lo, hi = 0, values.size - 1  # holds(lo) is true; find the last index that holds
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if holds(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return float(values[lo])
+
+
 def disc(radius: int) -> NDArray[np.uint8]:
     """A ``(2r+1, 2r+1)`` uint8 disc (elliptic structuring element) of ``radius`` px."""
     size = 2 * radius + 1
@@ -137,6 +172,7 @@ class ImageStats:
     max_prob: float
     tol_pred_hit: int = 0
     tol_truth_hit: int = 0
+    decision: float | None = None  # :func:`decision_score`, computed when asked for
 
     @property
     def has_defect(self) -> bool:
@@ -151,7 +187,11 @@ class ImageStats:
         return iou_score(self.tp, self.fp, self.fn)
 
     def score(self, kind: ImageScore) -> float:
-        return self.max_prob if kind == "max" else float(self.pred_px)
+        if kind == "area":
+            return float(self.pred_px)
+        if kind == "decision" and self.decision is not None:
+            return self.decision
+        return self.max_prob
 
 
 def image_stats(
@@ -164,12 +204,15 @@ def image_stats(
     cls: str = "",
     tolerance_px: int | None = None,
     binary: NDArray[np.bool_] | None = None,
+    decision: bool = False,
 ) -> ImageStats:
     """Compare a ``(H, W)`` float32 probability map with its ``(H, W)`` uint8 {0,1} mask.
 
     ``binary``: the ``(H, W)`` bool prediction when it was decided elsewhere (a multi-class
     model: the union of its classes, each at its own threshold and min area); ``prob`` then
-    only gives the image score.
+    only gives the image score. ``decision``: also compute :func:`decision_score` at
+    ``min_area_px`` (with ``binary`` given there is no single threshold to sweep, and the
+    decision score is the maximum probability).
     """
     if prob.shape != truth.shape:
         raise ValueError(f"{stem or 'image'}: prediction {prob.shape} vs mask {truth.shape}")
@@ -190,6 +233,11 @@ def image_stats(
         max_prob=float(prob.max()) if prob.size else 0.0,
         tol_pred_hit=hits[0],
         tol_truth_hit=hits[1],
+        decision=(
+            (decision_score(prob, min_area_px) if binary is None else float(prob.max()))
+            if decision and prob.size
+            else None
+        ),
     )
 
 
@@ -258,6 +306,8 @@ class Report:
     per_class: dict[str, Scores]
     # ``{"tolerance_px", "precision", "recall", "f1"}`` when a tolerance was asked for.
     tolerant: dict[str, float] | None = None
+    # AUROC under every image score the stats hold (``decision`` only when it was computed).
+    auroc_by_score: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """Flat JSON-able dict: ``dice``, ``iou``, ..., ``auroc``, ``per_class`` {cls: {...}};
@@ -271,6 +321,8 @@ class Report:
             "min_area_px": self.min_area_px,
             "per_class": {k: v.as_dict() for k, v in self.per_class.items()},
         }
+        if self.auroc_by_score:
+            out["auroc_by_score"] = {k: _json_number(v) for k, v in self.auroc_by_score.items()}
         if self.tolerant is not None:
             out["tolerance_px"] = int(self.tolerant["tolerance_px"])
             for key in ("precision", "recall", "f1"):
@@ -336,6 +388,7 @@ class MetricsAccumulator:
             cls=cls,
             tolerance_px=self.tolerance_px,
             binary=binary,
+            decision=self.score == "decision",
         )
         self.stats.append(st)
         if not self.keep_sweep:
@@ -373,9 +426,16 @@ class MetricsAccumulator:
     def report(self) -> Report:
         labels = [s.has_defect for s in self.stats]
         classes = sorted({s.cls for s in self.stats if s.cls})
+        kinds: list[ImageScore] = ["max", "area"]
+        if self.stats and all(s.decision is not None for s in self.stats):
+            kinds.append("decision")
+        by_score: dict[str, float] = {
+            k: auroc(labels, [s.score(k) for s in self.stats]) for k in kinds
+        }
         return Report(
             overall=scores_of(self.stats),
             auroc=auroc(labels, [s.score(self.score) for s in self.stats]),
+            auroc_by_score=by_score,
             score=self.score,
             threshold=self.threshold,
             min_area_px=self.min_area_px,
