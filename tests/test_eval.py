@@ -106,6 +106,7 @@ def test_eval_json_is_one_object_with_every_metric(
     assert result["image_score"] == "max"
     assert result["auroc_by_score"]["max"] == result["auroc"]
     assert set(result["auroc_by_score"]) == {"max", "area"}
+    assert set(result["auroc_costs"]) == {"defective", "good"}
 
 
 def test_eval_image_score_decision_ranks_by_the_stations_decision(

@@ -9,6 +9,7 @@ from defectd.data.metrics import (
     THRESHOLD_GRID,
     MetricsAccumulator,
     auroc,
+    auroc_costs,
     decision_score,
     dice_score,
     image_stats,
@@ -154,6 +155,28 @@ def test_report_gives_auroc_under_every_image_score() -> None:
     plain.add(speck, good)
     plain.add(faint, bad)
     assert set(plain.report().auroc_by_score) == {"max", "area"}  # decision not computed
+
+
+def test_auroc_costs_name_the_images_behind_each_misordered_pair() -> None:
+    # Scores: defective 0.9, 0.5, 0.2; good 0.1, 0.5, 0.6. Mis-ordered pairs: d(0.5) below
+    # g(0.6) and tied with g(0.5) -> 1.5; d(0.2) below g(0.5) and g(0.6) -> 2. AUROC 5.5 / 9.
+    acc = MetricsAccumulator(threshold=0.99)
+    good = np.zeros((2, 2), np.uint8)
+    bad = np.ones((2, 2), np.uint8)
+    for i, v in enumerate((0.9, 0.5, 0.2)):
+        acc.add(np.full((2, 2), v, np.float32), bad, stem=f"d{i}", cls="crack")
+    for i, v in enumerate((0.1, 0.5, 0.6)):
+        acc.add(np.full((2, 2), v, np.float32), good, stem=f"g{i}", cls="free")
+    rep = acc.report()
+    assert rep.auroc == pytest.approx(1 - 3.5 / 9)
+    costs = auroc_costs(acc.stats, "max")
+    assert [(r["stem"], r["pairs"]) for r in costs["defective"]] == [("d2", 2.0), ("d1", 1.5)]
+    assert [(r["stem"], r["pairs"]) for r in costs["good"]] == [("g2", 2.0), ("g1", 1.5)]
+    lost = sum(r["auroc_loss"] for r in costs["defective"])
+    assert lost == pytest.approx(1 - rep.auroc, abs=1e-5)  # every lost pair, counted once
+    assert costs["defective"][0]["cls"] == "crack"
+    assert rep.as_dict()["auroc_costs"] == costs
+    assert auroc_costs(acc.stats[:3], "max") == {"defective": [], "good": []}
 
 
 def test_per_class_table_splits_images_by_class() -> None:

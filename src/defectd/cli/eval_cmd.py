@@ -21,6 +21,24 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def _print_auroc_costs(console: Any, costs: dict[str, list[dict[str, Any]]], score: str) -> None:
+    """The images that cost the AUROC most: where to look first when it is lower than hoped."""
+    from rich.table import Table
+
+    rows = [("defective, ranked low", r) for r in costs.get("defective", [])]
+    rows += [("good, ranked high", r) for r in costs.get("good", [])]
+    if not rows:
+        return
+    table = Table(title=f"images that cost the AUROC most (score: {score})")
+    for col in ("image", "class", "kind", "score", "pairs", "auroc loss"):
+        table.add_column(col, justify="left" if col in ("image", "class", "kind") else "right")
+    for kind, r in rows:
+        table.add_row(
+            r["stem"], r["cls"], kind, _fmt(r["score"]), f"{r['pairs']:g}", _fmt(r["auroc_loss"])
+        )
+    console.print(table)
+
+
 def _class_table(title: str, per_class: dict[str, Any], cols: tuple[str, ...]) -> Any:
     """A rich table with a row per class of ``per_class`` and the columns ``cols`` of it."""
     from rich.table import Table
@@ -245,6 +263,7 @@ def eval_command(
         rich_out.print(_class_table("per class", out["per_class"], cols))
     if "classes" in out:
         _print_classes(rich_out, out["classes"])
+    _print_auroc_costs(rich_out, out.get("auroc_costs", {}), image_score)
     if written:
         rich_out.print(f"{len(written)} overlays in {overlays}")
     if masks is not None:

@@ -134,6 +134,55 @@ def decision_score(prob: NDArray[np.float32], min_area_px: int) -> float:
     return float(values[lo])
 
 
+def auroc_costs(
+    stats: Sequence[ImageStats], kind: ImageScore, count: int = 5
+) -> dict[str, list[dict[str, Any]]]:
+    """The images that cost the AUROC most under score ``kind``: ``defective``, the defective
+    images outranked by the most good ones, and ``good``, the good images outranking the most
+    defective ones (``count`` of each, costliest first). Each row: ``stem``, ``cls``,
+    ``score``, ``pairs`` (mis-ordered pairs, ties counting one half) and ``auroc_loss``
+    (``pairs / (defective x good)``: the AUROC would be that much higher were the image ranked
+    right). Empty lists when either kind of image is missing."""
+    pos = [s for s in stats if s.has_defect]
+    neg = [s for s in stats if not s.has_defect]
+    if not pos or not neg:
+        return {"defective": [], "good": []}
+    ps = np.sort(np.array([s.score(kind) for s in pos]))
+    ns = np.sort(np.array([s.score(kind) for s in neg]))
+
+    def pairs_above(sorted_scores: NDArray[Any], v: float) -> float:  # > v, plus half of == v
+        lo = np.searchsorted(sorted_scores, v, side="left")
+        hi = np.searchsorted(sorted_scores, v, side="right")
+        return float(sorted_scores.size - hi) + 0.5 * float(hi - lo)
+
+    def pairs_below(sorted_scores: NDArray[Any], v: float) -> float:  # < v, plus half of == v
+        lo = np.searchsorted(sorted_scores, v, side="left")
+        hi = np.searchsorted(sorted_scores, v, side="right")
+        return float(lo) + 0.5 * float(hi - lo)
+
+    total = float(len(pos) * len(neg))
+
+    def rows(group: list[ImageStats], cost: Any) -> list[dict[str, Any]]:
+        costed = [(float(cost(s.score(kind))), s) for s in group]
+        costed = [c for c in costed if c[0] > 0]
+        costed.sort(key=lambda c: (-c[0], c[1].stem))
+        return [
+            {
+                "stem": s.stem,
+                "cls": s.cls,
+                "score": _json_number(s.score(kind)),
+                "pairs": pairs,
+                "auroc_loss": round(pairs / total, 6),
+            }
+            for pairs, s in costed[:count]
+        ]
+
+    return {
+        "defective": rows(pos, lambda v: pairs_above(ns, v)),
+        "good": rows(neg, lambda v: pairs_below(ps, v)),
+    }
+
+
 def disc(radius: int) -> NDArray[np.uint8]:
     """A ``(2r+1, 2r+1)`` uint8 disc (elliptic structuring element) of ``radius`` px."""
     size = 2 * radius + 1
@@ -308,6 +357,8 @@ class Report:
     tolerant: dict[str, float] | None = None
     # AUROC under every image score the stats hold (``decision`` only when it was computed).
     auroc_by_score: dict[str, float] = field(default_factory=dict)
+    # :func:`auroc_costs` under ``score``.
+    auroc_costs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """Flat JSON-able dict: ``dice``, ``iou``, ..., ``auroc``, ``per_class`` {cls: {...}};
@@ -323,6 +374,8 @@ class Report:
         }
         if self.auroc_by_score:
             out["auroc_by_score"] = {k: _json_number(v) for k, v in self.auroc_by_score.items()}
+        if self.auroc_costs:
+            out["auroc_costs"] = self.auroc_costs
         if self.tolerant is not None:
             out["tolerance_px"] = int(self.tolerant["tolerance_px"])
             for key in ("precision", "recall", "f1"):
@@ -436,6 +489,7 @@ class MetricsAccumulator:
             overall=scores_of(self.stats),
             auroc=auroc(labels, [s.score(self.score) for s in self.stats]),
             auroc_by_score=by_score,
+            auroc_costs=auroc_costs(self.stats, self.score),
             score=self.score,
             threshold=self.threshold,
             min_area_px=self.min_area_px,
