@@ -99,6 +99,14 @@ def train_command(
         float,
         typer.Option("--defect-fraction", help="Share of defective images drawn per epoch."),
     ] = 0.5,
+    balance_classes: Annotated[
+        bool,
+        typer.Option(
+            "--balance-classes",
+            help="Give every defect kind (the manifest's class of each image) an equal share "
+            "of the defective draws, so rare kinds are seen as often as common ones.",
+        ),
+    ] = False,
     steps_per_epoch: Annotated[
         int | None,
         typer.Option("--steps-per-epoch", help="Steps per epoch (default: split size / batch)."),
@@ -223,6 +231,7 @@ def train_command(
         weight_decay=weight_decay,
         loss=loss,  # type: ignore[arg-type]
         defect_fraction=defect_fraction,
+        balance_classes=balance_classes,
         steps_per_epoch=steps_per_epoch,
         crop=crop,
         augment=augment,  # type: ignore[arg-type]

@@ -137,7 +137,9 @@ class DefectBalancedSampler(Sampler[int]):
     ``defect_fraction`` of them (in expectation) are defective images.
 
     Sets where ~70% of the images are good would otherwise spend most steps on background.
-    Deterministic for ``(seed, epoch)``; call :meth:`set_epoch` each epoch.
+    ``kinds`` (one label per image, e.g. the manifest's class) with it: every kind of defective
+    image gets an equal share of the defective draws, so a kind with 20 images is drawn as
+    often as one with 80. Deterministic for ``(seed, epoch)``; call :meth:`set_epoch` each epoch.
     """
 
     def __init__(
@@ -147,13 +149,25 @@ class DefectBalancedSampler(Sampler[int]):
         defect_fraction: float = 0.5,
         num_samples: int | None = None,
         seed: int = 0,
+        kinds: Sequence[str] | None = None,
     ) -> None:
         n_bad = int(defective.sum())
         n_good = int(defective.size - n_bad)
+        share = np.ones(defective.size)  # each defective image's weight within the defective
+        if kinds is not None:
+            if len(kinds) != defective.size:
+                raise ValueError(f"{len(kinds)} kinds for {defective.size} images")
+            labels = np.asarray(kinds, dtype=object)
+            bad_kinds = sorted({str(k) for k in labels[defective]})
+            for kind in bad_kinds:
+                members = defective & (labels == kind)
+                share[members] = n_bad / (len(bad_kinds) * int(members.sum()))
         if n_bad == 0 or n_good == 0:
-            weights = np.full(defective.size, 1.0 / defective.size)
+            weights = np.where(defective, share, 1.0) / defective.size
         else:
-            weights = np.where(defective, defect_fraction / n_bad, (1 - defect_fraction) / n_good)
+            weights = np.where(
+                defective, share * defect_fraction / n_bad, (1 - defect_fraction) / n_good
+            )
         self.weights = weights / weights.sum()
         self.num_samples = num_samples if num_samples is not None else int(defective.size)
         self.seed = seed
@@ -161,6 +175,13 @@ class DefectBalancedSampler(Sampler[int]):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def shares(self, labels: Sequence[str]) -> dict[str, float]:
+        """Expected share of the draws that fall on each label (one per image)."""
+        out: dict[str, float] = {}
+        for label, weight in zip(labels, self.weights, strict=True):
+            out[label] = out.get(label, 0.0) + float(weight)
+        return {k: round(v, 4) for k, v in sorted(out.items())}
 
     def __len__(self) -> int:
         return self.num_samples

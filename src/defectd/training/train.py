@@ -102,6 +102,7 @@ class TrainConfig:
     loss: LossKind = "bce_dice"
     pos_weight: float = 1.0
     defect_fraction: float = 0.5  # share of defective images the sampler draws
+    balance_classes: bool = False  # every defect kind (image class) an equal share of those
     steps_per_epoch: int | None = None  # default: one pass over the split's size
     crop: int | None = None  # train on crops of the fitted image (validation: whole images)
     # flip: mirror images only. The default preset's photometric and rotation ops slowed
@@ -410,6 +411,7 @@ def train(
         defect_fraction=config.defect_fraction,
         num_samples=steps_per_epoch * config.batch_size,
         seed=config.seed,
+        kinds=[s.cls for s in train_set.samples] if config.balance_classes else None,
     )
     loader = train_loader(train_set, sampler, config.batch_size)
     log.info(
@@ -420,6 +422,12 @@ def train(
         val=len(val_samples),
         load_s=round(time.perf_counter() - t_load, 1),
         normalisation=norm.model_dump(),
+        draws=sampler.shares(
+            [
+                (s.cls or "defective") if bad else "good"
+                for s, bad in zip(train_set.samples, train_set.defective, strict=True)
+            ]
+        ),
     )
 
     # ---- model, optimiser, loss
