@@ -149,23 +149,17 @@ def auroc_costs(
         return {"defective": [], "good": []}
     ps = np.sort(np.array([s.score(kind) for s in pos]))
     ns = np.sort(np.array([s.score(kind) for s in neg]))
-
-    def pairs_above(sorted_scores: NDArray[Any], v: float) -> float:  # > v, plus half of == v
-        lo = np.searchsorted(sorted_scores, v, side="left")
-        hi = np.searchsorted(sorted_scores, v, side="right")
-        return float(sorted_scores.size - hi) + 0.5 * float(hi - lo)
-
-    def pairs_below(sorted_scores: NDArray[Any], v: float) -> float:  # < v, plus half of == v
-        lo = np.searchsorted(sorted_scores, v, side="left")
-        hi = np.searchsorted(sorted_scores, v, side="right")
-        return float(lo) + 0.5 * float(hi - lo)
-
     total = float(len(pos) * len(neg))
 
-    def rows(group: list[ImageStats], cost: Any) -> list[dict[str, Any]]:
-        costed = [(float(cost(s.score(kind))), s) for s in group]
-        costed = [c for c in costed if c[0] > 0]
-        costed.sort(key=lambda c: (-c[0], c[1].stem))
+    def misordered(sorted_scores: NDArray[Any], v: float, *, above: bool) -> float:
+        """How many of ``sorted_scores`` lie above (or below) ``v``, ties counting one half."""
+        lo = int(np.searchsorted(sorted_scores, v, side="left"))
+        hi = int(np.searchsorted(sorted_scores, v, side="right"))
+        return (sorted_scores.size - hi if above else lo) + 0.5 * (hi - lo)
+
+    def rows(group: list[ImageStats], others: NDArray[Any], above: bool) -> list[dict[str, Any]]:
+        costed = [(misordered(others, s.score(kind), above=above), s) for s in group]
+        costed = sorted((c for c in costed if c[0] > 0), key=lambda c: (-c[0], c[1].stem))
         return [
             {
                 "stem": s.stem,
@@ -177,10 +171,9 @@ def auroc_costs(
             for pairs, s in costed[:count]
         ]
 
-    return {
-        "defective": rows(pos, lambda v: pairs_above(ns, v)),
-        "good": rows(neg, lambda v: pairs_below(ps, v)),
-    }
+    # A defective image loses the pairs with good images above it; a good one, with defective
+    # images below it.
+    return {"defective": rows(pos, ns, above=True), "good": rows(neg, ps, above=False)}
 
 
 def disc(radius: int) -> NDArray[np.uint8]:
