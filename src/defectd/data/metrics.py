@@ -118,9 +118,7 @@ def decision_score(prob: NDArray[np.float32], min_area_px: int) -> float:
     values = np.unique(prob)
 
     def holds(i: int) -> bool:
-        binary = (prob >= values[i]).astype(np.uint8)
-        count, _, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
-        return count > 1 and int(stats[1:, cv2.CC_STAT_AREA].max()) >= min_area_px
+        return bool(remove_small(prob >= values[i], min_area_px).any())
 
     if not holds(0):
         return 0.0
@@ -275,11 +273,7 @@ def image_stats(
         max_prob=float(prob.max()) if prob.size else 0.0,
         tol_pred_hit=hits[0],
         tol_truth_hit=hits[1],
-        decision=(
-            (decision_score(prob, min_area_px) if binary is None else float(prob.max()))
-            if decision and prob.size
-            else None
-        ),
+        decision=decision_score(prob, min_area_px if binary is None else 1) if decision else None,
     )
 
 
@@ -473,14 +467,16 @@ class MetricsAccumulator:
         labels = [s.has_defect for s in self.stats]
         classes = sorted({s.cls for s in self.stats if s.cls})
         kinds: list[ImageScore] = ["max", "area"]
-        if self.stats and all(s.decision is not None for s in self.stats):
+        if self.score == "decision" or (
+            self.stats and all(s.decision is not None for s in self.stats)
+        ):
             kinds.append("decision")
         by_score: dict[str, float] = {
             k: auroc(labels, [s.score(k) for s in self.stats]) for k in kinds
         }
         return Report(
             overall=scores_of(self.stats),
-            auroc=auroc(labels, [s.score(self.score) for s in self.stats]),
+            auroc=by_score[self.score],
             auroc_by_score=by_score,
             auroc_costs=auroc_costs(self.stats, self.score),
             score=self.score,
