@@ -93,3 +93,80 @@ def test_export_of_a_missing_checkpoint_names_it(
     rc = main(["export", "--checkpoint", str(missing), "--out", str(tmp_path / "m.onnx")])
     assert rc == 2
     assert capsys.readouterr().err.strip() == f"error: {missing}: checkpoint not found"
+
+
+def _small_checkpoint(path: Path, *, seed: int, height: int = 32) -> Path:
+    torch.manual_seed(seed)
+    net = UNet(UNetConfig(base=4, depth=2))
+    card = ModelCard(
+        name="small",
+        input={"height": height, "width": 48},
+        threshold=0.37,
+        metrics={"val_dice": 0.8 + seed / 100},
+        training={
+            "command": f"defectd train --data d --seed {seed}",
+            "data_hash": "ab" * 32,
+            "seed": seed,
+            "duration_s": 60.0,
+        },
+    )
+    save_checkpoint(path, net.eval(), card)
+    return path
+
+
+def _run(args: list[str]) -> tuple[int, str]:
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        rc = main(args)
+    return rc, stdout.getvalue()
+
+
+def test_several_checkpoints_export_as_the_mean_of_their_probabilities(tmp_path: Path) -> None:
+    paths = [_small_checkpoint(tmp_path / f"s{seed}.pt", seed=seed) for seed in (5, 6, 7)]
+    singles = []
+    for path in paths:
+        out = tmp_path / f"{path.stem}.onnx"
+        assert _run(["export", "-c", str(path), "-o", str(out), "--json"])[0] == 0
+        singles.append(out)
+    ensemble = tmp_path / "ensemble" / "model.onnx"
+    rc, text = _run(
+        ["export", *(a for p in paths for a in ("-c", str(p))), "-o", str(ensemble), "--json"]
+    )
+    assert rc == 0
+    summary = json.loads(text)
+    assert summary["members"] == 3
+    assert summary["parity_max_abs_diff"] <= 1e-4
+
+    x = np.random.default_rng(1).normal(size=(2, 1, 32, 48)).astype(np.float32)
+
+    def run(path: Path) -> np.ndarray:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        (prob,) = session.run(None, {"image": x})
+        return np.asarray(prob)
+
+    members = [run(p) for p in singles]
+    assert not np.allclose(members[0], members[1], atol=1e-3)  # the seeds really differ
+    np.testing.assert_allclose(run(ensemble), np.mean(members, axis=0), atol=1e-5)
+
+    card = load_card(ensemble)
+    assert card.architecture["members"] == 3
+    assert card.metrics == {}  # the members' figures are not the ensemble's
+    assert card.training.duration_s == 180.0
+    assert card.training.command.split(" ; ") == [
+        f"defectd train --data d --seed {seed}" for seed in (5, 6, 7)
+    ]
+    assert all(str(p) in card.notes for p in paths)
+    assert card.sha256 == file_sha256(ensemble)
+
+
+def test_an_ensemble_member_that_does_not_fit_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first = _small_checkpoint(tmp_path / "a.pt", seed=1)
+    other = _small_checkpoint(tmp_path / "b.pt", seed=2, height=64)
+    out = tmp_path / "m.onnx"
+    rc = main(["export", "-c", str(first), "-c", str(other), "-o", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith(f"error: {other}: input differs from {first}'s")
+    assert not out.exists()

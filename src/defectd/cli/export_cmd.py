@@ -21,7 +21,13 @@ PARITY_TOLERANCE = 1e-4
 def export_command(
     *,
     checkpoint: Annotated[
-        Path, typer.Option("--checkpoint", "-c", help="Training checkpoint, e.g. RUN/best.pt.")
+        list[Path],
+        typer.Option(
+            "--checkpoint",
+            "-c",
+            help="Training checkpoint, e.g. RUN/best.pt. Given several times: one model whose "
+            "output is the mean of their probabilities (a seed ensemble).",
+        ),
     ],
     out: Annotated[
         Path,
@@ -50,22 +56,29 @@ def export_command(
 
     Parity: one random batch through torch and ONNX Runtime; a max abs difference above 1e-4
     is an error (the file is kept for inspection).
+
+    Several checkpoints (runs of one recipe with different seeds) make one model that averages
+    their probability maps; they must match in architecture, input, normalisation, classes and
+    training data. Its card holds no metrics: evaluate and calibrate the exported model.
     """
     require_extra("train", "defectd export")
     from defectd.model.checkpoint import load_checkpoint
+    from defectd.model.ensemble import ensemble_card
     from defectd.model.export import export_onnx
     from defectd.training.evaluate import onnx_parity
 
     # The exporter logs a warning for each torchvision op it cannot register; none are used.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     refuse_overwrite(out, force=force)
-    net, card = load_checkpoint(checkpoint)
+    loaded = [load_checkpoint(path) for path in checkpoint]
+    nets = [net for net, _ in loaded]
+    card = ensemble_card([(path, c) for path, (_, c) in zip(checkpoint, loaded, strict=True)])
     if name:
         card = card.model_copy(update={"name": name})
     if note:
         card = card.model_copy(update={"notes": "; ".join(n for n in (card.notes, note) if n)})
-    final = export_onnx(net, card, out, opset=opset)
-    diff = onnx_parity(net, final, out, batch=parity_batch, tolerance=PARITY_TOLERANCE)
+    final = export_onnx(nets, card, out, opset=opset)
+    diff = onnx_parity(nets, final, out, batch=parity_batch, tolerance=PARITY_TOLERANCE)
     size_mb = out.stat().st_size / 1e6
     summary = {
         "onnx": str(out),
@@ -75,12 +88,13 @@ def export_command(
         "size_mb": round(size_mb, 3),
         "parity_max_abs_diff": diff,
         "input": final.input.model_dump(),
+        "members": len(nets),
     }
     if as_json:
         typer.echo(json.dumps(summary))
         return
     typer.echo(
-        f"exported {checkpoint} -> {out} ({size_mb:.2f} MB, opset {opset}, input "
-        f"{final.input.channels}x{final.input.height}x{final.input.width}); "
+        f"exported {', '.join(map(str, checkpoint))} -> {out} ({size_mb:.2f} MB, opset {opset}, "
+        f"input {final.input.channels}x{final.input.height}x{final.input.width}); "
         f"parity torch vs ONNX Runtime: max abs diff {diff:.2e} (<= {PARITY_TOLERANCE:g})"
     )

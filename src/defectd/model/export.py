@@ -1,10 +1,12 @@
-"""Export a trained U-Net to ONNX with the sigmoid in the graph, its card beside it."""
+"""Export a trained U-Net (or several: a seed ensemble) to ONNX with the sigmoid in the graph,
+its card beside it."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -31,22 +33,46 @@ class WithSigmoid(nn.Module):
         return torch.sigmoid(self.net(x))
 
 
-def export_onnx(net: UNet, card: ModelCard, out: Path, *, opset: int = DEFAULT_OPSET) -> ModelCard:
+class MeanProbability(nn.Module):
+    """Several networks' logits -> the mean of their probabilities (a seed ensemble)."""
+
+    def __init__(self, nets: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.nets = nn.ModuleList(nets)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.sigmoid(net(x)) for net in self.nets]).mean(0)
+
+
+def probability_module(nets: UNet | Sequence[UNet]) -> nn.Module:
+    """The module an export traces: one network with its sigmoid (the graph every single
+    model has had), or the mean probability of several."""
+    members = list(nets) if isinstance(nets, Sequence) else [nets]
+    return WithSigmoid(members[0]) if len(members) == 1 else MeanProbability(members)
+
+
+def export_onnx(
+    nets: UNet | Sequence[UNet], card: ModelCard, out: Path, *, opset: int = DEFAULT_OPSET
+) -> ModelCard:
     """Write ``out`` (ONNX, input ``image`` (N,C,H,W) float32 with dynamic N, output ``prob``
     (N,1,H,W)) and its card; returns the card with ``sha256`` and ``opset`` filled in.
 
+    Several networks export as one model whose output is the mean of their probabilities.
     Height and width are fixed to ``card.input``. Raises ``ModelError`` when the export fails.
     """
     if opset < 17:
         raise ModelError(f"opset {opset} is too old; defectd exports with opset >= 17")
     spec = card.input
-    stride = net.config.stride
+    members = list(nets) if isinstance(nets, Sequence) else [nets]
+    if not members:
+        raise ModelError(f"{out}: nothing to export (no network given)")
+    stride = max(net.config.stride for net in members)
     if spec.height % stride or spec.width % stride:
         raise ModelError(
             f"input {spec.height}x{spec.width} is not a multiple of the U-Net stride {stride}"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
-    module = WithSigmoid(net).eval()
+    module = probability_module(members).eval()
     example = torch.zeros(2, spec.channels, spec.height, spec.width)
     batch = torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH)
     try:

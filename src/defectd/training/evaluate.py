@@ -134,15 +134,22 @@ def channels_last(net: UNet) -> UNet:
 
 
 def onnx_parity(
-    net: UNet, card: ModelCard, onnx_path: Path, *, batch: int = 2, tolerance: float = 1e-4
+    nets: UNet | Sequence[UNet],
+    card: ModelCard,
+    onnx_path: Path,
+    *,
+    batch: int = 2,
+    tolerance: float = 1e-4,
 ) -> float:
     """Max abs difference of probabilities, torch float32 vs ONNX Runtime, on one seeded random
-    ``(batch, C, H, W)`` input; ``ModelError`` naming the file when it exceeds ``tolerance``."""
+    ``(batch, C, H, W)`` input; ``ModelError`` naming the file when it exceeds ``tolerance``.
+    Several networks (an ensemble) are compared by the mean of their probabilities."""
     spec = card.input
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (batch, spec.channels, spec.height, spec.width), np.uint8)
     x = card.normalisation.apply(pixels)
-    expected = TorchPredictor(net.eval()).infer(x)
+    members = list(nets) if isinstance(nets, Sequence) else [nets]
+    expected = np.mean([TorchPredictor(net.eval()).infer(x) for net in members], axis=0)
     runner = open_engine(onnx_path, backend="ort", precision="fp32", max_batch=max(1, batch))
     try:
         got = runner.infer(x)
