@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from defectd.cli import main
+from defectd.data.synth import write_dataset
 from defectd.model.card import ModelCard, file_sha256, load_card
 from defectd.model.checkpoint import save_checkpoint
 from defectd.model.unet import UNet, UNetConfig
@@ -170,3 +171,32 @@ def test_an_ensemble_member_that_does_not_fit_is_named(
     assert rc == 2
     assert err.startswith(f"error: {other}: input differs from {first}'s")
     assert not out.exists()
+
+
+def test_export_with_data_chooses_the_cards_point_on_val_as_eval_measures_it(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "ds"
+    write_dataset(data, 40, seed=3, height=32, width=48, defect_rate=0.5)
+    paths = [_small_checkpoint(tmp_path / f"s{seed}.pt", seed=seed) for seed in (1, 2)]
+    out = tmp_path / "m.onnx"
+    args = ["export", "-c", str(paths[0]), "-c", str(paths[1]), "-o", str(out), "--json"]
+    rc, text = _run([*args, "--data", str(data)])
+    assert rc == 0
+    summary = json.loads(text)
+    card = load_card(out)
+    assert summary["threshold"] == card.threshold
+    assert "chosen on split 'val'" in card.notes
+    assert {"val_dice", "val_auroc"} <= card.metrics.keys()
+    assert card.sha256 == file_sha256(out)  # the card changed, the model did not
+
+    rc, text = _run(
+        ["eval", "--model", str(out), "--data", str(data), "--split", "val", "--backend", "ort",
+         "--precision", "fp32", "--json"]
+    )  # fmt: skip
+    assert rc == 0
+    report = json.loads(text)
+    assert report["threshold"] == card.threshold
+    assert report["min_area_px"] == card.min_area_px
+    assert abs(report["dice"] - card.metrics["val_dice"]) < 1e-4
+    assert abs(report["auroc"] - card.metrics["val_auroc"]) < 1e-4

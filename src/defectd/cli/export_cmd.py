@@ -12,7 +12,9 @@ import typer
 from defectd.cli.app import app
 from defectd.cli.guard import refuse_overwrite
 from defectd.cli.options import JsonSummary
+from defectd.errors import DataError
 from defectd.extras import require_extra
+from defectd.model.card import ModelCard, card_path
 
 PARITY_TOLERANCE = 1e-4
 
@@ -40,6 +42,14 @@ def export_command(
     note: Annotated[
         str, typer.Option(help="Text added to the card's notes (e.g. how the data was made).")
     ] = "",
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Dataset whose val split chooses the card's threshold (best Dice) and min "
+            "area (best image accuracy) through the exported model, as training chooses them, "
+            "and gives the card's val metrics. Meant for an ensemble, whose card has none.",
+        ),
+    ] = None,
     parity_batch: Annotated[
         int, typer.Option("--parity-batch", help="Random images in the parity check.")
     ] = 2,
@@ -79,6 +89,8 @@ def export_command(
         card = card.model_copy(update={"notes": "; ".join(n for n in (card.notes, note) if n)})
     final = export_onnx(nets, card, out, opset=opset)
     diff = onnx_parity(nets, final, out, batch=parity_batch, tolerance=PARITY_TOLERANCE)
+    if data is not None:
+        final = _choose_on_val(out, final, data)
     size_mb = out.stat().st_size / 1e6
     summary = {
         "onnx": str(out),
@@ -89,6 +101,9 @@ def export_command(
         "parity_max_abs_diff": diff,
         "input": final.input.model_dump(),
         "members": len(nets),
+        "threshold": final.threshold,
+        "min_area_px": final.min_area_px,
+        "metrics": final.metrics,
     }
     if as_json:
         typer.echo(json.dumps(summary))
@@ -98,3 +113,30 @@ def export_command(
         f"input {final.input.channels}x{final.input.height}x{final.input.width}); "
         f"parity torch vs ONNX Runtime: max abs diff {diff:.2e} (<= {PARITY_TOLERANCE:g})"
     )
+
+
+def _choose_on_val(out: Path, card: ModelCard, data: Path) -> ModelCard:
+    """``card`` with the operating point and metrics chosen on ``data``'s val split through
+    the exported model (ONNX Runtime, float32: what the station runs at fp32); saved."""
+    from defectd.data.datasets import open_dataset
+    from defectd.training.evaluate import open_model, predict
+    from defectd.training.train import validation_point
+
+    dataset = open_dataset(data)
+    opened = open_model(out, backend="ort", precision="fp32")
+    try:
+        preds = list(predict(dataset, dataset.samples("val"), opened.predictor, card))
+    finally:
+        opened.close()
+    if not preds:
+        raise DataError(f"{data}: the val split is empty; nothing to choose the threshold on")
+    point = validation_point(preds, card)
+    note = (
+        f"threshold (best Dice) and min_area_px (best image accuracy) chosen on split 'val' of "
+        f"{data} through this file (ort-fp32); image score for AUROC: max"
+    )
+    chosen = card.model_copy(
+        update={**point, "notes": "; ".join(n for n in (card.notes, note) if n)}
+    )
+    chosen.save(card_path(out))
+    return chosen

@@ -652,22 +652,7 @@ def finish_card(
     preds = list(
         predict(dataset, dataset.samples(config.val_split), TorchPredictor(net, bf16=False), card)
     )
-    per_class: dict[str, ClassPoint] = {}
-    if card.multiclass:
-        per_class, report, class_metrics = choose_class_points(preds, card, config.image_score)
-        threshold = min(p.threshold for p in per_class.values())
-        min_area = min(p.min_area_px for p in per_class.values())
-    else:
-        threshold, min_area, report = choose_operating_point(preds, config.image_score)
-        class_metrics = {}
-    metrics = {
-        f"val_{k}": float(v)
-        for k, v in report.overall.as_dict().items()
-        if isinstance(v, float) and k not in ("images", "defective")
-    }
-    metrics.update(class_metrics)
-    if math.isfinite(report.auroc):  # undefined on a split without good images: left out
-        metrics["val_auroc"] = float(report.auroc)
+    point = validation_point(preds, card, config.image_score)
     training = card.training.model_copy(
         update={
             "data_hash": dataset.fingerprint(config.train_split),
@@ -677,20 +662,47 @@ def finish_card(
     )
     final = card.model_copy(
         update={
-            "threshold": threshold,
-            "min_area_px": min_area,
-            "per_class": per_class,
-            "metrics": {k: round(v, 5) for k, v in metrics.items() if math.isfinite(v)},
+            **point,
             "training": training,
             "drift": dataset_reference(dataset, config.train_split, card.input.channels),
             "notes": f"threshold (best Dice) and min_area_px (best image accuracy) chosen on "
-            f"split {config.val_split!r}{', per class' if per_class else ''}; "
+            f"split {config.val_split!r}{', per class' if point['per_class'] else ''}; "
             f"image score for AUROC: {config.image_score}",
         }
     )
     extra = {k: v for k, v in state.items() if k not in ("model", "unet", "card")}
     save_checkpoint(best_path, net, final, **extra)
     return final
+
+
+def validation_point(
+    preds: Sequence[Prediction], card: ModelCard, score: ImageScore = "max"
+) -> dict[str, Any]:
+    """The card fields chosen on validation predictions: ``threshold`` and ``min_area_px``
+    (:func:`choose_operating_point`, or per class), ``per_class`` and the ``metrics`` there
+    (``val_*``; AUROC left out on a split without good images)."""
+    per_class: dict[str, ClassPoint] = {}
+    if card.multiclass:
+        per_class, report, class_metrics = choose_class_points(preds, card, score)
+        threshold = min(p.threshold for p in per_class.values())
+        min_area = min(p.min_area_px for p in per_class.values())
+    else:
+        threshold, min_area, report = choose_operating_point(preds, score)
+        class_metrics = {}
+    metrics = {
+        f"val_{k}": float(v)
+        for k, v in report.overall.as_dict().items()
+        if isinstance(v, float) and k not in ("images", "defective")
+    }
+    metrics.update(class_metrics)
+    if math.isfinite(report.auroc):
+        metrics["val_auroc"] = float(report.auroc)
+    return {
+        "threshold": threshold,
+        "min_area_px": min_area,
+        "per_class": per_class,
+        "metrics": {k: round(v, 5) for k, v in metrics.items() if math.isfinite(v)},
+    }
 
 
 MIN_AREA_CANDIDATES = (0, 4, 8, 16, 32, 64, 128)
