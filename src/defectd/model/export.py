@@ -44,13 +44,6 @@ class MeanProbability(nn.Module):
         return torch.stack([torch.sigmoid(net(x)) for net in self.nets]).mean(0)
 
 
-def probability_module(nets: UNet | Sequence[UNet]) -> nn.Module:
-    """The module an export traces: one network with its sigmoid (the graph every single
-    model has had), or the mean probability of several."""
-    members = list(nets) if isinstance(nets, Sequence) else [nets]
-    return WithSigmoid(members[0]) if len(members) == 1 else MeanProbability(members)
-
-
 def export_onnx(
     nets: UNet | Sequence[UNet], card: ModelCard, out: Path, *, opset: int = DEFAULT_OPSET
 ) -> ModelCard:
@@ -72,7 +65,8 @@ def export_onnx(
             f"input {spec.height}x{spec.width} is not a multiple of the U-Net stride {stride}"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
-    module = probability_module(members).eval()
+    # One network keeps the graph every single model has had: its logits through a sigmoid.
+    module = (WithSigmoid(members[0]) if len(members) == 1 else MeanProbability(members)).eval()
     example = torch.zeros(2, spec.channels, spec.height, spec.width)
     batch = torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH)
     try:
