@@ -110,7 +110,8 @@ def prepare_models(
         card = export_onnx(UNet(UNetConfig(**arch)).eval(), card, fp32)
         source = f"fresh U-Net {arch} {size}x{size} (models/magnetic_tile not present)"
     net = UNet(UNetConfig(**arch))
-    gflops = net.gflops(card.input.height, card.input.width)
+    members = int(card.architecture.get("members", 1))  # a seed ensemble runs them all
+    gflops = members * net.gflops(card.input.height, card.input.width)
     t0 = time.perf_counter()
     shipped = model.with_name(model.stem + ".int8.onnx") if model is not None else None
     if shipped is not None and shipped.is_file() and calibration_data is None:
@@ -129,6 +130,7 @@ def prepare_models(
         "model": fp32,
         "source": source,
         "arch": arch,
+        "members": members,
         "input": [card.input.channels, card.input.height, card.input.width],
         "gflops_per_frame": gflops,
         "quantize_s": time.perf_counter() - t0,
@@ -164,7 +166,8 @@ def worker(args: argparse.Namespace) -> None:
         arch = json.loads(args.arch)
         spec = make_spec(model, card, None, 1, args.max_batch)
         torch.manual_seed(0)
-        engine: Any = TorchEngine(UNet(UNetConfig(**arch)), card, spec, threads=args.threads)
+        nets = [UNet(UNetConfig(**arch)) for _ in range(int(card.architecture.get("members", 1)))]
+        engine: Any = TorchEngine(nets, card, spec, threads=args.threads)
     else:
         from defectd.engines import open_engine
 
@@ -374,6 +377,7 @@ def main() -> None:
     summary = {
         "model": info["source"],
         "input": info["input"],
+        "members": info["members"],
         "threads": args.threads,
         "cpu": cpu_model("unknown"),
         "peak_gflops": {k: round(v, 1) for k, v in peak["gflops"].items()},
@@ -469,7 +473,11 @@ def checks(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def print_table(summary: dict[str, Any]) -> None:
-    print(f"model: {summary['model']}  input {summary['input']}  threads {summary['threads']}")
+    members = f"  members {summary['members']}" if summary["members"] > 1 else ""
+    print(
+        f"model: {summary['model']}  input {summary['input']}{members}  "
+        f"threads {summary['threads']}"
+    )
     print(f"cpu: {summary['cpu']}")
     pk = summary["peak_gflops"]
     print(f"measured peak GFLOP/s: fp32 {pk['fp32']}, bf16 {pk['bf16']}, int8 {pk['int8']} (GOP/s)")

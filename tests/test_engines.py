@@ -296,3 +296,35 @@ def test_a_card_without_precision_metrics_keeps_its_own_precision(tiny_model: Pa
     engine = open_engine(tiny_model, backend="openvino")
     engine.close()
     assert engine.name == "openvino-fp32"
+
+
+def test_a_seed_ensemble_runs_as_one_model_on_every_backend(tmp_path: Path) -> None:
+    """Two networks exported as one (mean of probabilities) agree with torch running both,
+    and torch running both gives the mean of each one alone."""
+    import torch
+
+    from defectd.engines.model_file import make_spec
+    from defectd.engines.torch_backend import TorchEngine
+    from defectd.model import UNet, UNetConfig
+    from defectd.model.ensemble import ensemble_card
+    from defectd.model.export import export_onnx
+
+    nets = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        nets.append(UNet(UNetConfig(base=4, depth=2)).eval())
+    card = ModelCard(name="pair", input={"height": 32, "width": 32})
+    card = ensemble_card([(tmp_path / "a.pt", card), (tmp_path / "b.pt", card)])
+    out = tmp_path / "pair.onnx"
+    card = export_onnx(nets, card, out)
+    spec = make_spec(out, card, None, 1, 4)
+    x = card.normalisation.apply(blob_batch(np.random.default_rng(0), 3, 32)[0] * 255.0)
+    both = TorchEngine(nets, card, spec).infer(x)
+    alone = [TorchEngine(net, card, spec).infer(x) for net in nets]
+    np.testing.assert_allclose(both, (alone[0] + alone[1]) / 2, atol=1e-6)
+    for backend in ("ort", "openvino"):
+        engine = open_engine(out, backend=backend, precision="fp32", max_batch=4)
+        try:
+            assert float(np.abs(engine.infer(x) - both).max()) <= 1e-4, backend
+        finally:
+            engine.close()

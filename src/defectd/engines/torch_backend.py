@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,14 +16,14 @@ from defectd.errors import EngineError
 from defectd.log import get_logger
 from defectd.model.card import ModelCard
 from defectd.model.checkpoint import load_checkpoint
-from defectd.model.export import WithSigmoid
+from defectd.model.export import probability_module
 from defectd.model.unet import UNet
 
 log = get_logger(__name__)
 
 
 class TorchEngine:
-    """U-Net + sigmoid in torch eager mode, fp32 on CPU.
+    """U-Net + sigmoid in torch eager mode, fp32 on CPU (several U-Nets: their mean probability).
 
     ``threads`` sets torch's intra-op thread count, which is per process in torch: the last
     engine opened with ``threads`` wins. Safe to call from several threads (calls serialise).
@@ -30,20 +31,21 @@ class TorchEngine:
 
     def __init__(
         self,
-        net: UNet,
+        net: UNet | Sequence[UNet],
         card: ModelCard,
         spec: EngineSpec,
         *,
         threads: int | None = None,
         source: Path | None = None,
     ) -> None:
-        if net.config.in_channels != spec.channels:
-            raise EngineError(
-                f"U-Net takes {net.config.in_channels} channel(s), card says {spec.channels}"
-            )
+        for member in net if isinstance(net, Sequence) else [net]:
+            if member.config.in_channels != spec.channels:
+                raise EngineError(
+                    f"U-Net takes {member.config.in_channels} channel(s), card says {spec.channels}"
+                )
         if threads is not None:
             torch.set_num_threads(threads)
-        self._module: torch.nn.Module | None = WithSigmoid(net).eval()
+        self._module: torch.nn.Module | None = probability_module(net).eval()
         self._card = card
         self._spec = spec
         self._source = source or Path(f"{card.name}.pt")  # an in-memory net: its nominal file

@@ -44,6 +44,15 @@ class MeanProbability(nn.Module):
         return torch.stack([torch.sigmoid(net(x)) for net in self.nets]).mean(0)
 
 
+def probability_module(nets: UNet | Sequence[UNet]) -> nn.Module:
+    """Probabilities from one network (its logits through a sigmoid: the graph every single
+    model has had) or the mean probability of several (a seed ensemble)."""
+    members = list(nets) if isinstance(nets, Sequence) else [nets]
+    if not members:
+        raise ModelError("no network given")
+    return WithSigmoid(members[0]) if len(members) == 1 else MeanProbability(members)
+
+
 def export_onnx(
     nets: UNet | Sequence[UNet], card: ModelCard, out: Path, *, opset: int = DEFAULT_OPSET
 ) -> ModelCard:
@@ -57,16 +66,13 @@ def export_onnx(
         raise ModelError(f"opset {opset} is too old; defectd exports with opset >= 17")
     spec = card.input
     members = list(nets) if isinstance(nets, Sequence) else [nets]
-    if not members:
-        raise ModelError(f"{out}: nothing to export (no network given)")
     stride = max(net.config.stride for net in members)
     if spec.height % stride or spec.width % stride:
         raise ModelError(
             f"input {spec.height}x{spec.width} is not a multiple of the U-Net stride {stride}"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
-    # One network keeps the graph every single model has had: its logits through a sigmoid.
-    module = (WithSigmoid(members[0]) if len(members) == 1 else MeanProbability(members)).eval()
+    module = probability_module(members).eval()
     example = torch.zeros(2, spec.channels, spec.height, spec.width)
     batch = torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH)
     try:
