@@ -2,8 +2,8 @@
 
 ``defectd export -c A.pt -c B.pt -c C.pt`` writes one ONNX file whose output is the mean of
 the members' probability maps. Runs of one recipe that differ only in their seed disagree on
-the images that decide a small test set (docs/training.md, "A seed ensemble"); their mean
-takes the variance out of that choice for K times the inference of one member.
+the images that decide a small test set (docs/training.md, "The shipped magnetic tile model");
+their mean takes the variance out of that choice for K times the inference of one member.
 
 Members must be interchangeable inside one graph: the same architecture, input, normalisation,
 classes and training data. The ensemble's card is the first member's with the architecture's
@@ -50,7 +50,11 @@ def ensemble_card(members: Sequence[tuple[Path, ModelCard]]) -> ModelCard:
             "command": " ; ".join(c.training.command for c in cards),
         }
     )
-    note = f"ensemble: mean of the probability maps of {len(cards)} checkpoints: {seeds}"
+    note = (
+        f"ensemble: mean of the probability maps of {len(cards)} checkpoints: {seeds}; "
+        f"threshold and min_area_px are {first_path}'s until chosen for the ensemble "
+        "(defectd export --data, defectd calibrate threshold)"
+    )
     return first.model_copy(
         update={
             "architecture": {**first.architecture, "members": len(cards)},
