@@ -16,6 +16,7 @@ from defectd.errors import EngineError
 from defectd.log import get_logger
 from defectd.model.card import ModelCard
 from defectd.model.checkpoint import load_checkpoint
+from defectd.model.ensemble import members_of
 from defectd.model.export import probability_module
 from defectd.model.unet import UNet
 
@@ -38,7 +39,7 @@ class TorchEngine:
         threads: int | None = None,
         source: Path | None = None,
     ) -> None:
-        for member in net if isinstance(net, Sequence) else [net]:
+        for member in members_of(net):
             if member.config.in_channels != spec.channels:
                 raise EngineError(
                     f"U-Net takes {member.config.in_channels} channel(s), card says {spec.channels}"

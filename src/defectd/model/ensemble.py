@@ -15,9 +15,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from defectd.errors import ModelError
 from defectd.model.card import ModelCard
+
+if TYPE_CHECKING:
+    from defectd.model.unet import UNet
+
+
+def members_of(nets: UNet | Sequence[UNet]) -> list[UNet]:
+    """One network or several as the list of an ensemble's members; ``ModelError`` when
+    there is none. (No torch import: evaluation of ONNX models calls this module too.)"""
+    members = list(nets) if isinstance(nets, Sequence) else [nets]
+    if not members:
+        raise ModelError("no network given")
+    return members
 
 
 def ensemble_card(members: Sequence[tuple[Path, ModelCard]]) -> ModelCard:

@@ -14,6 +14,7 @@ from torch import nn
 
 from defectd.errors import ModelError
 from defectd.model.card import PRODUCER, ModelCard, card_path, file_sha256
+from defectd.model.ensemble import members_of
 from defectd.model.unet import UNet
 
 INPUT_NAME = "image"
@@ -47,9 +48,7 @@ class MeanProbability(nn.Module):
 def probability_module(nets: UNet | Sequence[UNet]) -> nn.Module:
     """Probabilities from one network (its logits through a sigmoid: the graph every single
     model has had) or the mean probability of several (a seed ensemble)."""
-    members = list(nets) if isinstance(nets, Sequence) else [nets]
-    if not members:
-        raise ModelError("no network given")
+    members = members_of(nets)
     return WithSigmoid(members[0]) if len(members) == 1 else MeanProbability(members)
 
 
@@ -65,7 +64,7 @@ def export_onnx(
     if opset < 17:
         raise ModelError(f"opset {opset} is too old; defectd exports with opset >= 17")
     spec = card.input
-    members = list(nets) if isinstance(nets, Sequence) else [nets]
+    members = members_of(nets)
     stride = max(net.config.stride for net in members)
     if spec.height % stride or spec.width % stride:
         raise ModelError(

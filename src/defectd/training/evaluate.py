@@ -34,6 +34,7 @@ from defectd.engines import open_engine
 from defectd.errors import ModelError
 from defectd.extras import require_extra
 from defectd.model.card import ModelCard, load_card
+from defectd.model.ensemble import members_of
 from defectd.model.fit import FitPolicy, fit_to_input, restore_size, to_chw
 
 if TYPE_CHECKING:
@@ -148,8 +149,7 @@ def onnx_parity(
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (batch, spec.channels, spec.height, spec.width), np.uint8)
     x = card.normalisation.apply(pixels)
-    members = list(nets) if isinstance(nets, Sequence) else [nets]
-    expected = np.mean([TorchPredictor(net.eval()).infer(x) for net in members], axis=0)
+    expected = np.mean([TorchPredictor(net.eval()).infer(x) for net in members_of(nets)], axis=0)
     runner = open_engine(onnx_path, backend="ort", precision="fp32", max_batch=max(1, batch))
     try:
         got = runner.infer(x)
