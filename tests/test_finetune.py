@@ -84,7 +84,7 @@ def test_a_checkpoint_that_fits_no_layer_is_refused(
     parts: Path, tiny_model: Path, tmp_path: Path
 ) -> None:
     with pytest.raises(ConfigError, match="no layer matches this network"):
-        train(_config(parts, tmp_path / "ft", tiny_model.with_suffix(".pt"), base=8))
+        train(_config(parts, tmp_path / "ft", tiny_model.with_suffix(".pt"), base=8, depth=3))
 
 
 def test_train_init_takes_the_checkpoints_architecture_when_none_is_given(

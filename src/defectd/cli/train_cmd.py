@@ -41,8 +41,9 @@ def _architecture(init: Path | None, **given: Any) -> Architecture:
     arch = Architecture()
     if init is not None:
         from defectd.model.checkpoint import read_checkpoint
+        from defectd.model.recover import read_onnx_init
 
-        state = read_checkpoint(init)
+        state = read_onnx_init(init) if init.suffix == ".onnx" else read_checkpoint(init)
         unet, spec = state.get("unet") or {}, (state.get("card") or {}).get("input") or {}
         found: dict[str, Any] = {
             "size": f"{spec['height']}x{spec['width']}" if "height" in spec else None,
@@ -155,9 +156,11 @@ def train_command(
         Path | None,
         typer.Option(
             "--init",
-            help="Fine-tune: start from this checkpoint (.pt). Tensors that match by name and "
-            "shape are loaded, the others initialised (e.g. a head for other classes); the card "
-            "records its sha256. Architecture options not given are the checkpoint's.",
+            help="Fine-tune: start from this checkpoint (.pt) or exported model (.onnx, card "
+            "beside it). Tensors that match by name and shape are loaded, the others initialised "
+            "(e.g. a head for other classes); a larger --base widens the checkpoint's network "
+            "(same map at the start); the card records its sha256. Architecture options not "
+            "given are the checkpoint's.",
         ),
     ] = None,
     classes: Annotated[
@@ -183,7 +186,8 @@ def train_command(
     OUT/best.pt gets the model card: threshold chosen on 'val', metrics, data hash, command.
 
     With --init FROM.pt it fine-tunes: the run starts from the checkpoint's weights (use a
-    lower --lr and fewer epochs than from scratch).
+    lower --lr and fewer epochs than from scratch). FROM.onnx starts from a deployed model
+    when its checkpoint is gone; a larger --base grows it into a wider network.
 
     Next: defectd export --checkpoint OUT/best.pt --out models/NAME/model.onnx
     """

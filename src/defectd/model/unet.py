@@ -7,6 +7,7 @@ and concatenates the matching encoder features (skip connections).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -113,3 +114,62 @@ class UNet(nn.Module):
         for h in hooks:
             h.remove()
         return total / 1e9
+
+
+def widen_state(
+    weights: Mapping[str, torch.Tensor], net: UNet
+) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
+    """The weights of a narrower U-Net embedded in ``net``'s shapes, computing the same map.
+
+    ``weights`` is the state dict of a U-Net like ``net`` (same depth, input channels,
+    classes and norm) but with a smaller ``base``. Each layer keeps the checkpoint's channels
+    as its first ones; the new channels keep ``net``'s fresh initialisation as far as what
+    they read, and every old channel (and the head) reads them with weight zero. The old
+    channels therefore compute exactly what they did, the widened network's output is the
+    checkpoint's, and training grows the new channels from there (their outgoing weights get
+    gradients). Returns the new state dict and the names of the tensors that were embedded
+    (the rest were copied whole). ``ValueError`` when the two networks do not have that
+    relation, e.g. group norm, whose groups mix channels, or another depth.
+    """
+    cfg = net.config
+    if cfg.norm == "group":
+        raise ValueError("group norm mixes channels within a group; only batch, instance or none")
+    own = net.state_dict()
+    if set(weights) != set(own):
+        raise ValueError("the checkpoint's layers differ from this network's (another depth?)")
+    old_base = int(weights["stem.0.weight"].shape[0])
+    if old_base > cfg.base:
+        raise ValueError(f"base {old_base} does not widen to base {cfg.base}")
+    modules = dict(net.named_modules())
+    out: dict[str, torch.Tensor] = {}
+    widened: list[str] = []
+    for name, fresh in own.items():
+        old = weights[name]
+        if tuple(old.shape) == tuple(fresh.shape):
+            out[name] = old.clone()
+            continue
+        if old.ndim != fresh.ndim:
+            shapes = f"{tuple(old.shape)} -> {tuple(fresh.shape)}"
+            raise ValueError(f"{name}: shape {shapes} does not widen")
+        owner, _, leaf = name.rpartition(".")
+        module = modules[owner]
+        new = fresh.clone()
+        if leaf == "weight" and isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            # Conv2d weights are (out, in, k, k), transposed ones (in, out, k, k).
+            o_dim, i_dim = (1, 0) if isinstance(module, nn.ConvTranspose2d) else (0, 1)
+            n_out, n_in = old.shape[o_dim], old.shape[i_dim]
+            if owner.startswith("merge.") and owner.endswith(".0"):
+                # Reads cat([upsampled, skip]): the old channels are the first of each half.
+                half_new, half_old = new.shape[i_dim] // 2, n_in // 2
+                ins = [*range(half_old), *range(half_new, half_new + half_old)]
+            else:
+                ins = list(range(n_in))
+            new.narrow(o_dim, 0, n_out).zero_()
+            index = torch.tensor(ins)
+            target = new.narrow(o_dim, 0, n_out)
+            target.index_copy_(i_dim, index, old)
+        else:  # biases and norm parameters / statistics: one value per output channel
+            new.narrow(0, 0, old.shape[0]).copy_(old)
+        out[name] = new
+        widened.append(name)
+    return out, tuple(widened)

@@ -30,7 +30,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,7 +54,9 @@ from defectd.model.card import (
     file_sha256,
 )
 from defectd.model.checkpoint import load_matching, read_checkpoint, save_checkpoint
-from defectd.model.unet import Norm, UNet, UNetConfig
+from defectd.model.fit import to_chw
+from defectd.model.recover import read_onnx_init, refit_norms
+from defectd.model.unet import Norm, UNet, UNetConfig, widen_state
 from defectd.training.augment import Augment, AugmentConfig
 from defectd.training.averaging import WeightAverage
 from defectd.training.evaluate import (
@@ -77,6 +79,7 @@ log = get_logger(__name__)
 
 AugmentPreset = Literal["default", "light", "flip", "off"]
 SelectBy = Literal["dice", "dice+auroc", "last"]
+REFIT_IMAGES = 160  # training images that re-measure the norms of a model read from its export
 
 
 @dataclass(frozen=True)
@@ -295,6 +298,40 @@ def _init_normalisation(state: dict[str, Any], channels: int) -> Normalisation |
     return norm if len(norm.mean) == channels else None
 
 
+def _refit_exported(state: dict[str, Any], images: SegmentationSet, norm: Normalisation) -> None:
+    """Batch norms of a model read from its export get the statistics of the first training
+    images (``recover.refit_norms``), so that training starts from the exported map."""
+    net = UNet(UNetConfig(**state["unet"]))
+    net.load_state_dict(state["model"])
+    sample = images.images[:REFIT_IMAGES]
+    batches = (
+        torch.from_numpy(np.stack([norm.apply(to_chw(im)) for im in sample[i : i + 16]]))
+        for i in range(0, len(sample), 16)
+    )
+    count = refit_norms(net, batches)
+    state["model"] = net.state_dict()
+    log.info("train_init_refit", images=count)
+
+
+def _widened(
+    state: dict[str, Any], net: UNet, path: Path
+) -> tuple[Mapping[str, torch.Tensor], tuple[str, ...]]:
+    """The init checkpoint's weights, embedded in ``net`` when it is the same U-Net but wider
+    (``--base 16`` from a base-8 checkpoint); otherwise as they are (and no names)."""
+    weights: Mapping[str, torch.Tensor] = state["model"]
+    try:
+        theirs = UNetConfig(**state["unet"])
+    except TypeError:
+        return weights, ()
+    if theirs.base >= net.config.base or replace(theirs, base=net.config.base) != net.config:
+        return weights, ()
+    try:
+        return widen_state(weights, net)
+    except ValueError as exc:
+        base = net.config.base
+        raise ConfigError(f"--init {path}: cannot widen it to base {base}: {exc}") from exc
+
+
 def _merge_resume(config: TrainConfig, stored: TrainConfig) -> TrainConfig:
     """Resume with the stored run's settings; only the stopping rules, the thread count and
     the locations (a run folder or data set may have moved) come from ``config``."""
@@ -367,7 +404,11 @@ def train(
     config.check()
     init_state = None
     if state is None and config.init is not None:
-        init_state = read_checkpoint(config.init)
+        init_state = (
+            read_onnx_init(config.init)
+            if config.init.suffix == ".onnx"
+            else read_checkpoint(config.init)
+        )
     torch.set_num_threads(config.threads or usable_cores())
     torch.manual_seed(config.seed)
     bf16 = bf16_supported() if config.bf16 is None else config.bf16
@@ -435,15 +476,30 @@ def train(
     init_info: InitInfo | None = None
     head_loaded = False
     if init_state is not None and config.init is not None:
-        loaded = load_matching(net, init_state["model"])
+        if config.init.suffix == ".onnx":
+            _refit_exported(init_state, train_set, norm)
+        init_weights, widened = _widened(init_state, net, config.init)
+        loaded = load_matching(net, init_weights)
+        notes = tuple(f"{n}: {why}" for n, why in loaded.initialised)
+        if widened:
+            notes += (
+                f"{len(widened)} tensors widened from base {init_state['unet']['base']} to "
+                f"{net.config.base}: the checkpoint's channels first, the new ones initialised "
+                "and read by the old ones with weight zero (the same map at the start)",
+            )
         init_info = InitInfo(
             checkpoint=str(config.init),
             sha256=file_sha256(config.init),
             loaded=len(loaded.loaded),
-            initialised=tuple(f"{n}: {why}" for n, why in loaded.initialised),
+            initialised=notes,
         )
         head_loaded = loaded.head_loaded
-        log.info("train_init", checkpoint=str(config.init), report=loaded.summary())
+        log.info(
+            "train_init",
+            checkpoint=str(config.init),
+            report=loaded.summary(),
+            widened=len(widened),
+        )
         weights = {name for name, p in net.named_parameters() if p.ndim > 1}
         if not weights & set(loaded.loaded):
             raise ConfigError(
