@@ -160,3 +160,14 @@ def test_a_wider_base_from_a_group_norm_checkpoint_is_a_config_error(
     )
     with pytest.raises(ConfigError, match="cannot widen it to base 8: group norm"):
         train(config)
+
+
+def test_a_grey_export_starts_an_rgb_model_with_its_first_layer_fresh(
+    parts: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    args = ["train", "--data", str(parts), "--out", str(tmp_path / "rgb"), "--init"]
+    args += [str(tiny_model), "--channels", "3", "--epochs", "1", "--steps-per-epoch", "1"]
+    args += ["--batch-size", "4", "--threads", "1", "--no-bf16", "--augment", "off", "--json"]
+    assert main(args) == 0
+    init = ModelCard.from_dict(read_checkpoint(tmp_path / "rgb" / "best.pt")["card"]).training.init
+    assert init is not None and any(n.startswith("stem.0.weight") for n in init.initialised)

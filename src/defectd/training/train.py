@@ -300,8 +300,12 @@ def _init_normalisation(state: dict[str, Any], channels: int) -> Normalisation |
 
 def _refit_exported(state: dict[str, Any], images: SegmentationSet, norm: Normalisation) -> None:
     """Batch norms of a model read from its export get the statistics of the first training
-    images (``recover.refit_norms``), so that training starts from the exported map."""
+    images (``recover.refit_norms``), so that training starts from the exported map. Not
+    for another channel count: the export's first layer is not loaded then, nor can it read
+    these images."""
     net = UNet(UNetConfig(**state["unet"]))
+    if net.config.in_channels != images.fit.channels:
+        return
     net.load_state_dict(state["model"])
     sample = images.images[:REFIT_IMAGES]
     batches = (
