@@ -40,10 +40,9 @@ def _architecture(init: Path | None, **given: Any) -> Architecture:
     fine-tune loads every tensor unless told otherwise), else the defaults."""
     arch = Architecture()
     if init is not None:
-        from defectd.model.checkpoint import read_checkpoint
-        from defectd.model.recover import read_onnx_init
+        from defectd.model.recover import read_init
 
-        state = read_onnx_init(init) if init.suffix == ".onnx" else read_checkpoint(init)
+        state = read_init(init)
         unet, spec = state.get("unet") or {}, (state.get("card") or {}).get("input") or {}
         found: dict[str, Any] = {
             "size": f"{spec['height']}x{spec['width']}" if "height" in spec else None,

@@ -23,9 +23,15 @@ from torch import nn
 
 from defectd.errors import ModelError
 from defectd.model.card import load_card
+from defectd.model.checkpoint import read_checkpoint
 from defectd.model.unet import UNet, UNetConfig
 
 _PREFIX = "net."  # the single network inside the exported probability module
+
+
+def read_init(path: Path) -> dict[str, Any]:
+    """What ``--init`` starts from: a checkpoint (``.pt``) or an exported model (``.onnx``)."""
+    return read_onnx_init(path) if path.suffix == ".onnx" else read_checkpoint(path)
 
 
 def read_onnx_init(path: Path) -> dict[str, Any]:

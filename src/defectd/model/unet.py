@@ -164,10 +164,9 @@ def widen_state(
                 ins = [*range(half_old), *range(half_new, half_new + half_old)]
             else:
                 ins = list(range(n_in))
-            new.narrow(o_dim, 0, n_out).zero_()
-            index = torch.tensor(ins)
-            target = new.narrow(o_dim, 0, n_out)
-            target.index_copy_(i_dim, index, old)
+            target = new.narrow(o_dim, 0, n_out)  # a view: the old channels' rows
+            target.zero_()
+            target.index_copy_(i_dim, torch.tensor(ins), old)
         else:  # biases and norm parameters / statistics: one value per output channel
             new.narrow(0, 0, old.shape[0]).copy_(old)
         out[name] = new

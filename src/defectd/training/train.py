@@ -55,7 +55,7 @@ from defectd.model.card import (
 )
 from defectd.model.checkpoint import load_matching, read_checkpoint, save_checkpoint
 from defectd.model.fit import to_chw
-from defectd.model.recover import read_onnx_init, refit_norms
+from defectd.model.recover import read_init, refit_norms
 from defectd.model.unet import Norm, UNet, UNetConfig, widen_state
 from defectd.training.augment import Augment, AugmentConfig
 from defectd.training.averaging import WeightAverage
@@ -408,11 +408,7 @@ def train(
     config.check()
     init_state = None
     if state is None and config.init is not None:
-        init_state = (
-            read_onnx_init(config.init)
-            if config.init.suffix == ".onnx"
-            else read_checkpoint(config.init)
-        )
+        init_state = read_init(config.init)
     torch.set_num_threads(config.threads or usable_cores())
     torch.manual_seed(config.seed)
     bf16 = bf16_supported() if config.bf16 is None else config.bf16
