@@ -44,11 +44,11 @@ GRID_THRESHOLDS = np.round(
     np.concatenate([[0.01], np.arange(0.02, 0.30, 0.02), np.arange(0.30, 0.99, 0.04)]), 2
 )
 GRID_MIN_AREAS = (1, 4, 8, 16, 32, 64)
-# Flipped views per --flips: axes of the (N, H, W) batch to reverse; () is the part as it is.
+# Flipped views per --flips: axes of the (N, C, H, W) batch to reverse; () is the part as it is.
 VIEWS: dict[str, tuple[tuple[int, ...], ...]] = {
     "none": ((),),
-    "h": ((), (2,)),
-    "hv": ((), (2,), (1,), (1, 2)),
+    "h": ((), (3,)),
+    "hv": ((), (3,), (2,), (2, 3)),
 }
 
 
@@ -62,14 +62,12 @@ def probabilities(
     name = session.get_inputs()[0].name
     out = []
     for i in range(0, len(parts), batch):
-        images = np.stack([p.image for p in parts[i : i + batch]])
-        x = np.stack([card.normalisation.apply(img[None]) for img in images]).astype(np.float32)
-        maps = []
-        for axes in VIEWS[flips]:
-            view = np.ascontiguousarray(np.flip(x[:, 0], axes)[:, None]) if axes else x
-            prob = session.run(None, {name: view})[0][:, 0]
-            maps.append(np.flip(prob, axes) if axes else prob)
-        out.append(np.mean(maps, axis=0))
+        x = card.normalisation.apply(np.stack([p.image for p in parts[i : i + batch]])[:, None])
+        maps = [
+            np.flip(session.run(None, {name: np.ascontiguousarray(np.flip(x, axes))})[0], axes)
+            for axes in VIEWS[flips]
+        ]
+        out.append(np.mean(maps, axis=0)[:, 0])
     return np.concatenate(out)
 
 
