@@ -9,9 +9,10 @@ the card's operating point, escapes by defect kind, and the lowest escape rate a
 threshold x min-area grid reaches at <= ``--max-false-reject`` false rejects. Compare models
 within one run (same parts).
 
-``--flips h`` (or ``hv``) also measures each model with its probability map averaged over
+``--flips h`` (or ``v``, ``hv``) also measures each model with its probability map averaged over
 flipped views of the part (h: the part and its mirror, 2x the inference; hv: four views, 4x):
-what test-time augmentation would buy at the card's point and on the grid.
+what test-time augmentation (``defectd export --flips``) would buy at the card's point and on
+the grid.
 
     python bench/demo_line.py --model models/demo/model.onnx [--model OTHER.onnx]
                               [--flips h] [--flips hv] [--parts 1500] [--seed 7] [--json]
@@ -35,6 +36,7 @@ from defectd.calibration.threshold import largest_components
 from defectd.data.metrics import auroc
 from defectd.data.synth import DEFECTS, PartRenderer, SynthPart
 from defectd.model.card import ModelCard, load_card
+from defectd.model.views import VIEWS, Flips, View, check_flips
 
 SIZE = 256
 DEFECT_RATE = 0.3  # the demo line's (configs/demo.toml)
@@ -44,13 +46,6 @@ GRID_THRESHOLDS = np.round(
     np.concatenate([[0.01], np.arange(0.02, 0.30, 0.02), np.arange(0.30, 0.99, 0.04)]), 2
 )
 GRID_MIN_AREAS = (1, 4, 8, 16, 32, 64)
-# Flipped views per --flips: axes of the (N, C, H, W) batch to reverse; () is the part as it is.
-View = tuple[int, ...]
-VIEWS: dict[str, tuple[View, ...]] = {
-    "none": ((),),
-    "h": ((), (3,)),
-    "hv": ((), (3,), (2,), (2, 3)),
-}
 
 
 def view_maps(
@@ -146,7 +141,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for model in args.model:
         card = load_card(model)
-        wanted = ["none", *args.flips]
+        wanted: list[Flips] = ["none", *(check_flips(f) for f in args.flips)]
         maps = view_maps(model, card, parts, {axes for f in wanted for axes in VIEWS[f]})
         for flips in wanted:
             probs = np.asarray(

@@ -15,9 +15,12 @@ import torch
 
 from defectd.cli import main
 from defectd.data.synth import write_dataset
+from defectd.errors import ModelError
 from defectd.model.card import ModelCard, file_sha256, load_card
 from defectd.model.checkpoint import save_checkpoint
+from defectd.model.recover import read_onnx_init
 from defectd.model.unet import UNet, UNetConfig
+from defectd.model.views import average_views, check_flips
 
 
 @pytest.fixture(scope="module")
@@ -200,3 +203,69 @@ def test_export_with_data_chooses_the_cards_point_on_val_as_eval_measures_it(
     assert report["min_area_px"] == card.min_area_px
     assert abs(report["dice"] - card.metrics["val_dice"]) < 1e-4
     assert abs(report["auroc"] - card.metrics["val_auroc"]) < 1e-4
+
+
+def _ort(path: Path) -> Any:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def infer(x: np.ndarray) -> np.ndarray:
+        return np.asarray(session.run(None, {"image": x})[0])
+
+    return infer
+
+
+@pytest.mark.parametrize("flips", ["h", "v", "hv"])
+def test_flipped_views_are_averaged_inside_the_exported_model(tmp_path: Path, flips: str) -> None:
+    paths = [_small_checkpoint(tmp_path / f"s{seed}.pt", seed=seed) for seed in (1, 2)]
+    plain = tmp_path / "plain.onnx"
+    flipped = tmp_path / "flipped.onnx"
+    members = [a for p in paths for a in ("-c", str(p))]
+    assert _run(["export", *members, "-o", str(plain)])[0] == 0
+    rc, text = _run(["export", *members, "-o", str(flipped), "--flips", flips, "--json"])
+    assert rc == 0
+    summary = json.loads(text)
+    assert summary["flips"] == flips
+    assert summary["parity_max_abs_diff"] <= 1e-4  # torch averaged the same views
+
+    x = np.random.default_rng(3).normal(size=(3, 1, 32, 48)).astype(np.float32)
+    one_view = _ort(plain)
+    expected = average_views(one_view, x, check_flips(flips))
+    got = _ort(flipped)(x)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert not np.allclose(got, one_view(x), atol=1e-3)  # the views really differ
+
+    card = load_card(flipped)
+    assert card.architecture["flips"] == flips
+    assert "flips" not in load_card(plain).architecture
+    assert f"flipped views averaged in the graph ({flips}" in card.notes
+    with pytest.raises(ModelError, match="flipped views averaged"):
+        read_onnx_init(flipped)  # not a network to start training from
+
+
+def test_a_model_with_flipped_views_evaluates_alike_on_every_cpu_engine(tmp_path: Path) -> None:
+    data = tmp_path / "ds"
+    write_dataset(data, 24, seed=4, height=32, width=48, defect_rate=0.5)
+    out = tmp_path / "m.onnx"
+    ckpt = _small_checkpoint(tmp_path / "s.pt", seed=1)
+    assert _run(["export", "-c", str(ckpt), "-o", str(out), "--flips", "h", "--force"])[0] == 0
+    reports = {}
+    for backend in ("ort", "openvino"):
+        rc, text = _run(
+            ["eval", "--model", str(out), "--data", str(data), "--split", "val", "--backend",
+             backend, "--precision", "fp32", "--threshold", "0.5", "--json"]
+        )  # fmt: skip
+        assert rc == 0
+        reports[backend] = json.loads(text)
+    assert reports["ort"]["auroc"] == pytest.approx(reports["openvino"]["auroc"], abs=1e-3)
+    assert reports["ort"]["dice"] == pytest.approx(reports["openvino"]["dice"], abs=1e-3)
+
+
+def test_unknown_flips_are_refused_before_anything_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt = _small_checkpoint(tmp_path / "s.pt", seed=1)
+    out = tmp_path / "m.onnx"
+    rc = main(["export", "-c", str(ckpt), "-o", str(out), "--flips", "diagonal"])
+    assert rc == 2
+    assert capsys.readouterr().err.startswith("error: flips 'diagonal': choose none, h, v, hv")
+    assert not out.exists()

@@ -50,6 +50,15 @@ def export_command(
             "and gives the card's val metrics. Meant for an ensemble, whose card has none.",
         ),
     ] = None,
+    flips: Annotated[
+        str,
+        typer.Option(
+            "--flips",
+            help="Average the output over flipped views of the input, inside the graph: none, "
+            "h (the image and its left-right mirror, 2x the inference), v (up-down), hv (all "
+            "four, 4x). Every engine, eval, calibration and the daemon then run the average.",
+        ),
+    ] = "none",
     parity_batch: Annotated[
         int, typer.Option("--parity-batch", help="Random images in the parity check.")
     ] = 2,
@@ -70,24 +79,40 @@ def export_command(
     Several checkpoints (runs of one recipe with different seeds) make one model that averages
     their probability maps; they must match in architecture, input, normalisation, classes and
     training data. Its card holds no metrics: evaluate and calibrate the exported model.
+
+    --flips averages over flipped views as well (test-time augmentation); the card's
+    architecture names them, and its threshold is the checkpoint's until --data or
+    `defectd calibrate threshold` chooses one for the averaged maps (they peak lower).
     """
     require_extra("train", "defectd export")
     from defectd.model.checkpoint import load_checkpoint
     from defectd.model.ensemble import ensemble_card
     from defectd.model.export import export_onnx
+    from defectd.model.views import VIEWS, check_flips
     from defectd.training.evaluate import onnx_parity
 
     # The exporter logs a warning for each torchvision op it cannot register; none are used.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    views = check_flips(flips)
     refuse_overwrite(out, force=force)
     loaded = [load_checkpoint(path) for path in checkpoint]
     nets = [net for net, _ in loaded]
     card = ensemble_card([(path, c) for path, (_, c) in zip(checkpoint, loaded, strict=True)])
     if name:
         card = card.model_copy(update={"name": name})
+    if views != "none":
+        note = "; ".join(
+            n
+            for n in (
+                f"flipped views averaged in the graph ({views}: {len(VIEWS[views])}x the "
+                "inference of the network)",
+                note,
+            )
+            if n
+        )
     if note:
         card = card.model_copy(update={"notes": "; ".join(n for n in (card.notes, note) if n)})
-    final = export_onnx(nets, card, out, opset=opset)
+    final = export_onnx(nets, card, out, opset=opset, flips=views)
     diff = onnx_parity(nets, final, out, batch=parity_batch, tolerance=PARITY_TOLERANCE)
     if data is not None:
         final = _choose_on_val(out, final, data)
@@ -101,6 +126,7 @@ def export_command(
         "parity_max_abs_diff": diff,
         "input": final.input.model_dump(),
         "members": len(nets),
+        "flips": views,
         "threshold": final.threshold,
         "min_area_px": final.min_area_px,
         "metrics": final.metrics,

@@ -16,6 +16,7 @@ from defectd.errors import ModelError
 from defectd.model.card import PRODUCER, ModelCard, card_path, file_sha256
 from defectd.model.ensemble import members_of
 from defectd.model.unet import UNet
+from defectd.model.views import VIEWS, Flips, View
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "prob"
@@ -45,21 +46,47 @@ class MeanProbability(nn.Module):
         return torch.stack([torch.sigmoid(net(x)) for net in self.nets]).mean(0)
 
 
-def probability_module(nets: UNet | Sequence[UNet]) -> nn.Module:
+class FlipMean(nn.Module):
+    """A probability module averaged over flipped views of its input, each output flipped back
+    (test-time augmentation in the graph; ``defectd.model.views``)."""
+
+    def __init__(self, inner: nn.Module, views: Sequence[View]) -> None:
+        super().__init__()
+        self.inner = inner
+        self.views = tuple(views)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        maps = [
+            self.inner(x) if not axes else torch.flip(self.inner(torch.flip(x, axes)), axes)
+            for axes in self.views
+        ]
+        return torch.stack(maps).mean(0)
+
+
+def probability_module(nets: UNet | Sequence[UNet], flips: Flips = "none") -> nn.Module:
     """Probabilities from one network (its logits through a sigmoid: the graph every single
-    model has had) or the mean probability of several (a seed ensemble)."""
+    model has had) or the mean probability of several (a seed ensemble), averaged over
+    ``flips``' views when there is more than one."""
     members = members_of(nets)
-    return WithSigmoid(members[0]) if len(members) == 1 else MeanProbability(members)
+    module: nn.Module = WithSigmoid(members[0]) if len(members) == 1 else MeanProbability(members)
+    return module if flips == "none" else FlipMean(module, VIEWS[flips])
 
 
 def export_onnx(
-    nets: UNet | Sequence[UNet], card: ModelCard, out: Path, *, opset: int = DEFAULT_OPSET
+    nets: UNet | Sequence[UNet],
+    card: ModelCard,
+    out: Path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    flips: Flips = "none",
 ) -> ModelCard:
     """Write ``out`` (ONNX, input ``image`` (N,C,H,W) float32 with dynamic N, output ``prob``
     (N,1,H,W)) and its card; returns the card with ``sha256`` and ``opset`` filled in.
 
-    Several networks export as one model whose output is the mean of their probabilities.
-    Height and width are fixed to ``card.input``. Raises ``ModelError`` when the export fails.
+    Several networks export as one model whose output is the mean of their probabilities;
+    ``flips`` other than ``none`` averages that over flipped views of the input (the card's
+    ``architecture["flips"]`` says which). Height and width are fixed to ``card.input``.
+    Raises ``ModelError`` when the export fails.
     """
     if opset < 17:
         raise ModelError(f"opset {opset} is too old; defectd exports with opset >= 17")
@@ -71,7 +98,7 @@ def export_onnx(
             f"input {spec.height}x{spec.width} is not a multiple of the U-Net stride {stride}"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
-    module = probability_module(members).eval()
+    module = probability_module(members, flips).eval()
     example = torch.zeros(2, spec.channels, spec.height, spec.width)
     batch = torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH)
     try:
@@ -91,8 +118,17 @@ def export_onnx(
             )
     except Exception as exc:  # the exporter raises many unrelated types
         raise ModelError(f"{out}: ONNX export failed: {exc}") from exc
+    architecture = dict(card.architecture)
+    architecture.pop("flips", None)
+    if flips != "none":
+        architecture["flips"] = flips
     final = card.model_copy(
-        update={"sha256": file_sha256(out), "opset": opset, "producer": PRODUCER}
+        update={
+            "architecture": architecture,
+            "sha256": file_sha256(out),
+            "opset": opset,
+            "producer": PRODUCER,
+        }
     )
     final.save(card_path(out))
     return final

@@ -42,6 +42,11 @@ def read_onnx_init(path: Path) -> dict[str, Any]:
     arch = dict(card.architecture)
     if arch.pop("type", "unet") != "unet":
         raise ModelError(f"{path}: not a U-Net ({card.architecture.get('type')})")
+    if arch.pop("flips", "none") != "none":
+        raise ModelError(
+            f"{path}: exported with flipped views averaged ({card.architecture['flips']}); "
+            "start from the checkpoint it was exported from (named in its card's training notes)"
+        )
     try:
         graph = onnx.load(str(path)).graph
     except Exception as exc:  # onnx raises protobuf and OS errors alike

@@ -36,6 +36,7 @@ from defectd.extras import require_extra
 from defectd.model.card import ModelCard, load_card
 from defectd.model.ensemble import members_of
 from defectd.model.fit import FitPolicy, fit_to_input, restore_size, to_chw
+from defectd.model.views import average_views, flips_of
 
 if TYPE_CHECKING:
     from defectd.model.unet import UNet
@@ -144,12 +145,17 @@ def onnx_parity(
 ) -> float:
     """Max abs difference of probabilities, torch float32 vs ONNX Runtime, on one seeded random
     ``(batch, C, H, W)`` input; ``ModelError`` naming the file when it exceeds ``tolerance``.
-    Several networks (an ensemble) are compared by the mean of their probabilities."""
+    Several networks (an ensemble) are compared by the mean of their probabilities, averaged
+    over the flipped views the card names (``architecture["flips"]``)."""
     spec = card.input
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (batch, spec.channels, spec.height, spec.width), np.uint8)
     x = card.normalisation.apply(pixels)
-    expected = np.mean([TorchPredictor(net.eval()).infer(x) for net in members_of(nets)], axis=0)
+    flips = flips_of(card.architecture)
+    expected = np.mean(
+        [average_views(TorchPredictor(net.eval()).infer, x, flips) for net in members_of(nets)],
+        axis=0,
+    )
     runner = open_engine(onnx_path, backend="ort", precision="fp32", max_batch=max(1, batch))
     try:
         got = runner.infer(x)
