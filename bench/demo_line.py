@@ -14,8 +14,13 @@ flipped views of the part (h: the part and its mirror, 2x the inference; hv: fou
 what test-time augmentation (``defectd export --flips``) would buy at the card's point and on
 the grid.
 
+``--overlays DIR`` draws the escapes and false rejects at the card's point, as ``defectd eval
+--overlays`` does (part | truth | prediction: green found, red false alarm, blue missed), one
+PNG per part named by model, views, outcome, index and defect kinds.
+
     python bench/demo_line.py --model models/demo/model.onnx [--model OTHER.onnx]
                               [--flips h] [--flips hv] [--parts 1500] [--seed 7] [--json]
+                              [--overlays DIR] [--overlay-count 12]
 """
 
 from __future__ import annotations
@@ -33,10 +38,13 @@ from numpy.typing import NDArray
 
 from _common import cpu_model
 from defectd.calibration.threshold import largest_components
+from defectd.data.datasets import Sample
 from defectd.data.metrics import auroc
 from defectd.data.synth import DEFECTS, PartRenderer, SynthPart
 from defectd.model.card import ModelCard, load_card
 from defectd.model.views import VIEWS, Flips, View, check_flips
+from defectd.training.evaluate import Prediction
+from defectd.training.overlays import overlay, write_overlay
 
 SIZE = 256
 DEFECT_RATE = 0.3  # the demo line's (configs/demo.toml)
@@ -62,6 +70,13 @@ def view_maps(
             y = session.run(None, {name: np.ascontiguousarray(np.flip(x, axes))})[0]
             out[axes].append(np.flip(y, axes)[:, 0])
     return {axes: np.concatenate(maps) for axes, maps in out.items()}
+
+
+def decide_at_card(card: ModelCard, probs: NDArray[np.float32]) -> NDArray[np.bool_]:
+    """Per part: fails at the card's point (a region strictly above the threshold with at
+    least the minimum area, as the station decides)."""
+    largest = np.array([largest_components(p, [card.threshold], [0.0])[0, 0] for p in probs])
+    return np.asarray(largest >= max(card.min_area_px, 1))
 
 
 def rates(fail: NDArray[np.bool_], bad: NDArray[np.bool_]) -> tuple[float, float]:
@@ -116,6 +131,31 @@ def measure(
     }
 
 
+def draw_mistakes(
+    out: Path,
+    label: str,
+    card: ModelCard,
+    parts: list[SynthPart],
+    probs: NDArray[np.float32],
+    *,
+    fail: NDArray[np.bool_],
+    count: int,
+) -> int:
+    """Overlays of the first ``count`` escapes and ``count`` false rejects; how many written."""
+    written = 0
+    bad = np.array([bool(p.defects) for p in parts])
+    for outcome, wrong in (("escape", bad & ~fail), ("false-reject", ~bad & fail)):
+        for i in np.flatnonzero(wrong)[:count]:
+            part = parts[i]
+            kinds = "+".join(part.defects) or "good"
+            sample = Sample(f"part{i}", kinds, Path(f"part{i}.png"), None, "line", bad[i], "")
+            pred = Prediction(sample, part.image, part.mask, probs[i])
+            panel = overlay(pred, card.threshold, max(card.min_area_px, 1))
+            write_overlay(out / f"{label}-{outcome}-{i:04d}-{kinds}.png", panel)
+            written += 1
+    return written
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -134,6 +174,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--max-false-reject", type=float, default=0.05)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument(
+        "--overlays", type=Path, help="write PNGs of escapes and false rejects into this folder"
+    )
+    ap.add_argument("--overlay-count", type=int, default=12, help="of each outcome, per row")
     args = ap.parse_args()
     renderer = PartRenderer(SIZE, SIZE)
     rng = np.random.default_rng(args.seed)
@@ -152,6 +196,17 @@ def main() -> None:
                     model, card, parts, probs, max_false_reject=args.max_false_reject, flips=flips
                 )
             )
+            if args.overlays is not None:
+                label = f"{model.parent.name or model.stem}-{flips}"
+                rows[-1]["overlays"] = draw_mistakes(
+                    args.overlays,
+                    label,
+                    card,
+                    parts,
+                    probs,
+                    fail=decide_at_card(card, probs),
+                    count=args.overlay_count,
+                )
     report = {
         "parts": args.parts,
         "defective": sum(bool(p.defects) for p in parts),
