@@ -72,11 +72,16 @@ def view_maps(
     return {axes: np.concatenate(maps) for axes, maps in out.items()}
 
 
-def decide_at_card(card: ModelCard, probs: NDArray[np.float32]) -> NDArray[np.bool_]:
-    """Per part: fails at the card's point (a region strictly above the threshold with at
-    least the minimum area, as the station decides)."""
-    largest = np.array([largest_components(p, [card.threshold], [0.0])[0, 0] for p in probs])
-    return np.asarray(largest >= max(card.min_area_px, 1))
+def decisions(
+    card: ModelCard, probs: NDArray[np.float32]
+) -> tuple[list[float], NDArray[np.int64], NDArray[np.bool_]]:
+    """The grid's thresholds (the card's among them), the ``(N, T)`` largest region per part
+    and threshold (strictly above, like the station), and per part whether it fails at the
+    card's point (a region of at least the minimum area)."""
+    thresholds = sorted({*GRID_THRESHOLDS.tolist(), card.threshold})
+    largest = np.stack([largest_components(p, thresholds, [0.0])[:, 0] for p in probs])
+    fail = largest[:, thresholds.index(card.threshold)] >= max(card.min_area_px, 1)
+    return thresholds, largest, np.asarray(fail)
 
 
 def rates(fail: NDArray[np.bool_], bad: NDArray[np.bool_]) -> tuple[float, float]:
@@ -92,14 +97,12 @@ def measure(
     *,
     max_false_reject: float,
     flips: str,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], NDArray[np.bool_]]:
     """Decisions on ``probs`` (``(N, H, W)``) at the card's point and on the grid, by the
-    largest region above the threshold as calibration and the station measure it."""
+    largest region above the threshold as calibration and the station measure it; the row
+    and, per part, whether it fails at the card's point."""
     bad = np.array([bool(p.defects) for p in parts])
-    thresholds = sorted({*GRID_THRESHOLDS.tolist(), card.threshold})
-    # (N, T): per part and threshold, the largest region (strictly above, like the station).
-    largest = np.stack([largest_components(p, thresholds, [0.0])[:, 0] for p in probs])
-    fail = largest[:, thresholds.index(card.threshold)] >= max(card.min_area_px, 1)
+    thresholds, largest, fail = decisions(card, probs)
     escape, false_reject = rates(fail, bad)
     missed: Counter[str] = Counter()
     seen: Counter[str] = Counter()
@@ -118,7 +121,7 @@ def measure(
                     "escape": e,
                     "false_reject": fr,
                 }
-    return {
+    row = {
         "model": str(model),
         "flips": flips,
         "threshold": card.threshold,
@@ -129,6 +132,7 @@ def measure(
         "missed_by_kind": {k: f"{missed[k]}/{seen[k]}" for k in DEFECTS if seen[k]},
         "best_at_false_reject": best,
     }
+    return row, fail
 
 
 def draw_mistakes(
@@ -191,22 +195,15 @@ def main() -> None:
             probs = np.asarray(
                 np.mean([maps[axes] for axes in VIEWS[flips]], axis=0), dtype=np.float32
             )
-            rows.append(
-                measure(
-                    model, card, parts, probs, max_false_reject=args.max_false_reject, flips=flips
-                )
+            row, fail = measure(
+                model, card, parts, probs, max_false_reject=args.max_false_reject, flips=flips
             )
             if args.overlays is not None:
                 label = f"{model.parent.name or model.stem}-{flips}"
-                rows[-1]["overlays"] = draw_mistakes(
-                    args.overlays,
-                    label,
-                    card,
-                    parts,
-                    probs,
-                    fail=decide_at_card(card, probs),
-                    count=args.overlay_count,
+                row["overlays"] = draw_mistakes(
+                    args.overlays, label, card, parts, probs, fail=fail, count=args.overlay_count
                 )
+            rows.append(row)
     report = {
         "parts": args.parts,
         "defective": sum(bool(p.defects) for p in parts),

@@ -100,18 +100,15 @@ def export_command(
     card = ensemble_card([(path, c) for path, (_, c) in zip(checkpoint, loaded, strict=True)])
     if name:
         card = card.model_copy(update={"name": name})
-    if views != "none":
-        note = "; ".join(
-            n
-            for n in (
-                f"flipped views averaged in the graph ({views}: {len(VIEWS[views])}x the "
-                "inference of the network)",
-                note,
-            )
-            if n
-        )
-    if note:
-        card = card.model_copy(update={"notes": "; ".join(n for n in (card.notes, note) if n)})
+    averaged = (
+        f"flipped views averaged in the graph ({views}: {len(VIEWS[views])}x the inference of "
+        "the network)"
+        if views != "none"
+        else ""
+    )
+    notes = "; ".join(n for n in (card.notes, averaged, note) if n)
+    if notes != card.notes:
+        card = card.model_copy(update={"notes": notes})
     final = export_onnx(nets, card, out, opset=opset, flips=views)
     diff = onnx_parity(nets, final, out, batch=parity_batch, tolerance=PARITY_TOLERANCE)
     if data is not None:
