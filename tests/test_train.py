@@ -241,6 +241,38 @@ def test_a_resumed_run_averages_the_same_weights_as_an_uninterrupted_one(
     assert all(torch.allclose(whole[k].float(), resumed[k].float(), atol=1e-6) for k in whole)
 
 
+@pytest.mark.slow
+def test_a_resumed_hard_mining_run_draws_and_trains_as_an_uninterrupted_one(
+    tiny_run: TrainConfig, tmp_path: Path
+) -> None:
+    config = replace(tiny_run, epochs=3, steps_per_epoch=3, val_every=1, hard_mining=0.8)
+    train(replace(config, out=tmp_path / "whole"))
+    last = read_checkpoint(tmp_path / "whole" / "last.pt")
+    losses = np.asarray(last["sampler"]["losses"])
+    assert np.isfinite(losses).sum() >= 3 * config.batch_size // 2  # drawn images have losses
+    assert np.all(losses[np.isfinite(losses)] > 0.0)
+
+    class CrashError(Exception):
+        pass
+
+    def crash_after_epoch_2(record: EpochRecord) -> None:
+        if record.epoch == 2:  # epoch 3 draws by the losses epochs 1 and 2 recorded
+            raise CrashError
+
+    with pytest.raises(CrashError):
+        train(replace(config, out=tmp_path / "cut"), on_epoch=crash_after_epoch_2)
+    train(replace(config, out=tmp_path / "cut"), resume=True)
+    whole = read_checkpoint(tmp_path / "whole" / "last.pt")["model"]
+    resumed = read_checkpoint(tmp_path / "cut" / "last.pt")["model"]
+    assert all(torch.allclose(whole[k].float(), resumed[k].float(), atol=1e-6) for k in whole)
+
+
+def test_hard_mining_out_of_range_is_refused(tmp_path: Path) -> None:
+    config = replace(tiny_config(tmp_path, tmp_path / "run"), hard_mining=-0.1)
+    with pytest.raises(ConfigError, match=r"--hard-mining -0\.1"):
+        train(config)
+
+
 def test_average_last_out_of_range_is_refused(tmp_path: Path) -> None:
     config = replace(tiny_config(tmp_path, tmp_path / "run"), average_last=1.0)
     with pytest.raises(ConfigError, match=r"--average-last 1\.0"):

@@ -107,6 +107,14 @@ def train_command(
             "of the defective draws, so rare kinds are seen as often as common ones.",
         ),
     ] = False,
+    hard_mining: Annotated[
+        float,
+        typer.Option(
+            "--hard-mining",
+            help="0-1: draw images the network still gets wrong more often (by each image's "
+            "last loss, within good and within defective images); 0: off.",
+        ),
+    ] = 0.0,
     steps_per_epoch: Annotated[
         int | None,
         typer.Option("--steps-per-epoch", help="Steps per epoch (default: split size / batch)."),
@@ -235,6 +243,7 @@ def train_command(
         loss=loss,  # type: ignore[arg-type]
         defect_fraction=defect_fraction,
         balance_classes=balance_classes,
+        hard_mining=hard_mining,
         steps_per_epoch=steps_per_epoch,
         crop=crop,
         augment=augment,  # type: ignore[arg-type]

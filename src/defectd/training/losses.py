@@ -79,6 +79,21 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -
     return ((1.0 - p_t) ** gamma * bce).mean()
 
 
+def per_image_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """``(N,)`` how wrong the network is on each image, without gradient: mean pixel BCE plus
+    soft Dice loss over the image's pixels of every channel (for a good image: how much of it
+    is called defect). What hard mining ranks images by (``DefectBalancedSampler.record``)."""
+    with torch.no_grad():
+        logits = logits.float()
+        target = target.float()
+        dims = (1, 2, 3)
+        bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dims)
+        prob = torch.sigmoid(logits)
+        inter = (prob * target).sum(dims)
+        dice = 1.0 - (2.0 * inter + smooth) / (prob.sum(dims) + target.sum(dims) + smooth)
+        return bce + dice
+
+
 @dataclass(frozen=True)
 class LossConfig:
     kind: LossKind = "bce_dice"

@@ -132,6 +132,9 @@ class SegmentationSet(TorchDataset[tuple[torch.Tensor, torch.Tensor]]):
         )
 
 
+HARD_RATIO_CAP = 8.0  # hard mining: an image's loss counts at most this many times its group's mean
+
+
 class DefectBalancedSampler(Sampler[int]):
     """Draws ``num_samples`` indices per epoch with replacement so that a fraction
     ``defect_fraction`` of them (in expectation) are defective images.
@@ -140,6 +143,14 @@ class DefectBalancedSampler(Sampler[int]):
     ``kinds`` (one label per image, e.g. the manifest's class) with it: every kind of defective
     image gets an equal share of the defective draws, so a kind with 20 images is drawn as
     often as one with 80. Deterministic for ``(seed, epoch)``; call :meth:`set_epoch` each epoch.
+
+    ``hard_mining`` (0 to 1) draws images the network still gets wrong more often: the training
+    loop hands back each drawn image's loss (:meth:`record`, in the order :attr:`drawn` lists the
+    epoch's indices) and each epoch's weights scale by ``(1 - m) + m * r``, ``r`` the image's
+    last loss over the mean of its group (defective or good; unseen images count as the mean,
+    ``r`` at most :data:`HARD_RATIO_CAP`). The defective share and each kind's base weight stay
+    as above, so a kind the network has not learned (faint stains among easy chips) gains draws
+    from the easy images of its own group, never from the good parts. 0: the draws above.
     """
 
     def __init__(
@@ -150,7 +161,10 @@ class DefectBalancedSampler(Sampler[int]):
         num_samples: int | None = None,
         seed: int = 0,
         kinds: Sequence[str] | None = None,
+        hard_mining: float = 0.0,
     ) -> None:
+        if not 0.0 <= hard_mining <= 1.0:
+            raise ValueError(f"hard_mining {hard_mining}: expected a value within [0, 1]")
         n_bad = int(defective.sum())
         n_good = int(defective.size - n_bad)
         share = np.ones(defective.size)  # each defective image's weight within the defective
@@ -168,13 +182,52 @@ class DefectBalancedSampler(Sampler[int]):
             weights = np.where(
                 defective, share * defect_fraction / n_bad, (1 - defect_fraction) / n_good
             )
-        self.weights = weights / weights.sum()
+        self.base: NDArray[np.float64] = np.asarray(weights / weights.sum(), dtype=np.float64)
+        self.weights = self.base
+        self.defective = np.asarray(defective, dtype=bool)
+        self.hard_mining = hard_mining
+        self.losses = np.full(defective.size, np.nan)  # last loss of each image, NaN: unseen
+        self.drawn: list[int] = []  # this epoch's indices in the order they are yielded
         self.num_samples = num_samples if num_samples is not None else int(defective.size)
         self.seed = seed
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def record(self, indices: Sequence[int], losses: Sequence[float]) -> None:
+        """The loss each of ``indices`` had in the step that just trained on it."""
+        self.losses[np.asarray(indices, dtype=np.int64)] = np.asarray(losses, dtype=np.float64)
+
+    def _mined(self) -> NDArray[np.float64]:
+        """The base weights scaled by each image's relative loss, group shares kept."""
+        m = self.hard_mining
+        if m == 0.0:
+            return self.base
+        out = self.base.copy()
+        for group in (self.defective, ~self.defective):
+            seen = group & np.isfinite(self.losses)
+            if not seen.any():
+                continue
+            mean = float(self.losses[seen].mean())
+            ratio = np.ones(int(group.sum()))
+            if mean > 0.0:
+                losses = self.losses[group]
+                known = np.isfinite(losses)
+                ratio[known] = np.minimum(losses[known] / mean, HARD_RATIO_CAP)
+            scaled = self.base[group] * ((1.0 - m) + m * ratio)
+            out[group] = scaled * (self.base[group].sum() / scaled.sum())
+        return np.asarray(out / out.sum(), dtype=np.float64)
+
+    def state_dict(self) -> dict[str, list[float]]:
+        """What a resumed run needs to draw as the uninterrupted one would."""
+        return {"losses": self.losses.tolist()}
+
+    def load_state_dict(self, state: dict[str, list[float]]) -> None:
+        losses = np.asarray(state["losses"], dtype=np.float64)
+        if losses.shape != self.losses.shape:
+            raise ValueError(f"{losses.size} recorded losses for {self.losses.size} images")
+        self.losses = losses
 
     def shares(self, labels: Sequence[str]) -> dict[str, float]:
         """Expected share of the draws that fall on each label (one per image)."""
@@ -187,9 +240,11 @@ class DefectBalancedSampler(Sampler[int]):
         return self.num_samples
 
     def __iter__(self) -> Iterator[int]:
+        self.weights = self._mined()
         rng = np.random.default_rng((self.seed, self.epoch, 0x5A3))
         picks = rng.choice(self.weights.size, size=self.num_samples, p=self.weights)
-        return iter(int(i) for i in picks)
+        self.drawn = [int(i) for i in picks]
+        return iter(self.drawn)
 
 
 def train_loader(

@@ -67,7 +67,7 @@ from defectd.training.evaluate import (
     evaluate,
     predict,
 )
-from defectd.training.losses import LossConfig, LossKind, SegLoss
+from defectd.training.losses import LossConfig, LossKind, SegLoss, per_image_loss
 from defectd.training.torchdata import (
     DefectBalancedSampler,
     InputFit,
@@ -106,6 +106,7 @@ class TrainConfig:
     pos_weight: float = 1.0
     defect_fraction: float = 0.5  # share of defective images the sampler draws
     balance_classes: bool = False  # every defect kind (image class) an equal share of those
+    hard_mining: float = 0.0  # 0-1: draw images by their last loss too (DefectBalancedSampler)
     steps_per_epoch: int | None = None  # default: one pass over the split's size
     crop: int | None = None  # train on crops of the fitted image (validation: whole images)
     # flip: mirror images only. The default preset's photometric and rotation ops slowed
@@ -158,6 +159,8 @@ class TrainConfig:
             raise ConfigError(f"--lr {self.lr}: expected a value in (0, 1)")
         if not 0.0 <= self.defect_fraction <= 1.0:
             raise ConfigError(f"--defect-fraction {self.defect_fraction}: must be within [0, 1]")
+        if not 0.0 <= self.hard_mining <= 1.0:
+            raise ConfigError(f"--hard-mining {self.hard_mining}: must be within [0, 1]")
         if self.time_limit_min is not None and self.time_limit_min <= 0:
             raise ConfigError(f"--time-limit {self.time_limit_min}: must be positive minutes")
         if not 0.0 <= self.average_last < 1.0:
@@ -453,8 +456,13 @@ def train(
         num_samples=steps_per_epoch * config.batch_size,
         seed=config.seed,
         kinds=[s.cls for s in train_set.samples] if config.balance_classes else None,
+        hard_mining=config.hard_mining,
     )
     loader = train_loader(train_set, sampler, config.batch_size)
+    draw_labels = [
+        (s.cls or "defective") if bad else "good"
+        for s, bad in zip(train_set.samples, train_set.defective, strict=True)
+    ]
     log.info(
         "train_data",
         data=str(config.data),
@@ -463,12 +471,7 @@ def train(
         val=len(val_samples),
         load_s=round(time.perf_counter() - t_load, 1),
         normalisation=norm.model_dump(),
-        draws=sampler.shares(
-            [
-                (s.cls or "defective") if bad else "good"
-                for s, bad in zip(train_set.samples, train_set.defective, strict=True)
-            ]
-        ),
+        draws=sampler.shares(draw_labels),
     )
 
     # ---- model, optimiser, loss
@@ -556,6 +559,8 @@ def train(
         history = [EpochRecord(**h) for h in state.get("history", [])]
         if average is not None and state.get("average"):
             average.load_state_dict(state["average"])
+        if state.get("sampler"):
+            sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["torch_rng"])
         log.info("train_resumed", epoch=start_epoch, step=step, best=best_score)
     out.mkdir(parents=True, exist_ok=True)
@@ -619,6 +624,9 @@ def train(
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 logits = net(x.contiguous(memory_format=torch.channels_last))
             loss = loss_fn(logits, y)
+            if config.hard_mining > 0.0:
+                drawn = sampler.drawn[i * config.batch_size : (i + 1) * config.batch_size]
+                sampler.record(drawn, per_image_loss(logits, y).tolist())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -683,7 +691,10 @@ def train(
             history=[asdict(h) for h in history],
             torch_rng=torch.get_rng_state(),
             average=None if average is None else average.state_dict(),
+            sampler=sampler.state_dict() if config.hard_mining > 0.0 else None,
         )
+        if config.hard_mining > 0.0:  # what this epoch drew, by kind (the mined shares)
+            log.info("train_draws", epoch=epoch, draws=sampler.shares(draw_labels))
         log.info("epoch_done", **asdict(record))
         if on_epoch is not None:
             on_epoch(record)
