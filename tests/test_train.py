@@ -217,6 +217,22 @@ def test_average_last_makes_the_final_model_the_mean_of_the_last_epochs(
     assert 0.0 < card.threshold < 1.0 and "val_dice" in card.metrics
 
 
+def stopped_then_resumed(config: TrainConfig, out: Path, *, after_epoch: int) -> None:
+    """Train ``config`` into ``out``, crash it once epoch ``after_epoch`` has been saved, and
+    finish it with ``resume``."""
+
+    class CrashError(Exception):
+        pass
+
+    def crash(record: EpochRecord) -> None:
+        if record.epoch == after_epoch:
+            raise CrashError
+
+    with pytest.raises(CrashError):
+        train(replace(config, out=out), on_epoch=crash)
+    train(replace(config, out=out), resume=True)
+
+
 @pytest.mark.slow
 def test_a_resumed_run_averages_the_same_weights_as_an_uninterrupted_one(
     tiny_run: TrainConfig, tmp_path: Path
@@ -225,17 +241,7 @@ def test_a_resumed_run_averages_the_same_weights_as_an_uninterrupted_one(
         tiny_run, epochs=4, steps_per_epoch=3, val_every=1, select_by="last", average_last=0.5
     )
     train(replace(config, out=tmp_path / "whole"))
-
-    class CrashError(Exception):
-        pass
-
-    def crash_after_epoch_3(record: EpochRecord) -> None:
-        if record.epoch == 3:  # epoch 3 is already in the running mean
-            raise CrashError
-
-    with pytest.raises(CrashError):
-        train(replace(config, out=tmp_path / "cut"), on_epoch=crash_after_epoch_3)
-    train(replace(config, out=tmp_path / "cut"), resume=True)
+    stopped_then_resumed(config, tmp_path / "cut", after_epoch=3)  # 3 is in the running mean
     whole = read_checkpoint(tmp_path / "whole" / "best.pt")["model"]
     resumed = read_checkpoint(tmp_path / "cut" / "best.pt")["model"]
     assert all(torch.allclose(whole[k].float(), resumed[k].float(), atol=1e-6) for k in whole)
@@ -251,17 +257,8 @@ def test_a_resumed_hard_mining_run_draws_and_trains_as_an_uninterrupted_one(
     losses = np.asarray(last["sampler"]["losses"])
     assert np.isfinite(losses).sum() >= 3 * config.batch_size // 2  # drawn images have losses
     assert np.all(losses[np.isfinite(losses)] > 0.0)
-
-    class CrashError(Exception):
-        pass
-
-    def crash_after_epoch_2(record: EpochRecord) -> None:
-        if record.epoch == 2:  # epoch 3 draws by the losses epochs 1 and 2 recorded
-            raise CrashError
-
-    with pytest.raises(CrashError):
-        train(replace(config, out=tmp_path / "cut"), on_epoch=crash_after_epoch_2)
-    train(replace(config, out=tmp_path / "cut"), resume=True)
+    # Epoch 3 draws by the losses epochs 1 and 2 recorded.
+    stopped_then_resumed(config, tmp_path / "cut", after_epoch=2)
     whole = read_checkpoint(tmp_path / "whole" / "last.pt")["model"]
     resumed = read_checkpoint(tmp_path / "cut" / "last.pt")["model"]
     assert all(torch.allclose(whole[k].float(), resumed[k].float(), atol=1e-6) for k in whole)

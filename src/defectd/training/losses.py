@@ -30,12 +30,17 @@ def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor, smooth: float = 1.0
     """``1 - (2 sum(p t) + s) / (sum p + sum t + s)`` over every pixel of the batch (per
     class and averaged, for ``K > 1`` channels)."""
     if prob.shape[1] > 1:
-        dims = (0, 2, 3)
-        inter_k = (prob * target).sum(dims)
-        per_class = 1.0 - (2.0 * inter_k + smooth) / (prob.sum(dims) + target.sum(dims) + smooth)
-        return per_class.mean()
+        return _dice_loss_over(prob, target, (0, 2, 3), smooth).mean()
     inter = (prob * target).sum()
     return 1.0 - (2.0 * inter + smooth) / (prob.sum() + target.sum() + smooth)
+
+
+def _dice_loss_over(
+    prob: torch.Tensor, target: torch.Tensor, dims: tuple[int, ...], smooth: float
+) -> torch.Tensor:
+    """``1 - (2 sum(p t) + s) / (sum p + sum t + s)``, the sums taken over ``dims``."""
+    inter = (prob * target).sum(dims)
+    return 1.0 - (2.0 * inter + smooth) / (prob.sum(dims) + target.sum(dims) + smooth)
 
 
 def image_dice_loss(prob: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
@@ -43,8 +48,7 @@ def image_dice_loss(prob: torch.Tensor, target: torch.Tensor, smooth: float = 1.
     pixels (0 when none has): a 5-pixel pit weighs as much as a region over half the part.
     For ``K > 1`` channels: per image and class, over the pairs that have defect pixels."""
     dims: tuple[int, ...] = (1, 2, 3) if prob.shape[1] == 1 else (2, 3)
-    inter = (prob * target).sum(dims)
-    per_image = 1.0 - (2.0 * inter + smooth) / (prob.sum(dims) + target.sum(dims) + smooth)
+    per_image = _dice_loss_over(prob, target, dims, smooth)
     has_defect = target.sum(dims) > 0
     if not bool(has_defect.any()):
         return prob.sum() * 0.0
@@ -88,10 +92,7 @@ def per_image_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1
         target = target.float()
         dims = (1, 2, 3)
         bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dims)
-        prob = torch.sigmoid(logits)
-        inter = (prob * target).sum(dims)
-        dice = 1.0 - (2.0 * inter + smooth) / (prob.sum(dims) + target.sum(dims) + smooth)
-        return bce + dice
+        return bce + _dice_loss_over(torch.sigmoid(logits), target, dims, smooth)
 
 
 @dataclass(frozen=True)
