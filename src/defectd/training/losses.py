@@ -29,10 +29,8 @@ LOSS_KINDS: tuple[LossKind, ...] = ("bce_dice", "bce_dice_img", "focal_dice", "b
 def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
     """``1 - (2 sum(p t) + s) / (sum p + sum t + s)`` over every pixel of the batch (per
     class and averaged, for ``K > 1`` channels)."""
-    if prob.shape[1] > 1:
-        return _dice_loss_over(prob, target, (0, 2, 3), smooth).mean()
-    inter = (prob * target).sum()
-    return 1.0 - (2.0 * inter + smooth) / (prob.sum() + target.sum() + smooth)
+    dims = (0, 2, 3) if prob.shape[1] > 1 else (0, 1, 2, 3)
+    return _dice_loss_over(prob, target, dims, smooth).mean()
 
 
 def _dice_loss_over(
