@@ -15,7 +15,9 @@ import structlog
 
 from defectd.cli import main
 from defectd.data.synth import (
+    DATASET_BANK_SIZE,
     DEFECTS,
+    LINE_BANK_SIZE,
     MANIFEST_COLUMNS,
     SURFACES,
     PartRenderer,
@@ -161,6 +163,35 @@ def test_write_dataset_replaces_an_earlier_synthetic_set(tmp_path: Path) -> None
     write_dataset(tmp_path, 3, height=16, width=16, defect_rate=0.0)
     assert len(list((tmp_path / "images").iterdir())) == 3
     assert len(_read_manifest(tmp_path / "manifest.csv")) == 3
+
+
+def test_the_line_bank_is_the_start_of_the_dataset_bank() -> None:
+    line = PartRenderer(40, 48)
+    dataset = PartRenderer(40, 48, bank_size=DATASET_BANK_SIZE)
+    for surface in SURFACES:
+        small, large = line._textures(surface), dataset._textures(surface)
+        assert len(small) == LINE_BANK_SIZE and len(large) == DATASET_BANK_SIZE
+        assert all(np.array_equal(a, b) for a, b in zip(small, large, strict=False))
+
+
+def test_a_set_with_the_line_bank_holds_the_parts_the_line_renders(tmp_path: Path) -> None:
+    manifest = write_dataset(
+        tmp_path / "line", 6, seed=9, height=40, width=48, defect_rate=0.5, textures=4
+    )
+    line = PartRenderer(40, 48)  # as the synthetic camera line makes it
+    for i, row in enumerate(_read_manifest(manifest)):
+        rng = np.random.default_rng([9, i])
+        part = line.render(
+            rng, surface=SURFACES[int(rng.integers(0, len(SURFACES)))], defect_prob=0.5
+        )
+        image = cv2.imread(str(manifest.parent / row["image"]), cv2.IMREAD_UNCHANGED)
+        assert np.array_equal(image, part.image)
+    settings = json.loads((manifest.parent / "synth.json").read_text())
+    assert settings["textures"] == 4
+    default = write_dataset(tmp_path / "default", 2, height=16, width=16)
+    assert "textures" not in json.loads((default.parent / "synth.json").read_text())
+    with pytest.raises(ConfigError, match="textures: must be at least 1, got 0"):
+        write_dataset(tmp_path / "none", 2, height=16, width=16, textures=0)
 
 
 def test_colour_dataset_is_stored_as_rgb(tmp_path: Path) -> None:

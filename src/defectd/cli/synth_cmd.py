@@ -53,6 +53,14 @@ def synth(
             "i of classes.txt: scratch, crack, pit, stain, chip) and the manifest's mask_classes.",
         ),
     ] = False,
+    textures: Annotated[
+        int,
+        typer.Option(
+            help="Textures per surface. The default 16 is for training; 4 is the synthetic "
+            "camera line's bank, so --textures 4 renders parts as the line (and `defectd demo`) "
+            "shows them: a set to calibrate the line's operating point on.",
+        ),
+    ] = 16,
     as_json: JsonSummary = False,
 ) -> None:
     """Render synthetic parts with exact defect masks, as a dataset for training.
@@ -79,6 +87,7 @@ def synth(
         channels=3 if colour else 1,
         progress=not as_json,
         class_masks=classes,
+        textures=textures,
     )
     seconds = time.perf_counter() - t0
     ds = open_dataset(out)
@@ -98,6 +107,7 @@ def synth(
         "width": width,
         "channels": 3 if colour else 1,
         "seed": seed,
+        "textures": textures,
         "seconds": round(seconds, 3),
         "fingerprint": ds.fingerprint(),
     }

@@ -62,6 +62,7 @@ DEFECTS: tuple[str, ...] = ("scratch", "crack", "pit", "stain", "chip")
 GOOD_CLASS = "free"  # ``cls`` of a part without defects, as in the magnetic-tile manifest
 SPLITS = ("train", "val", "test")
 DATASET_BANK_SIZE = 16  # textures per surface behind ``write_dataset``
+LINE_BANK_SIZE = 4  # textures per surface of a camera line's renderer (the demo line's)
 _WRITERS = 2  # PNG-writing threads of ``write_dataset``
 SYNTH_MARKER = "synth.json"  # settings of a synthetic set; marks a folder it may rewrite
 
@@ -463,7 +464,7 @@ class PartRenderer:
     height: int
     width: int
     channels: int = 1
-    bank_size: int = 4
+    bank_size: int = LINE_BANK_SIZE
     bank_seed: int = 0
     _bank: dict[str, list[NDArray[np.uint8]]] = field(default_factory=dict, init=False, repr=False)
     _noise: NDArray[np.float32] | None = field(default=None, init=False, repr=False)
@@ -691,6 +692,7 @@ def write_dataset(
     splits: tuple[float, float, float] = (0.7, 0.15, 0.15),
     progress: bool = False,
     class_masks: bool = False,
+    textures: int = DATASET_BANK_SIZE,
 ) -> Path:
     """Write ``count`` synthetic parts to ``out`` in the manifest layout; returns the manifest.
 
@@ -709,6 +711,13 @@ def write_dataset(
 
     ``out`` must be new, empty, or an earlier synthetic set (it has ``synth.json``), which is
     replaced. Raises ``ConfigError`` on invalid arguments and ``DataError`` for any other folder.
+
+    ``textures`` is the bank size per surface. The default (16) is larger than a camera line's
+    (``LINE_BANK_SIZE``, 4): writing a set is not latency-bound, and more textures keep a model
+    from learning the bank instead of the defects. A line's bank is the first ``LINE_BANK_SIZE``
+    textures of this one, so ``textures=LINE_BANK_SIZE`` renders parts exactly as the synthetic
+    camera line shows them (its own parts, not the line's seed): a set to calibrate a line's
+    operating point on.
     """
     if count < 1:
         raise ConfigError(f"count: must be at least 1, got {count}")
@@ -716,10 +725,10 @@ def write_dataset(
         raise ConfigError(f"defect_rate: must be within [0, 1], got {defect_rate}")
     if len(splits) != 3 or min(splits) < 0 or abs(sum(splits) - 1.0) > 1e-6:
         raise ConfigError(f"splits: three non-negative fractions summing to 1, got {splits}")
+    if textures < 1:
+        raise ConfigError(f"textures: must be at least 1, got {textures}")
     surf = SURFACES if surfaces is None else _check_names(surfaces, SURFACES, "surfaces")
-    # A larger bank than the camera line's: writing a set is not latency-bound, and more
-    # textures keep a model from learning the bank instead of the defects.
-    renderer = PartRenderer(height, width, channels, bank_size=DATASET_BANK_SIZE)
+    renderer = PartRenderer(height, width, channels, bank_size=textures)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: exists and is not a folder")
@@ -805,6 +814,8 @@ def write_dataset(
     }
     if class_masks:  # only then: the settings (and README) of a binary set stay as they were
         settings["class_masks"] = True
+    if textures != DATASET_BANK_SIZE:  # likewise: a default set's settings are unchanged
+        settings["textures"] = textures
     marker.write_text(json.dumps(settings, indent=2) + "\n")
     columns = MANIFEST_COLUMNS if index_dir is None else LABELLED_COLUMNS
     classes_line = (
