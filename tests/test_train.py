@@ -329,6 +329,32 @@ def test_image_dice_is_zero_on_a_batch_of_good_parts() -> None:
     assert float(loss.detach()) == 0.0
 
 
+def test_part_term_charges_a_faint_miss_and_a_bright_speck_that_pixel_terms_barely_see() -> None:
+    from defectd.training.losses import PART_TOP_K, LossConfig, SegLoss, part_loss
+
+    target = torch.zeros(2, 1, 32, 32)
+    target[0, 0, 8:24, 8:24] = 1.0  # a defect the map scores faintly (logit -1: p = 0.27)
+    logits = torch.full((2, 1, 32, 32), -8.0)
+    logits[0, 0, 8:24, 8:24] = -1.0
+    faint = part_loss(logits, target)
+    logits[0, 0, 8:24, 8:24] = 4.0  # the same defect found
+    found = part_loss(logits, target)
+    assert float(faint) > 10 * float(found)
+    # A bright speck of PART_TOP_K pixels on the good part: a reject the pixel BCE averages away.
+    speck = logits.clone()
+    speck[1, 0, 0, :PART_TOP_K] = 6.0
+    assert float(part_loss(speck, target)) > 1.0 + float(found)
+    img = SegLoss(LossConfig(kind="bce_dice_img"))
+    part = SegLoss(LossConfig(kind="bce_dice_part"))
+    assert float(part(speck, target)) == pytest.approx(
+        float(img(speck, target)) + float(part_loss(speck, target))
+    )
+    # Per class: a two-class map scores each channel against that class's presence.
+    two = torch.cat([target, torch.zeros_like(target)], 1)
+    both = torch.cat([logits, torch.full_like(logits, -8.0)], 1)
+    assert float(part_loss(both, two)) < 0.01
+
+
 @pytest.mark.slow
 def test_best_checkpoint_card_holds_the_training_images_drift_reference(
     tiny_run: TrainConfig, chip_parts: Path

@@ -93,7 +93,12 @@ def train_command(
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 2e-3,
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW decay.")] = 1e-4,
     loss: Annotated[
-        str, typer.Option(help="bce_dice, bce_dice_img, focal_dice, bce_tversky or bce.")
+        str,
+        typer.Option(
+            help="bce_dice, bce_dice_img (+ per-image Dice), bce_dice_part (+ a part-level "
+            "term: each image's strongest pixels against whether it has a defect), "
+            "focal_dice, bce_tversky or bce."
+        ),
     ] = "bce_dice",
     defect_fraction: Annotated[
         float,

@@ -1,7 +1,8 @@
 """Losses for defect segmentation: a per-pixel term plus an overlap term.
 
 Kinds: ``bce_dice`` (BCE + soft Dice over the batch), ``bce_dice_img`` (BCE + the mean of
-batch Dice and per-image Dice), ``focal_dice``, ``bce_tversky`` and plain ``bce``.
+batch Dice and per-image Dice), ``bce_dice_part`` (``bce_dice_img`` + a part-level term),
+``focal_dice``, ``bce_tversky`` and plain ``bce``.
 
 Defects cover a fraction of a percent of most images, so plain BCE is content predicting
 "good" everywhere. The overlap term (soft Dice, or Tversky that weighs misses more than false
@@ -11,6 +12,13 @@ alarms) is computed over the whole batch at once, which matches how the split's 
 A multi-class model's ``(N, K, H, W)`` output has one sigmoid per class (multi-label): BCE
 over every pixel of every channel, and the overlap term per class, averaged over the classes,
 so a rare class weighs as much as a common one. ``K = 1`` is the one-class loss unchanged.
+
+The station decides a part by its strongest region, not by its pixels on average: a faint
+defect the map scores just under the threshold everywhere is an escape however good the Dice,
+and one bright speck on a good part is a false reject. ``bce_dice_part`` adds what that decision
+sees: per image (and class) the mean of its ``PART_TOP_K`` highest logits, scored by BCE against
+whether the image has a defect (of that class), so the loss rises with every part the pixel
+terms would let through or reject.
 """
 
 from __future__ import annotations
@@ -22,8 +30,18 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-LossKind = Literal["bce_dice", "bce_dice_img", "focal_dice", "bce_tversky", "bce"]
-LOSS_KINDS: tuple[LossKind, ...] = ("bce_dice", "bce_dice_img", "focal_dice", "bce_tversky", "bce")
+LossKind = Literal["bce_dice", "bce_dice_img", "bce_dice_part", "focal_dice", "bce_tversky", "bce"]
+LOSS_KINDS: tuple[LossKind, ...] = (
+    "bce_dice",
+    "bce_dice_img",
+    "bce_dice_part",
+    "focal_dice",
+    "bce_tversky",
+    "bce",
+)
+# Pixels pooled into a part's score: about the smallest region a station rejects (a pit), so a
+# single noisy pixel neither makes nor saves a part.
+PART_TOP_K = 16
 
 
 def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
@@ -81,6 +99,15 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -
     return ((1.0 - p_t) ** gamma * bce).mean()
 
 
+def part_loss(logits: torch.Tensor, target: torch.Tensor, k: int = PART_TOP_K) -> torch.Tensor:
+    """BCE of each image's (and class's) part score, the mean of its ``k`` highest logits,
+    against whether it holds defect pixels; averaged over images and classes."""
+    flat = logits.flatten(2)  # (N, K, H*W)
+    top = flat.topk(min(k, flat.shape[-1]), dim=-1).values.mean(-1)
+    present = (target.flatten(2).amax(-1) > 0).to(top.dtype)
+    return F.binary_cross_entropy_with_logits(top, present)
+
+
 def per_image_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
     """``(N,)`` how wrong the network is on each image, without gradient: mean pixel BCE plus
     soft Dice loss over the image's pixels of every channel (for a good image: how much of it
@@ -100,6 +127,7 @@ class LossConfig:
     focal_gamma: float = 2.0
     focal_scale: float = 10.0  # focal terms are small; scaled to weigh like BCE
     overlap_weight: float = 1.0  # weight of the Dice / Tversky term
+    part_weight: float = 1.0  # weight of the part-level term (bce_dice_part)
 
 
 class SegLoss(nn.Module):
@@ -126,9 +154,12 @@ class SegLoss(nn.Module):
         prob = torch.sigmoid(logits)
         if cfg.kind == "bce_tversky":
             overlap = tversky_loss(prob, target)
-        elif cfg.kind == "bce_dice_img":
+        elif cfg.kind in ("bce_dice_img", "bce_dice_part"):
             # Split Dice is ruled by large regions; the per-image term keeps small defects seen.
             overlap = 0.5 * (soft_dice_loss(prob, target) + image_dice_loss(prob, target))
         else:
             overlap = soft_dice_loss(prob, target)
-        return pixel + cfg.overlap_weight * overlap
+        loss = pixel + cfg.overlap_weight * overlap
+        if cfg.kind == "bce_dice_part":
+            loss = loss + cfg.part_weight * part_loss(logits, target)
+        return loss
