@@ -346,6 +346,7 @@ def test_part_term_charges_a_faint_miss_and_a_bright_speck_that_pixel_terms_bare
     assert float(part_loss(speck, target)) > 1.0 + float(found)
     img = SegLoss(LossConfig(kind="bce_dice_img"))
     part = SegLoss(LossConfig(kind="bce_dice_part"))
+    assert float(img(speck, target)) - float(img(logits, target)) < 0.1
     assert float(part(speck, target)) == pytest.approx(
         float(img(speck, target)) + float(part_loss(speck, target))
     )

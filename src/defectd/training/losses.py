@@ -127,7 +127,6 @@ class LossConfig:
     focal_gamma: float = 2.0
     focal_scale: float = 10.0  # focal terms are small; scaled to weigh like BCE
     overlap_weight: float = 1.0  # weight of the Dice / Tversky term
-    part_weight: float = 1.0  # weight of the part-level term (bce_dice_part)
 
 
 class SegLoss(nn.Module):
@@ -161,5 +160,5 @@ class SegLoss(nn.Module):
             overlap = soft_dice_loss(prob, target)
         loss = pixel + cfg.overlap_weight * overlap
         if cfg.kind == "bce_dice_part":
-            loss = loss + cfg.part_weight * part_loss(logits, target)
+            loss = loss + part_loss(logits, target)
         return loss
