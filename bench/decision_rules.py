@@ -9,8 +9,8 @@ fails a part without lowering the bar for small bright specks.
 
 Each rule's point is the grid point with the fewest escapes on the calibration set's ``--split``
 at <= ``--target-false-reject`` false rejects (ties: fewer false rejects, then grid order); both
-points are then measured on ``--parts`` fresh line parts of ``--seed``, rendered as
-``bench/demo_line.py`` renders them, through ONNX Runtime fp32.
+points are then measured on ``--parts`` fresh line parts of ``--seed``, rendered and run
+through ONNX Runtime fp32 by ``bench/demo_line.py``'s code.
 
     python bench/decision_rules.py --model models/demo/model.onnx --calibration runs/line_cal_s21 \
         [--split train] [--target-false-reject 0.04] [--parts 1500] [--seed 37] [--json]
@@ -26,17 +26,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 from numpy.typing import NDArray
 
 from _common import cpu_model, print_rows
 from defectd.calibration.threshold import largest_components
 from defectd.data.datasets import open_dataset
-from defectd.data.synth import DEFECTS, PartRenderer
+from defectd.data.synth import DEFECTS
 from defectd.model.card import ModelCard, load_card
+from demo_line import line_parts, rates, view_maps
 
-SIZE = 256
-DEFECT_RATE = 0.3  # the demo line's (configs/demo.toml)
 THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 MIN_SCORES = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
 MIN_AREAS = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -48,14 +46,8 @@ Decide = Callable[[Table], NDArray[np.bool_]]
 
 def region_tables(model: Path, card: ModelCard, images: Sequence[NDArray[np.uint8]]) -> Table:
     """Per image, the largest region above each threshold whose peak reaches each min score."""
-    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    out = []
-    for i in range(0, len(images), 16):
-        x = card.normalisation.apply(np.stack(images[i : i + 16])[:, None])
-        for prob in session.run(None, {name: x})[0][:, 0]:
-            out.append(largest_components(prob, THRESHOLDS, MIN_SCORES))
-    return np.stack(out)
+    maps = view_maps(model, card, images, {()})[()]
+    return np.stack([largest_components(prob, THRESHOLDS, MIN_SCORES) for prob in maps])
 
 
 def station_points() -> list[tuple[dict[str, float], Decide]]:
@@ -88,11 +80,6 @@ def two_tier_points() -> list[tuple[dict[str, float], Decide]]:
                             )
                         )
     return out
-
-
-def rates(fail: NDArray[np.bool_], bad: NDArray[np.bool_]) -> tuple[float, float]:
-    """(escape rate, false-reject rate) of part decisions against the truth."""
-    return float(np.mean(~fail[bad])), float(np.mean(fail[~bad]))
 
 
 def choose(
@@ -131,9 +118,7 @@ def main() -> None:
     samples = dataset.samples(args.split)
     cal_bad = np.array([s.has_defect for s in samples])
     cal = region_tables(args.model, card, [dataset.load_image(s, 1) for s in samples])
-    renderer = PartRenderer(SIZE, SIZE)
-    rng = np.random.default_rng(args.seed)
-    parts = [renderer.render(rng, defect_prob=DEFECT_RATE) for _ in range(args.parts)]
+    parts = line_parts(args.parts, args.seed)
     bad = np.array([bool(p.defects) for p in parts])
     line = region_tables(args.model, card, [p.image for p in parts])
     rows: list[dict[str, Any]] = []

@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,16 +57,27 @@ GRID_THRESHOLDS = np.round(
 GRID_MIN_AREAS = (1, 4, 8, 16, 32, 64)
 
 
+def line_parts(count: int, seed: int) -> list[SynthPart]:
+    """``count`` parts as the demo line renders them (256x256, defect rate 0.3) from ``seed``."""
+    renderer = PartRenderer(SIZE, SIZE)
+    rng = np.random.default_rng(seed)
+    return [renderer.render(rng, defect_prob=DEFECT_RATE) for _ in range(count)]
+
+
 def view_maps(
-    model: Path, card: ModelCard, parts: list[SynthPart], views: set[View], batch: int = 16
+    model: Path,
+    card: ModelCard,
+    images: Sequence[NDArray[np.uint8]],
+    views: set[View],
+    batch: int = 16,
 ) -> dict[View, NDArray[np.float32]]:
-    """Per flipped view, ``(N, H, W)`` defect probabilities of ``model`` for the parts' images
+    """Per flipped view, ``(N, H, W)`` defect probabilities of ``model`` for the grey images
     (each view's map flipped back): one inference pass per view, shared by every ``--flips``."""
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     out: dict[View, list[NDArray[np.float32]]] = {axes: [] for axes in views}
-    for i in range(0, len(parts), batch):
-        x = card.normalisation.apply(np.stack([p.image for p in parts[i : i + batch]])[:, None])
+    for i in range(0, len(images), batch):
+        x = card.normalisation.apply(np.stack(images[i : i + batch])[:, None])
         for axes in views:
             y = session.run(None, {name: np.ascontiguousarray(np.flip(x, axes))})[0]
             out[axes].append(np.flip(y, axes)[:, 0])
@@ -183,14 +195,13 @@ def main() -> None:
     )
     ap.add_argument("--overlay-count", type=int, default=12, help="of each outcome, per row")
     args = ap.parse_args()
-    renderer = PartRenderer(SIZE, SIZE)
-    rng = np.random.default_rng(args.seed)
-    parts = [renderer.render(rng, defect_prob=DEFECT_RATE) for _ in range(args.parts)]
+    parts = line_parts(args.parts, args.seed)
     rows: list[dict[str, Any]] = []
     for model in args.model:
         card = load_card(model)
         wanted: list[Flips] = ["none", *(check_flips(f) for f in args.flips)]
-        maps = view_maps(model, card, parts, {axes for f in wanted for axes in VIEWS[f]})
+        views = {axes for f in wanted for axes in VIEWS[f]}
+        maps = view_maps(model, card, [p.image for p in parts], views)
         for flips in wanted:
             probs = np.asarray(
                 np.mean([maps[axes] for axes in VIEWS[flips]], axis=0), dtype=np.float32
