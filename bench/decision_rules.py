@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from _common import cpu_model, print_rows
 from defectd.calibration.threshold import largest_components
 from defectd.data.datasets import open_dataset
 from defectd.data.synth import DEFECTS
+from defectd.log import configure_logging
 from defectd.model.card import ModelCard, load_card
 from demo_line import line_parts, rates, view_maps
 
@@ -102,6 +104,7 @@ def choose(
 
 
 def main() -> None:
+    configure_logging("warning", stream=sys.stderr)  # stdout carries the results only
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

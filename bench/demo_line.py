@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,6 +43,7 @@ from defectd.calibration.threshold import largest_components
 from defectd.data.datasets import Sample
 from defectd.data.metrics import auroc
 from defectd.data.synth import DEFECTS, PartRenderer, SynthPart
+from defectd.log import configure_logging
 from defectd.model.card import ModelCard, load_card
 from defectd.model.views import VIEWS, Flips, View, check_flips
 from defectd.training.evaluate import Prediction
@@ -173,6 +175,7 @@ def draw_mistakes(
 
 
 def main() -> None:
+    configure_logging("warning", stream=sys.stderr)  # stdout carries the results only
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

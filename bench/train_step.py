@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -24,6 +25,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
 from _common import print_rows
+from defectd.log import configure_logging
 from defectd.model.unet import UNet, UNetConfig
 from defectd.training.losses import SegLoss
 from defectd.training.train import bf16_supported, channels_last
@@ -59,6 +61,7 @@ def make_step(mode: str, base: int, size: int, batch: int) -> Any:
 
 
 def main() -> None:
+    configure_logging("warning", stream=sys.stderr)  # stdout carries the results only
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", type=int, default=16)
     ap.add_argument("--size", type=int, default=256)
