@@ -5,7 +5,8 @@ Renders ``--parts`` parts as the demo line does (``PartRenderer`` at 256x256, de
 normalisation), and decides each part as the station's area rule does: a part fails when a
 region (8-connected) of pixels at or above the threshold has at least the minimum area. For
 each model: image AUROC (score = highest pixel probability), escape and false-reject rates at
-the card's operating point, escapes by defect kind, and the lowest escape rate any point of a
+the card's operating point, escapes by defect kind, escapes and false rejects by surface (where
+on the line a model's mistakes are), and the lowest escape rate any point of a
 threshold x min-area grid reaches at <= ``--max-false-reject`` false rejects. Compare models
 within one run (same parts).
 
@@ -42,7 +43,7 @@ from _common import cpu_model
 from defectd.calibration.threshold import largest_components
 from defectd.data.datasets import Sample
 from defectd.data.metrics import auroc
-from defectd.data.synth import DEFECTS, PartRenderer, SynthPart
+from defectd.data.synth import DEFECTS, SURFACES, PartRenderer, SynthPart
 from defectd.log import configure_logging
 from defectd.model.card import ModelCard, load_card
 from defectd.model.views import VIEWS, Flips, View, check_flips
@@ -120,10 +121,18 @@ def measure(
     escape, false_reject = rates(fail, bad)
     missed: Counter[str] = Counter()
     seen: Counter[str] = Counter()
+    by_surface: dict[str, Counter[str]] = {s: Counter() for s in SURFACES}
     for part, failed in zip(parts, fail, strict=True):
         for kind in set(part.defects):
             seen[kind] += 1
             missed[kind] += int(not failed)
+        tally = by_surface[part.surface]
+        if part.defects:
+            tally["defective"] += 1
+            tally["escapes"] += int(not failed)
+        else:
+            tally["good"] += 1
+            tally["false_rejects"] += int(failed)
     best: dict[str, float] | None = None
     for t, areas in zip(thresholds, largest.T, strict=True):
         for min_area in GRID_MIN_AREAS:
@@ -144,6 +153,14 @@ def measure(
         "escape": round(escape, 4),
         "false_reject": round(false_reject, 4),
         "missed_by_kind": {k: f"{missed[k]}/{seen[k]}" for k in DEFECTS if seen[k]},
+        "by_surface": {
+            s: {
+                "escapes": f"{t['escapes']}/{t['defective']}",
+                "false_rejects": f"{t['false_rejects']}/{t['good']}",
+            }
+            for s, t in by_surface.items()
+            if t
+        },
         "best_at_false_reject": best,
     }
     return row, fail
@@ -242,6 +259,10 @@ def main() -> None:
             f"({row['threshold']}, {row['min_area_px']} px) escape {row['escape']:.1%}, "
             f"false reject {row['false_reject']:.1%}; missed {row['missed_by_kind']}"
         )
+        surfaces = ", ".join(
+            f"{s} {t['escapes']} / {t['false_rejects']}" for s, t in row["by_surface"].items()
+        )
+        print(f"  by surface (escapes / false rejects): {surfaces}")
         if best is not None:
             print(
                 f"  lowest escape at <= {args.max_false_reject:.0%} false rejects: "
