@@ -6,9 +6,9 @@ normalisation), and decides each part as the station's area rule does: a part fa
 region (8-connected) of pixels at or above the threshold has at least the minimum area. For
 each model: image AUROC (score = highest pixel probability), escape and false-reject rates at
 the card's operating point, escapes by defect kind, escapes and false rejects by surface (where
-on the line a model's mistakes are), and the lowest escape rate any point of a
-threshold x min-area grid reaches at <= ``--max-false-reject`` false rejects. Compare models
-within one run (same parts).
+on the line a model's mistakes are), and the lowest escape rate any point of the threshold x
+min-area grid that ``defectd calibrate threshold`` sweeps reaches at <= ``--max-false-reject``
+false rejects. Compare models within one run (same parts).
 
 ``--flips h`` (or ``v``, ``hv``) also measures each model with its probability map averaged over
 flipped views of the part (h: the part and its mirror, 2x the inference; hv: four views, 4x):
@@ -40,7 +40,11 @@ import onnxruntime as ort
 from numpy.typing import NDArray
 
 from _common import cpu_model
-from defectd.calibration.threshold import largest_components
+from defectd.calibration.threshold import (
+    DEFAULT_MIN_AREAS,
+    DEFAULT_THRESHOLDS,
+    largest_components,
+)
 from defectd.data.datasets import Sample
 from defectd.data.metrics import auroc
 from defectd.data.synth import DEFECTS, SURFACES, PartRenderer, SynthPart
@@ -52,12 +56,11 @@ from defectd.training.overlays import overlay, write_overlay
 
 SIZE = 256
 DEFECT_RATE = 0.3  # the demo line's (configs/demo.toml)
-# Low thresholds too: a model trained with an image-level loss can sit its operating point far
-# below 0.5 (the demo model's card says 0.04), and a grid that starts at 0.3 would miss it.
-GRID_THRESHOLDS = np.round(
-    np.concatenate([[0.01], np.arange(0.02, 0.30, 0.02), np.arange(0.30, 0.99, 0.04)]), 2
-)
-GRID_MIN_AREAS = (1, 4, 8, 16, 32, 64)
+# The grid `defectd calibrate threshold` sweeps (thresholds from 0.001: a model trained with an
+# image-level loss can sit its best points far below 0.5), so "the lowest escape" is one the
+# station's calibration could choose.
+GRID_THRESHOLDS = np.asarray(DEFAULT_THRESHOLDS)
+GRID_MIN_AREAS = tuple(sorted({max(a, 1) for a in DEFAULT_MIN_AREAS}))  # 0 px decides as 1
 
 
 def line_parts(count: int, seed: int) -> list[SynthPart]:
