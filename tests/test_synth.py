@@ -301,3 +301,23 @@ def test_a_multiclass_model_trains_on_a_class_labelled_synthetic_line(
     assert card.classes == DEFECTS
     assert set(card.per_class) == set(DEFECTS)
     assert net.head.out_channels == len(DEFECTS)
+
+
+@pytest.mark.usefixtures("cli_logging")
+def test_synth_kinds_limit_and_weight_the_defects_drawn(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--count", "40", "--size", "32", "--defect-rate", "1", "--json"]
+    code = main(["synth", "--out", str(tmp_path / "k"), "--kinds", "stain,pit,pit", *args])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert set(summary["classes"]) <= {"stain", "pit"} and summary["defective"] == 40
+    settings = json.loads((tmp_path / "k" / "synth.json").read_text())
+    assert settings["kinds"] == ["stain", "pit", "pit"]
+    # A set written without --kinds records none (its settings are as before).
+    assert main(["synth", "--out", str(tmp_path / "d"), *args]) == 0
+    capsys.readouterr()
+    assert "kinds" not in json.loads((tmp_path / "d" / "synth.json").read_text())
+    code = main(["synth", "--out", str(tmp_path / "x"), "--kinds", "dent", *args])
+    assert code == 2
+    assert "error: kinds: unknown 'dent'" in capsys.readouterr().err

@@ -42,6 +42,14 @@ def synth(
         str,
         typer.Option(help="Comma-separated surfaces: brushed, cast, woven, tiled (default all)."),
     ] = "",
+    defect_kinds: Annotated[
+        str,
+        typer.Option(
+            "--kinds",
+            help="Comma-separated defect kinds: scratch, crack, pit, stain, chip (default all). "
+            "A kind named twice is drawn twice as often (likewise --surfaces).",
+        ),
+    ] = "",
     colour: Annotated[
         bool, typer.Option("--colour", "--color", help="Write RGB images instead of grey.")
     ] = False,
@@ -75,6 +83,7 @@ def synth(
 
     height, width = _parse_size(size)
     names = [s.strip() for s in surfaces.split(",") if s.strip()] or None
+    kind_names = [k.strip() for k in defect_kinds.split(",") if k.strip()] or None
     t0 = time.perf_counter()
     write_dataset(
         out,
@@ -88,6 +97,7 @@ def synth(
         progress=not as_json,
         class_masks=classes,
         textures=textures,
+        kinds=kind_names,
     )
     seconds = time.perf_counter() - t0
     ds = open_dataset(out)

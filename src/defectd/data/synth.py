@@ -693,6 +693,7 @@ def write_dataset(
     progress: bool = False,
     class_masks: bool = False,
     textures: int = DATASET_BANK_SIZE,
+    kinds: Sequence[str] | None = None,
 ) -> Path:
     """Write ``count`` synthetic parts to ``out`` in the manifest layout; returns the manifest.
 
@@ -718,6 +719,9 @@ def write_dataset(
     textures of this one, so ``textures=LINE_BANK_SIZE`` renders parts exactly as the synthetic
     camera line shows them (its own parts, not the line's seed): a set to calibrate a line's
     operating point on.
+
+    ``surfaces`` and ``kinds`` (defect kinds, default all) are drawn uniformly from the lists
+    given, so a name given twice is drawn twice as often: a set weighted to what a model misses.
     """
     if count < 1:
         raise ConfigError(f"count: must be at least 1, got {count}")
@@ -728,6 +732,7 @@ def write_dataset(
     if textures < 1:
         raise ConfigError(f"textures: must be at least 1, got {textures}")
     surf = SURFACES if surfaces is None else _check_names(surfaces, SURFACES, "surfaces")
+    kinds_t = None if kinds is None else _check_names(kinds, DEFECTS, "kinds")
     renderer = PartRenderer(height, width, channels, bank_size=textures)
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -766,7 +771,10 @@ def write_dataset(
         for i in range(count):
             rng = np.random.default_rng([seed, i])
             part = renderer.render(
-                rng, surface=surf[int(rng.integers(0, len(surf)))], defect_prob=defect_rate
+                rng,
+                surface=surf[int(rng.integers(0, len(surf)))],
+                defect_prob=defect_rate,
+                kinds=kinds_t,
             )
             stem = f"{part.cls}_{i:06d}"
             index = None if index_dir is None else index_dir / f"{stem}.png"
@@ -816,6 +824,8 @@ def write_dataset(
         settings["class_masks"] = True
     if textures != DATASET_BANK_SIZE:  # likewise: a default set's settings are unchanged
         settings["textures"] = textures
+    if kinds_t is not None:
+        settings["kinds"] = list(kinds_t)
     marker.write_text(json.dumps(settings, indent=2) + "\n")
     columns = MANIFEST_COLUMNS if index_dir is None else LABELLED_COLUMNS
     classes_line = (
