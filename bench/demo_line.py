@@ -15,13 +15,20 @@ flipped views of the part (h: the part and its mirror, 2x the inference; hv: fou
 what test-time augmentation (``defectd export --flips``) would buy at the card's point and on
 the grid.
 
+``--contrast`` says how faint the defects a model missed were: each defective part is rendered
+again without its defects (its defect-free twin: same texture, light and noise), and per
+defect kind the bench prints the median contrast (mean absolute grey-level difference between
+the part and its twin over the defect's pixels) of the parts caught and of those missed, and how
+many misses the model did not see at all (highest probability inside the defect below 0.01);
+``--json`` then lists every escape with its kind, surface, area, contrast and peak probability.
+
 ``--overlays DIR`` draws the escapes and false rejects at the card's point, as ``defectd eval
 --overlays`` does (part | truth | prediction: green found, red false alarm, blue missed), one
 PNG per part named by model, views, outcome, index and defect kinds.
 
     python bench/demo_line.py --model models/demo/model.onnx [--model OTHER.onnx]
                               [--flips h] [--flips hv] [--parts 1500] [--seed 7] [--json]
-                              [--overlays DIR] [--overlay-count 12]
+                              [--contrast] [--overlays DIR] [--overlay-count 12]
 """
 
 from __future__ import annotations
@@ -61,13 +68,106 @@ DEFECT_RATE = 0.3  # the demo line's (configs/demo.toml)
 # station's calibration could choose.
 GRID_THRESHOLDS = np.asarray(DEFAULT_THRESHOLDS)
 GRID_MIN_AREAS = tuple(sorted({max(a, 1) for a in DEFAULT_MIN_AREAS}))  # 0 px decides as 1
+CONTEXT = 8  # px around a defect's box over which the surface's own variation is taken
+UNSEEN = 0.01  # a missed defect whose highest probability stays below this was not seen at all
 
 
 def line_parts(count: int, seed: int) -> list[SynthPart]:
     """``count`` parts as the demo line renders them (256x256, defect rate 0.3) from ``seed``."""
+    return [part for part, _ in line_parts_with_twins(count, seed, twins=False)]
+
+
+def line_parts_with_twins(
+    count: int, seed: int, *, twins: bool = True
+) -> list[tuple[SynthPart, NDArray[np.uint8] | None]]:
+    """The parts of :func:`line_parts`, each defective one with its defect-free twin (the same
+    generator state rendered with ``defect_prob=0``: same texture, light and noise)."""
     renderer = PartRenderer(SIZE, SIZE)
     rng = np.random.default_rng(seed)
-    return [renderer.render(rng, defect_prob=DEFECT_RATE) for _ in range(count)]
+    out: list[tuple[SynthPart, NDArray[np.uint8] | None]] = []
+    for _ in range(count):
+        state = rng.bit_generator.state
+        part = renderer.render(rng, defect_prob=DEFECT_RATE)
+        twin = None
+        if twins and part.defects:
+            again = np.random.default_rng()
+            again.bit_generator.state = state
+            twin = renderer.render(again, defect_prob=0.0).image
+        out.append((part, twin))
+    return out
+
+
+def contrast_of(part: SynthPart, twin: NDArray[np.uint8]) -> tuple[float, float]:
+    """How far the drawn defects moved the surface they were drawn on: the mean absolute
+    grey-level difference between a part and its defect-free twin over the defect's pixels, and
+    the standard deviation of the twin's grey levels around the defect (its box widened by
+    ``CONTEXT`` px), what the surface itself varies by there."""
+    sel = part.mask > 0
+    if not sel.any():
+        return 0.0, 0.0
+    diff = np.abs(part.image.astype(np.float32) - twin.astype(np.float32))
+    ys, xs = np.nonzero(sel)
+    y0, y1 = max(int(ys.min()) - CONTEXT, 0), int(ys.max()) + CONTEXT + 1
+    x0, x1 = max(int(xs.min()) - CONTEXT, 0), int(xs.max()) + CONTEXT + 1
+    return float(diff[sel].mean()), float(twin[y0:y1, x0:x1].astype(np.float32).std())
+
+
+def contrast_report(
+    parts: list[SynthPart],
+    twins: list[NDArray[np.uint8] | None],
+    probs: NDArray[np.float32],
+    fail: NDArray[np.bool_],
+) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """Per defect kind (parts whose defects are all of that kind): parts, escapes, median
+    contrast and contrast-to-surface ratio of the caught and of the escaped, escapes not seen at
+    all; and every escape."""
+    by_kind: dict[str, dict[str, list[float]]] = {}
+    escapes: list[dict[str, Any]] = []
+    for i, (part, twin) in enumerate(zip(parts, twins, strict=True)):
+        if not part.defects or twin is None:
+            continue
+        contrast, surface_std = contrast_of(part, twin)
+        ratio = contrast / max(surface_std, 1e-6)
+        peak = float(probs[i][part.mask > 0].max()) if part.mask.any() else 0.0
+        if not fail[i]:
+            escapes.append(
+                {
+                    "index": i,
+                    "defects": list(part.defects),
+                    "surface": part.surface,
+                    "area_px": int(np.count_nonzero(part.mask)),
+                    "contrast": round(contrast, 1),
+                    "surface_std": round(surface_std, 1),
+                    "peak_probability": round(peak, 4),
+                }
+            )
+        if len(set(part.defects)) == 1:
+            tally = by_kind.setdefault(
+                part.defects[0],
+                {"caught": [], "escaped": [], "ratio_caught": [], "ratio_escaped": [], "peak": []},
+            )
+            tally["caught" if fail[i] else "escaped"].append(contrast)
+            tally["ratio_caught" if fail[i] else "ratio_escaped"].append(ratio)
+            if not fail[i]:
+                tally["peak"].append(peak)
+
+    def median(values: list[float], digits: int = 1) -> float | None:
+        return round(float(np.median(values)), digits) if values else None
+
+    summary = {
+        kind: {
+            "parts": len(t["caught"]) + len(t["escaped"]),
+            "escapes": len(t["escaped"]),
+            "median_contrast_caught": median(t["caught"]),
+            "median_contrast_escaped": median(t["escaped"]),
+            "median_ratio_caught": median(t["ratio_caught"], 2),
+            "median_ratio_escaped": median(t["ratio_escaped"], 2),
+            "escapes_unseen": sum(p < UNSEEN for p in t["peak"]),
+        }
+        for kind in DEFECTS
+        if (t := by_kind.get(kind))
+    }
+    return summary, escapes
 
 
 def view_maps(
@@ -214,11 +314,18 @@ def main() -> None:
     ap.add_argument("--max-false-reject", type=float, default=0.05)
     ap.add_argument("--json", action="store_true")
     ap.add_argument(
+        "--contrast",
+        action="store_true",
+        help="compare each defect with its defect-free twin: how faint the escapes were",
+    )
+    ap.add_argument(
         "--overlays", type=Path, help="write PNGs of escapes and false rejects into this folder"
     )
     ap.add_argument("--overlay-count", type=int, default=12, help="of each outcome, per row")
     args = ap.parse_args()
-    parts = line_parts(args.parts, args.seed)
+    pairs = line_parts_with_twins(args.parts, args.seed, twins=args.contrast)
+    parts = [part for part, _ in pairs]
+    twins = [twin for _, twin in pairs]
     rows: list[dict[str, Any]] = []
     for model in args.model:
         card = load_card(model)
@@ -232,6 +339,8 @@ def main() -> None:
             row, fail = measure(
                 model, card, parts, probs, max_false_reject=args.max_false_reject, flips=flips
             )
+            if args.contrast:
+                row["contrast"], row["escapes"] = contrast_report(parts, twins, probs, fail)
             if args.overlays is not None:
                 label = f"{model.parent.name or model.stem}-{flips}"
                 row["overlays"] = draw_mistakes(
@@ -266,6 +375,19 @@ def main() -> None:
             f"{s} {t['escapes']} / {t['false_rejects']}" for s, t in row["by_surface"].items()
         )
         print(f"  by surface (escapes / false rejects): {surfaces}")
+        if "contrast" in row:
+            print(
+                "  contrast against the defect-free twin, median of the caught / of the missed "
+                "(grey levels; over the surface's own standard deviation there):"
+            )
+            for k, figures in row["contrast"].items():
+                c = {key: "-" if v is None else v for key, v in figures.items()}
+                print(
+                    f"    {k}: {c['median_contrast_caught']} / {c['median_contrast_escaped']} "
+                    f"({c['median_ratio_caught']} / {c['median_ratio_escaped']}); "
+                    f"{c['escapes']} of {c['parts']} missed, {c['escapes_unseen']} not seen "
+                    f"(peak probability in the defect < {UNSEEN})"
+                )
         if best is not None:
             print(
                 f"  lowest escape at <= {args.max_false_reject:.0%} false rejects: "

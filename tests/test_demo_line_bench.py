@@ -1,0 +1,73 @@
+"""bench/demo_line.py --contrast: each defective part's defect-free twin is the same part
+without its defects, and the contrast report tells the caught from the missed."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(scope="module")
+def demo_line() -> ModuleType:
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("demo_line", BENCH / "demo_line.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH))
+    return module
+
+
+def test_twins_differ_from_their_parts_only_where_defects_were_drawn(
+    demo_line: ModuleType,
+) -> None:
+    pairs = demo_line.line_parts_with_twins(40, 5)
+    plain = demo_line.line_parts(40, 5)
+    defective = 0
+    for (part, twin), same in zip(pairs, plain, strict=True):
+        assert np.array_equal(part.image, same.image)  # twins do not disturb the line's parts
+        if not part.defects:
+            assert twin is None
+            continue
+        defective += 1
+        outside = part.mask == 0
+        assert np.array_equal(part.image[outside], twin[outside])
+        assert (part.image[~outside] != twin[~outside]).any()
+        assert demo_line.contrast_of(part, twin)[0] > 0
+    assert defective >= 5
+
+
+def test_contrast_report_counts_the_missed_and_the_unseen(demo_line: ModuleType) -> None:
+    pairs = demo_line.line_parts_with_twins(60, 9)
+    parts = [p for p, _ in pairs]
+    twins = [t for _, t in pairs]
+    bad = [i for i, p in enumerate(parts) if p.defects]
+    # Every other defective part is caught (its defect found at probability 1); the rest are
+    # missed, one of them half seen (0.5 inside its defect), the others not seen at all.
+    probs = np.zeros((len(parts), *parts[0].mask.shape), np.float32)
+    fail = np.zeros(len(parts), bool)
+    for n, i in enumerate(bad):
+        if n % 2 == 0:
+            probs[i] = parts[i].mask
+            fail[i] = True
+    half_seen = bad[1]
+    probs[half_seen] = 0.5 * parts[half_seen].mask
+    summary, escapes = demo_line.contrast_report(parts, twins, probs, fail)
+    assert [e["index"] for e in escapes] == bad[1::2]
+    assert {e["index"]: e["peak_probability"] for e in escapes}[half_seen] == 0.5
+    single = [i for i in bad if len(set(parts[i].defects)) == 1]
+    assert sum(k["parts"] for k in summary.values()) == len(single)
+    missed_single = [i for i in single if not fail[i]]
+    assert sum(k["escapes"] for k in summary.values()) == len(missed_single)
+    assert sum(k["escapes_unseen"] for k in summary.values()) == len(
+        [i for i in missed_single if i != half_seen]
+    )
