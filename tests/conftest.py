@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -256,3 +259,30 @@ def tmpfs(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
     yield mount
     for where in mounts:
         subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+# --- bench scripts (bench/NAME.py) loaded as modules, for the tests of their helpers ---
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(scope="session")
+def bench_module() -> Callable[[str], ModuleType]:
+    """``bench_module("demo_line")`` loads bench/demo_line.py once per session. Bench scripts
+    import ``_common`` from their own folder, so bench/ is on ``sys.path`` while one loads."""
+    loaded: dict[str, ModuleType] = {}
+
+    def load(name: str) -> ModuleType:
+        if name not in loaded:
+            sys.path.insert(0, str(BENCH))
+            try:
+                spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+                assert spec is not None and spec.loader is not None
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+            finally:
+                sys.path.remove(str(BENCH))
+            loaded[name] = module
+        return loaded[name]
+
+    return load

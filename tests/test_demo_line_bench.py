@@ -3,28 +3,16 @@ without its defects, and the contrast report tells the caught from the missed.""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
+from collections.abc import Callable
 from types import ModuleType
 
 import numpy as np
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
 
 @pytest.fixture(scope="module")
-def demo_line() -> ModuleType:
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("demo_line", BENCH / "demo_line.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
+def demo_line(bench_module: Callable[[str], ModuleType]) -> ModuleType:
+    return bench_module("demo_line")
 
 
 def test_twins_differ_from_their_parts_only_where_defects_were_drawn(

@@ -4,9 +4,8 @@ to end (train under a time budget, eval on the untouched test split)."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -14,20 +13,10 @@ import cv2
 import numpy as np
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
 
 @pytest.fixture(scope="module")
-def small_data() -> ModuleType:
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("small_data", BENCH / "small_data.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
+def small_data(bench_module: Callable[[str], ModuleType]) -> ModuleType:
+    return bench_module("small_data")
 
 
 def write_grouped_set(root: Path) -> Path:
