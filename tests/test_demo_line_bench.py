@@ -37,7 +37,6 @@ def test_twins_differ_from_their_parts_only_where_defects_were_drawn(
 def test_contrast_report_counts_the_missed_and_the_unseen(demo_line: ModuleType) -> None:
     pairs = demo_line.line_parts_with_twins(60, 9)
     parts = [p for p, _ in pairs]
-    twins = [t for _, t in pairs]
     bad = [i for i, p in enumerate(parts) if p.defects]
     # Every other defective part is caught (its defect found at probability 1); the rest are
     # missed, one of them half seen (0.5 inside its defect), the others not seen at all.
@@ -49,7 +48,8 @@ def test_contrast_report_counts_the_missed_and_the_unseen(demo_line: ModuleType)
             fail[i] = True
     half_seen = bad[1]
     probs[half_seen] = 0.5 * parts[half_seen].mask
-    summary, escapes = demo_line.contrast_report(parts, twins, probs, fail)
+    contrasts = [None if t is None else demo_line.contrast_of(p, t) for p, t in pairs]
+    summary, escapes = demo_line.contrast_report(parts, contrasts, probs, fail)
     assert [e["index"] for e in escapes] == bad[1::2]
     assert {e["index"]: e["peak_probability"] for e in escapes}[half_seen] == 0.5
     single = [i for i in bad if len(set(parts[i].defects)) == 1]
