@@ -312,6 +312,7 @@ def test_synth_kinds_limit_and_weight_the_defects_drawn(
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert set(summary["classes"]) <= {"stain", "pit"} and summary["defective"] == 40
+    assert summary["classes"]["pit"] > summary["classes"]["stain"]  # named twice, drawn ~2x
     settings = json.loads((tmp_path / "k" / "synth.json").read_text())
     assert settings["kinds"] == ["stain", "pit", "pit"]
     # A set written without --kinds records none (its settings are as before).
