@@ -30,6 +30,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 import defectd
+from defectd.calibration.threshold import Rate
 from defectd.daemon.config import StationConfig, parse_station_config
 from defectd.daemon.sdnotify import SdNotifier
 from defectd.daemon.service import Service
@@ -236,14 +237,41 @@ class Confusion:
         return (self.true_reject + self.true_pass) / self.total if self.total else 0.0
 
     @property
+    def escapes(self) -> Rate:
+        """Defective parts passed, of the defective parts, with its Wilson 95% interval."""
+        return Rate(self.escape, self.true_reject + self.escape)
+
+    @property
+    def false_rejects(self) -> Rate:
+        """Good parts rejected, of the good parts, with its Wilson 95% interval."""
+        return Rate(self.false_reject, self.true_pass + self.false_reject)
+
+    @property
     def escape_rate(self) -> float:
-        bad = self.true_reject + self.escape
-        return self.escape / bad if bad else 0.0
+        return self.escapes.rate
 
     @property
     def false_reject_rate(self) -> float:
-        good = self.true_pass + self.false_reject
-        return self.false_reject / good if good else 0.0
+        return self.false_rejects.rate
+
+    def as_dict(self) -> dict[str, float]:
+        """Counts, rates and the rates' 95% intervals (``*_low``, ``*_high``): a few hundred
+        parts measure an escape rate to a few points, not to a tenth of one."""
+        escape_low, escape_high = self.escapes.interval
+        fr_low, fr_high = self.false_rejects.interval
+        return {
+            "true_reject": self.true_reject,
+            "false_reject": self.false_reject,
+            "escape": self.escape,
+            "true_pass": self.true_pass,
+            "accuracy": round(self.accuracy, 4),
+            "escape_rate": round(self.escape_rate, 4),
+            "escape_rate_low": round(escape_low, 4),
+            "escape_rate_high": round(escape_high, 4),
+            "false_reject_rate": round(self.false_reject_rate, 4),
+            "false_reject_rate_low": round(fr_low, 4),
+            "false_reject_rate_high": round(fr_high, 4),
+        }
 
 
 @dataclass
@@ -434,15 +462,7 @@ def run_demo(
             verdicts=dict(view.verdicts),
             fps=stats.fps if stats else 0.0,
             latency_ms=stats.latency_ms if stats else {},
-            confusion={
-                "true_reject": view.confusion.true_reject,
-                "false_reject": view.confusion.false_reject,
-                "escape": view.confusion.escape,
-                "true_pass": view.confusion.true_pass,
-                "accuracy": round(view.confusion.accuracy, 4),
-                "escape_rate": round(view.confusion.escape_rate, 4),
-                "false_reject_rate": round(view.confusion.false_reject_rate, 4),
-            },
+            confusion=view.confusion.as_dict(),
             published_received=counter.count,
             outbox_left=service.outbox_left,
             archive_dir=str(cfg.archive.dir),
@@ -468,10 +488,9 @@ def summary_table(summary: DemoSummary) -> Table:
         ("verdicts", ", ".join(f"{k} {v}" for k, v in summary.verdicts.items())),
         ("rejected: defective / good", f"{c['true_reject']:.0f} / {c['false_reject']:.0f}"),
         ("passed: defective / good", f"{c['escape']:.0f} / {c['true_pass']:.0f}"),
-        (
-            "accuracy, escape rate, false-reject rate",
-            f"{c['accuracy']:.1%}, {c['escape_rate']:.1%}, {c['false_reject_rate']:.1%}",
-        ),
+        ("accuracy", f"{c['accuracy']:.1%}"),
+        ("escape rate (95% interval)", _rate(c, "escape_rate")),
+        ("false-reject rate (95% interval)", _rate(c, "false_reject_rate")),
         ("latency p50 / p99 (grab to verdict)", _latency(summary, "total")),
         ("results received over MQTT", f"{summary.published_received} ({outbox})"),
         ("archive (fails + 2% of passes)", summary.archive_dir),
@@ -479,6 +498,11 @@ def summary_table(summary: DemoSummary) -> Table:
     for key, value in rows:
         table.add_row(key, value)
     return table
+
+
+def _rate(confusion: dict[str, float], key: str) -> str:
+    low, high = confusion[f"{key}_low"], confusion[f"{key}_high"]
+    return f"{confusion[key]:.1%} ({low:.1%} to {high:.1%})"
 
 
 def _latency(summary: DemoSummary, stage: str) -> str:
