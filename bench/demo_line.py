@@ -8,7 +8,10 @@ each model: image AUROC (score = highest pixel probability), escape and false-re
 the card's operating point, escapes by defect kind, escapes and false rejects by surface (where
 on the line a model's mistakes are), and the lowest escape rate any point of the threshold x
 min-area grid that ``defectd calibrate threshold`` sweeps reaches at <= ``--max-false-reject``
-false rejects. Compare models within one run (same parts).
+false rejects. Compare models within one run (same parts): every row after the first is also
+compared with the first, part by part: the difference in that lowest escape with a paired
+bootstrap 95% interval (the parts resampled, both models on each draw, the lowest point chosen
+again in each), and how many defective parts each catches that the other misses.
 
 ``--flips h`` (or ``v``, ``hv``) also measures each model with its probability map averaged over
 flipped views of the part (h: the part and its mirror, 2x the inference; hv: four views, 4x):
@@ -70,6 +73,7 @@ GRID_THRESHOLDS = np.asarray(DEFAULT_THRESHOLDS)
 GRID_MIN_AREAS = tuple(sorted({max(a, 1) for a in DEFAULT_MIN_AREAS}))  # 0 px decides as 1
 CONTEXT = 8  # px around a defect's box over which the surface's own variation is taken
 UNSEEN = 0.01  # a missed defect whose highest probability stays below this was not seen at all
+RESAMPLES = 2000  # bootstrap resamples of the parts for the paired comparison of two models
 
 
 def line_parts(count: int, seed: int) -> list[SynthPart]:
@@ -207,6 +211,74 @@ def rates(fail: NDArray[np.bool_], bad: NDArray[np.bool_]) -> tuple[float, float
     return float(np.mean(~fail[bad])), float(np.mean(fail[~bad]))
 
 
+def grid_fails(largest: NDArray[np.int64]) -> NDArray[np.bool_]:
+    """``(N, G)``: whether each part fails at each grid point (threshold x minimum area), from
+    the ``(N, T)`` largest region per part and threshold."""
+    areas = np.asarray(GRID_MIN_AREAS)
+    return np.asarray((largest[:, :, None] >= areas[None, None, :]).reshape(len(largest), -1))
+
+
+def lowest_escapes(
+    weights: NDArray[np.float64],
+    bad: NDArray[np.bool_],
+    fails: NDArray[np.bool_],
+    max_false_reject: float,
+) -> NDArray[np.float64]:
+    """Per row of ``weights`` (``(B, N)``: how often each part is drawn), the lowest escape rate
+    any grid point of ``fails`` (``(N, G)``) reaches at <= ``max_false_reject`` false rejects
+    (NaN where none does)."""
+    f = fails.astype(np.float64)
+    wb, wg = weights * bad, weights * ~bad
+    escape = (wb @ (1.0 - f)) / np.maximum(wb.sum(axis=1, keepdims=True), 1e-12)
+    false_reject = (wg @ f) / np.maximum(wg.sum(axis=1, keepdims=True), 1e-12)
+    feasible = np.where(false_reject <= max_false_reject + 1e-12, escape, np.inf)
+    lowest = feasible.min(axis=1)
+    return np.where(np.isfinite(lowest), lowest, np.nan)
+
+
+def paired_comparison(
+    bad: NDArray[np.bool_],
+    first: NDArray[np.bool_],
+    other: NDArray[np.bool_],
+    *,
+    max_false_reject: float,
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+) -> dict[str, Any] | None:
+    """``other`` against ``first`` (each ``(N, G)`` grid decisions on the same parts): the
+    difference in lowest escape at <= ``max_false_reject`` false rejects (other - first) with a
+    paired bootstrap 95% interval (parts resampled, both models on the same draw, the lowest
+    point chosen again in each), and the defective parts each catches at its lowest point that
+    the other does not. None where either model has no point within the false-reject limit."""
+    one = np.ones((1, len(bad)))
+    observed = [lowest_escapes(one, bad, g, max_false_reject)[0] for g in (first, other)]
+    if np.isnan(observed).any():
+        return None
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(bad), size=(resamples, len(bad)))
+    weights = np.stack([np.bincount(d, minlength=len(bad)) for d in draws]).astype(np.float64)
+    diff = lowest_escapes(weights, bad, other, max_false_reject) - lowest_escapes(
+        weights, bad, first, max_false_reject
+    )
+    low, high = np.nanpercentile(diff, [2.5, 97.5])
+
+    def caught_at_lowest(fails: NDArray[np.bool_], lowest: float) -> NDArray[np.bool_]:
+        escape = (~fails[bad]).mean(axis=0)
+        false_reject = fails[~bad].mean(axis=0)
+        ok = (false_reject <= max_false_reject + 1e-12) & np.isclose(escape, lowest)
+        return np.asarray(fails[:, int(np.flatnonzero(ok)[0])] & bad)
+
+    a, b = caught_at_lowest(first, observed[0]), caught_at_lowest(other, observed[1])
+    return {
+        "difference": round(float(observed[1] - observed[0]), 4),
+        "low": round(float(low), 4),
+        "high": round(float(high), 4),
+        "resamples": resamples,
+        "caught_by_first_only": int((a & ~b).sum()),
+        "caught_by_this_only": int((b & ~a).sum()),
+    }
+
+
 def measure(
     model: Path,
     card: ModelCard,
@@ -215,10 +287,11 @@ def measure(
     *,
     max_false_reject: float,
     flips: str,
-) -> tuple[dict[str, Any], NDArray[np.bool_]]:
+) -> tuple[dict[str, Any], NDArray[np.bool_], NDArray[np.bool_]]:
     """Decisions on ``probs`` (``(N, H, W)``) at the card's point and on the grid, by the
-    largest region above the threshold as calibration and the station measure it; the row
-    and, per part, whether it fails at the card's point."""
+    largest region above the threshold as calibration and the station measure it; the row,
+    per part whether it fails at the card's point, and per part and grid point whether it
+    fails there (:func:`grid_fails`)."""
     bad = np.array([bool(p.defects) for p in parts])
     thresholds, largest, fail = decisions(card, probs)
     escape, false_reject = rates(fail, bad)
@@ -266,7 +339,7 @@ def measure(
         },
         "best_at_false_reject": best,
     }
-    return row, fail
+    return row, fail, grid_fails(largest)
 
 
 def draw_mistakes(
@@ -327,7 +400,9 @@ def main() -> None:
     parts = [part for part, _ in pairs]
     # Properties of the parts, not of a model: measured once for every row below.
     contrasts = [None if twin is None else contrast_of(part, twin) for part, twin in pairs]
+    bad = np.array([bool(p.defects) for p in parts])
     rows: list[dict[str, Any]] = []
+    first_grid: NDArray[np.bool_] | None = None
     for model in args.model:
         card = load_card(model)
         wanted: list[Flips] = ["none", *(check_flips(f) for f in args.flips)]
@@ -337,9 +412,15 @@ def main() -> None:
             probs = np.asarray(
                 np.mean([maps[axes] for axes in VIEWS[flips]], axis=0), dtype=np.float32
             )
-            row, fail = measure(
+            row, fail, grid = measure(
                 model, card, parts, probs, max_false_reject=args.max_false_reject, flips=flips
             )
+            if first_grid is None:
+                first_grid = grid
+            else:
+                row["against_first"] = paired_comparison(
+                    bad, first_grid, grid, max_false_reject=args.max_false_reject
+                )
             if args.contrast:
                 row["contrast"], row["escapes"] = contrast_report(parts, contrasts, probs, fail)
             if args.overlays is not None:
@@ -394,6 +475,15 @@ def main() -> None:
                 f"  lowest escape at <= {args.max_false_reject:.0%} false rejects: "
                 f"{best['escape']:.1%} (false reject {best['false_reject']:.1%}, "
                 f"threshold {best['threshold']}, min area {best['min_area_px']} px)"
+            )
+        paired = row.get("against_first")
+        if paired is not None:
+            print(
+                f"  against the first row, lowest escape {100 * paired['difference']:+.1f} "
+                f"points (paired bootstrap 95% interval {100 * paired['low']:+.1f} to "
+                f"{100 * paired['high']:+.1f}, {paired['resamples']} resamples of the parts); "
+                f"defective parts caught only by the first {paired['caught_by_first_only']}, "
+                f"only by this {paired['caught_by_this_only']}"
             )
 
 

@@ -59,3 +59,30 @@ def test_contrast_report_counts_the_missed_and_the_unseen(demo_line: ModuleType)
     assert sum(k["escapes_unseen"] for k in summary.values()) == len(
         [i for i in missed_single if i != half_seen]
     )
+
+
+def test_paired_comparison_of_two_models_on_the_same_parts(demo_line: ModuleType) -> None:
+    rng = np.random.default_rng(3)
+    n, g = 600, len(demo_line.GRID_THRESHOLDS) * len(demo_line.GRID_MIN_AREAS)
+    bad = rng.random(n) < 0.3
+    # The first model fails every defective part but a fixed 30 and no good part, at every
+    # grid point; the other catches 20 of those 30 as well.
+    missed = np.flatnonzero(bad)[:30]
+    first = np.repeat(bad[:, None], g, axis=1)
+    first[missed] = False
+    other = first.copy()
+    other[missed[:20]] = True
+    defective = int(bad.sum())
+    same = demo_line.paired_comparison(bad, first, first, max_false_reject=0.05, resamples=200)
+    assert same == {
+        "difference": 0.0, "low": 0.0, "high": 0.0, "resamples": 200,
+        "caught_by_first_only": 0, "caught_by_this_only": 0,
+    }  # fmt: skip
+    better = demo_line.paired_comparison(bad, first, other, max_false_reject=0.05, resamples=200)
+    assert better is not None
+    assert better["difference"] == pytest.approx(-20 / defective, abs=1e-4)
+    assert better["low"] <= better["difference"] <= better["high"] < 0
+    assert (better["caught_by_first_only"], better["caught_by_this_only"]) == (0, 20)
+    # A model that false-rejects every good part has no point within the limit.
+    noisy = np.ones_like(first)
+    assert demo_line.paired_comparison(bad, first, noisy, max_false_reject=0.05) is None
