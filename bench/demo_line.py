@@ -218,21 +218,37 @@ def grid_fails(largest: NDArray[np.int64]) -> NDArray[np.bool_]:
     return np.asarray((largest[:, :, None] >= areas[None, None, :]).reshape(len(largest), -1))
 
 
+def grid_rates(
+    bad: NDArray[np.bool_], fails: NDArray[np.bool_]
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Escape and false-reject rate at each grid point (each column of ``fails``, ``(N, G)``)."""
+    return (~fails[bad]).mean(axis=0), fails[~bad].mean(axis=0)
+
+
+def lowest_point(
+    bad: NDArray[np.bool_], fails: NDArray[np.bool_], max_false_reject: float
+) -> int | None:
+    """The grid point (column of ``fails``) with the lowest escape rate at <=
+    ``max_false_reject`` false rejects, the first in grid order on a tie; None where none is
+    within the limit."""
+    escape, false_reject = grid_rates(bad, fails)
+    within = np.flatnonzero(false_reject <= max_false_reject)
+    return int(within[np.argmin(escape[within])]) if within.size else None
+
+
 def lowest_escapes(
     weights: NDArray[np.float64],
     bad: NDArray[np.bool_],
     fails: NDArray[np.bool_],
     max_false_reject: float,
 ) -> NDArray[np.float64]:
-    """Per row of ``weights`` (``(B, N)``: how often each part is drawn), the lowest escape rate
-    any grid point of ``fails`` (``(N, G)``) reaches at <= ``max_false_reject`` false rejects
-    (NaN where none does)."""
+    """:func:`lowest_point`'s escape rate with the parts weighted, per row of ``weights``
+    (``(B, N)``: how often each part is drawn); NaN where no point is within the limit."""
     f = fails.astype(np.float64)
     wb, wg = weights * bad, weights * ~bad
     escape = (wb @ (1.0 - f)) / np.maximum(wb.sum(axis=1, keepdims=True), 1e-12)
     false_reject = (wg @ f) / np.maximum(wg.sum(axis=1, keepdims=True), 1e-12)
-    feasible = np.where(false_reject <= max_false_reject + 1e-12, escape, np.inf)
-    lowest = feasible.min(axis=1)
+    lowest = np.where(false_reject <= max_false_reject, escape, np.inf).min(axis=1)
     return np.where(np.isfinite(lowest), lowest, np.nan)
 
 
@@ -250,10 +266,10 @@ def paired_comparison(
     paired bootstrap 95% interval (parts resampled, both models on the same draw, the lowest
     point chosen again in each), and the defective parts each catches at its lowest point that
     the other does not. None where either model has no point within the false-reject limit."""
-    one = np.ones((1, len(bad)))
-    observed = [lowest_escapes(one, bad, g, max_false_reject)[0] for g in (first, other)]
-    if np.isnan(observed).any():
+    i, j = (lowest_point(bad, fails, max_false_reject) for fails in (first, other))
+    if i is None or j is None:
         return None
+    difference = grid_rates(bad, other)[0][j] - grid_rates(bad, first)[0][i]
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, len(bad), size=(resamples, len(bad)))
     weights = np.stack([np.bincount(d, minlength=len(bad)) for d in draws]).astype(np.float64)
@@ -261,16 +277,9 @@ def paired_comparison(
         weights, bad, first, max_false_reject
     )
     low, high = np.nanpercentile(diff, [2.5, 97.5])
-
-    def caught_at_lowest(fails: NDArray[np.bool_], lowest: float) -> NDArray[np.bool_]:
-        escape = (~fails[bad]).mean(axis=0)
-        false_reject = fails[~bad].mean(axis=0)
-        ok = (false_reject <= max_false_reject + 1e-12) & np.isclose(escape, lowest)
-        return np.asarray(fails[:, int(np.flatnonzero(ok)[0])] & bad)
-
-    a, b = caught_at_lowest(first, observed[0]), caught_at_lowest(other, observed[1])
+    a, b = first[:, i] & bad, other[:, j] & bad  # caught at each one's lowest point
     return {
-        "difference": round(float(observed[1] - observed[0]), 4),
+        "difference": round(float(difference), 4),
         "low": round(float(low), 4),
         "high": round(float(high), 4),
         "resamples": resamples,
@@ -309,17 +318,18 @@ def measure(
         else:
             tally["good"] += 1
             tally["false_rejects"] += int(failed)
+    grid = grid_fails(largest)
+    j = lowest_point(bad, grid, max_false_reject)
     best: dict[str, float] | None = None
-    for t, areas in zip(thresholds, largest.T, strict=True):
-        for min_area in GRID_MIN_AREAS:
-            e, fr = rates(areas >= min_area, bad)
-            if fr <= max_false_reject and (best is None or e < best["escape"]):
-                best = {
-                    "threshold": float(t),
-                    "min_area_px": min_area,
-                    "escape": e,
-                    "false_reject": fr,
-                }
+    if j is not None:
+        escapes, false_rejects = grid_rates(bad, grid)
+        t, a = divmod(j, len(GRID_MIN_AREAS))
+        best = {
+            "threshold": float(thresholds[t]),
+            "min_area_px": GRID_MIN_AREAS[a],
+            "escape": float(escapes[j]),
+            "false_reject": float(false_rejects[j]),
+        }
     row = {
         "model": str(model),
         "flips": flips,
@@ -339,7 +349,7 @@ def measure(
         },
         "best_at_false_reject": best,
     }
-    return row, fail, grid_fails(largest)
+    return row, fail, grid
 
 
 def draw_mistakes(
