@@ -1,17 +1,19 @@
 """Demo models on the demo line's parts: image AUROC, escapes and false rejects, by defect kind.
 
 Renders ``--parts`` parts as the demo line does (``PartRenderer`` at 256x256, defect rate 0.3,
-``--seed``), runs each ``--model`` on them through ONNX Runtime (fp32, the card's input
-normalisation), and decides each part as the station's area rule does: a part fails when a
-region (8-connected) of pixels at or above the threshold has at least the minimum area. For
-each model: image AUROC (score = highest pixel probability), escape and false-reject rates at
-the card's operating point, escapes by defect kind, escapes and false rejects by surface (where
-on the line a model's mistakes are), and the lowest escape rate any point of the threshold x
-min-area grid that ``defectd calibrate threshold`` sweeps reaches at <= ``--max-false-reject``
-false rejects. Compare models within one run (same parts): every row after the first is also
-compared with the first, part by part: the difference in that lowest escape with a paired
-bootstrap 95% interval (the parts resampled, both models on each draw, the lowest point chosen
-again in each), and how many defective parts each catches that the other misses.
+``--seed``; ``--seed`` repeated pools ``--parts`` parts of each seed into one sample), runs each
+``--model`` on them through ONNX Runtime (fp32, the card's input normalisation), and decides
+each part as the station's area rule does: a part fails when a region (8-connected) of pixels at
+or above the threshold has at least the minimum area. For each model: image AUROC (score =
+highest pixel probability), escapes and false rejects at the card's operating point (counts,
+rates and Wilson 95% intervals; per seed too when pooled), escapes by defect kind, escapes and
+false rejects by surface (where on the line a model's mistakes are), and the lowest escape rate
+any point of the threshold x min-area grid that ``defectd calibrate threshold`` sweeps reaches
+at <= ``--max-false-reject`` false rejects. Compare models within one run (same parts): every
+row after the first is also compared with the first, part by part: the difference in that lowest
+escape with a paired bootstrap 95% interval (the parts resampled, both models on each draw, the
+lowest point chosen again in each), and how many defective parts each catches that the other
+misses.
 
 ``--flips h`` (or ``v``, ``hv``) also measures each model with its probability map averaged over
 flipped views of the part (h: the part and its mirror, 2x the inference; hv: four views, 4x):
@@ -30,7 +32,7 @@ many misses the model did not see at all (highest probability inside the defect 
 PNG per part named by model, views, outcome, index and defect kinds.
 
     python bench/demo_line.py --model models/demo/model.onnx [--model OTHER.onnx]
-                              [--flips h] [--flips hv] [--parts 1500] [--seed 7] [--json]
+                              [--flips h] [--flips hv] [--parts 1500] [--seed 7 ...] [--json]
                               [--contrast] [--overlays DIR] [--overlay-count 12]
 """
 
@@ -53,6 +55,7 @@ from _common import cpu_model
 from defectd.calibration.threshold import (
     DEFAULT_MIN_AREAS,
     DEFAULT_THRESHOLDS,
+    Rate,
     largest_components,
 )
 from defectd.data.datasets import Sample
@@ -99,6 +102,22 @@ def line_parts_with_twins(
             twin = renderer.render(again, defect_prob=0.0).image
         out.append((part, twin))
     return out
+
+
+def pooled_parts(
+    count: int, seeds: Sequence[int], *, twins: bool = True
+) -> list[tuple[SynthPart, NDArray[np.uint8] | None]]:
+    """:func:`line_parts_with_twins` of each seed in turn, ``count`` parts each: one sample of
+    ``count * len(seeds)`` parts, the same parts a run per seed reads."""
+    return [pair for seed in seeds for pair in line_parts_with_twins(count, seed, twins=twins)]
+
+
+def counted(fail: NDArray[np.bool_], bad: NDArray[np.bool_]) -> dict[str, dict[str, Any]]:
+    """Escapes and false rejects of ``fail`` as counts with their Wilson 95% intervals."""
+    return {
+        "escape": Rate(int((~fail & bad).sum()), int(bad.sum())).as_dict(),
+        "false_reject": Rate(int((fail & ~bad).sum()), int((~bad).sum())).as_dict(),
+    }
 
 
 def contrast_of(part: SynthPart, twin: NDArray[np.uint8]) -> tuple[float, float]:
@@ -338,6 +357,7 @@ def measure(
         "auroc": round(auroc(bad, probs.reshape(len(parts), -1).max(axis=1)), 4),
         "escape": round(escape, 4),
         "false_reject": round(false_reject, 4),
+        "at_card_point": counted(fail, bad),
         "missed_by_kind": {k: f"{missed[k]}/{seen[k]}" for k in DEFECTS if seen[k]},
         "by_surface": {
             s: {
@@ -377,6 +397,14 @@ def draw_mistakes(
     return written
 
 
+def counted_text(figures: dict[str, dict[str, Any]]) -> str:
+    """One line of :func:`counted`'s figures: counts, rates and Wilson 95% intervals."""
+    return "; ".join(
+        f"{what} {f['k']} of {f['n']}, {f['rate']:.1%} ({f['low']:.1%} to {f['high']:.1%})"
+        for what, f in (("escapes", figures["escape"]), ("false rejects", figures["false_reject"]))
+    )
+
+
 def main() -> None:
     configure_logging("warning", stream=sys.stderr)  # stdout carries the results only
     ap = argparse.ArgumentParser(
@@ -393,7 +421,12 @@ def main() -> None:
         help="also measure each model averaged over these flipped views (repeatable)",
     )
     ap.add_argument("--parts", type=int, default=1500)
-    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument(
+        "--seed",
+        type=int,
+        action="append",
+        help="line seed (default 7); repeat to pool --parts parts of each seed into one sample",
+    )
     ap.add_argument("--max-false-reject", type=float, default=0.05)
     ap.add_argument("--json", action="store_true")
     ap.add_argument(
@@ -406,7 +439,8 @@ def main() -> None:
     )
     ap.add_argument("--overlay-count", type=int, default=12, help="of each outcome, per row")
     args = ap.parse_args()
-    pairs = line_parts_with_twins(args.parts, args.seed, twins=args.contrast)
+    seeds: list[int] = args.seed or [7]
+    pairs = pooled_parts(args.parts, seeds, twins=args.contrast)
     parts = [part for part, _ in pairs]
     # Properties of the parts, not of a model: measured once for every row below.
     contrasts = [None if twin is None else contrast_of(part, twin) for part, twin in pairs]
@@ -431,6 +465,11 @@ def main() -> None:
                 row["against_first"] = paired_comparison(
                     bad, first_grid, grid, max_false_reject=args.max_false_reject
                 )
+            if len(seeds) > 1:
+                row["by_seed"] = {
+                    str(seed): counted(fail[i : i + args.parts], bad[i : i + args.parts])
+                    for i, seed in zip(range(0, len(parts), args.parts), seeds, strict=True)
+                }
             if args.contrast:
                 row["contrast"], row["escapes"] = contrast_report(parts, contrasts, probs, fail)
             if args.overlays is not None:
@@ -439,10 +478,11 @@ def main() -> None:
                     args.overlays, label, card, parts, probs, fail=fail, count=args.overlay_count
                 )
             rows.append(row)
-    report = {
-        "parts": args.parts,
-        "defective": sum(bool(p.defects) for p in parts),
-        "seed": args.seed,
+    report: dict[str, Any] = {
+        "parts": len(parts),
+        "defective": int(bad.sum()),
+        "seeds": seeds,
+        **({"seed": seeds[0]} if len(seeds) == 1 else {}),
         "cpu_model": cpu_model(),
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "models": rows,
@@ -451,7 +491,8 @@ def main() -> None:
         print(json.dumps(report, indent=2))
         return
     print(
-        f"{report['parts']} parts ({report['defective']} defective), seed {args.seed}, "
+        f"{report['parts']} parts ({report['defective']} defective), "
+        f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}, "
         f"{report['cpu_model']}, load {report['load_avg_1m']}"
     )
     for row in report["models"]:
@@ -463,6 +504,9 @@ def main() -> None:
             f"({row['threshold']}, {row['min_area_px']} px) escape {row['escape']:.1%}, "
             f"false reject {row['false_reject']:.1%}; missed {row['missed_by_kind']}"
         )
+        print(f"  at the card's point: {counted_text(row['at_card_point'])}")
+        for seed, figures in row.get("by_seed", {}).items():
+            print(f"    seed {seed}: {counted_text(figures)}")
         surfaces = ", ".join(
             f"{s} {t['escapes']} / {t['false_rejects']}" for s, t in row["by_surface"].items()
         )

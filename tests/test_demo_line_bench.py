@@ -86,3 +86,29 @@ def test_paired_comparison_of_two_models_on_the_same_parts(demo_line: ModuleType
     # A model that false-rejects every good part has no point within the limit.
     noisy = np.ones_like(first)
     assert demo_line.paired_comparison(bad, first, noisy, max_false_reject=0.05) is None
+
+
+def test_pooled_seeds_are_the_parts_each_seed_renders(demo_line: ModuleType) -> None:
+    pooled = demo_line.pooled_parts(12, [5, 9], twins=False)
+    alone = demo_line.line_parts(12, 5) + demo_line.line_parts(12, 9)
+    assert len(pooled) == 24
+    for (part, twin), same in zip(pooled, alone, strict=True):
+        assert twin is None
+        assert np.array_equal(part.image, same.image)
+        assert part.defects == same.defects
+
+
+def test_counted_rates_carry_counts_and_wilson_intervals(demo_line: ModuleType) -> None:
+    bad = np.array([True] * 20 + [False] * 80)
+    fail = np.zeros(100, bool)
+    fail[:17] = True  # 3 of 20 defective parts escape
+    fail[20:24] = True  # 4 of 80 good parts are rejected
+    figures = demo_line.counted(fail, bad)
+    escape, false_reject = figures["escape"], figures["false_reject"]
+    assert (escape["k"], escape["n"], false_reject["k"], false_reject["n"]) == (3, 20, 4, 80)
+    assert escape["rate"] == pytest.approx(0.15)
+    assert false_reject["rate"] == pytest.approx(0.05)
+    # Wilson 95% for 3 of 20: 0.0524 to 0.3604.
+    assert (escape["low"], escape["high"]) == pytest.approx((0.0524, 0.3604), abs=1e-4)
+    assert escape["low"] < escape["rate"] < escape["high"]
+    assert "escapes 3 of 20, 15.0% (5.2% to 36.0%)" in demo_line.counted_text(figures)
