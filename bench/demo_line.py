@@ -440,6 +440,8 @@ def main() -> None:
     ap.add_argument("--overlay-count", type=int, default=12, help="of each outcome, per row")
     args = ap.parse_args()
     seeds: list[int] = args.seed or [7]
+    if len(set(seeds)) != len(seeds):
+        ap.error(f"--seed {seeds}: each seed once (a repeated seed counts its parts twice)")
     pairs = pooled_parts(args.parts, seeds, twins=args.contrast)
     parts = [part for part, _ in pairs]
     # Properties of the parts, not of a model: measured once for every row below.

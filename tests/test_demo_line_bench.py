@@ -3,7 +3,10 @@ without its defects, and the contrast report tells the caught from the missed.""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from types import ModuleType
 
 import numpy as np
@@ -112,3 +115,16 @@ def test_counted_rates_carry_counts_and_wilson_intervals(demo_line: ModuleType) 
     assert (escape["low"], escape["high"]) == pytest.approx((0.0524, 0.3604), abs=1e-4)
     assert escape["low"] < escape["rate"] < escape["high"]
     assert "escapes 3 of 20, 15.0% (5.2% to 36.0%)" in demo_line.counted_text(figures)
+
+
+def test_a_seed_named_twice_is_refused_before_anything_runs() -> None:
+    bench = Path(__file__).resolve().parents[1] / "bench" / "demo_line.py"
+    done = subprocess.run(
+        [sys.executable, str(bench), "--model", "missing.onnx", "--seed", "3", "--seed", "3"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "--seed [3, 3]: each seed once" in done.stderr
