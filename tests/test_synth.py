@@ -322,3 +322,45 @@ def test_synth_kinds_limit_and_weight_the_defects_drawn(
     code = main(["synth", "--out", str(tmp_path / "x"), "--kinds", "dent", *args])
     assert code == 2
     assert "error: kinds: unknown 'dent'" in capsys.readouterr().err
+
+
+def test_faint_draws_each_defect_no_stronger_and_leaves_plain_parts_alone() -> None:
+    renderer = PartRenderer(64, 64)
+    stronger = 0
+    for seed in range(16):
+        plain, faint, twin = (
+            renderer.render(np.random.default_rng(seed), defect_prob=p, kinds=["stain"], faint=f)
+            for p, f in ((1.0, 0.0), (1.0, 1.0), (0.0, 0.0))
+        )
+        if len(plain.defects) > 1:
+            continue  # the extra draw moves a second defect elsewhere
+        # Geometry is drawn before contrast: the same stain, only fainter.
+        assert np.array_equal(plain.mask, faint.mask) and plain.mask.any()
+        sel = plain.mask > 0
+        base = twin.image[sel].astype(np.float32)
+        moved_plain = np.abs(plain.image[sel].astype(np.float32) - base).mean()
+        moved_faint = np.abs(faint.image[sel].astype(np.float32) - base).mean()
+        assert moved_faint <= moved_plain + 1.0  # rounding to grey levels
+        stronger += int(moved_plain > moved_faint + 1.0)
+    assert stronger >= 6  # a third of the range lies below most plain draws
+    # faint 0 is the renderer as it was: the same parts as a call without the argument.
+    a = renderer.render(np.random.default_rng(5), defect_prob=1.0)
+    b = renderer.render(np.random.default_rng(5), defect_prob=1.0, faint=0.0)
+    assert np.array_equal(a.image, b.image)
+    with pytest.raises(ConfigError, match="faint: must be within"):
+        renderer.render(np.random.default_rng(5), faint=1.5)
+
+
+@pytest.mark.usefixtures("cli_logging")
+def test_synth_faint_is_recorded_with_the_set(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--count", "12", "--size", "32", "--defect-rate", "1", "--json"]
+    assert main(["synth", "--out", str(tmp_path / "f"), "--faint", "0.5", *args]) == 0
+    assert json.loads(capsys.readouterr().out)["faint"] == 0.5
+    assert json.loads((tmp_path / "f" / "synth.json").read_text())["faint"] == 0.5
+    assert main(["synth", "--out", str(tmp_path / "p"), *args]) == 0
+    capsys.readouterr()
+    assert "faint" not in json.loads((tmp_path / "p" / "synth.json").read_text())
+    assert main(["synth", "--out", str(tmp_path / "x"), "--faint", "-0.1", *args]) == 2
+    assert "faint: must be within [0, 1]" in capsys.readouterr().err

@@ -69,6 +69,14 @@ def synth(
             "shows them: a set to calibrate the line's operating point on.",
         ),
     ] = 16,
+    faint: Annotated[
+        float,
+        typer.Option(
+            help="Chance (0..1) that a scratch, crack, pit or stain is drawn from the faintest "
+            "third of its kind's contrast range: a training set weighted to the faint defects a "
+            "model misses. 0 (default) renders parts as the line does.",
+        ),
+    ] = 0.0,
     as_json: JsonSummary = False,
 ) -> None:
     """Render synthetic parts with exact defect masks, as a dataset for training.
@@ -98,6 +106,7 @@ def synth(
         class_masks=classes,
         textures=textures,
         kinds=kind_names,
+        faint=faint,
     )
     seconds = time.perf_counter() - t0
     ds = open_dataset(out)
@@ -118,6 +127,7 @@ def synth(
         "channels": 3 if colour else 1,
         "seed": seed,
         "textures": textures,
+        "faint": faint,
         "seconds": round(seconds, 3),
         "fingerprint": ds.fingerprint(),
     }

@@ -224,6 +224,7 @@ class _Canvas:
 
     img: Gray  # (H, W) float32 grey levels
     mask: NDArray[np.uint8]  # (H, W) {0, 1}
+    faint: float = 0.0  # chance that a defect's contrast comes from its range's lowest third
 
     @property
     def h(self) -> int:
@@ -263,6 +264,16 @@ def _apply(
     return marked
 
 
+def _contrast(rng: np.random.Generator, c: _Canvas, low: float, high: float) -> float:
+    """A defect's contrast, uniform on ``[low, high]``; with chance ``c.faint`` squeezed into
+    the lowest third of that range. At ``faint`` 0 it draws exactly what a plain uniform draw
+    would (one value), so parts rendered without it are unchanged."""
+    value = float(rng.uniform(low, high))
+    if c.faint > 0.0 and rng.random() < c.faint:
+        value = low + (value - low) / 3.0
+    return value
+
+
 def _size_scale(c: _Canvas) -> float:
     """Defect sizes are tuned at 256 px; thicker lines and bigger spots on larger parts."""
     return max(0.5, min(c.h, c.w) / 256.0)
@@ -289,7 +300,7 @@ def _scratch(rng: np.random.Generator, c: _Canvas) -> int:
     shifted = np.round(pts - [x0, y0]).astype(np.int32)
     cv2.polylines(local, [shifted], False, 1, thickness=thick, lineType=cv2.LINE_8)
     sign = 1.0 if rng.random() < 0.6 else -1.0
-    contrast = rng.uniform(15.0, 65.0)
+    contrast = _contrast(rng, c, 15.0, 65.0)
     wobble = rng.uniform(0.7, 1.0, local.shape).astype(np.float32)
     return _apply(c, roi, local, (sign * contrast * wobble).astype(np.float32))
 
@@ -328,7 +339,7 @@ def _crack(rng: np.random.Generator, c: _Canvas) -> int:
         shifted = np.round(br - [x0, y0]).astype(np.int32)
         thick = thick_main if i == 0 else max(1, thick_main - 1)
         cv2.polylines(local, [shifted], False, 1, thickness=thick, lineType=cv2.LINE_8)
-    contrast = rng.uniform(25.0, 90.0)
+    contrast = _contrast(rng, c, 25.0, 90.0)
     wobble = rng.uniform(0.75, 1.0, local.shape).astype(np.float32)
     return _apply(c, roi, local, (-contrast * wobble).astype(np.float32))
 
@@ -344,7 +355,7 @@ def _pit(rng: np.random.Generator, c: _Canvas) -> int:
     yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
     dist = np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2) / np.float32(max(r, 1.0))
     profile = np.clip(1.0 - 0.5 * dist, 0.4, 1.0)  # darkest in the middle
-    contrast = rng.uniform(30.0, 100.0)
+    contrast = _contrast(rng, c, 30.0, 100.0)
     return _apply(c, roi, local, (-contrast * profile).astype(np.float32))
 
 
@@ -374,7 +385,7 @@ def _stain(rng: np.random.Generator, c: _Canvas) -> int:
     # the stain stops there too, like the tide line of a dried liquid.
     local = (profile > 0.25).astype(np.uint8)
     sign = -1.0 if rng.random() < 0.7 else 1.0
-    contrast = rng.uniform(12.0, 40.0)
+    contrast = _contrast(rng, c, 12.0, 40.0)
     return _apply(c, roi, local, (sign * contrast * profile).astype(np.float32))
 
 
@@ -531,11 +542,15 @@ class PartRenderer:
         surface: str | None = None,
         defect_prob: float = 0.3,
         kinds: Sequence[str] | None = None,
+        faint: float = 0.0,
     ) -> SynthPart:
         """One part; ``surface`` and defect ``kinds`` are drawn from ``rng`` when not given.
 
         With probability ``defect_prob`` the part gets 1 to 3 defects of the given kinds
-        (mostly one). Raises ``ConfigError`` on an unknown surface or kind.
+        (mostly one). ``faint`` (0..1) is the chance that a scratch, crack, pit or stain is
+        drawn from the faintest third of its kind's contrast range (chips are unchanged): a
+        training set weighted to the defects a model misses most. Raises ``ConfigError`` on an
+        unknown surface or kind or a ``faint`` outside 0..1.
         """
         kinds_t = DEFECTS if kinds is None else _check_names(kinds, DEFECTS, "kinds")
         if surface is None:
@@ -544,6 +559,8 @@ class PartRenderer:
             raise ConfigError(f"surface: unknown {surface!r}; choose from {', '.join(SURFACES)}")
         if not 0.0 <= defect_prob <= 1.0:
             raise ConfigError(f"defect_prob: must be within [0, 1], got {defect_prob}")
+        if not 0.0 <= faint <= 1.0:
+            raise ConfigError(f"faint: must be within [0, 1], got {faint}")
         bank = self._textures(surface)
         noise_bank = self._noise
         assert noise_bank is not None  # built with the first surface
@@ -569,7 +586,7 @@ class PartRenderer:
         labels = np.zeros((h, w), np.uint8)
         if defective:
             count = 1 + int(defect_rng.random() < 0.25) + int(defect_rng.random() < 0.05)
-            canvas = _Canvas(img, mask)
+            canvas = _Canvas(img, mask, faint)
             for _ in range(count):
                 before = mask.copy()
                 kind = kinds_t[int(defect_rng.integers(0, len(kinds_t)))]
@@ -694,6 +711,7 @@ def write_dataset(
     class_masks: bool = False,
     textures: int = DATASET_BANK_SIZE,
     kinds: Sequence[str] | None = None,
+    faint: float = 0.0,
 ) -> Path:
     """Write ``count`` synthetic parts to ``out`` in the manifest layout; returns the manifest.
 
@@ -722,6 +740,7 @@ def write_dataset(
 
     ``surfaces`` and ``kinds`` (defect kinds, default all) are drawn uniformly from the lists
     given, so a name given twice is drawn twice as often: a set weighted to what a model misses.
+    ``faint`` weights it to the faintest defects of each kind (see ``PartRenderer.render``).
     """
     if count < 1:
         raise ConfigError(f"count: must be at least 1, got {count}")
@@ -731,6 +750,8 @@ def write_dataset(
         raise ConfigError(f"splits: three non-negative fractions summing to 1, got {splits}")
     if textures < 1:
         raise ConfigError(f"textures: must be at least 1, got {textures}")
+    if not 0.0 <= faint <= 1.0:
+        raise ConfigError(f"faint: must be within [0, 1], got {faint}")
     surf = SURFACES if surfaces is None else _check_names(surfaces, SURFACES, "surfaces")
     kinds_t = None if kinds is None else _check_names(kinds, DEFECTS, "kinds")
     renderer = PartRenderer(height, width, channels, bank_size=textures)
@@ -775,6 +796,7 @@ def write_dataset(
                 surface=surf[int(rng.integers(0, len(surf)))],
                 defect_prob=defect_rate,
                 kinds=kinds_t,
+                faint=faint,
             )
             stem = f"{part.cls}_{i:06d}"
             index = None if index_dir is None else index_dir / f"{stem}.png"
@@ -826,6 +848,8 @@ def write_dataset(
         settings["textures"] = textures
     if kinds_t is not None:
         settings["kinds"] = list(kinds_t)
+    if faint > 0.0:
+        settings["faint"] = faint
     marker.write_text(json.dumps(settings, indent=2) + "\n")
     columns = MANIFEST_COLUMNS if index_dir is None else LABELLED_COLUMNS
     classes_line = (
