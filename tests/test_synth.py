@@ -14,6 +14,7 @@ import pytest
 import structlog
 
 from defectd.cli import main
+from defectd.data import synth
 from defectd.data.synth import (
     DATASET_BANK_SIZE,
     DEFECTS,
@@ -324,7 +325,7 @@ def test_synth_kinds_limit_and_weight_the_defects_drawn(
     assert "error: kinds: unknown 'dent'" in capsys.readouterr().err
 
 
-def test_faint_draws_each_defect_no_stronger_and_leaves_plain_parts_alone() -> None:
+def test_faint_draws_each_defect_no_stronger() -> None:
     renderer = PartRenderer(64, 64)
     stronger = 0
     for seed in range(16):
@@ -343,10 +344,6 @@ def test_faint_draws_each_defect_no_stronger_and_leaves_plain_parts_alone() -> N
         assert moved_faint <= moved_plain + 1.0  # rounding to grey levels
         stronger += int(moved_plain > moved_faint + 1.0)
     assert stronger >= 6  # a third of the range lies below most plain draws
-    # faint 0 is the renderer as it was: the same parts as a call without the argument.
-    a = renderer.render(np.random.default_rng(5), defect_prob=1.0)
-    b = renderer.render(np.random.default_rng(5), defect_prob=1.0, faint=0.0)
-    assert np.array_equal(a.image, b.image)
     with pytest.raises(ConfigError, match="faint: must be within"):
         renderer.render(np.random.default_rng(5), faint=1.5)
 
@@ -364,3 +361,20 @@ def test_synth_faint_is_recorded_with_the_set(
     assert "faint" not in json.loads((tmp_path / "p" / "synth.json").read_text())
     assert main(["synth", "--out", str(tmp_path / "x"), "--faint", "-0.1", *args]) == 2
     assert "faint: must be within [0, 1]" in capsys.readouterr().err
+
+
+def test_faint_zero_draws_contrast_as_a_plain_uniform_draw(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The renderer before --faint drew each contrast with one rng.uniform(low, high): parts at
+    # faint 0 must be those, byte for byte (the line's parts and every existing set).
+    renderer = PartRenderer(64, 64)
+    kinds = ["scratch", "crack", "pit", "stain"]
+    now = [
+        renderer.render(np.random.default_rng(s), defect_prob=1.0, kinds=kinds) for s in range(8)
+    ]
+    monkeypatch.setattr(synth, "_contrast", lambda rng, c, low, high: rng.uniform(low, high))
+    plain = [
+        renderer.render(np.random.default_rng(s), defect_prob=1.0, kinds=kinds) for s in range(8)
+    ]
+    for a, b in zip(now, plain, strict=True):
+        assert a.defects == b.defects
+        assert np.array_equal(a.image, b.image) and np.array_equal(a.mask, b.mask)
