@@ -161,6 +161,18 @@ def test_an_empty_split_names_the_split_and_lists_those_there_are(synth_root: Pa
         ds.samples("holdout")
 
 
+def test_splits_joined_by_plus_are_their_union_in_the_datasets_order(synth_root: Path) -> None:
+    ds = open_dataset(synth_root)
+    both = ds.samples("train+val")
+    assert {s.split for s in both} == {"train", "val"}
+    assert len(both) == len(ds.samples("train")) + len(ds.samples("val"))
+    assert both == [s for s in ds.samples() if s.split in ("train", "val")]
+    assert ds.samples("val+train") == both
+    assert ds.fingerprint("train+val") != ds.fingerprint("train")
+    with pytest.raises(DataError, match=r"split 'vall' has no samples; .*test, train, val"):
+        ds.samples("train+vall")
+
+
 def test_an_unreadable_image_names_the_file(tmp_path: Path) -> None:
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")

@@ -269,3 +269,53 @@ def test_unknown_flips_are_refused_before_anything_is_written(
     assert rc == 2
     assert capsys.readouterr().err.startswith("error: flips 'diagonal': choose none, h, v, hv")
     assert not out.exists()
+
+
+def test_export_with_a_fixed_point_writes_it_to_the_card_and_eval_applies_it(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "ds"
+    write_dataset(data, 20, seed=4, height=32, width=48, defect_rate=0.5)
+    ckpt = _small_checkpoint(tmp_path / "s.pt", seed=1)
+    out = tmp_path / "m.onnx"
+    rc, text = _run(
+        ["export", "-c", str(ckpt), "-o", str(out), "--threshold", "0.01", "--min-area", "12",
+         "--json"]
+    )  # fmt: skip
+    assert rc == 0
+    summary = json.loads(text)
+    card = load_card(out)
+    assert (summary["threshold"], summary["min_area_px"]) == (0.01, 12)
+    assert (card.threshold, card.min_area_px) == (0.01, 12)
+    assert card.metrics == {}  # measured at the checkpoint's 0.37: not this point's
+    assert "fixed at export" in card.notes
+    assert card.sha256 == file_sha256(out)
+
+    rc, text = _run(
+        ["eval", "--model", str(out), "--data", str(data), "--split", "val", "--backend", "ort",
+         "--precision", "fp32", "--json"]
+    )  # fmt: skip
+    assert rc == 0
+    report = json.loads(text)
+    assert (report["threshold"], report["min_area_px"]) == (0.01, 12)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--threshold", "0.2"], "--threshold and --min-area: give both"),
+        (["--min-area", "8"], "--threshold and --min-area: give both"),
+        (["--threshold", "1.5", "--min-area", "8"], "--threshold 1.5: a probability"),
+        (["--threshold", "0.2", "--min-area", "-1"], "--min-area -1: a pixel count"),
+        (["--threshold", "0.2", "--min-area", "8", "--data", "d"], "--threshold/--min-area fix"),
+    ],
+)
+def test_a_bad_fixed_point_is_refused_before_anything_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    ckpt = _small_checkpoint(tmp_path / "s.pt", seed=1)
+    out = tmp_path / "m.onnx"
+    rc = main(["export", "-c", str(ckpt), "-o", str(out), *extra])
+    assert rc == 2
+    assert capsys.readouterr().err.startswith(f"error: {message}")
+    assert not out.exists()

@@ -308,6 +308,29 @@ def test_missing_validation_split_names_the_split(chip_parts: Path, tmp_path: Pa
         train(config)
 
 
+@pytest.mark.slow
+def test_a_refit_on_train_and_val_trains_on_both_and_says_val_was_seen(
+    chip_parts: Path, tmp_path: Path
+) -> None:
+    config = replace(
+        tiny_config(chip_parts, tmp_path / "run"),
+        train_split="train+val",
+        epochs=1,
+        steps_per_epoch=2,
+        val_every=1,
+    )
+    train(config)
+    _, card = load_checkpoint(config.out / "best.pt")
+    dataset = open_dataset(chip_parts)
+    assert card.training.data_hash == dataset.fingerprint("train+val")
+    assert card.training.split == "train+val"
+    assert "18 of the 'val' images were trained on ('train+val')" in card.notes
+
+    plain = replace(config, train_split="train", out=tmp_path / "plain")
+    train(plain)
+    assert "trained on" not in load_checkpoint(plain.out / "best.pt")[1].notes
+
+
 def test_image_dice_weighs_a_missed_small_defect_like_a_missed_large_one() -> None:
     from defectd.training.losses import image_dice_loss, soft_dice_loss
 

@@ -12,7 +12,7 @@ import typer
 from defectd.cli.app import app
 from defectd.cli.guard import refuse_overwrite
 from defectd.cli.options import JsonSummary
-from defectd.errors import DataError
+from defectd.errors import ConfigError, DataError
 from defectd.extras import require_extra
 from defectd.model.card import ModelCard, card_path
 
@@ -49,6 +49,18 @@ def export_command(
             "area (best image accuracy) through the exported model, as training chooses them, "
             "and gives the card's val metrics. Meant for an ensemble, whose card has none.",
         ),
+    ] = None,
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            help="Fix the card's pixel threshold (0..1) instead of the checkpoint's: for a "
+            "recipe whose point is settled, e.g. refitted with --train-split train+val, where "
+            "no unseen val split is left to choose one.",
+        ),
+    ] = None,
+    min_area: Annotated[
+        int | None,
+        typer.Option("--min-area", help="Fix the card's min_area_px with --threshold."),
     ] = None,
     flips: Annotated[
         str,
@@ -94,6 +106,7 @@ def export_command(
     # The exporter logs a warning for each torchvision op it cannot register; none are used.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     views = check_flips(flips)
+    _check_point(threshold, min_area, data)
     refuse_overwrite(out, force=force)
     loaded = [load_checkpoint(path) for path in checkpoint]
     nets = [net for net, _ in loaded]
@@ -113,6 +126,8 @@ def export_command(
     diff = onnx_parity(nets, final, out, batch=parity_batch, tolerance=PARITY_TOLERANCE)
     if data is not None:
         final = _choose_on_val(out, final, data)
+    elif threshold is not None and min_area is not None:
+        final = _fix_point(out, final, threshold, min_area)
     size_mb = out.stat().st_size / 1e6
     summary = {
         "onnx": str(out),
@@ -136,6 +151,43 @@ def export_command(
         f"input {final.input.channels}x{final.input.height}x{final.input.width}); "
         f"parity torch vs ONNX Runtime: max abs diff {diff:.2e} (<= {PARITY_TOLERANCE:g})"
     )
+
+
+def _check_point(threshold: float | None, min_area: int | None, data: Path | None) -> None:
+    """Refuse a half-given or out-of-range fixed point, or one given with --data, before any
+    work."""
+    if (threshold is None) != (min_area is None):
+        raise ConfigError("--threshold and --min-area: give both to fix the card's point")
+    if threshold is None or min_area is None:
+        return
+    if data is not None:
+        raise ConfigError("--threshold/--min-area fix the point; --data chooses it: give one")
+    if not 0.0 < threshold < 1.0:
+        raise ConfigError(f"--threshold {threshold:g}: a probability between 0 and 1")
+    if min_area < 0:
+        raise ConfigError(f"--min-area {min_area}: a pixel count, 0 or more")
+
+
+def _fix_point(out: Path, card: ModelCard, threshold: float, min_area: int) -> ModelCard:
+    """``card`` with the operating point given on the command line; saved. Validation metrics
+    measured at another point are dropped: they do not describe this one."""
+    if card.multiclass:
+        raise ConfigError(
+            "--threshold/--min-area: a multi-class model has a point per class; choose them "
+            "with `defectd calibrate threshold`"
+        )
+    same = (card.threshold, card.min_area_px) == (threshold, min_area)
+    note = f"threshold {threshold:g} and min_area_px {min_area} fixed at export (--threshold)"
+    fixed = card.model_copy(
+        update={
+            "threshold": threshold,
+            "min_area_px": min_area,
+            "metrics": card.metrics if same else {},
+            "notes": "; ".join(n for n in (card.notes, note) if n),
+        }
+    )
+    fixed.save(card_path(out))
+    return fixed
 
 
 def _choose_on_val(out: Path, card: ModelCard, data: Path) -> ModelCard:

@@ -134,6 +134,18 @@ def train_command(
             " rotations) or off."
         ),
     ] = "flip",
+    train_split: Annotated[
+        str,
+        typer.Option(
+            "--train-split",
+            help="Split(s) to train on; 'train+val' refits a settled recipe on every labelled "
+            "image it was tuned with (then val measures nothing new: fix the operating point "
+            "with --select-by last and `defectd card write`, or calibrate on other images).",
+        ),
+    ] = "train",
+    val_split: Annotated[
+        str, typer.Option("--val-split", help="Split that validates and chooses the point.")
+    ] = "val",
     val_every: Annotated[int, typer.Option("--val-every", help="Validate every N epochs.")] = 1,
     select_by: Annotated[
         str,
@@ -193,7 +205,8 @@ def train_command(
 ) -> None:
     """Train a U-Net that segments defects; keep the checkpoint with the best validation Dice.
 
-    Validates on the 'val' split each epoch, at native image resolution.
+    Trains on the 'train' split and validates on 'val' (--train-split, --val-split), at native
+    image resolution.
 
     OUT/best.pt gets the model card: threshold chosen on 'val', metrics, data hash, command.
 
@@ -252,6 +265,8 @@ def train_command(
         steps_per_epoch=steps_per_epoch,
         crop=crop,
         augment=augment,  # type: ignore[arg-type]
+        train_split=train_split,
+        val_split=val_split,
         val_every=val_every,
         select_by=select_by,  # type: ignore[arg-type]
         average_last=average_last,

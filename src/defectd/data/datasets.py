@@ -132,19 +132,21 @@ class Dataset:
         return out
 
     def samples(self, split: str | None = None) -> list[Sample]:
-        """All samples (``split=None``) or those of one split, in a stable order.
+        """All samples (``split=None``), those of one split, or those of several joined by ``+``
+        (``"train+val"``: a recipe refitted on every image it was tuned with), in a stable order.
 
         An unknown split, or one without samples, is a ``DataError`` listing the splits there are.
         """
         if split is None:
             return list(self._samples)
-        found = [s for s in self._samples if s.split == split]
-        if not found:
-            raise DataError(
-                f"{self.root}: split {split!r} has no samples; "
-                f"splits here: {', '.join(self.splits) or 'none'}"
-            )
-        return found
+        names = (split,) if split in self.splits else tuple(split.split("+"))
+        for name in names:
+            if name not in self.splits:
+                raise DataError(
+                    f"{self.root}: split {name!r} has no samples; "
+                    f"splits here: {', '.join(self.splits) or 'none'}"
+                )
+        return [s for s in self._samples if s.split in names]
 
     def load_image(self, sample: Sample, channels: int) -> NDArray[np.uint8]:
         """``(H, W)`` uint8 for ``channels=1``, ``(H, W, 3)`` uint8 RGB for ``channels=3``.

@@ -426,6 +426,13 @@ def train(
         config.check()
     train_samples = dataset.samples(config.train_split)
     val_samples = dataset.samples(config.val_split)
+    if _seen_note(dataset, config):
+        log.warning(
+            "val_is_trained_on",
+            train_split=config.train_split,
+            val_split=config.val_split,
+            hint="val metrics measure seen images; fix the point (export --threshold)",
+        )
     fit = InputFit(config.channels, config.height, config.width, config.resize)
     aug = AUGMENT_PRESETS[config.augment]
     t_load = time.perf_counter()
@@ -734,12 +741,25 @@ def finish_card(
             "drift": dataset_reference(dataset, config.train_split, card.input.channels),
             "notes": f"threshold (best Dice) and min_area_px (best image accuracy) chosen on "
             f"split {config.val_split!r}{', per class' if point['per_class'] else ''}; "
-            f"image score for AUROC: {config.image_score}",
+            f"image score for AUROC: {config.image_score}{_seen_note(dataset, config)}",
         }
     )
     extra = {k: v for k, v in state.items() if k not in ("model", "unet", "card")}
     save_checkpoint(best_path, net, final, **extra)
     return final
+
+
+def _seen_note(dataset: Dataset, config: TrainConfig) -> str:
+    """A warning for the card's notes when validation images were also trained on (a refit
+    on ``train+val``): its metrics and point are then measured on seen images."""
+    trained = {(s.split, s.stem) for s in dataset.samples(config.train_split)}
+    seen = sum((s.split, s.stem) in trained for s in dataset.samples(config.val_split))
+    if not seen:
+        return ""
+    return (
+        f"; {seen} of the {config.val_split!r} images were trained on "
+        f"({config.train_split!r}): these val metrics and this point are measured on seen images"
+    )
 
 
 def validation_point(
