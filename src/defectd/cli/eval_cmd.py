@@ -81,7 +81,12 @@ def eval_command(
         Path, typer.Option("--model", "-m", help="A .pt checkpoint or an .onnx model (with card).")
     ],
     data: DatasetIn,
-    split: Annotated[str, typer.Option(help="Split to evaluate: train, val or test.")] = "test",
+    split: Annotated[
+        str,
+        typer.Option(
+            help="Split to evaluate: train, val or test (several joined by +: train+val)."
+        ),
+    ] = "test",
     threshold: Annotated[
         float | None,
         typer.Option(help="Probability threshold (default: the card's, chosen on val)."),
