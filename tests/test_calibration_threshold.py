@@ -254,3 +254,57 @@ def test_one_class_calibration_file_reads_as_before(tiny_model: Path, tmp_path: 
     assert main([*args, "--target-escape", "0.34"]) == 0
     stored = json.loads(out.read_text())["threshold"]
     assert not {"classes", "negatives", "negatives_note"} & stored.keys()
+
+
+def _trained_on_train_and_val(model: Path, data: Path, folder: Path) -> Path:
+    """A copy of ``model`` whose card says it was trained on ``data``'s train+val (a refit)."""
+    import shutil
+
+    from defectd.data.datasets import open_dataset
+    from defectd.model.card import card_path
+
+    folder.mkdir()
+    copy = folder / "model.onnx"
+    shutil.copy(model, copy)
+    card = load_card(model)
+    training = card.training.model_copy(
+        update={"split": "train+val", "data_hash": open_dataset(data).fingerprint("train+val")}
+    )
+    card.model_copy(update={"training": training}).save(card_path(copy))
+    return copy
+
+
+def test_calibrating_on_images_the_model_was_trained_on_says_so(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = write_blob_set(tmp_path / "data", per_split=6)
+    refit = _trained_on_train_and_val(tiny_model, data, tmp_path / "refit")
+    out = tmp_path / "calibration.json"
+    args = [*threshold_cli(refit, data, out), "--target-false-reject", "0.34"]
+    assert main([*args, "--eval-split", "test", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["trained_on"] == {"val": 6, "test": 0}
+    assert "warning: 6 images of split 'val' were trained on" in captured.err
+    assert "'test'" not in captured.err
+
+    # The same model on another data set (another training-data hash): nothing was seen.
+    other = write_blob_set(tmp_path / "other", per_split=6, seed=9)
+    assert main([*threshold_cli(refit, other, out), "--target-false-reject", "0.34", "--json",
+                 "--force"]) == 0  # fmt: skip
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["trained_on"] == {"val": 0}
+    assert "warning" not in captured.err
+
+
+def test_eval_counts_the_images_of_its_split_the_model_was_trained_on(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = write_blob_set(tmp_path / "data", per_split=6)
+    refit = _trained_on_train_and_val(tiny_model, data, tmp_path / "refit")
+    for split, seen in (("val", 6), ("test", 0), ("train+val", 12)):
+        assert main(["eval", "-m", str(refit), "-d", str(data), "--split", split, "--json"]) == 0
+        captured = capsys.readouterr()
+        assert json.loads(captured.out)["trained_on"] == seen
+        assert ("were trained on" in captured.err) == bool(seen)
+    assert main(["eval", "-m", str(tiny_model), "-d", str(data), "--split", "val", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["trained_on"] == 0  # its card names no data

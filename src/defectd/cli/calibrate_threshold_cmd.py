@@ -348,7 +348,7 @@ def threshold(
     from defectd.calibration.threshold import TilePlan, check_split, choose
     from defectd.data.datasets import open_dataset
     from defectd.model.card import file_sha256
-    from defectd.training.evaluate import open_model
+    from defectd.training.evaluate import open_model, seen_warning, trained_on
 
     if target_escape is not None and target_false_reject is not None:
         raise ConfigError("--target-escape and --target-false-reject: give only one")
@@ -373,6 +373,14 @@ def threshold(
         dataset.samples(eval_split)  # fail early on an unknown split
     opened = open_model(model, backend=backend)
     classes = opened.card.classes
+    seen = {
+        name: trained_on(dataset, name, opened.card)
+        for name in (split, eval_split)
+        if name is not None
+    }
+    for name, count in seen.items():
+        if count:
+            typer.echo(seen_warning(count, name, opened.card), err=True)
     try:
         found = run_sweeps(
             dataset, split, opened, thresholds=grid_t, min_areas=grid_a, min_scores=grid_s,
@@ -486,6 +494,7 @@ def threshold(
             "precision": section.precision,
             "engine": opened.engine,
             "data_hash": section.data_hash,
+            "trained_on": seen,  # images of each split the model was trained on
             "negatives": {
                 "kind": found.negatives,
                 "tiles": found.tiles,

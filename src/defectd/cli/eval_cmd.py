@@ -159,7 +159,14 @@ def eval_command(
 
     from defectd.data.datasets import open_dataset
     from defectd.data.metrics import IMAGE_SCORES
-    from defectd.training.evaluate import Prediction, evaluate, open_model, predict
+    from defectd.training.evaluate import (
+        Prediction,
+        evaluate,
+        open_model,
+        predict,
+        seen_warning,
+        trained_on,
+    )
     from defectd.training.overlays import (
         overlay,
         pick_cases,
@@ -182,6 +189,9 @@ def eval_command(
         model, backend=backend, precision=precision, threads=threads, max_batch=batch_size
     )
     console = Console(stderr=True)
+    seen = trained_on(dataset, split, opened.card)
+    if seen:
+        typer.echo(seen_warning(seen, split, opened.card), err=True)
     try:
         with counting_bar(f"eval {split}", console, quiet=as_json) as bar:
             task = bar.add_task("eval", total=len(samples))
@@ -238,6 +248,7 @@ def eval_command(
         "overlays": written,
         "masks": str(masks) if masks is not None else None,
         "mask_files": len(mask_files),
+        "trained_on": seen,  # images of the split the model was trained on (not held out)
     }
     if as_json:
         typer.echo(json.dumps(out, allow_nan=False))

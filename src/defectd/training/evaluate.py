@@ -31,7 +31,7 @@ from defectd.data.metrics import (
     Report,
 )
 from defectd.engines import open_engine
-from defectd.errors import ModelError
+from defectd.errors import DataError, ModelError
 from defectd.extras import require_extra
 from defectd.model.card import ModelCard, load_card
 from defectd.model.ensemble import members_of
@@ -80,6 +80,32 @@ def fit_policy(card: ModelCard) -> FitPolicy:
             "use a model with 'resize' or 'pad'"
         )
     return card.input.resize
+
+
+def trained_on(dataset: Dataset, split: str, card: ModelCard) -> int:
+    """How many of ``split``'s images the model was trained on: those of its card's training
+    split(s) (``train``, ``train+val``), counted only when the card's training-data hash is
+    this dataset's (another or an altered data set: 0). A figure measured on them is not held
+    out; eval and calibration say so."""
+    names = set(split.split("+")) | {split}
+    trained = set(card.training.split.split("+")) | {card.training.split}
+    if not card.training.data_hash or not names & trained:
+        return 0
+    try:
+        if dataset.fingerprint(card.training.split) != card.training.data_hash:
+            return 0
+    except DataError:  # the training split is not in this data set
+        return 0
+    seen = {(s.split, s.stem) for s in dataset.samples(card.training.split)}
+    return sum((s.split, s.stem) in seen for s in dataset.samples(split))
+
+
+def seen_warning(count: int, split: str, card: ModelCard) -> str:
+    """The line eval and calibration print when ``count`` images of ``split`` were trained on."""
+    return (
+        f"warning: {count} images of split {split!r} were trained on (the card's training "
+        f"split is {card.training.split!r}): figures on them are not held out"
+    )
 
 
 @dataclass
