@@ -125,6 +125,17 @@ def _run(args: list[str]) -> tuple[int, str]:
     return rc, stdout.getvalue()
 
 
+def _eval_val(model: Path, data: Path) -> dict[str, Any]:
+    """``defectd eval --json`` of ``model`` on ``data``'s val split (ONNX Runtime, fp32)."""
+    rc, text = _run(
+        ["eval", "--model", str(model), "--data", str(data), "--split", "val", "--backend", "ort",
+         "--precision", "fp32", "--json"]
+    )  # fmt: skip
+    assert rc == 0
+    report: dict[str, Any] = json.loads(text)
+    return report
+
+
 def test_several_checkpoints_export_as_the_mean_of_their_probabilities(tmp_path: Path) -> None:
     paths = [_small_checkpoint(tmp_path / f"s{seed}.pt", seed=seed) for seed in (5, 6, 7)]
     singles = []
@@ -193,12 +204,7 @@ def test_export_with_data_chooses_the_cards_point_on_val_as_eval_measures_it(
     assert {"val_dice", "val_auroc"} <= card.metrics.keys()
     assert card.sha256 == file_sha256(out)  # the card changed, the model did not
 
-    rc, text = _run(
-        ["eval", "--model", str(out), "--data", str(data), "--split", "val", "--backend", "ort",
-         "--precision", "fp32", "--json"]
-    )  # fmt: skip
-    assert rc == 0
-    report = json.loads(text)
+    report = _eval_val(out, data)
     assert report["threshold"] == card.threshold
     assert report["min_area_px"] == card.min_area_px
     assert abs(report["dice"] - card.metrics["val_dice"]) < 1e-4
@@ -291,12 +297,7 @@ def test_export_with_a_fixed_point_writes_it_to_the_card_and_eval_applies_it(
     assert "fixed at export" in card.notes
     assert card.sha256 == file_sha256(out)
 
-    rc, text = _run(
-        ["eval", "--model", str(out), "--data", str(data), "--split", "val", "--backend", "ort",
-         "--precision", "fp32", "--json"]
-    )  # fmt: skip
-    assert rc == 0
-    report = json.loads(text)
+    report = _eval_val(out, data)
     assert (report["threshold"], report["min_area_px"]) == (0.01, 12)
 
 

@@ -139,8 +139,8 @@ def train_command(
         typer.Option(
             "--train-split",
             help="Split(s) to train on; 'train+val' refits a settled recipe on every labelled "
-            "image it was tuned with (then val measures nothing new: fix the operating point "
-            "with --select-by last and `defectd card write`, or calibrate on other images).",
+            "image it was tuned with (val then measures nothing new: use --select-by last and "
+            "fix the operating point with `defectd export --threshold T --min-area PX`).",
         ),
     ] = "train",
     val_split: Annotated[
