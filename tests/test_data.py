@@ -169,6 +169,8 @@ def test_splits_joined_by_plus_are_their_union_in_the_datasets_order(synth_root:
     assert both == [s for s in ds.samples() if s.split in ("train", "val")]
     assert ds.samples("val+train") == both
     assert ds.fingerprint("train+val") != ds.fingerprint("train")
+    assert ds.shared("train+val", "val") == len(ds.samples("val"))
+    assert ds.shared("train", "val") == 0
     with pytest.raises(DataError, match=r"split 'vall' has no samples; .*test, train, val"):
         ds.samples("train+vall")
 

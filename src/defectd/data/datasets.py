@@ -148,6 +148,12 @@ class Dataset:
                 )
         return [s for s in self._samples if s.split in names]
 
+    def shared(self, split: str, other: str) -> int:
+        """How many samples of ``other`` are also samples of ``split`` (``"train+val"`` and
+        ``"val"`` share every val sample; distinct splits share none)."""
+        inside = {(s.split, s.stem) for s in self.samples(split)}
+        return sum((s.split, s.stem) in inside for s in self.samples(other))
+
     def load_image(self, sample: Sample, channels: int) -> NDArray[np.uint8]:
         """``(H, W)`` uint8 for ``channels=1``, ``(H, W, 3)`` uint8 RGB for ``channels=3``.
 

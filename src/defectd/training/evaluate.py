@@ -96,8 +96,7 @@ def trained_on(dataset: Dataset, split: str, card: ModelCard) -> int:
             return 0
     except DataError:  # the training split is not in this data set
         return 0
-    seen = {(s.split, s.stem) for s in dataset.samples(card.training.split)}
-    return sum((s.split, s.stem) in seen for s in dataset.samples(split))
+    return dataset.shared(card.training.split, split)
 
 
 def seen_warning(count: int, split: str, card: ModelCard) -> str:

@@ -752,8 +752,7 @@ def finish_card(
 def _seen_note(dataset: Dataset, config: TrainConfig) -> str:
     """A warning for the card's notes when validation images were also trained on (a refit
     on ``train+val``): its metrics and point are then measured on seen images."""
-    trained = {(s.split, s.stem) for s in dataset.samples(config.train_split)}
-    seen = sum((s.split, s.stem) in trained for s in dataset.samples(config.val_split))
+    seen = dataset.shared(config.train_split, config.val_split)
     if not seen:
         return ""
     return (
