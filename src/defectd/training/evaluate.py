@@ -87,16 +87,16 @@ def trained_on(dataset: Dataset, split: str, card: ModelCard) -> int:
     split(s) (``train``, ``train+val``), counted only when the card's training-data hash is
     this dataset's (another or an altered data set: 0). A figure measured on them is not held
     out; eval and calibration say so."""
-    names = set(split.split("+")) | {split}
-    trained = set(card.training.split.split("+")) | {card.training.split}
-    if not card.training.data_hash or not names & trained:
+    if not card.training.data_hash:
         return 0
     try:
-        if dataset.fingerprint(card.training.split) != card.training.data_hash:
+        seen = dataset.shared(card.training.split, split)
+        # The hash reads every training file: only where the split names overlap at all.
+        if seen and dataset.fingerprint(card.training.split) != card.training.data_hash:
             return 0
     except DataError:  # the training split is not in this data set
         return 0
-    return dataset.shared(card.training.split, split)
+    return seen
 
 
 def seen_warning(count: int, split: str, card: ModelCard) -> str:
