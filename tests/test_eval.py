@@ -107,6 +107,14 @@ def test_eval_json_is_one_object_with_every_metric(
     assert result["auroc_by_score"]["max"] == result["auroc"]
     assert set(result["auroc_by_score"]) == {"max", "area"}
     assert set(result["auroc_costs"]) == {"defective", "good"}
+    escapes = result["escapes"]  # defective images passed: a part of the misjudged images
+    assert escapes["count"] == len(escapes["images"])
+    assert escapes["count"] <= round((1 - result["accuracy"]) * result["images"])
+    for row in escapes["images"]:
+        assert row["cls"] == "square" and 0.0 <= row["peak_in_defect"] <= row["peak"] <= 1.0
+    assert escapes["count"] == sum(
+        escapes[k] for k in ("unseen", "below_threshold", "under_min_area", "below_class_point")
+    )
 
 
 def test_eval_image_score_decision_ranks_by_the_stations_decision(
@@ -244,6 +252,30 @@ def test_tolerance_adds_tolerant_metrics_at_least_the_strict_ones(
     assert result["tolerance_px"] == 2
     assert result["tolerant_precision"] >= result["precision"]  # type: ignore[operator]
     assert result["tolerant_recall"] >= result["recall"]  # type: ignore[operator]
+
+
+def test_escapes_list_every_defective_image_passed_with_its_peak_in_the_defect(
+    model_files: tuple[Path, Path], data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # At a threshold no probability of the untrained network reaches, every defective
+    # image passes: four escapes, each with the highest probability inside its square.
+    args = ["--model", str(model_files[1]), "--data", str(data), "--threshold", "0.999"]
+    rc, out, _ = run_eval(capsys, *args, "--json")
+    assert rc == 0
+    result = strict_json(out)
+    escapes = result["escapes"]
+    assert isinstance(escapes, dict)
+    assert escapes["count"] == result["defective"] == 4
+    assert escapes["under_min_area"] == 0
+    assert escapes["unseen"] + escapes["below_threshold"] == 4
+    assert sorted(r["stem"] for r in escapes["images"]) == ["p1", "p3", "p5", "p7"]
+    peaks = [r["peak_in_defect"] for r in escapes["images"]]
+    assert peaks == sorted(peaks, reverse=True)  # the nearest to being caught first
+    assert all(0.0 < p <= 0.999 for p in peaks)
+    rc, out, _ = run_eval(capsys, *args)
+    assert rc == 0
+    assert "defective images passed: 4" in out
+    assert "p7" in out
 
 
 def test_json_of_an_all_defective_split_has_no_nan_and_says_why(

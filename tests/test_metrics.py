@@ -12,6 +12,7 @@ from defectd.data.metrics import (
     auroc_costs,
     decision_score,
     dice_score,
+    escapes_of,
     image_stats,
     iou_score,
     remove_small,
@@ -177,6 +178,51 @@ def test_auroc_costs_name_the_images_behind_each_misordered_pair() -> None:
     assert costs["defective"][0]["cls"] == "crack"
     assert rep.as_dict()["auroc_costs"] == costs
     assert auroc_costs(acc.stats[:3], "max") == {"defective": [], "good": []}
+
+
+def test_escapes_say_whether_the_defect_was_seen_and_why_it_passed() -> None:
+    truth = _mask((12, 12), (2, 6, 2, 6))  # a 16 px defect
+    acc = MetricsAccumulator(threshold=0.5, min_area_px=3)
+
+    def add(stem: str, prob: np.ndarray, mask: np.ndarray = truth) -> None:
+        acc.add(prob, mask, stem=stem, cls="pit")
+
+    unseen = np.full((12, 12), 0.001, np.float32)
+    unseen[10, 10] = 0.3  # the image's peak lies away from the defect
+    add("unseen", unseen)
+    faint = np.zeros((12, 12), np.float32)
+    faint[3:5, 3:5] = 0.4
+    add("faint", faint)
+    speck = np.zeros((12, 12), np.float32)
+    speck[3, 3:5] = 0.9  # 2 px above the threshold: under the 3 px min area
+    add("speck", speck)
+    add("caught", truth.astype(np.float32))
+    elsewhere = np.zeros((12, 12), np.float32)
+    elsewhere[8:11, 8:11] = 0.9  # rejected for a region off the defect: not an escape
+    add("elsewhere", elsewhere)
+    add("good", np.zeros((12, 12), np.float32), np.zeros((12, 12), np.uint8))
+
+    by_stem = {s.stem: s for s in acc.stats}
+    assert by_stem["unseen"].truth_peak == pytest.approx(0.001)
+    assert by_stem["faint"].truth_peak == pytest.approx(0.4)
+    assert [by_stem[k].escape for k in ("unseen", "faint", "speck")] == [
+        "unseen", "below_threshold", "under_min_area",
+    ]  # fmt: skip
+    assert by_stem["caught"].escape is None and by_stem["elsewhere"].escape is None
+    assert by_stem["good"].escape is None and by_stem["good"].truth_peak == 0.0
+    escapes = escapes_of(acc.stats)
+    assert escapes["count"] == 3
+    assert (escapes["unseen"], escapes["below_threshold"], escapes["under_min_area"]) == (1, 1, 1)
+    assert [r["stem"] for r in escapes["images"]] == ["speck", "faint", "unseen"]
+    assert escapes["images"][2]["peak"] == pytest.approx(0.3)
+    report = acc.report().as_dict()
+    assert report["escapes"] == escapes
+    # The count is the image-level misses: defective images the decision passed.
+    missed = sum(s.has_defect and not s.predicted_defect for s in acc.stats)
+    assert escapes["count"] == missed
+    # A decision made elsewhere (a multi-class union) has no single threshold to blame.
+    union = image_stats(faint, truth, threshold=0.5, binary=np.zeros((12, 12), bool))
+    assert union.escape == "below_class_point"
 
 
 def test_per_class_table_splits_images_by_class() -> None:

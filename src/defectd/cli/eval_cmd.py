@@ -39,6 +39,39 @@ def _print_auroc_costs(console: Any, costs: dict[str, list[dict[str, Any]]], sco
     console.print(table)
 
 
+_WHY = {
+    "unseen": "unseen (under {unseen_below:g} inside the defect)",
+    "below_threshold": "seen, below the threshold",
+    "under_min_area": "above the threshold, under the min area",
+    "below_class_point": "seen, under each class's point",
+}
+
+
+def _print_escapes(console: Any, escapes: dict[str, Any], count: int = 10) -> None:
+    """The defective images that passed, and why: a threshold question or a map question."""
+    from rich.table import Table
+
+    if not escapes.get("count"):
+        return
+    reasons = ", ".join(
+        f"{escapes[key]} {text.format(**escapes)}" for key, text in _WHY.items() if escapes[key]
+    )
+    table = Table(title=f"defective images passed: {escapes['count']} ({reasons})")
+    for col in ("image", "class", "peak in defect", "peak in image", "why"):
+        table.add_column(col, justify="left" if col in ("image", "class", "why") else "right")
+    for r in escapes["images"][:count]:
+        table.add_row(
+            r["stem"],
+            r["cls"],
+            _fmt(r["peak_in_defect"]),
+            _fmt(r["peak"]),
+            _WHY[r["why"]].format(**escapes),
+        )
+    console.print(table)
+    if escapes["count"] > count:
+        console.print(f"... and {escapes['count'] - count} more (all of them in --json)")
+
+
 def _class_table(title: str, per_class: dict[str, Any], cols: tuple[str, ...]) -> Any:
     """A rich table with a row per class of ``per_class`` and the columns ``cols`` of it."""
     from rich.table import Table
@@ -148,6 +181,10 @@ def eval_command(
 
     Metrics without meaning on the split (AUROC without good images) are null in --json, with
     the reason under "undefined".
+
+    Escapes (defective images passed) list the highest probability inside their defect and
+    why they passed: unseen (no threshold catches it: the model must improve), below the
+    threshold or under the min area (an operating-point question).
 
     A multi-class model adds per-class pixel Dice/IoU, each class at its own operating point,
     and the pixel confusion matrix; --masks then writes class indices (1..K, 0 = good).
@@ -280,6 +317,7 @@ def eval_command(
     if "classes" in out:
         _print_classes(rich_out, out["classes"])
     _print_auroc_costs(rich_out, out.get("auroc_costs", {}), image_score)
+    _print_escapes(rich_out, out.get("escapes", {}))
     if written:
         rich_out.print(f"{len(written)} overlays in {overlays}")
     if masks is not None:

@@ -16,6 +16,14 @@ Tolerant precision and recall (``tolerance_px``, for thin structures such as cra
 mask one pixel off halves the strict Dice): a predicted pixel counts as correct when a true
 defect pixel lies within ``tolerance_px`` (Euclidean disc), a true pixel as found when a
 predicted pixel lies that close; both summed over the split, F1 their harmonic mean.
+
+Escapes (defective images the decision passes) carry the highest probability the model gave
+inside their true defect and why they passed (:data:`ESCAPE_REASONS`): ``unseen`` (below
+:data:`UNSEEN_BELOW` everywhere inside: no operating point catches it, the map has to improve),
+``below_threshold`` (seen, a lower threshold would catch it, at the cost of the good images
+above that threshold), ``under_min_area`` (pixels above the threshold inside, but no region
+of the minimum area anywhere) or ``below_class_point`` (a multi-class decision: seen, under
+each class's threshold or minimum area).
 """
 
 from __future__ import annotations
@@ -31,6 +39,13 @@ from numpy.typing import NDArray
 ImageScore = Literal["max", "area", "decision"]
 IMAGE_SCORES: tuple[ImageScore, ...] = ("max", "area", "decision")
 THRESHOLD_GRID: NDArray[np.float64] = np.round(np.arange(0.01, 0.96, 0.01), 2)
+UNSEEN_BELOW = 0.01  # an escape whose defect stays under this probability was not seen at all
+ESCAPE_REASONS: tuple[str, ...] = (
+    "unseen",
+    "below_threshold",
+    "under_min_area",
+    "below_class_point",
+)
 
 
 def _ratio(num: float, den: float, *, empty: float) -> float:
@@ -213,6 +228,8 @@ class ImageStats:
     tol_pred_hit: int = 0
     tol_truth_hit: int = 0
     decision: float | None = None  # :func:`decision_score`, computed when asked for
+    truth_peak: float = 0.0  # highest probability inside the true defect (0 without one)
+    escape: str | None = None  # why a defective image passed (:data:`ESCAPE_REASONS`)
 
     @property
     def has_defect(self) -> bool:
@@ -262,6 +279,15 @@ def image_stats(
     pred_px = int(np.count_nonzero(pred))
     truth_px = int(np.count_nonzero(gt))
     hits = (0, 0) if tolerance_px is None else tolerant_hits(pred, gt, tolerance_px)
+    truth_peak = float(prob[gt].max()) if truth_px else 0.0
+    escape = None
+    if truth_px and not pred_px:
+        if truth_peak < UNSEEN_BELOW:
+            escape = "unseen"
+        elif binary is not None:
+            escape = "below_class_point"
+        else:
+            escape = "under_min_area" if truth_peak > threshold else "below_threshold"
     return ImageStats(
         stem=stem,
         cls=cls,
@@ -274,7 +300,37 @@ def image_stats(
         tol_pred_hit=hits[0],
         tol_truth_hit=hits[1],
         decision=decision_score(prob, min_area_px if binary is None else 1) if decision else None,
+        truth_peak=truth_peak,
+        escape=escape,
     )
+
+
+def escapes_of(stats: Sequence[ImageStats]) -> dict[str, Any]:
+    """The defective images the decision passed: ``count``, a count per reason of
+    :data:`ESCAPE_REASONS`, ``unseen_below`` and ``images``, each ``stem``, ``cls``,
+    ``peak_in_defect``, ``peak`` (the image's highest probability) and ``why``, the nearest to
+    being caught first."""
+    missed = sorted(
+        (s for s in stats if s.escape is not None), key=lambda s: (-s.truth_peak, s.stem)
+    )
+    counts = dict.fromkeys(ESCAPE_REASONS, 0)
+    for s in missed:
+        counts[str(s.escape)] += 1
+    return {
+        "count": len(missed),
+        **counts,
+        "unseen_below": UNSEEN_BELOW,
+        "images": [
+            {
+                "stem": s.stem,
+                "cls": s.cls,
+                "peak_in_defect": _json_number(s.truth_peak),
+                "peak": _json_number(s.max_prob),
+                "why": s.escape,
+            }
+            for s in missed
+        ],
+    }
 
 
 @dataclass(frozen=True)
@@ -346,6 +402,8 @@ class Report:
     auroc_by_score: dict[str, float] = field(default_factory=dict)
     # :func:`auroc_costs` under ``score``.
     auroc_costs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # :func:`escapes_of`: the defective images passed, with why.
+    escapes: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """Flat JSON-able dict: ``dice``, ``iou``, ..., ``auroc``, ``per_class`` {cls: {...}};
@@ -363,6 +421,8 @@ class Report:
             out["auroc_by_score"] = {k: _json_number(v) for k, v in self.auroc_by_score.items()}
         if self.auroc_costs:
             out["auroc_costs"] = self.auroc_costs
+        if self.escapes:
+            out["escapes"] = self.escapes
         if self.tolerant is not None:
             out["tolerance_px"] = int(self.tolerant["tolerance_px"])
             for key in ("precision", "recall", "f1"):
@@ -479,6 +539,7 @@ class MetricsAccumulator:
             auroc=by_score[self.score],
             auroc_by_score=by_score,
             auroc_costs=auroc_costs(self.stats, self.score),
+            escapes=escapes_of(self.stats),
             score=self.score,
             threshold=self.threshold,
             min_area_px=self.min_area_px,
