@@ -59,7 +59,7 @@ from defectd.calibration.threshold import (
     largest_components,
 )
 from defectd.data.datasets import Sample
-from defectd.data.metrics import auroc
+from defectd.data.metrics import UNSEEN_BELOW, auroc
 from defectd.data.synth import DEFECTS, SURFACES, PartRenderer, SynthPart
 from defectd.log import configure_logging
 from defectd.model.card import ModelCard, load_card
@@ -75,7 +75,7 @@ DEFECT_RATE = 0.3  # the demo line's (configs/demo.toml)
 GRID_THRESHOLDS = np.asarray(DEFAULT_THRESHOLDS)
 GRID_MIN_AREAS = tuple(sorted({max(a, 1) for a in DEFAULT_MIN_AREAS}))  # 0 px decides as 1
 CONTEXT = 8  # px around a defect's box over which the surface's own variation is taken
-UNSEEN = 0.01  # a missed defect whose highest probability stays below this was not seen at all
+UNSEEN = UNSEEN_BELOW  # a missed defect whose peak stays below it was not seen at all (eval's)
 RESAMPLES = 2000  # bootstrap resamples of the parts for the paired comparison of two models
 
 
