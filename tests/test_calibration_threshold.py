@@ -109,6 +109,24 @@ def test_unreachable_target_names_the_best_rate() -> None:
         choose(col.result().points(), "escape", 0.01)
 
 
+def test_unseen_escapes_are_the_passed_defects_the_model_gave_nothing_inside() -> None:
+    col = SweepCollector(thresholds=(0.5,), min_areas=(0,), min_scores=(0.0,))
+    mask = np.zeros((8, 8), np.uint8)
+    mask[2:4, 2:4] = 1
+    unseen = np.full((8, 8), 0.001, np.float32)
+    unseen[6, 6] = 0.3  # something away from the defect, under the threshold
+    faint = np.zeros((8, 8), np.float32)
+    faint[2:4, 2:4] = 0.2
+    caught = mask.astype(np.float32)
+    for prob in (unseen, faint, caught):
+        col.add(prob, mask)
+    col.add(np.zeros((8, 8), np.float32), np.zeros((8, 8), np.uint8))
+    sweep = col.result()
+    assert sweep.truth_peaks.tolist() == pytest.approx([0.001, 0.2, 1.0, 0.0])
+    assert sweep.point(0.5, 0, 0.0).escape.k == 2
+    assert sweep.unseen_escapes(0.5, 0, 0.0) == 1  # the faint one is seen, just below 0.5
+
+
 def test_pixel_metrics_per_threshold_count_the_blob() -> None:
     rows = _toy_sweep().result().pixel_metrics()
     # At 0.7 only the defect blobs remain: perfect pixels; at 0.5 the specks are false positives.
@@ -175,6 +193,10 @@ def test_cli_json_is_one_object_with_chosen_point(
     assert payload["target"] == {"kind": "false_reject", "rate": 0.34, "upper_bound": False}
     assert payload["chosen"]["false_reject"]["rate"] <= 0.34
     assert payload["eval"]["split"] == "test" and payload["eval"]["escape"]["n"] == 3
+    unseen = payload["escapes_unseen"]
+    assert unseen["unseen_below"] == 0.01 and set(unseen["split"]) == {"defect"}
+    assert 0 <= unseen["split"]["defect"] <= payload["chosen"]["escape"]["k"]
+    assert 0 <= unseen["eval"]["defect"] <= payload["eval"]["escape"]["k"]
 
 
 def test_cli_labels_without_masks_name_the_file(

@@ -25,7 +25,13 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from defectd.data.metrics import dice_score, iou_score, precision_score, recall_score
+from defectd.data.metrics import (
+    UNSEEN_BELOW,
+    dice_score,
+    iou_score,
+    precision_score,
+    recall_score,
+)
 from defectd.errors import CalibrationError
 
 TargetKind = Literal["escape", "false_reject"]
@@ -143,6 +149,7 @@ class SweepCollector:
     defective: list[bool] = field(default_factory=list)
     ignored: list[bool] = field(default_factory=list)
     peaks: list[float] = field(default_factory=list)
+    truth_peaks: list[float] = field(default_factory=list)  # highest probability in the defect
     largest: list[NDArray[np.int64]] = field(default_factory=list)
     pixel_counts: NDArray[np.int64] = field(default_factory=lambda: np.zeros((3, 0), np.int64))
 
@@ -169,13 +176,14 @@ class SweepCollector:
         if prob.shape != truth.shape:
             raise CalibrationError(f"{stem or 'image'}: prediction {prob.shape} vs {truth.shape}")
         self.ignored.append(ignore)
+        gt = truth > 0
+        self.truth_peaks.append(float(prob[gt].max()) if gt.any() else 0.0)
         if ignore:
             self.stems.append(stem)
-            self.defective.append(bool((truth > 0).any()))
+            self.defective.append(bool(gt.any()))
             self.peaks.append(float(prob.max()) if prob.size else 0.0)
             self.largest.append(largest_components(prob, self.thresholds, self.min_scores))
             return
-        gt = truth > 0
         grid = np.asarray(self.thresholds, prob.dtype)
         pos = np.sort(prob[gt])
         neg = np.sort(prob[~gt])
@@ -199,6 +207,7 @@ class SweepCollector:
             largest=np.stack(self.largest),
             pixel_counts=self.pixel_counts.copy(),
             stems=tuple(self.stems),
+            truth_peaks=np.asarray(self.truth_peaks, np.float64),
         )
 
 
@@ -215,6 +224,8 @@ class Sweep:
     largest: NDArray[np.int64]
     pixel_counts: NDArray[np.int64]
     stems: tuple[str, ...]
+    # (N,) the highest probability inside each entry's defect (0 without one).
+    truth_peaks: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
 
     @property
     def positives(self) -> NDArray[np.bool_]:
@@ -288,6 +299,13 @@ class Sweep:
             Rate(int((~rej[self.positives]).sum()), self.n_defective),
             Rate(int(rej[self.negatives].sum()), self.n_good),
         )
+
+    def unseen_escapes(self, pixel_threshold: float, min_area_px: int, min_score: float) -> int:
+        """How many of the defective entries passed at a grid ``(t, a, s)`` the model did not
+        see at all: under :data:`~defectd.data.metrics.UNSEEN_BELOW` everywhere inside their
+        defect. No operating point catches those without rejecting for regions elsewhere."""
+        passed = self.positives & ~self.rejected_at(pixel_threshold, min_area_px, min_score)
+        return int((passed & (self.truth_peaks < UNSEEN_BELOW)).sum())
 
     def pixel_metrics(self) -> list[dict[str, float]]:
         """Per threshold: pixel precision, recall, IoU and Dice summed over the split."""

@@ -347,6 +347,7 @@ def threshold(
     from defectd.calibration.threshold import OperatingPoint as OperatingPointCls
     from defectd.calibration.threshold import TilePlan, check_split, choose
     from defectd.data.datasets import open_dataset
+    from defectd.data.metrics import UNSEEN_BELOW
     from defectd.model.card import file_sha256
     from defectd.training.evaluate import open_model, seen_warning, trained_on
 
@@ -405,6 +406,8 @@ def threshold(
                 escape,
                 false_reject,
             )
+        unseen = {n: w.unseen_escapes(*points[n]) for n, w in found.sweeps.items()}
+        unseen_eval: dict[str, int] | None = None
         evaluated = None
         if eval_split is not None:
             ev = run_sweeps(
@@ -416,6 +419,7 @@ def threshold(
                 tiles=TilePlan(negative_tile, negative_margin),
             )  # fmt: skip
             ev_escape, ev_false = ev.combined(points)
+            unseen_eval = {n: w.unseen_escapes(*points[n]) for n, w in ev.sweeps.items()}
             evaluated = OperatingPointCls(
                 chosen.pixel_threshold, chosen.min_area_px, chosen.min_score, ev_escape, ev_false
             )
@@ -495,6 +499,12 @@ def threshold(
             "engine": opened.engine,
             "data_hash": section.data_hash,
             "trained_on": seen,  # images of each split the model was trained on
+            # Escapes at the chosen point(s) that the model did not see at all, per class.
+            "escapes_unseen": {
+                "unseen_below": UNSEEN_BELOW,
+                "split": unseen,
+                "eval": unseen_eval,
+            },
             "negatives": {
                 "kind": found.negatives,
                 "tiles": found.tiles,
@@ -521,6 +531,14 @@ def threshold(
                 f"{point.min_area_px} px, escape {_rate_text(d['escape'])}, false reject "
                 f"{_rate_text(d['false_reject'])}"
             )
+    for name, count in unseen.items():
+        if not count:
+            continue
+        where = "" if len(classes) == 1 else f" of class {name}"
+        rows.append(
+            f"{count} of the {per_class[name].escape.k} escapes{where} are unseen (under "
+            f"{UNSEEN_BELOW:g} everywhere inside the defect): no operating point catches them"
+        )
     if at_edge:
         rows.append("chosen at the lowest swept threshold: try lower ones with --thresholds")
     rows += [f"plot {p}" for p in plots]
