@@ -125,6 +125,11 @@ def test_unseen_escapes_are_the_passed_defects_the_model_gave_nothing_inside() -
     assert sweep.truth_peaks.tolist() == pytest.approx([0.001, 0.2, 1.0, 0.0])
     assert sweep.point(0.5, 0, 0.0).escape.k == 2
     assert sweep.unseen_escapes(0.5, 0, 0.0) == 1  # the faint one is seen, just below 0.5
+    low = SweepCollector(thresholds=(0.01,), min_areas=(0,), min_scores=(0.0,))
+    for value in (0.005, 0.0005):  # at 0.01 the cut-off is 0.001: 0.005 is seen
+        low.add(np.where(mask > 0, value, 0.0).astype(np.float32), mask)
+    low.add(np.zeros((8, 8), np.float32), np.zeros((8, 8), np.uint8))
+    assert low.result().unseen_escapes(0.01, 0, 0.0) == 1
 
 
 def test_pixel_metrics_per_threshold_count_the_blob() -> None:
@@ -194,7 +199,8 @@ def test_cli_json_is_one_object_with_chosen_point(
     assert payload["chosen"]["false_reject"]["rate"] <= 0.34
     assert payload["eval"]["split"] == "test" and payload["eval"]["escape"]["n"] == 3
     unseen = payload["escapes_unseen"]
-    assert unseen["unseen_below"] == 0.01 and set(unseen["split"]) == {"defect"}
+    assert set(unseen["split"]) == {"defect"}
+    assert unseen["unseen_below"]["defect"] == min(0.01, payload["chosen"]["pixel_threshold"] / 10)
     assert 0 <= unseen["split"]["defect"] <= payload["chosen"]["escape"]["k"]
     assert 0 <= unseen["eval"]["defect"] <= payload["eval"]["escape"]["k"]
 

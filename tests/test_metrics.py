@@ -220,6 +220,13 @@ def test_escapes_say_whether_the_defect_was_seen_and_why_it_passed() -> None:
     # The count is the image-level misses: defective images the decision passed.
     missed = sum(s.has_defect and not s.predicted_defect for s in acc.stats)
     assert escapes["count"] == missed
+    assert escapes["unseen_below"] == 0.01
+    # A model operated at a low threshold sees at a tenth of it: 0.005 is seen at 0.01.
+    low = MetricsAccumulator(threshold=0.01)
+    for stem, value in (("seen", 0.005), ("unseen", 0.0005)):
+        low.add(np.where(truth > 0, value, 0.0).astype(np.float32), truth, stem=stem)
+    assert [s.escape for s in low.stats] == ["below_threshold", "unseen"]
+    assert escapes_of(low.stats, 0.001) == low.report().as_dict()["escapes"]
     # A decision made elsewhere (a multi-class union) has no single threshold to blame.
     union = image_stats(faint, truth, threshold=0.5, binary=np.zeros((12, 12), bool))
     assert union.escape == "below_class_point"

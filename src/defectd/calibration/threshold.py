@@ -26,11 +26,11 @@ import numpy as np
 from numpy.typing import NDArray
 
 from defectd.data.metrics import (
-    UNSEEN_BELOW,
     dice_score,
     iou_score,
     precision_score,
     recall_score,
+    unseen_cutoff,
 )
 from defectd.errors import CalibrationError
 
@@ -302,10 +302,11 @@ class Sweep:
 
     def unseen_escapes(self, pixel_threshold: float, min_area_px: int, min_score: float) -> int:
         """How many of the defective entries passed at a grid ``(t, a, s)`` the model did not
-        see at all: under :data:`~defectd.data.metrics.UNSEEN_BELOW` everywhere inside their
-        defect. No operating point catches those without rejecting for regions elsewhere."""
+        see at all: under :func:`~defectd.data.metrics.unseen_cutoff` of ``t`` everywhere
+        inside their defect, as ``defectd eval`` judges them. No sensible operating point
+        catches those."""
         passed = self.positives & ~self.rejected_at(pixel_threshold, min_area_px, min_score)
-        return int((passed & (self.truth_peaks < UNSEEN_BELOW)).sum())
+        return int((passed & (self.truth_peaks < unseen_cutoff(pixel_threshold))).sum())
 
     def pixel_metrics(self) -> list[dict[str, float]]:
         """Per threshold: pixel precision, recall, IoU and Dice summed over the split."""

@@ -347,7 +347,7 @@ def threshold(
     from defectd.calibration.threshold import OperatingPoint as OperatingPointCls
     from defectd.calibration.threshold import TilePlan, check_split, choose
     from defectd.data.datasets import open_dataset
-    from defectd.data.metrics import UNSEEN_BELOW
+    from defectd.data.metrics import unseen_cutoff
     from defectd.model.card import file_sha256
     from defectd.training.evaluate import open_model, seen_warning, trained_on
 
@@ -501,7 +501,7 @@ def threshold(
             "trained_on": seen,  # images of each split the model was trained on
             # Escapes at the chosen point(s) that the model did not see at all, per class.
             "escapes_unseen": {
-                "unseen_below": UNSEEN_BELOW,
+                "unseen_below": {n: unseen_cutoff(p[0]) for n, p in points.items()},
                 "split": unseen,
                 "eval": unseen_eval,
             },
@@ -537,7 +537,8 @@ def threshold(
         where = "" if len(classes) == 1 else f" of class {name}"
         rows.append(
             f"{count} of the {per_class[name].escape.k} escapes{where} are unseen (under "
-            f"{UNSEEN_BELOW:g} everywhere inside the defect): no operating point catches them"
+            f"{unseen_cutoff(points[name][0]):g} everywhere inside the defect): no sensible "
+            "operating point catches them"
         )
     if at_edge:
         rows.append("chosen at the lowest swept threshold: try lower ones with --thresholds")

@@ -19,7 +19,8 @@ predicted pixel lies that close; both summed over the split, F1 their harmonic m
 
 Escapes (defective images the decision passes) carry the highest probability the model gave
 inside their true defect and why they passed (:data:`ESCAPE_REASONS`): ``unseen`` (below
-:data:`UNSEEN_BELOW` everywhere inside: no operating point catches it, the map has to improve),
+:func:`unseen_cutoff` everywhere inside: 0.01, or a tenth of the threshold when that is lower;
+no sensible operating point catches it, the map has to improve),
 ``below_threshold`` (seen, a lower threshold would catch it, at the cost of the good images
 above that threshold), ``under_min_area`` (pixels above the threshold inside, but no region
 of the minimum area anywhere) or ``below_class_point`` (a multi-class decision: seen, under
@@ -46,6 +47,13 @@ ESCAPE_REASONS: tuple[str, ...] = (
     "under_min_area",
     "below_class_point",
 )
+
+
+def unseen_cutoff(threshold: float | None) -> float:
+    """The probability under which a defect counts as not seen at all: :data:`UNSEEN_BELOW`,
+    or a tenth of ``threshold`` when that is lower (a model operated at 0.01 sees at 0.005);
+    ``None``: no single threshold decides (a multi-class model)."""
+    return UNSEEN_BELOW if threshold is None else min(UNSEEN_BELOW, threshold / 10.0)
 
 
 def _ratio(num: float, den: float, *, empty: float) -> float:
@@ -282,7 +290,7 @@ def image_stats(
     truth_peak = float(prob[gt].max()) if truth_px else 0.0
     escape = None
     if truth_px and not pred_px:
-        if truth_peak < UNSEEN_BELOW:
+        if truth_peak < unseen_cutoff(None if binary is not None else threshold):
             escape = "unseen"
         elif binary is not None:
             escape = "below_class_point"
@@ -305,9 +313,10 @@ def image_stats(
     )
 
 
-def escapes_of(stats: Sequence[ImageStats]) -> dict[str, Any]:
+def escapes_of(stats: Sequence[ImageStats], unseen_below: float = UNSEEN_BELOW) -> dict[str, Any]:
     """The defective images the decision passed: ``count``, a count per reason of
-    :data:`ESCAPE_REASONS`, ``unseen_below`` and ``images``, each ``stem``, ``cls``,
+    :data:`ESCAPE_REASONS`, ``unseen_below`` (the :func:`unseen_cutoff` the stats were
+    judged by) and ``images``, each ``stem``, ``cls``,
     ``peak_in_defect``, ``peak`` (the image's highest probability) and ``why``, the nearest to
     being caught first."""
     missed = sorted(
@@ -319,7 +328,7 @@ def escapes_of(stats: Sequence[ImageStats]) -> dict[str, Any]:
     return {
         "count": len(missed),
         **counts,
-        "unseen_below": UNSEEN_BELOW,
+        "unseen_below": unseen_below,
         "images": [
             {
                 "stem": s.stem,
@@ -467,6 +476,7 @@ class MetricsAccumulator:
     _sweep: NDArray[np.int64] = field(
         default_factory=lambda: np.zeros((3, THRESHOLD_GRID.size), np.int64)
     )
+    _decided_elsewhere: bool = field(default=False, init=False)  # a multi-class union decided
 
     def add(
         self,
@@ -491,6 +501,7 @@ class MetricsAccumulator:
             decision=self.score == "decision",
         )
         self.stats.append(st)
+        self._decided_elsewhere |= binary is not None
         if not self.keep_sweep:
             return st
         gt = truth > 0
@@ -539,7 +550,9 @@ class MetricsAccumulator:
             auroc=by_score[self.score],
             auroc_by_score=by_score,
             auroc_costs=auroc_costs(self.stats, self.score),
-            escapes=escapes_of(self.stats),
+            escapes=escapes_of(
+                self.stats, unseen_cutoff(None if self._decided_elsewhere else self.threshold)
+            ),
             score=self.score,
             threshold=self.threshold,
             min_area_px=self.min_area_px,
