@@ -75,7 +75,7 @@ DEFECT_RATE = 0.3  # the demo line's (configs/demo.toml)
 GRID_THRESHOLDS = np.asarray(DEFAULT_THRESHOLDS)
 GRID_MIN_AREAS = tuple(sorted({max(a, 1) for a in DEFAULT_MIN_AREAS}))  # 0 px decides as 1
 CONTEXT = 8  # px around a defect's box over which the surface's own variation is taken
-UNSEEN = UNSEEN_BELOW  # a missed defect whose peak stays below it was not seen at all (eval's)
+UNSEEN = UNSEEN_BELOW  # not seen at all below it: eval's cut-off for thresholds of 0.1 and up
 RESAMPLES = 2000  # bootstrap resamples of the parts for the paired comparison of two models
 
 
