@@ -99,11 +99,26 @@ def test_export_of_a_missing_checkpoint_names_it(
     assert capsys.readouterr().err.strip() == f"error: {missing}: checkpoint not found"
 
 
-def _small_checkpoint(path: Path, *, seed: int, height: int = 32) -> Path:
+def test_a_fixed_point_for_a_multi_class_model_is_refused_before_anything_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt = _small_checkpoint(tmp_path / "s.pt", seed=1, classes=("scratch", "pit"))
+    out = tmp_path / "m.onnx"
+    rc = main(["export", "-c", str(ckpt), "-o", str(out), "--threshold", "0.2", "--min-area", "8"])
+    assert rc == 2
+    assert "a multi-class model has a point per class" in capsys.readouterr().err
+    assert not out.exists()
+    assert not out.with_name("m.card.json").exists()
+
+
+def _small_checkpoint(
+    path: Path, *, seed: int, height: int = 32, classes: tuple[str, ...] = ("defect",)
+) -> Path:
     torch.manual_seed(seed)
-    net = UNet(UNetConfig(base=4, depth=2))
+    net = UNet(UNetConfig(base=4, depth=2, out_channels=len(classes)))
     card = ModelCard(
         name="small",
+        classes=classes,
         input={"height": height, "width": 48},
         threshold=0.37,
         metrics={"val_dice": 0.8 + seed / 100},

@@ -113,6 +113,11 @@ def export_command(
     card = ensemble_card([(path, c) for path, (_, c) in zip(checkpoint, loaded, strict=True)])
     if name:
         card = card.model_copy(update={"name": name})
+    if threshold is not None and card.multiclass:
+        raise ConfigError(
+            "--threshold/--min-area: a multi-class model has a point per class; choose them "
+            "with `defectd calibrate threshold`"
+        )
     averaged = (
         f"flipped views averaged in the graph ({views}: {len(VIEWS[views])}x the inference of "
         "the network)"
@@ -170,12 +175,8 @@ def _check_point(threshold: float | None, min_area: int | None, data: Path | Non
 
 def _fix_point(out: Path, card: ModelCard, threshold: float, min_area: int) -> ModelCard:
     """``card`` with the operating point given on the command line; saved. Validation metrics
-    measured at another point are dropped: they do not describe this one."""
-    if card.multiclass:
-        raise ConfigError(
-            "--threshold/--min-area: a multi-class model has a point per class; choose them "
-            "with `defectd calibrate threshold`"
-        )
+    measured at another point are dropped: they do not describe this one (a multi-class card
+    was refused before the export)."""
     same = (card.threshold, card.min_area_px) == (threshold, min_area)
     note = f"threshold {threshold:g} and min_area_px {min_area} fixed at export (--threshold)"
     fixed = card.model_copy(
