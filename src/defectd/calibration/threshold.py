@@ -177,15 +177,15 @@ class SweepCollector:
             raise CalibrationError(f"{stem or 'image'}: prediction {prob.shape} vs {truth.shape}")
         self.ignored.append(ignore)
         gt = truth > 0
-        self.truth_peaks.append(float(prob[gt].max()) if gt.any() else 0.0)
+        pos = np.sort(prob[gt])  # the defect's probabilities: its peak, and the pixel counts
+        self.truth_peaks.append(float(pos[-1]) if pos.size else 0.0)
         if ignore:
             self.stems.append(stem)
-            self.defective.append(bool(gt.any()))
+            self.defective.append(bool(pos.size))
             self.peaks.append(float(prob.max()) if prob.size else 0.0)
             self.largest.append(largest_components(prob, self.thresholds, self.min_scores))
             return
         grid = np.asarray(self.thresholds, prob.dtype)
-        pos = np.sort(prob[gt])
         neg = np.sort(prob[~gt])
         tp = pos.size - np.searchsorted(pos, grid, side="right")
         fp = neg.size - np.searchsorted(neg, grid, side="right")
